@@ -1,0 +1,102 @@
+//! The `Communicator` trait: what DP, DDP and the trainer need from a process group.
+
+use std::time::Duration;
+
+use crate::element::{BufMut, BufRef, ReduceOp};
+use crate::error::Result;
+
+/// How long a blocking collective waits for a peer before it gives up.
+/// The same default as `torch.distributed` (its NCCL and Gloo timeouts).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A group of `world_size` workers that run collectives together.
+///
+/// Every rank must call the same collectives in the same order with buffers of
+/// the same length and element type; a rank that disagrees gets
+/// [`CommError::Mismatch`](crate::CommError::Mismatch) rather than a wrong
+/// result. Each call blocks for at most the timeout waiting for a peer, then
+/// fails with an error naming the rank it waited for. After a failure the
+/// communicator only returns [`CommError::Aborted`](crate::CommError::Aborted):
+/// peers may be half-way through the failed call, so it cannot be resumed.
+///
+/// Buffers live in host memory. The methods take [`BufMut`]/[`BufRef`] rather
+/// than generic slices so that the trait stays object-safe; `slice.into()`
+/// makes one from `&mut [f32]`, `&mut [f16]` or `&mut [bf16]`.
+pub trait Communicator: Send {
+    /// This worker's rank, in `0..world_size()`.
+    fn rank(&self) -> usize;
+
+    /// The number of workers in the group.
+    fn world_size(&self) -> usize;
+
+    /// How long a call waits for a peer.
+    fn timeout(&self) -> Duration;
+
+    /// Changes how long later calls wait for a peer.
+    fn set_timeout(&mut self, timeout: Duration);
+
+    /// Combines `buf` across all ranks; every rank ends with the result.
+    fn all_reduce(&mut self, buf: BufMut<'_>, op: ReduceOp) -> Result<()>;
+
+    /// Copies `buf` of rank `root` into `buf` of every other rank.
+    fn broadcast(&mut self, buf: BufMut<'_>, root: usize) -> Result<()>;
+
+    /// Concatenates the `input` of every rank, in rank order, into `output`,
+    /// which must be `world_size` times as long as `input`.
+    fn all_gather(&mut self, input: BufRef<'_>, output: BufMut<'_>) -> Result<()>;
+
+    /// Combines `input` across ranks and leaves block `rank` of the result in
+    /// `output`; `input` must be `world_size` times as long as `output`.
+    fn reduce_scatter(&mut self, input: BufRef<'_>, output: BufMut<'_>, op: ReduceOp)
+        -> Result<()>;
+
+    /// Returns once every rank has called it.
+    fn barrier(&mut self) -> Result<()>;
+}
+
+/// Checks the shape of an all_gather or reduce_scatter call.
+pub(crate) fn check_blocks(
+    op: &'static str,
+    world: usize,
+    whole: usize,
+    block: usize,
+) -> Result<()> {
+    if whole != block * world {
+        return Err(crate::CommError::invalid(
+            op,
+            format!("the whole buffer has {whole} elements; expected world size {world} x block {block}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Splits `len` elements into `parts` contiguous ranges whose lengths differ by
+/// at most one; the first `len % parts` ranges are the longer ones.
+pub(crate) fn split(len: usize, parts: usize, index: usize) -> std::ops::Range<usize> {
+    let base = len / parts;
+    let extra = len % parts;
+    let start = index * base + index.min(extra);
+    let end = start + base + usize::from(index < extra);
+    start..end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split;
+
+    #[test]
+    fn split_covers_everything_once() {
+        for len in [0usize, 1, 2, 7, 13, 100] {
+            for parts in 1..=5 {
+                let mut next = 0;
+                for i in 0..parts {
+                    let r = split(len, parts, i);
+                    assert_eq!(r.start, next);
+                    assert!(r.len() == len / parts || r.len() == len / parts + 1);
+                    next = r.end;
+                }
+                assert_eq!(next, len);
+            }
+        }
+    }
+}

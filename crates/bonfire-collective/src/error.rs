@@ -1,0 +1,78 @@
+//! The one error type of the collectives layer.
+
+use std::time::Duration;
+
+/// Result of every collective and rendezvous call.
+pub type Result<T, E = CommError> = std::result::Result<T, E>;
+
+/// Why a collective or the rendezvous failed.
+///
+/// Every variant that is caused by another worker names that worker's rank, so
+/// that a user reading the log of any surviving rank knows which one to look at.
+#[derive(Debug, thiserror::Error)]
+pub enum CommError {
+    /// A peer did not answer within the timeout.
+    #[error("timed out after {waited:?} in {op} waiting for rank {rank}")]
+    Timeout {
+        op: &'static str,
+        rank: usize,
+        waited: Duration,
+    },
+    /// Several peers did not join within the timeout.
+    #[error("timed out after {waited:?} in {op}: rank(s) {ranks:?} never arrived")]
+    Missing {
+        op: &'static str,
+        ranks: Vec<usize>,
+        waited: Duration,
+    },
+    /// A peer closed its connection or its socket failed.
+    #[error("lost rank {rank} during {op}: {source}")]
+    PeerLost {
+        op: &'static str,
+        rank: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Ranks called different collectives, or the same one with different arguments.
+    #[error("rank {rank} disagrees in {op}: {detail}")]
+    Mismatch {
+        op: &'static str,
+        rank: usize,
+        detail: String,
+    },
+    /// A peer sent something that is not the protocol.
+    #[error("protocol error from {peer}: {detail}")]
+    Protocol { peer: String, detail: String },
+    /// A bad argument from the caller (wrong length, root out of range, ...).
+    #[error("invalid argument to {op}: {detail}")]
+    Invalid { op: &'static str, detail: String },
+    /// A missing or invalid environment variable of the torchrun contract.
+    #[error("environment variable {var}: {detail}")]
+    Env { var: &'static str, detail: String },
+    /// A local socket operation failed (bind, connect, ...).
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An earlier collective failed; the group cannot be used any more.
+    #[error("communicator is unusable after an earlier failure: {0}")]
+    Aborted(String),
+}
+
+impl CommError {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        CommError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn invalid(op: &'static str, detail: impl Into<String>) -> Self {
+        CommError::Invalid {
+            op,
+            detail: detail.into(),
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! Workers that are threads of one process, sharing memory.
+//!
+//! Algorithm: each rank reduces its own 1/N slice of the buffer, reading that
+//! slice straight from every rank's buffer, then copies the other slices from
+//! their owners. That is two barriers and, per rank, about 2 reads and 1 write
+//! of the buffer, all ranks working at once. A ring over shared memory moves the
+//! same bytes but needs 2(N-1) synchronised steps, and staging through a shared
+//! scratch buffer adds a full copy in and out; this direct form measured
+//! fastest (see the README's performance table).
+//!
+//! Safety: a rank publishes a raw pointer to its buffer when it joins a call.
+//! Peers touch that buffer only between the join barrier and the final barrier
+//! of the call, and a rank cannot leave the call before that final barrier.
+//! Only the join barrier has a timeout: once every rank has joined, the rest of
+//! the call is bounded memory work that cannot block, so the later barriers
+//! wait without one, and no rank can free its buffer while a peer reads it.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::communicator::{check_blocks, split, Communicator, DEFAULT_TIMEOUT};
+use crate::element::{with_pair, with_slice, BufMut, BufRef, DType, Element, ReduceOp};
+use crate::error::{CommError, Result};
+
+/// One worker of an in-process group; create the whole group with [`InProcCommunicator::group`]
+/// and move one into each thread.
+pub struct InProcCommunicator {
+    rank: usize,
+    shared: Arc<Shared>,
+    timeout: Duration,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    AllReduce,
+    Broadcast,
+    AllGather,
+    ReduceScatter,
+    Barrier,
+}
+
+/// What one rank asked for when it joined a call.
+#[derive(Clone, Copy, Debug)]
+struct Call {
+    kind: Kind,
+    dtype: Option<DType>,
+    op: Option<ReduceOp>,
+    root: usize,
+    /// Elements of the buffer that peers read (the input).
+    len: usize,
+    /// Address of that buffer; peers read it between the join and final barriers.
+    src: usize,
+}
+
+struct Round {
+    calls: Vec<Call>,
+    /// The same verdict for every rank, so they all fail or all proceed.
+    verdict: Result<(), (usize, String)>,
+}
+
+struct Shared {
+    world: usize,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+struct State {
+    generation: u64,
+    arrived: Vec<Option<Call>>,
+    count: usize,
+    round: Option<Arc<Round>>,
+    failed: Option<String>,
+}
+
+impl InProcCommunicator {
+    /// Creates the `world` workers of one group, rank `i` at index `i`.
+    pub fn group(world: usize) -> Result<Vec<Self>> {
+        if world == 0 {
+            return Err(CommError::invalid("group", "world size must be at least 1"));
+        }
+        let shared = Arc::new(Shared {
+            world,
+            state: Mutex::new(State {
+                generation: 0,
+                arrived: vec![None; world],
+                count: 0,
+                round: None,
+                failed: None,
+            }),
+            changed: Condvar::new(),
+        });
+        Ok((0..world)
+            .map(|rank| InProcCommunicator {
+                rank,
+                shared: shared.clone(),
+                timeout: DEFAULT_TIMEOUT,
+            })
+            .collect())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock only means another worker thread panicked; the state
+        // itself is always left consistent, so keep going.
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The barrier every call starts with: publishes `call`, waits at most the
+    /// timeout for all ranks, and checks that they all asked for the same thing.
+    fn join(&self, name: &'static str, call: Call) -> Result<Arc<Round>> {
+        let world = self.shared.world;
+        let deadline = Instant::now() + self.timeout;
+        let mut st = self.lock();
+        if let Some(why) = &st.failed {
+            return Err(CommError::Aborted(why.clone()));
+        }
+        let generation = st.generation;
+        st.arrived[self.rank] = Some(call);
+        st.count += 1;
+        if st.count == world {
+            let calls: Vec<Call> = st.arrived.iter_mut().map(|c| c.take().unwrap()).collect();
+            let verdict = verdict(&calls);
+            st.round = Some(Arc::new(Round { calls, verdict }));
+            st.count = 0;
+            st.generation += 1;
+            self.shared.changed.notify_all();
+        } else {
+            loop {
+                if st.generation != generation {
+                    break;
+                }
+                if let Some(why) = &st.failed {
+                    return Err(CommError::Aborted(why.clone()));
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    let ranks: Vec<usize> =
+                        (0..world).filter(|&r| st.arrived[r].is_none()).collect();
+                    let err = CommError::Missing {
+                        op: name,
+                        ranks,
+                        waited: self.timeout,
+                    };
+                    // Nobody may complete this barrier any more: we are leaving,
+                    // and our buffer with us.
+                    st.failed = Some(err.to_string());
+                    self.shared.changed.notify_all();
+                    return Err(err);
+                }
+                st = self
+                    .shared
+                    .changed
+                    .wait_timeout(st, deadline - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        }
+        let round = st.round.clone().expect("a completed barrier publishes its round");
+        drop(st);
+        match &round.verdict {
+            Ok(()) => Ok(round),
+            Err((rank, detail)) => Err(CommError::Mismatch {
+                op: name,
+                rank: *rank,
+                detail: detail.clone(),
+            }),
+        }
+    }
+
+    /// A barrier inside a call, after every rank has joined: no timeout, see
+    /// the module comment.
+    fn sync(&self) {
+        let mut st = self.lock();
+        let generation = st.generation;
+        st.count += 1;
+        if st.count == self.shared.world {
+            st.count = 0;
+            st.generation += 1;
+            self.shared.changed.notify_all();
+            return;
+        }
+        while st.generation == generation {
+            st = self.shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn all_reduce_typed<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        let world = self.shared.world;
+        let base = buf.as_mut_ptr();
+        let round = self.join("all_reduce", call(Kind::AllReduce, Some(T::DTYPE), Some(op), 0, buf.len(), base as usize))?;
+        let mine = split(buf.len(), world, self.rank);
+        // SAFETY: every rank's buffer has `len` elements of T (checked by the
+        // verdict) and stays alive until the final sync. In this phase rank r
+        // writes only slice r of its own buffer and reads slice r of the others.
+        unsafe {
+            let acc = std::slice::from_raw_parts_mut(base.add(mine.start), mine.len());
+            for (peer, c) in round.calls.iter().enumerate() {
+                if peer != self.rank {
+                    let src = std::slice::from_raw_parts((c.src as *const T).add(mine.start), mine.len());
+                    T::combine(acc, src, op);
+                }
+            }
+            if op == ReduceOp::Mean {
+                T::scale(acc, 1.0 / world as f32);
+            }
+        }
+        self.sync();
+        // SAFETY: slice j of rank j is final and no longer written; each rank
+        // writes only the other slices of its own buffer.
+        unsafe {
+            for (peer, c) in round.calls.iter().enumerate() {
+                if peer != self.rank {
+                    let part = split(buf.len(), world, peer);
+                    std::ptr::copy_nonoverlapping((c.src as *const T).add(part.start), base.add(part.start), part.len());
+                }
+            }
+        }
+        self.sync();
+        Ok(())
+    }
+
+    fn broadcast_typed<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()> {
+        let world = self.shared.world;
+        if root >= world {
+            return Err(CommError::invalid("broadcast", format!("root {root} is not a rank of a group of {world}")));
+        }
+        let base = buf.as_mut_ptr();
+        let round = self.join("broadcast", call(Kind::Broadcast, Some(T::DTYPE), None, root, buf.len(), base as usize))?;
+        if self.rank != root {
+            // SAFETY: the root's buffer has the same length and is only read by everyone.
+            unsafe { std::ptr::copy_nonoverlapping(round.calls[root].src as *const T, base, buf.len()) };
+        }
+        self.sync();
+        Ok(())
+    }
+
+    fn all_gather_typed<T: Element>(&self, input: &[T], output: &mut [T]) -> Result<()> {
+        let world = self.shared.world;
+        check_blocks("all_gather", world, output.len(), input.len())?;
+        let round = self.join("all_gather", call(Kind::AllGather, Some(T::DTYPE), None, 0, input.len(), input.as_ptr() as usize))?;
+        let block = input.len();
+        for (peer, c) in round.calls.iter().enumerate() {
+            // SAFETY: every input has `block` elements and is only read.
+            let src = unsafe { std::slice::from_raw_parts(c.src as *const T, block) };
+            output[peer * block..(peer + 1) * block].copy_from_slice(src);
+        }
+        self.sync();
+        Ok(())
+    }
+
+    fn reduce_scatter_typed<T: Element>(&self, input: &[T], output: &mut [T], op: ReduceOp) -> Result<()> {
+        let world = self.shared.world;
+        check_blocks("reduce_scatter", world, input.len(), output.len())?;
+        let round = self.join("reduce_scatter", call(Kind::ReduceScatter, Some(T::DTYPE), Some(op), 0, input.len(), input.as_ptr() as usize))?;
+        let block = self.rank * output.len()..(self.rank + 1) * output.len();
+        output.copy_from_slice(&input[block.clone()]);
+        for (peer, c) in round.calls.iter().enumerate() {
+            if peer != self.rank {
+                // SAFETY: every input has `world * block` elements and is only read.
+                let src = unsafe { std::slice::from_raw_parts((c.src as *const T).add(block.start), block.len()) };
+                T::combine(output, src, op);
+            }
+        }
+        if op == ReduceOp::Mean {
+            T::scale(output, 1.0 / world as f32);
+        }
+        self.sync();
+        Ok(())
+    }
+}
+
+fn call(kind: Kind, dtype: Option<DType>, op: Option<ReduceOp>, root: usize, len: usize, src: usize) -> Call {
+    Call { kind, dtype, op, root, len, src }
+}
+
+/// Rank 0's call is the reference; the first rank that differs is named.
+fn verdict(calls: &[Call]) -> Result<(), (usize, String)> {
+    let first = &calls[0];
+    for (rank, c) in calls.iter().enumerate().skip(1) {
+        let detail = if c.kind != first.kind {
+            format!("it called {:?} while rank 0 called {:?}", c.kind, first.kind)
+        } else if c.dtype != first.dtype {
+            format!("its buffer is {:?}, rank 0's is {:?}", c.dtype, first.dtype)
+        } else if c.len != first.len {
+            format!("its buffer has {} elements, rank 0's has {}", c.len, first.len)
+        } else if c.op != first.op {
+            format!("it asked for {:?}, rank 0 for {:?}", c.op, first.op)
+        } else if c.root != first.root {
+            format!("its root is {}, rank 0's is {}", c.root, first.root)
+        } else {
+            continue;
+        };
+        return Err((rank, detail));
+    }
+    Ok(())
+}
+
+
+impl Communicator for InProcCommunicator {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.shared.world
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    fn all_reduce(&mut self, buf: BufMut<'_>, op: ReduceOp) -> Result<()> {
+        with_slice!(buf, BufMut, |s| self.all_reduce_typed(s, op))
+    }
+
+    fn broadcast(&mut self, buf: BufMut<'_>, root: usize) -> Result<()> {
+        with_slice!(buf, BufMut, |s| self.broadcast_typed(s, root))
+    }
+
+    fn all_gather(&mut self, input: BufRef<'_>, output: BufMut<'_>) -> Result<()> {
+        with_pair!("all_gather", input, output, |i, o| self.all_gather_typed(i, o))
+    }
+
+    fn reduce_scatter(&mut self, input: BufRef<'_>, output: BufMut<'_>, op: ReduceOp) -> Result<()> {
+        with_pair!("reduce_scatter", input, output, |i, o| self.reduce_scatter_typed(i, o, op))
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        self.join("barrier", call(Kind::Barrier, None, None, 0, 0, 0)).map(|_| ())
+    }
+}

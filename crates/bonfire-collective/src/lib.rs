@@ -1,0 +1,25 @@
+//! Bonfire's collectives: the [`Communicator`] trait that data-parallel
+//! training stands on, and its host-memory implementations.
+//!
+//! - [`InProcCommunicator`]: workers are threads of one process.
+//! - [`TcpCommunicator`]: workers are processes on one or many hosts, joined
+//!   by a chunked, pipelined TCP ring after meeting at a rendezvous store
+//!   ([`store`]) that rank 0 hosts, found through torchrun's environment
+//!   variables ([`DistEnv`]).
+//! - [`tensor`]: the same collectives on Burn tensors of any backend.
+
+mod communicator;
+mod element;
+mod env;
+mod error;
+mod inproc;
+pub mod store;
+mod tcp;
+pub mod tensor;
+
+pub use communicator::{Communicator, DEFAULT_TIMEOUT};
+pub use element::{BufMut, BufRef, DType, Element, ReduceOp};
+pub use env::DistEnv;
+pub use error::{CommError, Result};
+pub use inproc::InProcCommunicator;
+pub use tcp::{TcpCommunicator, TcpConfig};

@@ -1,0 +1,407 @@
+//! Workers in separate processes, on one host or many, joined by a TCP ring.
+
+mod plan;
+mod pipeline;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, SockRef, Socket, Type};
+
+use crate::communicator::{check_blocks, Communicator, DEFAULT_TIMEOUT};
+use crate::element::{with_pair, with_slice, BufMut, BufRef, DType, Element, ReduceOp};
+use crate::env::DistEnv;
+use crate::error::{CommError, Result};
+use crate::store::{StoreClient, StoreServer};
+use pipeline::{io_error, Link};
+use plan::Phases;
+
+/// Tuning of the TCP ring.
+#[derive(Debug, Clone)]
+pub struct TcpConfig {
+    /// How long a call (and the rendezvous) waits for a peer.
+    pub timeout: Duration,
+    /// Bytes per pipelined chunk.
+    pub chunk_bytes: usize,
+    /// `SO_SNDBUF`/`SO_RCVBUF` of the ring sockets.
+    pub socket_buffer: usize,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        TcpConfig { timeout: DEFAULT_TIMEOUT, chunk_bytes: 256 << 10, socket_buffer: 4 << 20 }
+    }
+}
+
+/// One worker of a TCP ring; see [`TcpCommunicator::connect`].
+pub struct TcpCommunicator {
+    rank: usize,
+    world: usize,
+    config: TcpConfig,
+    /// `None` for a group of one.
+    link: Option<Link>,
+    scratch: Vec<u64>,
+    /// Numbers calls, so that ranks that fell out of step are caught.
+    seq: u64,
+    failed: Option<String>,
+    /// Rank 0 hosts the rendezvous store for as long as the group lives.
+    _store: Option<StoreServer>,
+}
+
+const HELLO: u32 = u32::from_le_bytes(*b"BFRH");
+const CALL: u32 = u32::from_le_bytes(*b"BFRC");
+
+impl TcpCommunicator {
+    /// Joins the group described by torchrun's environment variables.
+    pub fn from_env(config: TcpConfig) -> Result<Self> {
+        Self::connect(&DistEnv::from_env()?, config)
+    }
+
+    /// Joins the group: rank 0 starts the rendezvous store at
+    /// `MASTER_ADDR:MASTER_PORT`, every rank publishes the address of its ring
+    /// listener there, connects to the next rank and accepts the previous one.
+    /// Ranks that do not arrive within the timeout are named in the error.
+    pub fn connect(env: &DistEnv, config: TcpConfig) -> Result<Self> {
+        let (rank, world) = (env.rank, env.world_size);
+        let timeout = config.timeout;
+        let deadline = Instant::now() + timeout;
+        let store_server = if rank == 0 {
+            Some(StoreServer::bind(env.store_addr()).map_err(|e| match e {
+                CommError::Io { source, .. } => CommError::io(
+                    format!("rank 0 cannot host the rendezvous store at {} (MASTER_ADDR:MASTER_PORT)", env.store_addr()),
+                    source,
+                ),
+                other => other,
+            })?)
+        } else {
+            None
+        };
+        let mut store = StoreClient::connect(&env.store_addr(), timeout)?;
+        if world == 1 {
+            return Ok(Self::assemble(rank, world, config, None, store_server));
+        }
+
+        let listener = listen(SocketAddr::new(store.local_ip()?, 0), config.socket_buffer)?;
+        let my_addr = listener.local_addr().map_err(|e| CommError::io("ring listener address", e))?;
+        store.set(&format!("ring/{rank}"), my_addr.to_string().as_bytes())?;
+        let keys: Vec<String> = (0..world).map(|r| format!("ring/{r}")).collect();
+        let missing = store.wait(&keys, remaining(deadline))?;
+        if !missing.is_empty() {
+            return Err(CommError::Missing { op: "rendezvous", ranks: missing, waited: timeout });
+        }
+        let next_rank = (rank + 1) % world;
+        let prev_rank = (rank + world - 1) % world;
+        let next_addr = store
+            .get(&keys[next_rank], remaining(deadline))?
+            .and_then(|v| String::from_utf8(v).ok())
+            .and_then(|s| s.parse::<SocketAddr>().ok())
+            .ok_or_else(|| CommError::Protocol {
+                peer: env.store_addr(),
+                detail: format!("no valid ring address for rank {next_rank}"),
+            })?;
+
+        let next = dial(next_addr, config.socket_buffer, deadline, next_rank, timeout)?;
+        let mut hello = Vec::with_capacity(12);
+        for v in [HELLO, rank as u32, world as u32] {
+            hello.extend(v.to_le_bytes());
+        }
+        (&next).write_all(&hello).map_err(|e| io_error("rendezvous", next_rank, timeout, e))?;
+        let prev = accept_prev(&listener, prev_rank, world, deadline, timeout)?;
+        let link = Link { next, prev, next_rank, prev_rank };
+        let mut comm = Self::assemble(rank, world, config, Some(link), store_server);
+        comm.apply_timeout()?;
+        // Everyone is connected only when everyone has seen everyone's data.
+        comm.barrier()?;
+        Ok(comm)
+    }
+
+    fn assemble(rank: usize, world: usize, config: TcpConfig, link: Option<Link>, store: Option<StoreServer>) -> Self {
+        TcpCommunicator { rank, world, config, link, scratch: Vec::new(), seq: 0, failed: None, _store: store }
+    }
+
+    fn apply_timeout(&self) -> Result<()> {
+        if let Some(link) = &self.link {
+            let t = Some(self.config.timeout);
+            link.prev.set_read_timeout(t).map_err(|e| CommError::io("ring socket", e))?;
+            link.next.set_write_timeout(t).map_err(|e| CommError::io("ring socket", e))?;
+        }
+        Ok(())
+    }
+
+    /// Checks that this rank and the previous one make the same call, then
+    /// runs `plan` on `buf`. Any failure leaves the communicator aborted.
+    fn collective<T: Element>(
+        &mut self,
+        name: &'static str,
+        header: Header,
+        buf: &mut [T],
+        plan: plan::Plan,
+        op: ReduceOp,
+    ) -> Result<()> {
+        if let Some(why) = &self.failed {
+            return Err(CommError::Aborted(why.clone()));
+        }
+        let Some(link) = &self.link else { return Ok(()) };
+        let header = Header { seq: self.seq, ..header };
+        self.seq += 1;
+        let result = exchange_header(name, link, header, self.config.timeout).and_then(|()| {
+            pipeline::run(name, link, buf, &plan, op, 1.0 / self.world as f32, self.config.timeout, &mut self.scratch)
+        });
+        if let Err(e) = &result {
+            self.failed = Some(e.to_string());
+        }
+        result
+    }
+
+    fn chunk_elems<T>(&self) -> usize {
+        (self.config.chunk_bytes / std::mem::size_of::<T>()).max(1)
+    }
+
+    fn all_reduce_typed<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        let plan = plan::ring(buf.len(), self.world, self.rank, self.chunk_elems::<T>(), Phases::Both);
+        let header = Header::new(Kind::AllReduce, T::DTYPE, Some(op), 0, buf.len());
+        self.collective("all_reduce", header, buf, plan, op)
+    }
+
+    fn broadcast_typed<T: Element>(&mut self, buf: &mut [T], root: usize) -> Result<()> {
+        if root >= self.world {
+            return Err(CommError::invalid("broadcast", format!("root {root} is not a rank of a group of {}", self.world)));
+        }
+        let plan = plan::chain(buf.len(), self.world, self.rank, root, self.chunk_elems::<T>());
+        let header = Header::new(Kind::Broadcast, T::DTYPE, None, root, buf.len());
+        self.collective("broadcast", header, buf, plan, ReduceOp::Sum)
+    }
+
+    fn all_gather_typed<T: Element>(&mut self, input: &[T], output: &mut [T]) -> Result<()> {
+        check_blocks("all_gather", self.world, output.len(), input.len())?;
+        let block = input.len();
+        output[self.rank * block..(self.rank + 1) * block].copy_from_slice(input);
+        let plan = plan::ring(output.len(), self.world, self.rank, self.chunk_elems::<T>(), Phases::AllGather);
+        let header = Header::new(Kind::AllGather, T::DTYPE, None, 0, output.len());
+        self.collective("all_gather", header, output, plan, ReduceOp::Sum)
+    }
+
+    fn reduce_scatter_typed<T: Element>(&mut self, input: &[T], output: &mut [T], op: ReduceOp) -> Result<()> {
+        check_blocks("reduce_scatter", self.world, input.len(), output.len())?;
+        // The ring reduces in place; work on a copy so that `input` stays as it was.
+        let mut work = input.to_vec();
+        let plan = plan::ring(work.len(), self.world, self.rank, self.chunk_elems::<T>(), Phases::ReduceScatter);
+        let header = Header::new(Kind::ReduceScatter, T::DTYPE, Some(op), 0, work.len());
+        self.collective("reduce_scatter", header, &mut work, plan, op)?;
+        let block = output.len();
+        output.copy_from_slice(&work[self.rank * block..(self.rank + 1) * block]);
+        Ok(())
+    }
+}
+
+impl Communicator for TcpCommunicator {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn timeout(&self) -> Duration {
+        self.config.timeout
+    }
+
+    fn set_timeout(&mut self, timeout: Duration) {
+        self.config.timeout = timeout;
+        if let Err(e) = self.apply_timeout() {
+            self.failed = Some(e.to_string());
+        }
+    }
+
+    fn all_reduce(&mut self, buf: BufMut<'_>, op: ReduceOp) -> Result<()> {
+        with_slice!(buf, BufMut, |s| self.all_reduce_typed(s, op))
+    }
+
+    fn broadcast(&mut self, buf: BufMut<'_>, root: usize) -> Result<()> {
+        with_slice!(buf, BufMut, |s| self.broadcast_typed(s, root))
+    }
+
+    fn all_gather(&mut self, input: BufRef<'_>, output: BufMut<'_>) -> Result<()> {
+        with_pair!("all_gather", input, output, |i, o| self.all_gather_typed(i, o))
+    }
+
+    fn reduce_scatter(&mut self, input: BufRef<'_>, output: BufMut<'_>, op: ReduceOp) -> Result<()> {
+        with_pair!("reduce_scatter", input, output, |i, o| self.reduce_scatter_typed(i, o, op))
+    }
+
+    /// An all-reduce of one value per rank: every rank's result depends on
+    /// every rank having arrived.
+    fn barrier(&mut self) -> Result<()> {
+        let mut token = vec![0f32; self.world];
+        let plan = plan::ring(token.len(), self.world, self.rank, self.chunk_elems::<f32>(), Phases::Both);
+        let header = Header::new(Kind::Barrier, DType::F32, None, 0, token.len());
+        self.collective("barrier", header, &mut token, plan, ReduceOp::Sum)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Kind {
+    AllReduce = 1,
+    Broadcast,
+    AllGather,
+    ReduceScatter,
+    Barrier,
+}
+
+/// Sent to the next rank before every call's data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Header {
+    kind: u8,
+    dtype: u8,
+    op: u8,
+    root: u32,
+    len: u64,
+    seq: u64,
+}
+
+impl Header {
+    const BYTES: usize = 28;
+
+    fn new(kind: Kind, dtype: DType, op: Option<ReduceOp>, root: usize, len: usize) -> Self {
+        Header {
+            kind: kind as u8,
+            dtype: dtype as u8,
+            op: op.map_or(0xff, ReduceOp::code),
+            root: root as u32,
+            len: len as u64,
+            seq: 0,
+        }
+    }
+
+    fn encode(&self) -> [u8; Self::BYTES] {
+        let mut out = [0u8; Self::BYTES];
+        out[0..4].copy_from_slice(&CALL.to_le_bytes());
+        out[4] = self.kind;
+        out[5] = self.dtype;
+        out[6] = self.op;
+        out[8..12].copy_from_slice(&self.root.to_le_bytes());
+        out[12..20].copy_from_slice(&self.len.to_le_bytes());
+        out[20..28].copy_from_slice(&self.seq.to_le_bytes());
+        out
+    }
+
+    fn decode(b: &[u8; Self::BYTES]) -> Option<Self> {
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+        (u32_at(0) == CALL).then(|| Header {
+            kind: b[4],
+            dtype: b[5],
+            op: b[6],
+            root: u32_at(8),
+            len: u64_at(12),
+            seq: u64_at(20),
+        })
+    }
+
+    /// What differs between two calls, in words.
+    fn difference(&self, theirs: &Header) -> Option<String> {
+        let fields = [
+            ("call number", self.seq, theirs.seq),
+            ("collective", self.kind as u64, theirs.kind as u64),
+            ("element type", self.dtype as u64, theirs.dtype as u64),
+            ("buffer length", self.len, theirs.len),
+            ("reduce op", self.op as u64, theirs.op as u64),
+            ("root", self.root as u64, theirs.root as u64),
+        ];
+        fields
+            .iter()
+            .find(|(_, mine, other)| mine != other)
+            .map(|(what, mine, other)| format!("its {what} is {other}, this rank's is {mine}"))
+    }
+}
+
+fn exchange_header(name: &'static str, link: &Link, mine: Header, timeout: Duration) -> Result<()> {
+    (&link.next).write_all(&mine.encode()).map_err(|e| io_error(name, link.next_rank, timeout, e))?;
+    let mut bytes = [0u8; Header::BYTES];
+    (&link.prev).read_exact(&mut bytes).map_err(|e| io_error(name, link.prev_rank, timeout, e))?;
+    let theirs = Header::decode(&bytes).ok_or_else(|| CommError::Protocol {
+        peer: format!("rank {}", link.prev_rank),
+        detail: "not a collective header".into(),
+    })?;
+    match mine.difference(&theirs) {
+        None => Ok(()),
+        Some(detail) => Err(CommError::Mismatch { op: name, rank: link.prev_rank, detail }),
+    }
+}
+
+fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+fn tune(socket: &SockRef<'_>, buffer: usize) -> Result<()> {
+    let io = |e| CommError::io("ring socket options", e);
+    socket.set_send_buffer_size(buffer).map_err(io)?;
+    socket.set_recv_buffer_size(buffer).map_err(io)?;
+    Ok(())
+}
+
+/// The ring listener; buffer sizes are set before `listen` so that accepted
+/// sockets inherit them and the TCP window scale is negotiated for them.
+fn listen(addr: SocketAddr, buffer: usize) -> Result<TcpListener> {
+    let io = |e| CommError::io(format!("cannot listen for ring peers on {addr}"), e);
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(io)?;
+    tune(&SockRef::from(&socket), buffer)?;
+    socket.bind(&addr.into()).map_err(io)?;
+    socket.listen(128).map_err(io)?;
+    let listener: TcpListener = socket.into();
+    listener.set_nonblocking(true).map_err(io)?;
+    Ok(listener)
+}
+
+/// Connects to the next rank, retrying until the deadline.
+fn dial(addr: SocketAddr, buffer: usize, deadline: Instant, rank: usize, timeout: Duration) -> Result<TcpStream> {
+    loop {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)
+            .map_err(|e| CommError::io("ring socket", e))?;
+        tune(&SockRef::from(&socket), buffer)?;
+        match socket.connect_timeout(&addr.into(), remaining(deadline).max(Duration::from_millis(1))) {
+            Ok(()) => {
+                let stream: TcpStream = socket.into();
+                stream.set_nodelay(true).map_err(|e| CommError::io("ring socket", e))?;
+                return Ok(stream);
+            }
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(io_error("rendezvous", rank, timeout, e)),
+        }
+    }
+}
+
+/// Accepts the previous rank, checking its hello; anything else that connects
+/// is dropped and logged.
+fn accept_prev(listener: &TcpListener, prev: usize, world: usize, deadline: Instant, timeout: Duration) -> Result<TcpStream> {
+    loop {
+        match listener.accept() {
+            Ok((stream, from)) => {
+                stream.set_nonblocking(false).map_err(|e| CommError::io("ring socket", e))?;
+                stream.set_nodelay(true).map_err(|e| CommError::io("ring socket", e))?;
+                stream.set_read_timeout(Some(remaining(deadline).max(Duration::from_millis(1))))
+                    .map_err(|e| CommError::io("ring socket", e))?;
+                let mut hello = [0u8; 12];
+                let ok = (&stream).read_exact(&mut hello).is_ok() && {
+                    let w = |i: usize| u32::from_le_bytes(hello[i..i + 4].try_into().unwrap());
+                    w(0) == HELLO && w(4) as usize == prev && w(8) as usize == world
+                };
+                if ok {
+                    return Ok(stream);
+                }
+                tracing::warn!("ring listener: dropped a connection from {from} that is not rank {prev} of {world}");
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Err(CommError::Timeout { op: "rendezvous", rank: prev, waited: timeout });
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(CommError::io("ring listener", e)),
+        }
+    }
+}
+

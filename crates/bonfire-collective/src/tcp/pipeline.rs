@@ -1,0 +1,170 @@
+//! Runs a [`Plan`] over the two ring sockets: a sender thread writes chunks to
+//! the next rank while this thread reads chunks from the previous rank and
+//! reduces them, so the network and the reduction overlap.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use super::plan::Plan;
+use crate::element::{Element, ReduceOp};
+use crate::error::{CommError, Result};
+
+/// The two sockets of this rank in the ring.
+pub(crate) struct Link {
+    pub next: TcpStream,
+    pub prev: TcpStream,
+    pub next_rank: usize,
+    pub prev_rank: usize,
+}
+
+#[derive(Default)]
+struct Progress {
+    state: Mutex<Counters>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Counters {
+    received: usize,
+    sent: usize,
+    aborted: bool,
+}
+
+impl Progress {
+    /// Waits until `ready` holds; false if the other side aborted.
+    fn wait(&self, ready: impl Fn(&Counters) -> bool) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if st.aborted {
+                return false;
+            }
+            if ready(&st) {
+                return true;
+            }
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Marks the run as failed; true for the first caller, whose error is the cause.
+    fn abort(&self) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let first = !st.aborted;
+        st.aborted = true;
+        self.changed.notify_all();
+        first
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Counters)) {
+        f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()));
+        self.changed.notify_all();
+    }
+}
+
+/// A raw pointer that the sender thread may use.
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+// SAFETY: the plan guarantees that the sender only reads chunks that this
+// thread no longer writes (see `Plan`), and the scope ends both threads
+// before the buffer's borrow ends.
+unsafe impl<T: Send> Send for Shared<T> {}
+unsafe impl<T: Send> Sync for Shared<T> {}
+
+/// Executes `plan` on `buf`. `scratch` holds one received chunk at a time
+/// and is reused across calls, so the data path allocates nothing.
+pub(crate) fn run<T: Element>(
+    op_name: &'static str,
+    link: &Link,
+    buf: &mut [T],
+    plan: &Plan,
+    op: ReduceOp,
+    scale: f32,
+    timeout: Duration,
+    scratch: &mut Vec<u64>,
+) -> Result<()> {
+    let longest = plan.recvs.iter().map(|r| r.range.len()).max().unwrap_or(0);
+    let words = (longest * std::mem::size_of::<T>()).div_ceil(8);
+    if scratch.len() < words {
+        scratch.resize(words, 0);
+    }
+    let base = Shared(buf.as_mut_ptr());
+    let progress = Progress::default();
+
+    let (sent, received) = std::thread::scope(|s| {
+        let sender = s.spawn(|| {
+            let base = base;
+            let mut next = &link.next;
+            for (i, item) in plan.sends.iter().enumerate() {
+                if !progress.wait(|c| c.received >= item.after_recv) {
+                    return Ok(());
+                }
+                // SAFETY: the range is inside `buf`, final, and not written
+                // until this send is counted (RecvItem::after_send).
+                let chunk = unsafe { std::slice::from_raw_parts(base.0.add(item.range.start), item.range.len()) };
+                if let Err(e) = next.write_all(bytemuck::cast_slice(chunk)) {
+                    if !progress.abort() {
+                        return Ok(()); // the receiver failed first and closed the link
+                    }
+                    // Wake the receiver, which may be blocked reading.
+                    let _ = link.prev.shutdown(Shutdown::Read);
+                    return Err(io_error(op_name, link.next_rank, timeout, e));
+                }
+                progress.update(|c| c.sent = i + 1);
+            }
+            Ok(())
+        });
+
+        let mut receive = || -> Result<()> {
+            let mut prev = &link.prev;
+            for (i, item) in plan.recvs.iter().enumerate() {
+                if !progress.wait(|c| c.sent >= item.after_send) {
+                    return Ok(());
+                }
+                // SAFETY: this thread is the only writer; the sender reads
+                // other ranges until this item is counted as received.
+                let dst = unsafe { std::slice::from_raw_parts_mut(base.0.add(item.range.start), item.range.len()) };
+                if item.reduce {
+                    let bytes = std::mem::size_of_val(dst);
+                    let words = bytes.div_ceil(8);
+                    prev.read_exact(&mut bytemuck::cast_slice_mut::<u64, u8>(&mut scratch[..words])[..bytes])
+                        .map_err(|e| io_error(op_name, link.prev_rank, timeout, e))?;
+                    let incoming: &[T] = &bytemuck::cast_slice::<u64, T>(&scratch[..words])[..dst.len()];
+                    T::combine(dst, incoming, op);
+                } else {
+                    prev.read_exact(bytemuck::cast_slice_mut(dst))
+                        .map_err(|e| io_error(op_name, link.prev_rank, timeout, e))?;
+                }
+                if item.finish && op == ReduceOp::Mean {
+                    T::scale(dst, scale);
+                }
+                progress.update(|c| c.received = i + 1);
+            }
+            Ok(())
+        };
+        let mut received = receive();
+        if received.is_err() {
+            if progress.abort() {
+                // Wake the sender, which may be blocked writing.
+                let _ = link.next.shutdown(Shutdown::Write);
+            } else {
+                received = Ok(()); // the sender failed first; its error is the cause
+            }
+        }
+        let sent = sender.join().unwrap_or_else(|_| {
+            Err(CommError::Aborted("the ring sender thread panicked".into()))
+        });
+        (sent, received)
+    });
+    // The first failure is the cause; the other side only saw the abort.
+    sent.and(received)
+}
+
+/// Names the peer behind a socket error: silence past the timeout is a
+/// timeout, anything else (reset, end of stream) means the peer is gone.
+pub(crate) fn io_error(op: &'static str, rank: usize, timeout: Duration, e: io::Error) -> CommError {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => CommError::Timeout { op, rank, waited: timeout },
+        _ => CommError::PeerLost { op, rank, source: e },
+    }
+}

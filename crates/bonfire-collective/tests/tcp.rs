@@ -1,0 +1,228 @@
+//! The TCP ring: workers as threads of this test over loopback, and as real
+//! processes (this test binary started again as a worker).
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bonfire_collective::{CommError, Communicator, DistEnv, ReduceOp, TcpCommunicator, TcpConfig};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn env(rank: usize, world: usize, port: u16) -> DistEnv {
+    DistEnv {
+        rank,
+        world_size: world,
+        local_rank: rank,
+        local_world_size: world,
+        master_addr: "127.0.0.1".into(),
+        master_port: port,
+    }
+}
+
+fn config(timeout: Duration) -> TcpConfig {
+    // Small chunks so that the pipeline runs many steps even on small buffers.
+    TcpConfig { timeout, chunk_bytes: 64 << 10, ..TcpConfig::default() }
+}
+
+/// Runs `f` on ranks `ranks` of a `world`-rank group, each in its own thread.
+fn run_ranks<R: Send>(
+    world: usize,
+    ranks: &[usize],
+    timeout: Duration,
+    f: impl Fn(Result<TcpCommunicator, CommError>) -> R + Sync,
+) -> Vec<R> {
+    let port = free_port();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .iter()
+            .map(|&rank| {
+                let f = &f;
+                s.spawn(move || f(TcpCommunicator::connect(&env(rank, world, port), config(timeout))))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn threads_every_op_matches_a_plain_computation_for_worlds_1_to_4() {
+    for world in 1..=4 {
+        let all: Vec<usize> = (0..world).collect();
+        for r in run_ranks(world, &all, Duration::from_secs(60), |c| common::check_all(&mut c.unwrap(), world <= 2)) {
+            r.unwrap_or_else(|e| panic!("world {world}: {e}"));
+        }
+    }
+}
+
+#[test]
+fn threads_a_rank_that_never_joins_is_named() {
+    let errors = run_ranks(3, &[0, 1], Duration::from_millis(800), |c| c.err().expect("rendezvous must fail"));
+    for e in errors {
+        assert!(matches!(&e, CommError::Missing { ranks, .. } if ranks == &[2]), "{e}");
+        assert!(e.to_string().contains("[2]"), "{e}");
+    }
+}
+
+#[test]
+fn threads_a_peer_that_leaves_is_named() {
+    let results = run_ranks(2, &[0, 1], Duration::from_secs(10), |c| {
+        let mut c = c.unwrap();
+        if c.rank() == 1 {
+            drop(c); // closes its sockets
+            return None;
+        }
+        let mut buf = vec![1f32; 1 << 16];
+        Some(c.all_reduce(buf.as_mut_slice().into(), ReduceOp::Sum).unwrap_err())
+    });
+    let err = results.into_iter().flatten().next().unwrap();
+    assert!(matches!(err, CommError::PeerLost { rank: 1, .. }), "{err}");
+}
+
+#[test]
+fn threads_a_silent_peer_times_out_naming_it() {
+    let results = run_ranks(2, &[0, 1], Duration::from_secs(10), |c| {
+        let mut c = c.unwrap();
+        c.set_timeout(Duration::from_millis(300));
+        if c.rank() == 1 {
+            std::thread::sleep(Duration::from_millis(1500)); // alive, but silent
+            return None;
+        }
+        let mut buf = vec![1f32; 8];
+        let started = std::time::Instant::now();
+        let err = c.all_reduce(buf.as_mut_slice().into(), ReduceOp::Sum).unwrap_err();
+        assert!(started.elapsed() < Duration::from_millis(1200), "took {:?}", started.elapsed());
+        // Afterwards the communicator refuses work instead of desynchronising.
+        let again = c.barrier().unwrap_err();
+        Some((err, again))
+    });
+    let (err, again) = results.into_iter().flatten().next().unwrap();
+    assert!(matches!(err, CommError::Timeout { rank: 1, .. }), "{err}");
+    assert!(matches!(again, CommError::Aborted(_)), "{again}");
+}
+
+#[test]
+fn threads_mismatched_calls_are_named() {
+    let results = run_ranks(2, &[0, 1], Duration::from_secs(10), |c| {
+        let mut c = c.unwrap();
+        let mut buf = vec![0f32; 10 + c.rank()];
+        c.all_reduce(buf.as_mut_slice().into(), ReduceOp::Sum).unwrap_err()
+    });
+    for (rank, err) in results.into_iter().enumerate() {
+        let other = 1 - rank;
+        assert!(matches!(&err, CommError::Mismatch { rank: r, detail, .. } if *r == other && detail.contains("buffer length")), "{err}");
+    }
+}
+
+// ---- real processes ----------------------------------------------------------
+
+const WORKER: &str = "BONFIRE_TEST_WORKER";
+
+/// Not a test of its own: the body of a worker process started by the tests
+/// below (they run this binary with `--exact worker_process --ignored`).
+#[test]
+#[ignore = "run as a worker process by the process tests"]
+fn worker_process() {
+    if std::env::var_os(WORKER).is_none() {
+        return;
+    }
+    let timeout = Duration::from_millis(std::env::var("BONFIRE_TEST_TIMEOUT_MS").unwrap().parse().unwrap());
+    let code = match TcpCommunicator::from_env(config(timeout)) {
+        Err(e) => {
+            eprintln!("worker error: {e}");
+            3
+        }
+        Ok(mut comm) => match common::check_all(&mut comm, true) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("worker check failed: {e}");
+                4
+            }
+        },
+    };
+    std::process::exit(code);
+}
+
+fn spawn_worker(vars: &[(&str, String)], timeout_ms: u64) -> std::process::Child {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["worker_process", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .env(WORKER, "1")
+        .env("BONFIRE_TEST_TIMEOUT_MS", timeout_ms.to_string())
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .env_remove("LOCAL_RANK")
+        .env_remove("LOCAL_WORLD_SIZE")
+        .env_remove("MASTER_ADDR")
+        .env_remove("MASTER_PORT")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+fn torchrun_vars(rank: usize, world: usize, port: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("RANK", rank.to_string()),
+        ("WORLD_SIZE", world.to_string()),
+        ("LOCAL_RANK", rank.to_string()),
+        ("LOCAL_WORLD_SIZE", world.to_string()),
+        ("MASTER_ADDR", "127.0.0.1".into()),
+        ("MASTER_PORT", port.to_string()),
+    ]
+}
+
+/// Starts `ranks` of a `world`-rank job; returns (exit code, stderr) of each.
+fn run_processes(world: usize, ranks: &[usize], timeout_ms: u64) -> Vec<(i32, String)> {
+    let port = free_port();
+    let children: Vec<_> = ranks.iter().map(|&r| spawn_worker(&torchrun_vars(r, world, port), timeout_ms)).collect();
+    children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn processes_every_op_matches_a_plain_computation_for_worlds_2_and_3() {
+    for world in [2, 3] {
+        let all: Vec<usize> = (0..world).collect();
+        for (rank, (code, stderr)) in run_processes(world, &all, 60_000).into_iter().enumerate() {
+            assert_eq!(code, 0, "world {world} rank {rank}: {stderr}");
+        }
+    }
+}
+
+#[test]
+fn processes_a_rank_that_never_joins_is_named() {
+    let started = std::time::Instant::now();
+    for (code, stderr) in run_processes(3, &[0, 1], 1000) {
+        assert_eq!(code, 3, "{stderr}");
+        assert!(stderr.contains("rank(s) [2] never arrived"), "{stderr}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+#[test]
+fn processes_a_bad_environment_variable_is_named() {
+    let port = free_port();
+    let mut vars = torchrun_vars(0, 2, port);
+    vars[1].1 = "two".into();
+    let out = spawn_worker(&vars, 1000).wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("WORLD_SIZE") && stderr.contains("\"two\""), "{stderr}");
+
+    let vars: Vec<_> = torchrun_vars(0, 2, port).into_iter().filter(|(k, _)| *k != "MASTER_PORT").collect();
+    let out = spawn_worker(&vars, 1000).wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("MASTER_PORT") && stderr.contains("not set"), "{stderr}");
+}
