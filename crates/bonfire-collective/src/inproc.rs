@@ -2,11 +2,13 @@
 //!
 //! Algorithm: each rank reduces its own 1/N slice of the buffer, reading that
 //! slice straight from every rank's buffer, then copies the other slices from
-//! their owners. That is two barriers and, per rank, about 2 reads and 1 write
-//! of the buffer, all ranks working at once. A ring over shared memory moves the
-//! same bytes but needs 2(N-1) synchronised steps, and staging through a shared
-//! scratch buffer adds a full copy in and out; this direct form measured
-//! fastest (see the README's performance table).
+//! their owners: two barriers, and per rank about two reads and one write of
+//! the buffer, all ranks working at once. A ring over shared memory moves the
+//! same bytes (at N = 2 it is this very schedule) but needs 2(N-1)
+//! synchronised steps instead of two, and staging through a shared scratch
+//! buffer would add a full copy in and a full copy out. So the direct form is
+//! the fastest on shared memory; the README's performance table gives what it
+//! reaches against the machine's memcpy bandwidth.
 //!
 //! Safety: a rank publishes a raw pointer to its buffer when it joins a call.
 //! Peers touch that buffer only between the join barrier and the final barrier

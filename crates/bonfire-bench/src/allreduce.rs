@@ -1,0 +1,152 @@
+//! All-reduce bus bandwidth, measured as the PyTorch anchor measures Gloo:
+//! two warm-up calls, a barrier, ten timed calls, a barrier; the mean time
+//! per call on rank 0. busbw = bytes / time * 2(n-1)/n (nccl-tests).
+
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use bonfire_collective::{Communicator, InProcCommunicator, ReduceOp, TcpCommunicator, TcpConfig};
+
+const WARMUP: usize = 2;
+const ITERS: usize = 10;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Number of workers.
+    #[arg(long, default_value_t = 2)]
+    world: usize,
+    /// Buffer sizes in MiB of f32.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,25,100")]
+    sizes_mib: Vec<usize>,
+    /// Which communicators to measure.
+    #[arg(long, value_delimiter = ',', default_value = "inproc,tcp")]
+    r#impl: Vec<String>,
+    /// Bytes per pipelined chunk of the TCP ring.
+    #[arg(long)]
+    chunk_bytes: Option<usize>,
+}
+
+#[derive(clap::Args)]
+pub struct WorkerArgs {
+    #[arg(long, value_delimiter = ',')]
+    sizes_mib: Vec<usize>,
+    #[arg(long)]
+    chunk_bytes: Option<usize>,
+}
+
+/// Seconds per all-reduce of `bytes` of f32 on this rank.
+fn time_all_reduce(comm: &mut dyn Communicator, bytes: usize) -> Result<f64> {
+    let mut buf = vec![1f32; bytes / 4];
+    for _ in 0..WARMUP {
+        comm.all_reduce(buf.as_mut_slice().into(), ReduceOp::Sum)?;
+    }
+    comm.barrier()?;
+    let start = Instant::now();
+    for _ in 0..ITERS {
+        comm.all_reduce(buf.as_mut_slice().into(), ReduceOp::Sum)?;
+    }
+    comm.barrier()?;
+    Ok(start.elapsed().as_secs_f64() / ITERS as f64)
+}
+
+fn report(kind: &str, world: usize, bytes: usize, seconds: f64) {
+    let busbw = bytes as f64 / seconds / 1e9 * 2.0 * (world - 1) as f64 / world as f64;
+    println!(r#"{{"impl": "{kind}", "world": {world}, "bytes": {bytes}, "busbw_gbs": {busbw:.3}}}"#);
+}
+
+fn bytes_of(mib: usize) -> usize {
+    mib << 20
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.world < 2 {
+        bail!("--world must be at least 2 for a bus bandwidth to mean anything");
+    }
+    for kind in &args.r#impl {
+        match kind.as_str() {
+            "inproc" => inproc(&args)?,
+            "tcp" => tcp(&args)?,
+            other => bail!("unknown --impl {other:?}; expected inproc or tcp"),
+        }
+    }
+    Ok(())
+}
+
+fn inproc(args: &Args) -> Result<()> {
+    for &mib in &args.sizes_mib {
+        let comms = InProcCommunicator::group(args.world)?;
+        let times = std::thread::scope(|s| {
+            let handles: Vec<_> = comms
+                .into_iter()
+                .map(|mut c| s.spawn(move || time_all_reduce(&mut c, bytes_of(mib))))
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("benchmark thread panicked")).collect::<Result<Vec<_>>>()
+        })?;
+        report("inproc", args.world, bytes_of(mib), times[0]);
+    }
+    Ok(())
+}
+
+fn tcp(args: &Args) -> Result<()> {
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let exe = std::env::current_exe()?;
+    let sizes: Vec<String> = args.sizes_mib.iter().map(|s| s.to_string()).collect();
+    let children = (0..args.world)
+        .map(|rank| {
+            let mut cmd = Command::new(&exe);
+            cmd.arg("allreduce-worker").arg("--sizes-mib").arg(sizes.join(","));
+            if let Some(c) = args.chunk_bytes {
+                cmd.arg("--chunk-bytes").arg(c.to_string());
+            }
+            cmd.env("RANK", rank.to_string())
+                .env("WORLD_SIZE", args.world.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("LOCAL_WORLD_SIZE", args.world.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .stdout(if rank == 0 { Stdio::inherit() } else { Stdio::null() })
+                .spawn()
+                .context("starting a benchmark worker")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for (rank, mut child) in children.into_iter().enumerate() {
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("TCP benchmark worker {rank} failed: {status}");
+        }
+    }
+    Ok(())
+}
+
+pub fn worker(args: WorkerArgs) -> Result<()> {
+    let mut config = TcpConfig::default();
+    if let Some(c) = args.chunk_bytes {
+        config.chunk_bytes = c;
+    }
+    let mut comm = TcpCommunicator::from_env(config)?;
+    for &mib in &args.sizes_mib {
+        let seconds = time_all_reduce(&mut comm, bytes_of(mib))?;
+        if comm.rank() == 0 {
+            report("tcp", comm.world_size(), bytes_of(mib), seconds);
+        }
+    }
+    Ok(())
+}
+
+/// Best of five single-thread copies of 256 MiB, as the anchor's membw.c.
+pub fn memcpy() {
+    let n = (256 << 20) / 4;
+    let src = vec![1f32; n];
+    let mut dst = vec![0f32; n];
+    let best = (0..5)
+        .map(|_| {
+            let start = Instant::now();
+            dst.copy_from_slice(&src);
+            start.elapsed().as_secs_f64()
+        })
+        .fold(f64::MAX, f64::min);
+    std::hint::black_box(&dst);
+    println!(r#"{{"memcpy_gbs": {:.3}}}"#, (n * 4) as f64 / best / 1e9);
+}

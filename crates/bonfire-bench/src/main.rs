@@ -1,0 +1,35 @@
+//! Benchmark programs. `cargo xtask bench` builds this in release, runs it,
+//! and sets its figures beside the anchors measured in the same run.
+
+mod allreduce;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Bonfire benchmarks (run through `cargo xtask bench`)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// All-reduce bus bandwidth of the in-process and TCP communicators.
+    Allreduce(allreduce::Args),
+    /// Single-thread memcpy bandwidth of 256 MiB: the ceiling of a host-staged collective.
+    Memcpy,
+    /// One rank of the TCP all-reduce benchmark (started by `allreduce`).
+    #[command(hide = true)]
+    AllreduceWorker(allreduce::WorkerArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Allreduce(args) => allreduce::run(args),
+        Command::Memcpy => {
+            allreduce::memcpy();
+            Ok(())
+        }
+        Command::AllreduceWorker(args) => allreduce::worker(args),
+    }
+}
