@@ -1,0 +1,124 @@
+//! DataParallel: one process, several devices of one backend. The batch is
+//! scattered along dimension 0, the module replicated on every device, the
+//! replicas run in parallel threads, the outputs gathered on the first
+//! device, and after backward the replicas' gradients are summed back onto
+//! the original module's parameters.
+
+use burn::module::{AutodiffModule, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Tensor;
+
+use crate::error::{ParallelError, Result};
+
+pub struct DataParallel<B: AutodiffBackend> {
+    devices: Vec<B::Device>,
+}
+
+/// The per-device copies of the module made by one [`DataParallel::forward`];
+/// hand them to [`DataParallel::backward`].
+pub struct Replicas<M> {
+    modules: Vec<M>,
+}
+
+impl<B: AutodiffBackend> DataParallel<B> {
+    /// The first device gathers the outputs. A device may appear more than
+    /// once (replicas then share it, each in its own thread).
+    pub fn new(devices: Vec<B::Device>) -> Result<Self> {
+        if devices.is_empty() {
+            return Err(ParallelError::Invalid("DataParallel needs at least one device".into()));
+        }
+        Ok(DataParallel { devices })
+    }
+
+    pub fn devices(&self) -> &[B::Device] {
+        &self.devices
+    }
+
+    /// Runs `forward` on every device's share of `input` (split along
+    /// dimension 0 into parts that differ by at most one row) and returns the
+    /// outputs concatenated on the first device, still differentiable.
+    pub fn forward<M, F, const DI: usize, const DO: usize>(
+        &self,
+        module: &M,
+        input: Tensor<B, DI>,
+        forward: F,
+    ) -> Result<(Tensor<B, DO>, Replicas<M>)>
+    where
+        M: AutodiffModule<B>,
+        F: Fn(&M, Tensor<B, DI>) -> Tensor<B, DO> + Sync,
+    {
+        let n = self.devices.len();
+        let batch = input.dims()[0];
+        if batch < n {
+            return Err(ParallelError::Invalid(format!(
+                "a batch of {batch} cannot be split over {n} devices; use at least one sample per device"
+            )));
+        }
+        let mut start = 0;
+        let shares: Vec<(M, Tensor<B, DI>)> = self
+            .devices
+            .iter()
+            .enumerate()
+            .map(|(i, device)| {
+                let len = batch / n + usize::from(i < batch % n);
+                let chunk = input.clone().narrow(0, start, len).to_device(device);
+                start += len;
+                (module.clone().fork(device), chunk)
+            })
+            .collect();
+        let forward = &forward;
+        let results: Vec<(M, Tensor<B, DO>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = shares
+                .into_iter()
+                .map(|(replica, chunk)| {
+                    s.spawn(move || {
+                        let out = forward(&replica, chunk);
+                        (replica, out)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("a replica's forward pass panicked")).collect()
+        });
+        let (modules, outputs): (Vec<M>, Vec<Tensor<B, DO>>) = results.into_iter().unzip();
+        let gathered = Tensor::cat(outputs.into_iter().map(|o| o.to_device(&self.devices[0])).collect(), 0);
+        Ok((gathered, Replicas { modules }))
+    }
+
+    /// Runs `loss.backward()` and sums every replica's gradients onto the
+    /// device of the corresponding parameter of `module`.
+    pub fn backward<M: AutodiffModule<B>>(
+        &self,
+        loss: Tensor<B, 1>,
+        module: &M,
+        replicas: Replicas<M>,
+    ) -> Result<GradientsParams> {
+        let mut grads = loss.backward();
+        let per_replica: Vec<GradientsParams> =
+            replicas.modules.iter().map(|r| GradientsParams::from_module(&mut grads, r)).collect();
+        let mut sum = SumOnto::<B> { per_replica, out: GradientsParams::new(), _b: Default::default() };
+        module.visit(&mut sum);
+        Ok(sum.out)
+    }
+}
+
+struct SumOnto<B: AutodiffBackend> {
+    per_replica: Vec<GradientsParams>,
+    out: GradientsParams,
+    _b: std::marker::PhantomData<B>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for SumOnto<B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let device = param.val().device();
+        let total = self
+            .per_replica
+            .iter_mut()
+            .filter_map(|g| g.remove::<B::InnerBackend, D>(param.id))
+            .map(|g| g.to_device(&device))
+            .reduce(|a, b| a + b);
+        if let Some(total) = total {
+            self.out.register::<B::InnerBackend, D>(param.id, total);
+        }
+    }
+}

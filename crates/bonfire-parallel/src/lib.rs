@@ -1,0 +1,21 @@
+//! Data-parallel training for Burn modules on any backend.
+//!
+//! - [`DistributedDataParallel`]: one worker per device (threads or
+//!   processes), gradients averaged in buckets while backward runs.
+//! - [`DataParallel`]: one process driving several devices.
+
+mod bucket;
+pub mod comm_hook;
+mod comm_thread;
+mod ddp;
+mod dp;
+mod error;
+mod hook;
+mod params;
+mod reducer;
+
+pub use ddp::{DdpConfig, DistributedDataParallel};
+pub use dp::{DataParallel, Replicas};
+pub use error::{ParallelError, Result};
+pub use hook::{GradientSink, HookBackend};
+pub use params::{param_infos, values_from_host, values_to_host, ParamInfo};

@@ -1,0 +1,187 @@
+//! Models, data and training loops shared by the equivalence tests.
+#![allow(dead_code)]
+
+use bonfire_parallel::{values_from_host, values_to_host, DistributedDataParallel, HookBackend, ParallelError};
+use burn::module::{AutodiffModule, Module};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
+use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{GradientsParams, Optimizer, SgdConfig};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{activation::relu, Int, Tensor, TensorData};
+
+pub const STEPS: usize = 5;
+pub const LR: f64 = 0.05;
+pub const FEATURES: usize = 8;
+pub const CLASSES: usize = 4;
+
+/// Models the tests train; `input` is [batch, FEATURES] or [batch, 1, 8, 8].
+pub trait Net<B: Backend>: Module<B> {
+    fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2>;
+}
+
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    fc1: Linear<B>,
+    fc2: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn new(device: &B::Device, hidden: usize) -> Self {
+        Mlp { fc1: LinearConfig::new(FEATURES, hidden).init(device), fc2: LinearConfig::new(hidden, CLASSES).init(device) }
+    }
+}
+
+impl<B: Backend> Net<B> for Mlp<B> {
+    fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.fc2.forward(relu(self.fc1.forward(x)))
+    }
+}
+
+/// A small conv net on 8x8 single-channel images (flattened rows of 64).
+#[derive(Module, Debug)]
+pub struct ConvNet<B: Backend> {
+    conv: Conv2d<B>,
+    pool: MaxPool2d,
+    fc: Linear<B>,
+}
+
+impl<B: Backend> ConvNet<B> {
+    pub fn new(device: &B::Device) -> Self {
+        ConvNet {
+            conv: Conv2dConfig::new([1, 4], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(device),
+            pool: MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init(),
+            fc: LinearConfig::new(4 * 4 * 4, CLASSES).init(device),
+        }
+    }
+}
+
+impl<B: Backend> Net<B> for ConvNet<B> {
+    fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let [n, _] = x.dims();
+        let x = x.reshape([n, 1, 8, 8]);
+        let x = self.pool.forward(relu(self.conv.forward(x)));
+        self.fc.forward(x.reshape([n, 4 * 4 * 4]))
+    }
+}
+
+/// The same weight applied twice: its gradient has two contributions.
+#[derive(Module, Debug)]
+pub struct Twice<B: Backend> {
+    square: Linear<B>,
+    head: Linear<B>,
+}
+
+impl<B: Backend> Twice<B> {
+    pub fn new(device: &B::Device) -> Self {
+        Twice { square: LinearConfig::new(FEATURES, FEATURES).init(device), head: LinearConfig::new(FEATURES, CLASSES).init(device) }
+    }
+}
+
+impl<B: Backend> Net<B> for Twice<B> {
+    fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.head.forward(self.square.forward(relu(self.square.forward(x))))
+    }
+}
+
+/// An MLP with a layer the forward pass never uses.
+#[derive(Module, Debug)]
+pub struct WithUnused<B: Backend> {
+    mlp: Mlp<B>,
+    unused: Linear<B>,
+}
+
+impl<B: Backend> WithUnused<B> {
+    pub fn new(device: &B::Device) -> Self {
+        WithUnused { mlp: Mlp::new(device, 16), unused: LinearConfig::new(3, 3).init(device) }
+    }
+}
+
+impl<B: Backend> Net<B> for WithUnused<B> {
+    fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.mlp.logits(x)
+    }
+}
+
+/// Gives every parameter deterministic values from `seed`, so that every
+/// process and thread can rebuild the same starting point.
+pub fn seeded<B: Backend, M: Module<B>>(module: M, seed: u64) -> M {
+    let n = values_to_host::<B, M>(&module).len();
+    let values: Vec<f32> = (0..n as u64).map(|i| uniform(seed, i) * 0.5).collect();
+    values_from_host::<B, M>(module, &values)
+}
+
+/// A hash-based uniform value in [-1, 1).
+pub fn uniform(seed: u64, i: u64) -> f32 {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) ^ i.wrapping_mul(0xBF58476D1CE4E5B9);
+    x ^= x >> 31;
+    x = x.wrapping_mul(0x94D049BB133111EB);
+    x ^= x >> 29;
+    (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+}
+
+/// Rows `rows` of the data set: 64 features (8x8 images; the MLP uses the first 8).
+pub fn batch<B: Backend>(rows: std::ops::Range<usize>, width: usize, device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 1, Int>) {
+    let n = rows.len();
+    let x: Vec<f32> = rows.clone().flat_map(|r| (0..width).map(move |c| uniform(7, (r * 64 + c) as u64))).collect();
+    let y: Vec<i64> = rows.map(|r| (uniform(11, r as u64).abs() * CLASSES as f32) as i64 % CLASSES as i64).collect();
+    (Tensor::from_data(TensorData::new(x, [n, width]), device), Tensor::from_data(TensorData::new(y, [n]), device))
+}
+
+pub fn loss<B: Backend, M: Net<B>>(model: &M, x: Tensor<B, 2>, y: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    CrossEntropyLossConfig::new().init(&x.device()).forward(model.logits(x), y)
+}
+
+pub fn sgd<B: AutodiffBackend, M: AutodiffModule<B>>() -> impl Optimizer<M, B> {
+    SgdConfig::new().with_momentum(Some(MomentumConfig::new().with_dampening(0.0))).init()
+}
+
+/// One worker on the whole global batch of every step.
+pub fn train_single<B: AutodiffBackend, M: AutodiffModule<B> + Net<B>>(mut model: M, global: usize, width: usize) -> Vec<f32> {
+    let device = Default::default();
+    let mut opt = sgd::<B, M>();
+    for step in 0..STEPS {
+        let (x, y) = batch::<B>(step * global..(step + 1) * global, width, &device);
+        let grads = GradientsParams::from_grads(loss(&model, x, y).backward(), &model);
+        model = opt.step(LR, model, grads);
+    }
+    values_to_host::<B, M>(&model)
+}
+
+/// One DDP rank: its share of every step's global batch (rank r takes rows
+/// [r*b, (r+1)*b) of it), `micro` micro-batches per step through `no_sync`.
+pub fn train_ddp<B: HookBackend, M: AutodiffModule<B> + Net<B>>(
+    ddp: &mut DistributedDataParallel<B>,
+    mut model: M,
+    per_rank: usize,
+    micro: usize,
+    width: usize,
+) -> Result<Vec<f32>, ParallelError> {
+    let device = Default::default();
+    let (rank, world) = (ddp.rank(), ddp.world_size());
+    let global = per_rank * world;
+    let mut opt = sgd::<B, M>();
+    for step in 0..STEPS {
+        let mine = step * global + rank * per_rank;
+        let micro_len = per_rank / micro;
+        let mut grads = None;
+        for m in 0..micro {
+            let (x, y) = batch::<B>(mine + m * micro_len..mine + (m + 1) * micro_len, width, &device);
+            let l = loss(&ddp.forward_module(&model), x, y) / micro as f32;
+            if m + 1 < micro {
+                ddp.backward_no_sync(l)?;
+            } else {
+                grads = Some(ddp.backward(l)?);
+            }
+        }
+        model = opt.step(LR, model, grads.unwrap());
+    }
+    Ok(values_to_host::<B, M>(&model))
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "parameter counts differ");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}

@@ -1,0 +1,237 @@
+//! DistributedDataParallel must equal one worker on the whole batch.
+
+mod common;
+
+use std::time::Duration;
+
+use bonfire_collective::{Communicator, InProcCommunicator, TcpCommunicator, TcpConfig};
+use bonfire_parallel::{comm_hook, DdpConfig, DistributedDataParallel, HookBackend, ParallelError};
+use burn::backend::Autodiff;
+use burn::module::AutodiffModule;
+use common::*;
+
+type Flex = Autodiff<burn::backend::Flex>;
+type NdArray = Autodiff<burn::backend::NdArray>;
+type Wgpu = Autodiff<burn::backend::Wgpu>;
+
+const PER_RANK: usize = 6;
+
+/// Runs `world` DDP ranks as threads. Rank 0 starts from seed 1, the others
+/// from other values, which the initial broadcast must replace.
+fn ddp_threads<B, M>(
+    world: usize,
+    make: impl Fn(usize, &B::Device) -> M + Sync,
+    config: DdpConfig,
+    per_rank: usize,
+    micro: usize,
+    width: usize,
+) -> Vec<Result<Vec<f32>, ParallelError>>
+where
+    B: HookBackend,
+    M: AutodiffModule<B> + Net<B>,
+{
+    let comms = InProcCommunicator::group(world).unwrap();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, comm)| {
+                let (make, config) = (&make, config.clone());
+                s.spawn(move || {
+                    let device = Default::default();
+                    let model = seeded::<B, M>(make(rank, &device), if rank == 0 { 1 } else { 100 + rank as u64 });
+                    let (mut ddp, model) = DistributedDataParallel::new(model, Box::new(comm), config)?;
+                    train_ddp(&mut ddp, model, per_rank, micro, width)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn assert_matches_single<B, M>(world: usize, make: impl Fn(usize, &B::Device) -> M + Sync, width: usize, tol: f32)
+where
+    B: HookBackend,
+    M: AutodiffModule<B> + Net<B>,
+{
+    let device = Default::default();
+    let want = train_single::<B, M>(seeded::<B, M>(make(0, &device), 1), PER_RANK * world, width);
+    for (rank, got) in ddp_threads::<B, M>(world, &make, DdpConfig::default(), PER_RANK, 1, width).into_iter().enumerate() {
+        let diff = max_abs_diff(&got.unwrap(), &want);
+        assert!(diff <= tol, "world {world} rank {rank}: max |difference| {diff} > {tol}");
+    }
+}
+
+#[test]
+fn flex_mlp_and_conv_over_2_and_3_threads_equal_one_worker() {
+    for world in [2, 3] {
+        assert_matches_single::<Flex, _>(world, |_, d| Mlp::new(d, 16), FEATURES, 1e-5);
+        assert_matches_single::<Flex, _>(world, |_, d| ConvNet::new(d), 64, 1e-5);
+    }
+}
+
+#[test]
+fn ndarray_conv_over_2_threads_equals_one_worker() {
+    assert_matches_single::<NdArray, _>(2, |_, d| ConvNet::new(d), 64, 1e-5);
+    assert_matches_single::<NdArray, _>(3, |_, d| Mlp::new(d, 16), FEATURES, 1e-5);
+}
+
+#[test]
+fn wgpu_mlp_and_conv_over_2_threads_equal_one_worker() {
+    assert_matches_single::<Wgpu, _>(2, |_, d| Mlp::new(d, 16), FEATURES, 1e-4);
+    assert_matches_single::<Wgpu, _>(2, |_, d| ConvNet::new(d), 64, 1e-4);
+}
+
+#[test]
+fn a_parameter_used_twice_gets_one_whole_gradient() {
+    assert_matches_single::<Flex, _>(2, |_, d| Twice::new(d), FEATURES, 1e-5);
+}
+
+#[test]
+fn tiny_and_default_bucket_caps_give_the_same_parameters() {
+    let tiny = DdpConfig { bucket_cap_bytes: 1024, first_bucket_cap_bytes: 1024, ..DdpConfig::default() };
+    let small = ddp_threads::<Flex, _>(2, |_, d| ConvNet::new(d), tiny, PER_RANK, 1, 64);
+    let large = ddp_threads::<Flex, _>(2, |_, d| ConvNet::new(d), DdpConfig::default(), PER_RANK, 1, 64);
+    for (a, b) in small.into_iter().zip(large) {
+        let diff = max_abs_diff(&a.unwrap(), &b.unwrap());
+        assert!(diff <= 1e-6, "bucket caps changed the result by {diff}");
+    }
+    // Without overlap, and one bucket per parameter: the same again.
+    let late = DdpConfig { overlap: false, bucket_cap_bytes: 0, first_bucket_cap_bytes: 0, ..DdpConfig::default() };
+    let device = Default::default();
+    let want = train_single::<Flex, _>(seeded::<Flex, _>(ConvNet::new(&device), 1), PER_RANK * 2, 64);
+    for got in ddp_threads::<Flex, _>(2, |_, d| ConvNet::new(d), late, PER_RANK, 1, 64) {
+        assert!(max_abs_diff(&got.unwrap(), &want) <= 1e-5);
+    }
+}
+
+#[test]
+fn no_sync_over_two_micro_steps_equals_one_step_on_their_union() {
+    let device = Default::default();
+    let want = train_single::<Flex, _>(seeded::<Flex, _>(ConvNet::new(&device), 1), 2 * 8, 64);
+    for got in ddp_threads::<Flex, _>(2, |_, d| ConvNet::new(d), DdpConfig::default(), 8, 2, 64) {
+        let diff = max_abs_diff(&got.unwrap(), &want);
+        assert!(diff <= 1e-5, "no_sync accumulation differs by {diff}");
+    }
+}
+
+#[test]
+fn mismatched_layouts_fail_on_every_rank_naming_the_parameter() {
+    let results = ddp_threads::<Flex, _>(2, |rank, d| Mlp::new(d, 16 + rank), DdpConfig::default(), PER_RANK, 1, FEATURES);
+    for r in results {
+        let err = r.unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, ParallelError::LayoutMismatch(_)), "{msg}");
+        assert!(msg.contains("rank 1") && msg.contains("#0") && msg.contains("fc1.weight"), "{msg}");
+    }
+}
+
+#[test]
+fn unused_parameters_are_an_error_unless_allowed() {
+    for r in ddp_threads::<Flex, _>(2, |_, d| WithUnused::new(d), DdpConfig::default(), PER_RANK, 1, FEATURES) {
+        let msg = r.unwrap_err().to_string();
+        assert!(msg.contains("unused.weight") && msg.contains("find_unused_parameters"), "{msg}");
+    }
+    let allow = DdpConfig { find_unused_parameters: true, ..DdpConfig::default() };
+    let device = Default::default();
+    let want = train_single::<Flex, _>(seeded::<Flex, _>(WithUnused::new(&device), 1), PER_RANK * 2, FEATURES);
+    for got in ddp_threads::<Flex, _>(2, |_, d| WithUnused::new(d), allow, PER_RANK, 1, FEATURES) {
+        assert!(max_abs_diff(&got.unwrap(), &want) <= 1e-5);
+    }
+}
+
+#[test]
+fn bf16_compression_stays_within_its_error_bound() {
+    // The hook alone: rounding each value to bf16 (relative error 2^-9), the
+    // pairwise sum and the scaling (2^-9 each) bound the error by
+    // 3 * 2^-9 of the largest magnitude involved.
+    let comms = InProcCommunicator::group(2).unwrap();
+    let inputs: Vec<Vec<f32>> = (0..2).map(|r| (0..4097).map(|i| uniform(r, i) * 3.0).collect()).collect();
+    let results: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .zip(inputs.clone())
+            .map(|(mut c, mut v)| {
+                s.spawn(move || {
+                    comm_hook::bf16_compress(&mut c, &mut v).unwrap();
+                    v
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let bound = 3.0 * 3.0 * 2f32.powi(-9);
+    let mut worst = 0f32;
+    for i in 0..4097 {
+        let exact = (inputs[0][i] + inputs[1][i]) / 2.0;
+        for r in &results {
+            worst = worst.max((r[i] - exact).abs());
+        }
+    }
+    assert!(worst <= bound, "bf16 error {worst} exceeds {bound}");
+    assert!(worst > 0.0, "bf16 compression should not be exact");
+
+    // Whole training: five steps with compressed gradients stay close.
+    let config = DdpConfig { comm_hook: comm_hook::bf16_compress, ..DdpConfig::default() };
+    let device = Default::default();
+    let want = train_single::<Flex, _>(seeded::<Flex, _>(ConvNet::new(&device), 1), PER_RANK * 2, 64);
+    for got in ddp_threads::<Flex, _>(2, |_, d| ConvNet::new(d), config, PER_RANK, 1, 64) {
+        let diff = max_abs_diff(&got.unwrap(), &want);
+        assert!(diff <= 2e-3, "bf16 training drifted by {diff}");
+    }
+}
+
+// ---- real processes over TCP ----------------------------------------------
+
+const WORKER: &str = "BONFIRE_TEST_DDP_WORKER";
+
+#[test]
+#[ignore = "run as a worker process by the process tests"]
+fn ddp_worker_process() {
+    let Ok(out) = std::env::var(WORKER) else { return };
+    let comm = TcpCommunicator::from_env(TcpConfig { timeout: Duration::from_secs(60), ..TcpConfig::default() }).unwrap();
+    let rank = comm.rank();
+    let device = Default::default();
+    let model = seeded::<Flex, _>(ConvNet::new(&device), if rank == 0 { 1 } else { 50 });
+    let (mut ddp, model) = DistributedDataParallel::new(model, Box::new(comm), DdpConfig::default()).unwrap();
+    let values = train_ddp(&mut ddp, model, PER_RANK, 1, 64).unwrap();
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(out, bytes).unwrap();
+}
+
+#[test]
+fn conv_over_2_and_3_processes_equals_one_worker() {
+    let device = Default::default();
+    for world in [2usize, 3] {
+        let want = train_single::<Flex, _>(seeded::<Flex, _>(ConvNet::new(&device), 1), PER_RANK * world, 64);
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = std::env::temp_dir().join(format!("bonfire-ddp-{}-{world}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let children: Vec<_> = (0..world)
+            .map(|rank| {
+                std::process::Command::new(std::env::current_exe().unwrap())
+                    .args(["ddp_worker_process", "--exact", "--ignored", "--test-threads=1"])
+                    .env(WORKER, dir.join(format!("rank{rank}")))
+                    .env("RANK", rank.to_string())
+                    .env("WORLD_SIZE", world.to_string())
+                    .env("MASTER_ADDR", "127.0.0.1")
+                    .env("MASTER_PORT", port.to_string())
+                    .env_remove("LOCAL_RANK")
+                    .env_remove("LOCAL_WORLD_SIZE")
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for mut c in children {
+            assert!(c.wait().unwrap().success());
+        }
+        for rank in 0..world {
+            let bytes = std::fs::read(dir.join(format!("rank{rank}"))).unwrap();
+            let got: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+            let diff = max_abs_diff(&got, &want);
+            assert!(diff <= 1e-5, "world {world} rank {rank}: {diff}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,66 @@
+//! DataParallel over several devices must equal one device.
+
+mod common;
+
+use bonfire_parallel::{values_to_host, DataParallel, ParallelError};
+use burn::backend::Autodiff;
+use burn::module::AutodiffModule;
+use burn::optim::Optimizer;
+use common::*;
+
+type Flex = Autodiff<burn::backend::Flex>;
+type Wgpu = Autodiff<burn::backend::Wgpu>;
+
+fn train_dp<B, M>(mut model: M, devices: Vec<B::Device>, global: usize, width: usize) -> Vec<f32>
+where
+    B: burn::tensor::backend::AutodiffBackend,
+    M: AutodiffModule<B> + Net<B>,
+{
+    let dp = DataParallel::<B>::new(devices).unwrap();
+    let mut opt = sgd::<B, M>();
+    for step in 0..STEPS {
+        let (x, y) = batch::<B>(step * global..(step + 1) * global, width, &dp.devices()[0]);
+        let (logits, replicas) = dp.forward(&model, x, |m, x| m.logits(x)).unwrap();
+        let loss = burn::nn::loss::CrossEntropyLossConfig::new().init(&logits.device()).forward(logits, y);
+        let grads = dp.backward(loss, &model, replicas).unwrap();
+        model = opt.step(LR, model, grads);
+    }
+    values_to_host::<B, M>(&model)
+}
+
+#[test]
+fn dp_over_two_devices_equals_one_device() {
+    let device = Default::default();
+    // An odd global batch: the two shares are uneven (6 and 5 rows).
+    let want = train_single::<Flex, _>(seeded::<Flex, _>(ConvNet::new(&device), 1), 11, 64);
+    let got = train_dp::<Flex, _>(seeded::<Flex, _>(ConvNet::new(&device), 1), vec![device; 2], 11, 64);
+    let diff = max_abs_diff(&got, &want);
+    assert!(diff <= 1e-5, "DP differs from one device by {diff}");
+    let got = train_dp::<Flex, _>(seeded::<Flex, _>(Mlp::new(&device, 16), 1), vec![device; 3], 10, FEATURES);
+    let want = train_single::<Flex, _>(seeded::<Flex, _>(Mlp::new(&device, 16), 1), 10, FEATURES);
+    assert!(max_abs_diff(&got, &want) <= 1e-5);
+}
+
+#[test]
+fn dp_with_two_wgpu_replicas_equals_one() {
+    // Two replicas on the one lavapipe device: Burn 0.21 (cubecl 0.10) cannot
+    // move tensors between two distinct wgpu devices ("not implemented").
+    let devices = vec![burn::backend::wgpu::WgpuDevice::DefaultDevice; 2];
+    let want = train_single::<Wgpu, _>(seeded::<Wgpu, _>(Mlp::new(&devices[0], 16), 1), 12, FEATURES);
+    let got = train_dp::<Wgpu, _>(seeded::<Wgpu, _>(Mlp::new(&devices[0], 16), 1), devices, 12, FEATURES);
+    let diff = max_abs_diff(&got, &want);
+    assert!(diff <= 1e-4, "DP on wgpu differs by {diff}");
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let err = DataParallel::<Flex>::new(vec![]).err().unwrap();
+    assert!(err.to_string().contains("at least one device"));
+    let device = Default::default();
+    let dp = DataParallel::<Flex>::new(vec![device; 3]).unwrap();
+    let model = Mlp::<Flex>::new(&device, 4);
+    let (x, _) = batch::<Flex>(0..2, FEATURES, &device);
+    let err = dp.forward(&model, x, |m, x| m.logits(x)).err().unwrap();
+    assert!(matches!(err, ParallelError::Invalid(_)));
+    assert!(err.to_string().contains("batch of 2") && err.to_string().contains("3 devices"), "{err}");
+}
