@@ -29,18 +29,30 @@ enum What {
         #[arg(long, default_value = "1,4,25,100")]
         sizes_mib: String,
     },
+    /// Per-step time of DDP (2 workers, CPU, 10 M parameters) against Burn's own.
+    Ddp {
+        /// Timed steps per variant.
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        /// Samples per worker per step.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+    },
 }
 
 pub fn run(args: Args) -> Result<()> {
     match args.what {
         What::Allreduce { world, sizes_mib } => allreduce(world, &sizes_mib, args.json),
+        What::Ddp { steps, batch } => ddp(steps, batch, args.json),
     }
 }
 
+/// Builds `bonfire-bench` in release. The feature set is always the same, so
+/// that each benchmark reuses the others' build.
 fn build_bench() -> Result<std::path::PathBuf> {
     eprintln!("building the benchmarks (release)...");
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--quiet", "-p", "bonfire-bench"])
+        .args(["build", "--release", "--quiet", "-p", "bonfire-bench", "--features", "burn-baseline"])
         .current_dir(root())
         .status()
         .context("running cargo")?;
@@ -128,6 +140,38 @@ fn allreduce(world: usize, sizes: &str, json: bool) -> Result<()> {
             ratio("inproc"),
             ratio("tcp")
         );
+    }
+    Ok(())
+}
+
+fn ddp(steps: usize, batch: usize, json: bool) -> Result<()> {
+    let bench = build_bench()?;
+    let rows = json_lines(
+        Command::new(&bench).args(["ddp", "--steps", &steps.to_string(), "--batch", &batch.to_string()]),
+        "the DDP benchmark",
+    )?;
+    if json {
+        for r in &rows {
+            println!("{r}");
+        }
+        return Ok(());
+    }
+    let step_ms = |v: &str| rows.iter().find(|r| r["variant"] == v).and_then(|r| r["step_ms"].as_f64());
+    let burn = step_ms("burn");
+    println!("DDP step time, 2 workers (threads), Flex CPU backend, 10.0 M parameters, batch {batch} per worker");
+    println!("| variant | ms / step | speed-up over Burn's own |");
+    println!("|---|---:|---:|");
+    for (name, label) in [
+        ("local", "floor: 2 workers training alone, no communication"),
+        ("overlap", "Bonfire DDP, buckets overlapping backward"),
+        ("no-overlap", "Bonfire DDP, buckets after backward"),
+        ("per-parameter", "Bonfire, one all-reduce per parameter"),
+        ("burn", "Burn 0.21 (burn-collective, GradientsParams::all_reduce)"),
+    ] {
+        if let Some(ms) = step_ms(name) {
+            let ratio = burn.map_or("-".to_string(), |b| format!("{:.2}x", b / ms));
+            println!("| {label} | {ms:.1} | {ratio} |");
+        }
     }
     Ok(())
 }

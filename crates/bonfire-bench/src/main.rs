@@ -2,6 +2,7 @@
 //! and sets its figures beside the anchors measured in the same run.
 
 mod allreduce;
+mod ddp;
 
 use clap::{Parser, Subcommand};
 
@@ -16,6 +17,8 @@ struct Cli {
 enum Command {
     /// All-reduce bus bandwidth of the in-process and TCP communicators.
     Allreduce(allreduce::Args),
+    /// Per-step time of DDP variants and Burn's own multi-device training.
+    Ddp(ddp::Args),
     /// Single-thread memcpy bandwidth of 256 MiB: the ceiling of a host-staged collective.
     Memcpy,
     /// One rank of the TCP all-reduce benchmark (started by `allreduce`).
@@ -26,6 +29,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Allreduce(args) => allreduce::run(args),
+        Command::Ddp(args) => ddp::run(args),
         Command::Memcpy => {
             allreduce::memcpy();
             Ok(())

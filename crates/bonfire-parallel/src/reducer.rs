@@ -39,6 +39,9 @@ struct Step {
     /// Gradients each bucket still waits for.
     pending: Vec<usize>,
     arrived: Vec<bool>,
+    /// The parameter's slot holds gradients accumulated by `no_sync` passes
+    /// (add to it); otherwise it holds last step's stale values (overwrite).
+    accumulated: Vec<bool>,
     next_launch: usize,
     /// False during a `no_sync` backward: gradients only accumulate.
     sync: bool,
@@ -76,6 +79,7 @@ impl<B: Backend> Reducer<B> {
                 buffers,
                 pending: vec![0; n],
                 arrived: vec![false; names.len()],
+                accumulated: vec![false; names.len()],
                 next_launch: 0,
                 sync: true,
                 misuse: None,
@@ -110,6 +114,9 @@ impl<B: Backend> Reducer<B> {
         for b in 0..buckets {
             st.pending[b] = self.plan.members.get(b).map_or(0, Vec::len);
         }
+        if let Some(Some(last)) = st.buffers.last_mut() {
+            *last.last_mut().expect("the counter slot") = 0.0;
+        }
         st.misuse = None;
     }
 
@@ -137,6 +144,16 @@ impl<B: Backend> Reducer<B> {
             unused = (0..self.names.len())
                 .filter(|&i| self.plan.slots[i].is_some() && !st.arrived[i])
                 .collect();
+            // An unused parameter contributes what earlier no_sync passes
+            // accumulated for it, or zero.
+            for &i in &unused {
+                if !st.accumulated[i] {
+                    let (bucket, range) = self.plan.slots[i].clone().expect("filtered on slots");
+                    if let Some(buf) = st.buffers[bucket].as_mut() {
+                        buf[range].fill(0.0);
+                    }
+                }
+            }
             let last = st.buffers.len() - 1;
             // Unlaunched when anything is unused: launching is in order, and
             // the bucket holding an unused parameter cannot have gone.
@@ -160,12 +177,13 @@ impl<B: Backend> Reducer<B> {
         }
         let reduced: Vec<Vec<f32>> = reduced.into_iter().map(|b| b.expect("every bucket returns")).collect();
         let result = self.verdict(first_error, &unused, &reduced).map(|()| build(&self.plan, &reduced));
-        // Back to empty buckets for the next step.
+        // The buffers come back holding stale values: the next step
+        // overwrites each slot on its first gradient.
         let mut st = self.lock();
-        for (slot, mut buf) in st.buffers.iter_mut().zip(reduced) {
-            buf.iter_mut().for_each(|v| *v = 0.0);
+        for (slot, buf) in st.buffers.iter_mut().zip(reduced) {
             *slot = Some(buf);
         }
+        st.accumulated.iter_mut().for_each(|a| *a = false);
         result
     }
 
@@ -211,12 +229,15 @@ impl<B: Backend> GradientSink<B> for Reducer<B> {
             return;
         }
         st.arrived[index] = true;
+        let no_sync = !st.sync;
+        let accumulate = std::mem::replace(&mut st.accumulated[index], no_sync);
         match st.buffers[bucket].as_mut() {
-            Some(buf) => {
+            Some(buf) if accumulate => {
                 for (dst, v) in buf[range].iter_mut().zip(values) {
                     *dst += v;
                 }
             }
+            Some(buf) => buf[range].copy_from_slice(values),
             None => {
                 st.misuse = Some(format!("the bucket of parameter {} was already sent", self.names[index]));
                 return;
