@@ -1,0 +1,125 @@
+//! `bonfire launch`: starts one process per worker with torchrun's
+//! environment variables and watches them; when one fails, the others are
+//! stopped and the launcher exits non-zero naming the rank and how it ended.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct LaunchArgs {
+    /// Worker processes on this host.
+    #[arg(long, default_value_t = 1)]
+    pub nproc_per_node: usize,
+    /// Hosts in the job.
+    #[arg(long, default_value_t = 1)]
+    pub nnodes: usize,
+    /// This host's index among them.
+    #[arg(long, default_value_t = 0)]
+    pub node_rank: usize,
+    /// Host of rank 0 (runs the rendezvous store).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// Port of the rendezvous store; 0 picks a free one (single host only).
+    #[arg(long, default_value_t = 0)]
+    pub master_port: u16,
+    /// The worker command and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+/// Runs the job; returns when every worker succeeded, or with an error naming
+/// the first one that failed after stopping the rest.
+pub fn launch(args: &LaunchArgs) -> Result<()> {
+    if args.nproc_per_node == 0 || args.nnodes == 0 {
+        bail!("--nproc-per-node and --nnodes must be at least 1");
+    }
+    if args.node_rank >= args.nnodes {
+        bail!("--node-rank {} is not below --nnodes {}", args.node_rank, args.nnodes);
+    }
+    let port = match args.master_port {
+        0 if args.nnodes > 1 => bail!("--master-port is required when --nnodes > 1"),
+        0 => TcpListener::bind("127.0.0.1:0")?.local_addr()?.port(),
+        p => p,
+    };
+    let world = args.nproc_per_node * args.nnodes;
+    let mut children: Vec<(usize, Child)> = Vec::new();
+    for local in 0..args.nproc_per_node {
+        let rank = args.node_rank * args.nproc_per_node + local;
+        let child = Command::new(&args.command[0])
+            .args(&args.command[1..])
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", world.to_string())
+            .env("LOCAL_RANK", local.to_string())
+            .env("LOCAL_WORLD_SIZE", args.nproc_per_node.to_string())
+            .env("MASTER_ADDR", &args.master_addr)
+            .env("MASTER_PORT", port.to_string())
+            .spawn()
+            .with_context(|| format!("starting rank {rank}: {}", args.command[0]));
+        match child {
+            Ok(c) => children.push((rank, c)),
+            Err(e) => {
+                stop(&mut children);
+                return Err(e);
+            }
+        }
+    }
+    watch(children)
+}
+
+fn watch(mut children: Vec<(usize, Child)>) -> Result<()> {
+    while !children.is_empty() {
+        let mut finished = None;
+        for (i, (rank, child)) in children.iter_mut().enumerate() {
+            if let Some(status) = child.try_wait()? {
+                finished = Some((i, *rank, status));
+                break;
+            }
+        }
+        match finished {
+            Some((i, _, status)) if status.success() => {
+                children.remove(i);
+            }
+            Some((i, rank, status)) => {
+                children.remove(i);
+                stop(&mut children);
+                bail!("rank {rank} {}; stopped the other workers", describe(status));
+            }
+            None => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    Ok(())
+}
+
+/// Asks the remaining workers to stop (SIGTERM), then kills what is left.
+fn stop(children: &mut Vec<(usize, Child)>) {
+    for (_, child) in children.iter() {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc_kill(child.id() as i32, 15) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && children.iter_mut().any(|(_, c)| matches!(c.try_wait(), Ok(None))) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (_, child) in children.iter_mut() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    children.clear();
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with code {code}"),
+        (None, Some(sig)) => format!("was killed by signal {sig}{}", if sig == 9 { " (SIGKILL)" } else { "" }),
+        _ => format!("ended: {status}"),
+    }
+}

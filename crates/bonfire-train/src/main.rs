@@ -1,0 +1,253 @@
+//! `bonfire`: train a Burn model over several workers, or launch workers.
+
+mod data;
+mod launch;
+mod model;
+mod trainer;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use bonfire_collective::{Communicator, InProcCommunicator, TcpCommunicator, TcpConfig};
+use bonfire_data::ImageDataset;
+use bonfire_parallel::HookBackend;
+use burn::backend::Autodiff;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use launch::LaunchArgs;
+use trainer::{OptimizerKind, Parallel, Report, TrainOptions};
+
+#[derive(Parser)]
+#[command(name = "bonfire", about = "Data-parallel training for Burn", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train LeNet on a data set, on one device or several workers.
+    Train(TrainArgs),
+    /// Start one process per worker with torchrun's environment variables.
+    Launch(LaunchArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BackendKind {
+    /// Burn's Flex backend on the CPU.
+    Cpu,
+    /// wgpu (Vulkan, Metal, DX12; lavapipe on machines without a GPU).
+    Wgpu,
+    /// CUDA (needs a build with the `cuda` feature).
+    Cuda,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum StrategyKind {
+    Single,
+    Dp,
+    Ddp,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct TrainArgs {
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendKind,
+    #[arg(long, value_enum, default_value = "ddp")]
+    strategy: StrategyKind,
+    /// Workers: DDP processes (or threads with --threads), or DP replicas.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Run DDP workers as threads of this process instead of processes.
+    #[arg(long)]
+    threads: bool,
+    #[arg(long, value_enum, default_value = "fashion-mnist")]
+    dataset: data::DatasetKind,
+    /// Folder of the data set files (Fashion-MNIST defaults to Debian's).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "lenet")]
+    model: ModelKind,
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// Stop after this many steps in all.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Samples per step over all workers.
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    #[arg(long, value_enum, default_value = "sgd")]
+    optimizer: OptimizerKind,
+    #[arg(long, default_value_t = 0.01)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Visit samples in order (rank r takes every world-th sample).
+    #[arg(long)]
+    no_shuffle: bool,
+    /// Folder for metrics (metrics.csv, metrics.json).
+    #[arg(long, default_value = "runs/latest")]
+    out: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ModelKind {
+    Lenet,
+}
+
+/// Exit code for a backend that cannot run here.
+const EXIT_UNAVAILABLE: u8 = 2;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Unavailable(String);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Train(args) => train(args),
+        Cmd::Launch(args) => launch::launch(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<Unavailable>().is_some() {
+                ExitCode::from(EXIT_UNAVAILABLE)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let launched = std::env::var_os("RANK").is_some();
+    if args.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    if args.backend == BackendKind::Cuda {
+        return Err(Unavailable("the cuda backend is not part of this build".into()).into());
+    }
+    if args.strategy == StrategyKind::Ddp && !args.threads && !launched && args.workers > 1 {
+        // Make sure the data is there once, then start the workers.
+        data::load(args.dataset, args.data_dir.as_deref(), true)?;
+        let mut command = vec![std::env::current_exe()?.to_string_lossy().into_owned()];
+        command.extend(std::env::args().skip(1));
+        return launch::launch(&LaunchArgs {
+            nproc_per_node: args.workers,
+            nnodes: 1,
+            node_rank: 0,
+            master_addr: "127.0.0.1".into(),
+            master_port: 0,
+            command,
+        });
+    }
+    let (train_set, test_set) = data::load(args.dataset, args.data_dir.as_deref(), !launched)?;
+    match args.backend {
+        BackendKind::Cpu => run::<Autodiff<burn::backend::Flex>>(&args, Default::default(), &train_set, &test_set),
+        BackendKind::Wgpu => {
+            let device = burn::backend::wgpu::WgpuDevice::default();
+            check_wgpu(&device)?;
+            run::<Autodiff<burn::backend::Wgpu>>(&args, device, &train_set, &test_set)
+        }
+        BackendKind::Cuda => unreachable!("refused above"),
+    }
+}
+
+/// wgpu panics when there is no adapter; turn that into a clear error.
+fn check_wgpu(device: &burn::backend::wgpu::WgpuDevice) -> Result<()> {
+    let device = device.clone();
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let probe = std::panic::catch_unwind(move || {
+        burn::tensor::Tensor::<burn::backend::Wgpu, 1>::zeros([1], &device).into_data();
+    });
+    std::panic::set_hook(previous);
+    probe.map_err(|_| {
+        Unavailable(
+            "the wgpu backend found no usable GPU adapter; on Linux without a GPU install Mesa's lavapipe \
+             (apt-get install mesa-vulkan-drivers libvulkan1)"
+                .into(),
+        )
+        .into()
+    })
+}
+
+fn options(args: &TrainArgs) -> TrainOptions {
+    TrainOptions {
+        epochs: args.epochs,
+        max_steps: args.steps,
+        global_batch: args.batch_size,
+        optimizer: args.optimizer,
+        lr: args.lr,
+        momentum: args.momentum,
+        seed: args.seed,
+        shuffle: !args.no_shuffle,
+        progress: true,
+    }
+}
+
+fn run<B: HookBackend>(args: &TrainArgs, device: B::Device, train_set: &ImageDataset, test_set: &ImageDataset) -> Result<()> {
+    let opts = options(args);
+    let report = match (args.strategy, args.threads) {
+        (StrategyKind::Single, _) => trainer::train::<B>(&device, train_set, test_set, &opts, Parallel::Single)?,
+        (StrategyKind::Dp, _) => {
+            trainer::train::<B>(&device, train_set, test_set, &opts, Parallel::Dp { replicas: args.workers })?
+        }
+        (StrategyKind::Ddp, true) => {
+            let comms = InProcCommunicator::group(args.workers)?;
+            let reports = std::thread::scope(|s| {
+                let handles: Vec<_> = comms
+                    .into_iter()
+                    .map(|comm| {
+                        let (device, opts) = (device.clone(), opts.clone());
+                        s.spawn(move || {
+                            let comm: Box<dyn Communicator> = Box::new(comm);
+                            trainer::train::<B>(&device, train_set, test_set, &opts, Parallel::Ddp { comm })
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().expect("a worker thread panicked")).collect::<Result<Vec<_>>>()
+            })?;
+            reports.into_iter().next().expect("at least one worker")
+        }
+        (StrategyKind::Ddp, false) => {
+            let comm: Box<dyn Communicator> = if std::env::var_os("RANK").is_some() {
+                Box::new(TcpCommunicator::from_env(TcpConfig::default()).context("joining the workers")?)
+            } else {
+                Box::new(InProcCommunicator::group(1)?.remove(0))
+            };
+            trainer::train::<B>(&device, train_set, test_set, &opts, Parallel::Ddp { comm })?
+        }
+    };
+    if report.rank == 0 {
+        write_metrics(&args.out, &report)?;
+        if let Some(acc) = report.epochs.last().and_then(|e| e.test_accuracy) {
+            println!("test accuracy: {acc:.4}");
+        }
+    }
+    Ok(())
+}
+
+fn write_metrics(dir: &std::path::Path, report: &Report) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut csv = String::from("epoch,steps,train_loss,test_accuracy,images_per_sec,seconds\n");
+    for e in &report.epochs {
+        csv += &format!(
+            "{},{},{:.6},{},{:.1},{:.3}\n",
+            e.epoch,
+            e.steps,
+            e.train_loss,
+            e.test_accuracy.map_or(String::new(), |a| format!("{a:.6}")),
+            e.images_per_sec,
+            e.seconds
+        );
+    }
+    std::fs::write(dir.join("metrics.csv"), csv)?;
+    std::fs::write(dir.join("metrics.json"), serde_json::to_string_pretty(&report.epochs)?)?;
+    Ok(())
+}

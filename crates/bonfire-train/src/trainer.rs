@@ -1,0 +1,242 @@
+//! The training loop: one worker's view of single-device, DP or DDP training.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use bonfire_collective::Communicator;
+use bonfire_data::{DistributedSampler, ImageDataset};
+use bonfire_parallel::{DataParallel, DdpConfig, DistributedDataParallel, HookBackend};
+use burn::module::AutodiffModule;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{AdamConfig, GradientsParams, Optimizer, SgdConfig};
+use burn::tensor::backend::Backend;
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::model::LeNet;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OptimizerKind {
+    Sgd,
+    Adam,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub epochs: usize,
+    /// Stop after this many steps in all (a smoke run).
+    pub max_steps: Option<usize>,
+    /// Samples per step over all workers.
+    pub global_batch: usize,
+    pub optimizer: OptimizerKind,
+    pub lr: f64,
+    pub momentum: f64,
+    pub seed: u64,
+    pub shuffle: bool,
+    pub progress: bool,
+}
+
+/// How the work is spread.
+pub enum Parallel {
+    Single,
+    /// One process driving `replicas` copies of the device.
+    Dp { replicas: usize },
+    /// This worker is one rank of `comm`.
+    Ddp { comm: Box<dyn Communicator> },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    pub steps: usize,
+    pub train_loss: f64,
+    /// Accuracy on the test split (rank 0 only; `None` elsewhere).
+    pub test_accuracy: Option<f64>,
+    pub images_per_sec: f64,
+    pub seconds: f64,
+}
+
+pub struct Report {
+    pub rank: usize,
+    pub epochs: Vec<EpochMetrics>,
+}
+
+pub fn train<B: HookBackend>(
+    device: &B::Device,
+    train: &ImageDataset,
+    test: &ImageDataset,
+    options: &TrainOptions,
+    parallel: Parallel,
+) -> Result<Report> {
+    B::seed(device, options.seed);
+    let model = LeNet::<B>::new(train.channels, train.height, train.classes, device);
+    match options.optimizer {
+        OptimizerKind::Sgd => {
+            // PyTorch's SGD has no dampening; Burn's default is 0.1.
+            let momentum = (options.momentum > 0.0)
+                .then(|| MomentumConfig::new().with_momentum(options.momentum).with_dampening(0.0));
+            let opt = SgdConfig::new().with_momentum(momentum).init();
+            run(device, train, test, options, parallel, model, opt)
+        }
+        OptimizerKind::Adam => run(device, train, test, options, parallel, model, AdamConfig::new().init()),
+    }
+}
+
+/// The per-step work of each strategy.
+enum Strategy<B: HookBackend> {
+    Single,
+    Dp(DataParallel<B>),
+    Ddp(Box<DistributedDataParallel<B>>),
+}
+
+fn run<B: HookBackend, O: Optimizer<LeNet<B>, B>>(
+    device: &B::Device,
+    train: &ImageDataset,
+    test: &ImageDataset,
+    options: &TrainOptions,
+    parallel: Parallel,
+    mut model: LeNet<B>,
+    mut opt: O,
+) -> Result<Report> {
+    let (mut strategy, rank, world) = match parallel {
+        Parallel::Single => (Strategy::Single, 0, 1),
+        Parallel::Dp { replicas } => {
+            let dp = DataParallel::<B>::new(vec![device.clone(); replicas])?;
+            (Strategy::Dp(dp), 0, 1)
+        }
+        Parallel::Ddp { comm } => {
+            let (rank, world) = (comm.rank(), comm.world_size());
+            let (ddp, m) = DistributedDataParallel::new(model, comm, DdpConfig::default())?;
+            model = m;
+            (Strategy::Ddp(Box::new(ddp)), rank, world)
+        }
+    };
+    if options.global_batch == 0 || options.global_batch % world != 0 {
+        bail!("--batch-size {} must be a positive multiple of the {world} workers", options.global_batch);
+    }
+    let per_rank = options.global_batch / world;
+    let sampler = DistributedSampler::new(train.len(), rank, world, options.shuffle, options.seed, false)?;
+    let steps_per_epoch = sampler.per_rank().div_ceil(per_rank);
+    let loss_fn = CrossEntropyLossConfig::new().init(device);
+    let mut done_steps = 0usize;
+    let mut epochs = Vec::new();
+    'epochs: for epoch in 0..options.epochs {
+        let bar = progress_bar(options.progress && rank == 0, steps_per_epoch as u64, epoch, options.epochs);
+        let start = Instant::now();
+        let (mut loss_sum, mut steps, mut images) = (0.0f64, 0usize, 0usize);
+        for indices in sampler.indices(epoch as u64).chunks(per_rank) {
+            let (x, y) = to_tensors::<B>(train, indices, device);
+            let (loss, grads) = match &mut strategy {
+                Strategy::Single => {
+                    let loss = loss_fn.forward(model.forward(x), y);
+                    let grads = GradientsParams::from_grads(loss.backward(), &model);
+                    (loss_value(&loss), grads)
+                }
+                Strategy::Dp(dp) => {
+                    let (logits, replicas) = dp.forward(&model, x, |m, x| m.forward(x))?;
+                    let loss = loss_fn.forward(logits, y);
+                    let value = loss_value(&loss);
+                    (value, dp.backward(loss, &model, replicas)?)
+                }
+                Strategy::Ddp(ddp) => {
+                    let loss = loss_fn.forward(ddp.forward_module(&model).forward(x), y);
+                    let value = loss_value(&loss);
+                    (value, ddp.backward(loss).context("synchronising gradients")?)
+                }
+            };
+            model = opt.step(options.lr, model, grads);
+            loss_sum += loss;
+            steps += 1;
+            images += indices.len() * world;
+            done_steps += 1;
+            bar.inc(1);
+            bar.set_message(format!("loss {:.4}", loss_sum / steps as f64));
+            if options.max_steps.is_some_and(|m| done_steps >= m) {
+                finish_epoch(&mut epochs, &bar, rank, &model, test, device, epoch, steps, loss_sum, images, start);
+                break 'epochs;
+            }
+        }
+        finish_epoch(&mut epochs, &bar, rank, &model, test, device, epoch, steps, loss_sum, images, start);
+    }
+    Ok(Report { rank, epochs })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish_epoch<B: HookBackend>(
+    epochs: &mut Vec<EpochMetrics>,
+    bar: &ProgressBar,
+    rank: usize,
+    model: &LeNet<B>,
+    test: &ImageDataset,
+    device: &B::Device,
+    epoch: usize,
+    steps: usize,
+    loss_sum: f64,
+    images: usize,
+    start: Instant,
+) {
+    bar.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+    let test_accuracy = (rank == 0).then(|| accuracy::<B::InnerBackend>(&model.valid(), test, device));
+    let m = EpochMetrics {
+        epoch: epoch + 1,
+        steps,
+        train_loss: loss_sum / steps.max(1) as f64,
+        test_accuracy,
+        images_per_sec: images as f64 / seconds,
+        seconds,
+    };
+    if rank == 0 {
+        eprintln!(
+            "epoch {}: {} steps, train loss {:.4}, test accuracy {:.4}, {:.0} images/s, {:.1} s",
+            m.epoch,
+            m.steps,
+            m.train_loss,
+            m.test_accuracy.unwrap_or(f64::NAN),
+            m.images_per_sec,
+            m.seconds
+        );
+    }
+    epochs.push(m);
+}
+
+fn progress_bar(show: bool, steps: u64, epoch: usize, epochs: usize) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(steps);
+    bar.set_style(
+        ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} steps {per_sec} {msg} (eta {eta})")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{}/{epochs}", epoch + 1));
+    bar
+}
+
+fn loss_value<B: Backend>(loss: &Tensor<B, 1>) -> f64 {
+    loss.clone().into_scalar().elem::<f64>()
+}
+
+fn to_tensors<B: Backend>(data: &ImageDataset, indices: &[usize], device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 1, Int>) {
+    let (x, y) = data.batch(indices);
+    let n = indices.len();
+    let x = Tensor::from_data(TensorData::new(x, [n, data.channels, data.height, data.width]), device);
+    let y = Tensor::from_data(TensorData::new(y, [n]), device);
+    (x, y)
+}
+
+/// Fraction of `data` that `model` classifies correctly.
+pub fn accuracy<B: Backend>(model: &LeNet<B>, data: &ImageDataset, device: &B::Device) -> f64 {
+    let mut correct = 0usize;
+    let all: Vec<usize> = (0..data.len()).collect();
+    for chunk in all.chunks(1000) {
+        let (x, y) = to_tensors::<B>(data, chunk, device);
+        let predicted = model.forward(x).argmax(1).reshape([chunk.len()]);
+        let hits: i64 = predicted.equal(y).int().sum().into_scalar().elem::<i64>();
+        correct += hits as usize;
+    }
+    correct as f64 / data.len().max(1) as f64
+}
