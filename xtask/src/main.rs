@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's commands beyond `cargo build` and `cargo test`.
 
 mod bench;
+mod train;
 
 use std::path::PathBuf;
 
@@ -15,12 +16,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train (the `bonfire train` command; `cargo xtask train --help` for its flags).
+    #[command(disable_help_flag = true)]
+    Train {
+        /// Arguments for `bonfire train`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Benchmarks (release build), each beside an anchor measured in the same run.
     Bench(bench::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Train { args } => train::run(&args),
         Command::Bench(args) => bench::run(args),
     }
 }
@@ -30,7 +39,12 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
+/// Where cargo puts its builds.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+}
+
 /// Where cargo puts release binaries.
 pub fn release_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target")).join("release")
+    target_dir().join("release")
 }

@@ -1,9 +1,16 @@
 //! `bonfire launch`: starts one process per worker with torchrun's
 //! environment variables and watches them; when one fails, the others are
 //! stopped and the launcher exits non-zero naming the rank and how it ended.
+//!
+//! Each worker runs in a process group of its own, so that stopping it also
+//! stops whatever it started; Ctrl-C or SIGTERM to the launcher stops every
+//! group before the launcher exits.
 
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -56,6 +63,7 @@ pub fn launch(args: &LaunchArgs) -> Result<()> {
             .env("LOCAL_WORLD_SIZE", args.nproc_per_node.to_string())
             .env("MASTER_ADDR", &args.master_addr)
             .env("MASTER_PORT", port.to_string())
+            .process_group(0)
             .spawn()
             .with_context(|| format!("starting rank {rank}: {}", args.command[0]));
         match child {
@@ -66,11 +74,20 @@ pub fn launch(args: &LaunchArgs) -> Result<()> {
             }
         }
     }
-    watch(children)
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let flag = interrupted.clone();
+    // Only one handler per process; a second launch in the same process
+    // keeps the first one, which sets the same kind of flag.
+    let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    watch(children, &interrupted)
 }
 
-fn watch(mut children: Vec<(usize, Child)>) -> Result<()> {
+fn watch(mut children: Vec<(usize, Child)>, interrupted: &AtomicBool) -> Result<()> {
     while !children.is_empty() {
+        if interrupted.load(Ordering::SeqCst) {
+            stop(&mut children);
+            bail!("interrupted; stopped every worker");
+        }
         let mut finished = None;
         for (i, (rank, child)) in children.iter_mut().enumerate() {
             if let Some(status) = child.try_wait()? {
@@ -83,7 +100,9 @@ fn watch(mut children: Vec<(usize, Child)>) -> Result<()> {
                 children.remove(i);
             }
             Some((i, rank, status)) => {
-                children.remove(i);
+                let (_, failed) = children.remove(i);
+                // Whatever the failed worker started goes with it.
+                signal_groups(&[(rank, failed)], SIGKILL);
                 stop(&mut children);
                 bail!("rank {rank} {}; stopped the other workers", describe(status));
             }
@@ -93,21 +112,30 @@ fn watch(mut children: Vec<(usize, Child)>) -> Result<()> {
     Ok(())
 }
 
-/// Asks the remaining workers to stop (SIGTERM), then kills what is left.
+/// Asks the remaining workers' process groups to stop (SIGTERM), then kills
+/// what is left of them (SIGKILL).
 fn stop(children: &mut Vec<(usize, Child)>) {
-    for (_, child) in children.iter() {
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe { libc_kill(child.id() as i32, 15) };
-    }
+    signal_groups(children, SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline && children.iter_mut().any(|(_, c)| matches!(c.try_wait(), Ok(None))) {
         std::thread::sleep(Duration::from_millis(20));
     }
+    signal_groups(children, SIGKILL);
     for (_, child) in children.iter_mut() {
-        let _ = child.kill();
         let _ = child.wait();
     }
     children.clear();
+}
+
+const SIGTERM: i32 = 15;
+const SIGKILL: i32 = 9;
+
+fn signal_groups(children: &[(usize, Child)], signal: i32) {
+    for (_, child) in children {
+        // SAFETY: kill(2) on the process group this launcher created for
+        // its own child (the group id is the child's pid).
+        unsafe { libc_kill(-(child.id() as i32), signal) };
+    }
 }
 
 extern "C" {
