@@ -1,9 +1,11 @@
 //! `bonfire`: train a Burn model over several workers, or launch workers.
 
+mod checkpoint;
 mod data;
 mod launch;
 mod model;
 mod trainer;
+mod weights;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -88,6 +90,18 @@ struct TrainArgs {
     /// Visit samples in order (rank r takes every world-th sample).
     #[arg(long)]
     no_shuffle: bool,
+    /// Start from these weights (safetensors with PyTorch's names and layouts).
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Write the final weights here (safetensors with PyTorch's names and layouts).
+    #[arg(long)]
+    save: Option<PathBuf>,
+    /// Folder where rank 0 writes a checkpoint after every epoch.
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    /// Continue from the checkpoint in --checkpoint-dir.
+    #[arg(long, requires = "checkpoint_dir")]
+    resume: bool,
     /// Folder for metrics (metrics.csv, metrics.json).
     #[arg(long, default_value = "runs/latest")]
     out: PathBuf,
@@ -188,6 +202,10 @@ fn options(args: &TrainArgs) -> TrainOptions {
         seed: args.seed,
         shuffle: !args.no_shuffle,
         progress: true,
+        checkpoint_dir: args.checkpoint_dir.clone(),
+        resume: args.resume,
+        init: args.init.clone(),
+        save: args.save.clone(),
     }
 }
 

@@ -1,5 +1,6 @@
 //! The training loop: one worker's view of single-device, DP or DDP training.
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -9,12 +10,15 @@ use bonfire_parallel::{DataParallel, DdpConfig, DistributedDataParallel, HookBac
 use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::momentum::MomentumConfig;
+use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer, SgdConfig};
+use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use crate::checkpoint::{self, Checkpoint};
 use crate::model::LeNet;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -36,6 +40,14 @@ pub struct TrainOptions {
     pub seed: u64,
     pub shuffle: bool,
     pub progress: bool,
+    /// Where rank 0 writes a checkpoint after every epoch.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Continue from the checkpoint in `checkpoint_dir`.
+    pub resume: bool,
+    /// Start from these weights (safetensors, PyTorch names).
+    pub init: Option<PathBuf>,
+    /// Write the final weights here (rank 0).
+    pub save: Option<PathBuf>,
 }
 
 /// How the work is spread.
@@ -71,7 +83,10 @@ pub fn train<B: HookBackend>(
     parallel: Parallel,
 ) -> Result<Report> {
     B::seed(device, options.seed);
-    let model = LeNet::<B>::new(train.channels, train.height, train.classes, device);
+    let mut model = LeNet::<B>::new(train.channels, train.height, train.classes, device);
+    if let Some(file) = &options.init {
+        model = crate::weights::init(model, file)?;
+    }
     match options.optimizer {
         OptimizerKind::Sgd => {
             // PyTorch's SGD has no dampening; Burn's default is 0.1.
@@ -100,6 +115,22 @@ fn run<B: HookBackend, O: Optimizer<LeNet<B>, B>>(
     mut model: LeNet<B>,
     mut opt: O,
 ) -> Result<Report> {
+    let recorder = NamedMpkBytesRecorder::<FullPrecisionSettings>::default();
+    let mut start_epoch = 0;
+    if options.resume {
+        let dir = options.checkpoint_dir.as_deref().context("--resume needs --checkpoint-dir")?;
+        let ckpt = checkpoint::load(dir)?
+            .with_context(|| format!("--resume: there is no checkpoint in {}", dir.display()))?;
+        let model_record = recorder
+            .load(ckpt.model, device)
+            .map_err(|e| anyhow::anyhow!("the checkpoint in {} does not hold a LeNet: {e:?}", dir.display()))?;
+        model = model.load_record(model_record);
+        let opt_record = recorder
+            .load(ckpt.optimizer, device)
+            .map_err(|e| anyhow::anyhow!("the checkpoint in {} does not hold this optimizer's state: {e:?}", dir.display()))?;
+        opt = opt.load_record(opt_record);
+        start_epoch = ckpt.epochs_done as usize;
+    }
     let (mut strategy, rank, world) = match parallel {
         Parallel::Single => (Strategy::Single, 0, 1),
         Parallel::Dp { replicas } => {
@@ -122,7 +153,10 @@ fn run<B: HookBackend, O: Optimizer<LeNet<B>, B>>(
     let loss_fn = CrossEntropyLossConfig::new().init(device);
     let mut done_steps = 0usize;
     let mut epochs = Vec::new();
-    'epochs: for epoch in 0..options.epochs {
+    if start_epoch > 0 && rank == 0 {
+        eprintln!("resuming after epoch {start_epoch}");
+    }
+    'epochs: for epoch in start_epoch..options.epochs {
         let bar = progress_bar(options.progress && rank == 0, steps_per_epoch as u64, epoch, options.epochs);
         let start = Instant::now();
         let (mut loss_sum, mut steps, mut images) = (0.0f64, 0usize, 0usize);
@@ -159,6 +193,18 @@ fn run<B: HookBackend, O: Optimizer<LeNet<B>, B>>(
             }
         }
         finish_epoch(&mut epochs, &bar, rank, &model, test, device, epoch, steps, loss_sum, images, start);
+        if let (Some(dir), 0) = (&options.checkpoint_dir, rank) {
+            let to_bytes = |e| anyhow::anyhow!("encoding the checkpoint: {e:?}");
+            let ckpt = Checkpoint {
+                epochs_done: epoch as u64 + 1,
+                model: recorder.record(model.clone().into_record(), ()).map_err(to_bytes)?,
+                optimizer: recorder.record(opt.to_record(), ()).map_err(to_bytes)?,
+            };
+            checkpoint::save(dir, &ckpt)?;
+        }
+    }
+    if let (Some(file), 0) = (&options.save, rank) {
+        crate::weights::save(&model, file)?;
     }
     Ok(Report { rank, epochs })
 }
