@@ -4,6 +4,7 @@ mod checkpoint;
 mod data;
 mod launch;
 mod model;
+mod plot;
 mod trainer;
 mod weights;
 
@@ -102,7 +103,7 @@ struct TrainArgs {
     /// Continue from the checkpoint in --checkpoint-dir.
     #[arg(long, requires = "checkpoint_dir")]
     resume: bool,
-    /// Folder for metrics (metrics.csv, metrics.json).
+    /// Folder for metrics (metrics.csv, metrics.json) and the plot (loss.png).
     #[arg(long, default_value = "runs/latest")]
     out: PathBuf,
 }
@@ -267,5 +268,6 @@ fn write_metrics(dir: &std::path::Path, report: &Report) -> Result<()> {
     }
     std::fs::write(dir.join("metrics.csv"), csv)?;
     std::fs::write(dir.join("metrics.json"), serde_json::to_string_pretty(&report.epochs)?)?;
+    plot::write(&dir.join("loss.png"), report)?;
     Ok(())
 }

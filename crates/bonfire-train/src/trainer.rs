@@ -73,6 +73,8 @@ pub struct EpochMetrics {
 pub struct Report {
     pub rank: usize,
     pub epochs: Vec<EpochMetrics>,
+    /// (step, loss) of every step of this worker.
+    pub step_losses: Vec<(usize, f64)>,
 }
 
 pub fn train<B: HookBackend>(
@@ -153,6 +155,7 @@ fn run<B: HookBackend, O: Optimizer<LeNet<B>, B>>(
     let loss_fn = CrossEntropyLossConfig::new().init(device);
     let mut done_steps = 0usize;
     let mut epochs = Vec::new();
+    let mut step_losses = Vec::new();
     if start_epoch > 0 && rank == 0 {
         eprintln!("resuming after epoch {start_epoch}");
     }
@@ -183,6 +186,7 @@ fn run<B: HookBackend, O: Optimizer<LeNet<B>, B>>(
             model = opt.step(options.lr, model, grads);
             loss_sum += loss;
             steps += 1;
+            step_losses.push((epoch * steps_per_epoch + steps, loss));
             images += indices.len() * world;
             done_steps += 1;
             bar.inc(1);
@@ -206,7 +210,7 @@ fn run<B: HookBackend, O: Optimizer<LeNet<B>, B>>(
     if let (Some(file), 0) = (&options.save, rank) {
         crate::weights::save(&model, file)?;
     }
-    Ok(Report { rank, epochs })
+    Ok(Report { rank, epochs, step_losses })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -38,6 +38,8 @@ fn two_epochs_of_fashion_mnist_reach_084() {
     assert_eq!(csv.lines().count(), 3, "{csv}");
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(json.as_array().unwrap().len(), 2);
+    let png = std::fs::read(dir.join("loss.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "loss.png is not a drawn PNG");
     assert!(text(&o).contains("epoch 2: 600 steps"), "{}", text(&o));
 }
 
