@@ -78,10 +78,8 @@ fn inproc(args: &Args) -> Result<()> {
     for &mib in &args.sizes_mib {
         let comms = InProcCommunicator::group(args.world)?;
         let times = std::thread::scope(|s| {
-            let handles: Vec<_> = comms
-                .into_iter()
-                .map(|mut c| s.spawn(move || time_all_reduce(&mut c, bytes_of(mib))))
-                .collect();
+            let handles: Vec<_> =
+                comms.into_iter().map(|mut c| s.spawn(move || time_all_reduce(&mut c, bytes_of(mib)))).collect();
             handles.into_iter().map(|h| h.join().expect("benchmark thread panicked")).collect::<Result<Vec<_>>>()
         })?;
         report("inproc", args.world, bytes_of(mib), times[0]);

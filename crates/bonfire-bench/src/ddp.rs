@@ -5,6 +5,7 @@
 //! each backward pass). Every variant runs 2 workers as threads of this
 //! process on the Flex backend, on the same model, data and batch.
 
+use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -74,63 +75,62 @@ fn sgd() -> impl Optimizer<Wide<B>, B> {
     SgdConfig::new().with_momentum(Some(MomentumConfig::new().with_dampening(0.0))).init()
 }
 
-/// Milliseconds per step on rank 0 of a 2-thread DDP run.
-fn bonfire(args: &Args, config: DdpConfig) -> Result<f64> {
-    let comms = InProcCommunicator::group(2)?;
+/// Runs `work(rank)` for ranks 0 and 1 on two threads; returns rank 0's result.
+fn on_two_workers(work: impl Fn(usize) -> Result<f64> + Sync) -> Result<f64> {
     let times = std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .map(|comm| {
-                let config = config.clone();
-                s.spawn(move || -> Result<f64> {
-                    let model = Wide::<B>::new(&Default::default());
-                    let (mut ddp, mut model) = DistributedDataParallel::new(model, Box::new(comm), config)?;
-                    let (x, y) = data(args.batch);
-                    let mut opt = sgd();
-                    let mut start = Instant::now();
-                    for step in 0..WARMUP + args.steps {
-                        if step == WARMUP {
-                            start = Instant::now();
-                        }
-                        let loss = ddp.forward_module(&model).loss(x.clone(), y.clone());
-                        let grads = ddp.backward(loss)?;
-                        model = opt.step(0.01, model, grads);
-                    }
-                    Ok(start.elapsed().as_secs_f64() * 1e3 / args.steps as f64)
+        let handles: Vec<_> = (0..2)
+            .map(|rank| {
+                s.spawn({
+                    let work = &work;
+                    move || work(rank)
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("worker panicked")).collect::<Result<Vec<_>>>()
+        handles.into_iter().map(|h| h.join().expect("worker panicked")).collect::<Result<Vec<f64>>>()
     })?;
     Ok(times[0])
+}
+
+/// Milliseconds per step of SGD on `model`, with gradients from `grads`,
+/// over the timed steps after the warm-up.
+fn time_training(
+    args: &Args,
+    mut model: Wide<B>,
+    mut grads: impl FnMut(&Wide<B>, Tensor<B, 2>, Tensor<B, 1, Int>) -> Result<GradientsParams>,
+) -> Result<f64> {
+    let (x, y) = data(args.batch);
+    let mut opt = sgd();
+    let mut start = Instant::now();
+    for step in 0..WARMUP + args.steps {
+        if step == WARMUP {
+            start = Instant::now();
+        }
+        let g = grads(&model, x.clone(), y.clone())?;
+        model = opt.step(0.01, model, g);
+    }
+    Ok(start.elapsed().as_secs_f64() * 1e3 / args.steps as f64)
+}
+
+/// Bonfire's DDP over two in-process workers.
+fn bonfire(args: &Args, config: DdpConfig) -> Result<f64> {
+    let comms: Vec<Mutex<Option<InProcCommunicator>>> =
+        InProcCommunicator::group(2)?.into_iter().map(|c| Mutex::new(Some(c))).collect();
+    on_two_workers(|rank| {
+        let comm = comms[rank].lock().unwrap().take().expect("one worker per rank");
+        let (mut ddp, model) =
+            DistributedDataParallel::new(Wide::<B>::new(&Default::default()), Box::new(comm), config.clone())?;
+        time_training(args, model, |m, x, y| Ok(ddp.backward(ddp.forward_module(m).loss(x, y))?))
+    })
 }
 
 /// No communication at all: two workers training alone, the floor for any
 /// data-parallel variant on this machine.
 fn local(args: &Args) -> Result<f64> {
-    let times: Vec<f64> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..2)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut model = Wide::<B>::new(&Default::default());
-                    let (x, y) = data(args.batch);
-                    let mut opt = sgd();
-                    let mut start = Instant::now();
-                    for step in 0..WARMUP + args.steps {
-                        if step == WARMUP {
-                            start = Instant::now();
-                        }
-                        let loss = model.loss(x.clone(), y.clone());
-                        let grads = GradientsParams::from_grads(loss.backward(), &model);
-                        model = opt.step(0.01, model, grads);
-                    }
-                    start.elapsed().as_secs_f64() * 1e3 / args.steps as f64
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("worker panicked")).collect()
-    });
-    Ok(times[0])
+    on_two_workers(|_| {
+        time_training(args, Wide::<B>::new(&Default::default()), |m, x, y| {
+            Ok(GradientsParams::from_grads(m.loss(x, y).backward(), m))
+        })
+    })
 }
 
 #[cfg(feature = "burn-baseline")]
@@ -139,37 +139,18 @@ fn burn_collective(args: &Args) -> Result<f64> {
     // burn-train clones one model onto every device, so parameter ids (which
     // order burn-collective's all-reduces) agree across workers.
     let model = Wide::<B>::new(&Default::default());
-    let times = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..2usize)
-            .map(|rank| {
-                let mut model = model.clone();
-                s.spawn(move || -> Result<f64> {
-                    let device = Default::default();
-                    let peer = PeerId::from(rank);
-                    register::<Inner>(peer, device, CollectiveConfig::default().with_num_devices(2))
-                        .map_err(|e| anyhow::anyhow!("burn-collective register: {e:?}"))?;
-                    let (x, y) = data(args.batch);
-                    let mut opt = sgd();
-                    let mut start = Instant::now();
-                    for step in 0..WARMUP + args.steps {
-                        if step == WARMUP {
-                            start = Instant::now();
-                        }
-                        let loss = model.loss(x.clone(), y.clone());
-                        let grads = GradientsParams::from_grads(loss.backward(), &model)
-                            .all_reduce::<Inner>(peer, ReduceOperation::Mean)
-                            .map_err(|e| anyhow::anyhow!("burn-collective all_reduce: {e:?}"))?;
-                        model = opt.step(0.01, model, grads);
-                    }
-                    let ms = start.elapsed().as_secs_f64() * 1e3 / args.steps as f64;
-                    finish_collective::<Inner>(peer).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-                    Ok(ms)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("worker panicked")).collect::<Result<Vec<_>>>()
-    })?;
-    Ok(times[0])
+    on_two_workers(|rank| {
+        let peer = PeerId::from(rank);
+        register::<Inner>(peer, Default::default(), CollectiveConfig::default().with_num_devices(2))
+            .map_err(|e| anyhow::anyhow!("burn-collective register: {e:?}"))?;
+        let ms = time_training(args, model.clone(), |m, x, y| {
+            GradientsParams::from_grads(m.loss(x, y).backward(), m)
+                .all_reduce::<Inner>(peer, ReduceOperation::Mean)
+                .map_err(|e| anyhow::anyhow!("burn-collective all_reduce: {e:?}"))
+        })?;
+        finish_collective::<Inner>(peer).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        Ok(ms)
+    })
 }
 
 #[cfg(not(feature = "burn-baseline"))]

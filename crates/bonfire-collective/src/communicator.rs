@@ -47,20 +47,14 @@ pub trait Communicator: Send {
 
     /// Combines `input` across ranks and leaves block `rank` of the result in
     /// `output`; `input` must be `world_size` times as long as `output`.
-    fn reduce_scatter(&mut self, input: BufRef<'_>, output: BufMut<'_>, op: ReduceOp)
-        -> Result<()>;
+    fn reduce_scatter(&mut self, input: BufRef<'_>, output: BufMut<'_>, op: ReduceOp) -> Result<()>;
 
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<()>;
 }
 
 /// Checks the shape of an all_gather or reduce_scatter call.
-pub(crate) fn check_blocks(
-    op: &'static str,
-    world: usize,
-    whole: usize,
-    block: usize,
-) -> Result<()> {
+pub(crate) fn check_blocks(op: &'static str, world: usize, whole: usize, block: usize) -> Result<()> {
     if whole != block * world {
         return Err(crate::CommError::invalid(
             op,

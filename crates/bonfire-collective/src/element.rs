@@ -220,10 +220,9 @@ macro_rules! with_pair {
             (BufRef::F32($a), BufMut::F32($b)) => $body,
             (BufRef::F16($a), BufMut::F16($b)) => $body,
             (BufRef::BF16($a), BufMut::BF16($b)) => $body,
-            (i, o) => Err($crate::CommError::invalid(
-                $op,
-                format!("input is {:?} but output is {:?}", i.dtype(), o.dtype()),
-            )),
+            (i, o) => {
+                Err($crate::CommError::invalid($op, format!("input is {:?} but output is {:?}", i.dtype(), o.dtype())))
+            }
         }
     };
 }

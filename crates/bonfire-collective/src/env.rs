@@ -35,10 +35,10 @@ impl DistEnv {
             })
         };
         let number = |var: &'static str, value: String| {
-            value.trim().parse::<usize>().map_err(|_| CommError::Env {
-                var,
-                detail: format!("{value:?} is not a non-negative integer"),
-            })
+            value
+                .trim()
+                .parse::<usize>()
+                .map_err(|_| CommError::Env { var, detail: format!("{value:?} is not a non-negative integer") })
         };
         let rank = number("RANK", required("RANK")?)?;
         let world_size = number("WORLD_SIZE", required("WORLD_SIZE")?)?;
@@ -46,10 +46,7 @@ impl DistEnv {
             return Err(CommError::Env { var: "WORLD_SIZE", detail: "must be at least 1".into() });
         }
         if rank >= world_size {
-            return Err(CommError::Env {
-                var: "RANK",
-                detail: format!("{rank} is not below WORLD_SIZE={world_size}"),
-            });
+            return Err(CommError::Env { var: "RANK", detail: format!("{rank} is not below WORLD_SIZE={world_size}") });
         }
         let local_rank = match lookup("LOCAL_RANK") {
             Some(v) => number("LOCAL_RANK", v)?,

@@ -13,18 +13,10 @@ pub type Result<T, E = CommError> = std::result::Result<T, E>;
 pub enum CommError {
     /// A peer did not answer within the timeout.
     #[error("timed out after {waited:?} in {op} waiting for rank {rank}")]
-    Timeout {
-        op: &'static str,
-        rank: usize,
-        waited: Duration,
-    },
+    Timeout { op: &'static str, rank: usize, waited: Duration },
     /// Several peers did not join within the timeout.
     #[error("timed out after {waited:?} in {op}: rank(s) {ranks:?} never arrived")]
-    Missing {
-        op: &'static str,
-        ranks: Vec<usize>,
-        waited: Duration,
-    },
+    Missing { op: &'static str, ranks: Vec<usize>, waited: Duration },
     /// A peer closed its connection or its socket failed.
     #[error("lost rank {rank} during {op}: {source}")]
     PeerLost {
@@ -35,11 +27,7 @@ pub enum CommError {
     },
     /// Ranks called different collectives, or the same one with different arguments.
     #[error("rank {rank} disagrees in {op}: {detail}")]
-    Mismatch {
-        op: &'static str,
-        rank: usize,
-        detail: String,
-    },
+    Mismatch { op: &'static str, rank: usize, detail: String },
     /// A peer sent something that is not the protocol.
     #[error("protocol error from {peer}: {detail}")]
     Protocol { peer: String, detail: String },
@@ -63,16 +51,10 @@ pub enum CommError {
 
 impl CommError {
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        CommError::Io {
-            context: context.into(),
-            source,
-        }
+        CommError::Io { context: context.into(), source }
     }
 
     pub(crate) fn invalid(op: &'static str, detail: impl Into<String>) -> Self {
-        CommError::Invalid {
-            op,
-            detail: detail.into(),
-        }
+        CommError::Invalid { op, detail: detail.into() }
     }
 }

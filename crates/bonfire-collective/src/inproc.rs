@@ -82,21 +82,11 @@ impl InProcCommunicator {
         }
         let shared = Arc::new(Shared {
             world,
-            state: Mutex::new(State {
-                generation: 0,
-                arrived: vec![None; world],
-                count: 0,
-                round: None,
-                failed: None,
-            }),
+            state: Mutex::new(State { generation: 0, arrived: vec![None; world], count: 0, round: None, failed: None }),
             changed: Condvar::new(),
         });
         Ok((0..world)
-            .map(|rank| InProcCommunicator {
-                rank,
-                shared: shared.clone(),
-                timeout: DEFAULT_TIMEOUT,
-            })
+            .map(|rank| InProcCommunicator { rank, shared: shared.clone(), timeout: DEFAULT_TIMEOUT })
             .collect())
     }
 
@@ -135,36 +125,22 @@ impl InProcCommunicator {
                 }
                 let now = Instant::now();
                 if now >= deadline {
-                    let ranks: Vec<usize> =
-                        (0..world).filter(|&r| st.arrived[r].is_none()).collect();
-                    let err = CommError::Missing {
-                        op: name,
-                        ranks,
-                        waited: self.timeout,
-                    };
+                    let ranks: Vec<usize> = (0..world).filter(|&r| st.arrived[r].is_none()).collect();
+                    let err = CommError::Missing { op: name, ranks, waited: self.timeout };
                     // Nobody may complete this barrier any more: we are leaving,
                     // and our buffer with us.
                     st.failed = Some(err.to_string());
                     self.shared.changed.notify_all();
                     return Err(err);
                 }
-                st = self
-                    .shared
-                    .changed
-                    .wait_timeout(st, deadline - now)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+                st = self.shared.changed.wait_timeout(st, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
             }
         }
         let round = st.round.clone().expect("a completed barrier publishes its round");
         drop(st);
         match &round.verdict {
             Ok(()) => Ok(round),
-            Err((rank, detail)) => Err(CommError::Mismatch {
-                op: name,
-                rank: *rank,
-                detail: detail.clone(),
-            }),
+            Err((rank, detail)) => Err(CommError::Mismatch { op: name, rank: *rank, detail: detail.clone() }),
         }
     }
 
@@ -188,7 +164,8 @@ impl InProcCommunicator {
     fn all_reduce_typed<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
         let world = self.shared.world;
         let base = buf.as_mut_ptr();
-        let round = self.join("all_reduce", call(Kind::AllReduce, Some(T::DTYPE), Some(op), 0, buf.len(), base as usize))?;
+        let round =
+            self.join("all_reduce", call(Kind::AllReduce, Some(T::DTYPE), Some(op), 0, buf.len(), base as usize))?;
         let mine = split(buf.len(), world, self.rank);
         // SAFETY: every rank's buffer has `len` elements of T (checked by the
         // verdict) and stays alive until the final sync. In this phase rank r
@@ -212,7 +189,11 @@ impl InProcCommunicator {
             for (peer, c) in round.calls.iter().enumerate() {
                 if peer != self.rank {
                     let part = split(buf.len(), world, peer);
-                    std::ptr::copy_nonoverlapping((c.src as *const T).add(part.start), base.add(part.start), part.len());
+                    std::ptr::copy_nonoverlapping(
+                        (c.src as *const T).add(part.start),
+                        base.add(part.start),
+                        part.len(),
+                    );
                 }
             }
         }
@@ -226,7 +207,8 @@ impl InProcCommunicator {
             return Err(CommError::invalid("broadcast", format!("root {root} is not a rank of a group of {world}")));
         }
         let base = buf.as_mut_ptr();
-        let round = self.join("broadcast", call(Kind::Broadcast, Some(T::DTYPE), None, root, buf.len(), base as usize))?;
+        let round =
+            self.join("broadcast", call(Kind::Broadcast, Some(T::DTYPE), None, root, buf.len(), base as usize))?;
         if self.rank != root {
             // SAFETY: the root's buffer has the same length and is only read by everyone.
             unsafe { std::ptr::copy_nonoverlapping(round.calls[root].src as *const T, base, buf.len()) };
@@ -238,7 +220,8 @@ impl InProcCommunicator {
     fn all_gather_typed<T: Element>(&self, input: &[T], output: &mut [T]) -> Result<()> {
         let world = self.shared.world;
         check_blocks("all_gather", world, output.len(), input.len())?;
-        let round = self.join("all_gather", call(Kind::AllGather, Some(T::DTYPE), None, 0, input.len(), input.as_ptr() as usize))?;
+        let round = self
+            .join("all_gather", call(Kind::AllGather, Some(T::DTYPE), None, 0, input.len(), input.as_ptr() as usize))?;
         let block = input.len();
         for (peer, c) in round.calls.iter().enumerate() {
             // SAFETY: every input has `block` elements and is only read.
@@ -252,7 +235,10 @@ impl InProcCommunicator {
     fn reduce_scatter_typed<T: Element>(&self, input: &[T], output: &mut [T], op: ReduceOp) -> Result<()> {
         let world = self.shared.world;
         check_blocks("reduce_scatter", world, input.len(), output.len())?;
-        let round = self.join("reduce_scatter", call(Kind::ReduceScatter, Some(T::DTYPE), Some(op), 0, input.len(), input.as_ptr() as usize))?;
+        let round = self.join(
+            "reduce_scatter",
+            call(Kind::ReduceScatter, Some(T::DTYPE), Some(op), 0, input.len(), input.as_ptr() as usize),
+        )?;
         let block = self.rank * output.len()..(self.rank + 1) * output.len();
         output.copy_from_slice(&input[block.clone()]);
         for (peer, c) in round.calls.iter().enumerate() {
@@ -295,7 +281,6 @@ fn verdict(calls: &[Call]) -> Result<(), (usize, String)> {
     }
     Ok(())
 }
-
 
 impl Communicator for InProcCommunicator {
     fn rank(&self) -> usize {

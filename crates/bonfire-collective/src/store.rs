@@ -46,9 +46,7 @@ impl StoreServer {
         let listener = TcpListener::bind(&addr)
             .map_err(|e| CommError::io(format!("rendezvous store cannot listen on {addr:?}"), e))?;
         let addr = listener.local_addr().map_err(|e| CommError::io("rendezvous store address", e))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| CommError::io("rendezvous store listener", e))?;
+        listener.set_nonblocking(true).map_err(|e| CommError::io("rendezvous store listener", e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Connections::default();
         let table = Arc::new(Table::default());
@@ -60,12 +58,7 @@ impl StoreServer {
                 .spawn(move || accept_loop(listener, stop, connections, table))
                 .map_err(|e| CommError::io("rendezvous store thread", e))?
         };
-        Ok(StoreServer {
-            addr,
-            stop,
-            accept: Some(accept),
-            connections,
-        })
+        Ok(StoreServer { addr, stop, accept: Some(accept), connections })
     }
 
     /// The address the store listens on.
@@ -86,12 +79,7 @@ impl Drop for StoreServer {
     }
 }
 
-fn accept_loop(
-    listener: TcpListener,
-    stop: Arc<AtomicBool>,
-    connections: Connections,
-    table: Arc<Table>,
-) {
+fn accept_loop(listener: TcpListener, stop: Arc<AtomicBool>, connections: Connections, table: Arc<Table>) {
     let mut next_id = 0u64;
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
@@ -105,19 +93,15 @@ fn accept_loop(
                 }
                 let table = table.clone();
                 let connections = connections.clone();
-                let _ = std::thread::Builder::new()
-                    .name("bonfire-store-conn".into())
-                    .spawn(move || {
-                        if let Err(e) = serve(&stream, &table) {
-                            tracing::warn!("rendezvous store: closing connection from {peer}: {e}");
-                        }
-                        let _ = stream.shutdown(std::net::Shutdown::Both);
-                        connections.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-                    });
+                let _ = std::thread::Builder::new().name("bonfire-store-conn".into()).spawn(move || {
+                    if let Err(e) = serve(&stream, &table) {
+                        tracing::warn!("rendezvous store: closing connection from {peer}: {e}");
+                    }
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                    connections.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                });
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(10)),
             Err(e) => {
                 tracing::warn!("rendezvous store: accept failed: {e}");
                 std::thread::sleep(Duration::from_millis(10));
@@ -234,12 +218,8 @@ impl StoreClient {
                 Err(e) => break e,
             }
         };
-        Err(CommError::Timeout {
-            op: "rendezvous (the store is hosted by rank 0)",
-            rank: 0,
-            waited: timeout,
-        })
-        .inspect_err(|_| tracing::error!("rendezvous store at {addr}: {last_error}"))
+        Err(CommError::Timeout { op: "rendezvous (the store is hosted by rank 0)", rank: 0, waited: timeout })
+            .inspect_err(|_| tracing::error!("rendezvous store at {addr}: {last_error}"))
     }
 
     /// The local address of this connection: the interface that reaches rank 0,

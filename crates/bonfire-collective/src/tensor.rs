@@ -48,7 +48,8 @@ pub fn host_buffer(
     collective: impl FnOnce(BufMut<'_>) -> Result<()>,
 ) -> Result<()> {
     let dtype = data.dtype;
-    let unsupported = || CommError::invalid(op, format!("tensors of {dtype:?} are not supported; use f32, f16 or bf16"));
+    let unsupported =
+        || CommError::invalid(op, format!("tensors of {dtype:?} are not supported; use f32, f16 or bf16"));
     let buf = match dtype {
         BurnDType::F32 => BufMut::F32(data.as_mut_slice::<f32>().map_err(|_| unsupported())?),
         BurnDType::F16 => BufMut::F16(data.as_mut_slice::<half::f16>().map_err(|_| unsupported())?),

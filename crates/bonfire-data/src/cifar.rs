@@ -31,7 +31,10 @@ pub fn load(dir: &Path, split: Split) -> Result<ImageDataset> {
         }
         for (i, record) in bytes.chunks_exact(RECORD).enumerate() {
             if record[0] >= 10 {
-                return Err(DataError::format(&path, format!("record {i} has label {}, not a CIFAR-10 class", record[0])));
+                return Err(DataError::format(
+                    &path,
+                    format!("record {i} has label {}, not a CIFAR-10 class", record[0]),
+                ));
             }
             labels.push(record[0]);
             pixels.extend_from_slice(&record[1..]);

@@ -15,7 +15,14 @@ pub struct ImageDataset {
 }
 
 impl ImageDataset {
-    pub fn new(channels: usize, height: usize, width: usize, classes: usize, pixels: Vec<u8>, labels: Vec<u8>) -> Result<Self> {
+    pub fn new(
+        channels: usize,
+        height: usize,
+        width: usize,
+        classes: usize,
+        pixels: Vec<u8>,
+        labels: Vec<u8>,
+    ) -> Result<Self> {
         let per = channels * height * width;
         if per == 0 || pixels.len() != per * labels.len() {
             return Err(DataError::Invalid(format!(

@@ -28,7 +28,10 @@ pub(crate) fn parse_u8(path: &Path, bytes: &[u8], dims_expected: usize) -> Resul
     if bytes[0] != 0 || bytes[1] != 0 || bytes[2] != 0x08 {
         return Err(DataError::format(
             path,
-            format!("wrong magic {:02x} {:02x} {:02x} {:02x}: not an IDX file of unsigned bytes", bytes[0], bytes[1], bytes[2], bytes[3]),
+            format!(
+                "wrong magic {:02x} {:02x} {:02x} {:02x}: not an IDX file of unsigned bytes",
+                bytes[0], bytes[1], bytes[2], bytes[3]
+            ),
         ));
     }
     let ndims = bytes[3] as usize;
@@ -39,9 +42,8 @@ pub(crate) fn parse_u8(path: &Path, bytes: &[u8], dims_expected: usize) -> Resul
     if bytes.len() < header {
         return Err(DataError::format(path, "truncated in its header"));
     }
-    let dims: Vec<usize> = (0..ndims)
-        .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
-        .collect();
+    let dims: Vec<usize> =
+        (0..ndims).map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize).collect();
     let want = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
     match want {
         Some(n) if bytes.len() - header == n => Ok((dims, bytes[header..].to_vec())),

@@ -91,7 +91,8 @@ mod tests {
 
     #[test]
     fn padding_repeats_the_first_samples() {
-        let s: Vec<Vec<usize>> = (0..3).map(|r| DistributedSampler::new(7, r, 3, false, 0, false).unwrap().indices(0)).collect();
+        let s: Vec<Vec<usize>> =
+            (0..3).map(|r| DistributedSampler::new(7, r, 3, false, 0, false).unwrap().indices(0)).collect();
         assert_eq!(s, vec![vec![0, 3, 6], vec![1, 4, 0], vec![2, 5, 1]]);
     }
 

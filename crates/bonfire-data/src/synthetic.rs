@@ -6,7 +6,14 @@ use rand::{Rng, SeedableRng};
 
 use crate::dataset::ImageDataset;
 
-pub fn generate(samples: usize, channels: usize, height: usize, width: usize, classes: usize, seed: u64) -> ImageDataset {
+pub fn generate(
+    samples: usize,
+    channels: usize,
+    height: usize,
+    width: usize,
+    classes: usize,
+    seed: u64,
+) -> ImageDataset {
     let per = channels * height * width;
     let mut pattern_rng = StdRng::seed_from_u64(0x5eed);
     let patterns: Vec<Vec<u8>> = (0..classes).map(|_| (0..per).map(|_| pattern_rng.random()).collect()).collect();

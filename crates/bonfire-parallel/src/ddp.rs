@@ -67,11 +67,7 @@ impl<B: HookBackend> DistributedDataParallel<B> {
     /// Checks that every rank's `module` has the same parameters (count,
     /// shapes, order), then gives every rank rank 0's values. Returns the
     /// strategy and the module to train.
-    pub fn new<M: AutodiffModule<B>>(
-        module: M,
-        comm: Box<dyn Communicator>,
-        config: DdpConfig,
-    ) -> Result<(Self, M)> {
+    pub fn new<M: AutodiffModule<B>>(module: M, comm: Box<dyn Communicator>, config: DdpConfig) -> Result<(Self, M)> {
         let infos = param_infos::<B, M>(&module);
         let comm = CommThread::start(comm);
         check_layout(&comm, &infos)?;
@@ -258,7 +254,6 @@ fn describe(encoded: &[f32], index: usize) -> String {
     }
     format!("only {} parameters", encoded.first().copied().unwrap_or(0.0) as usize)
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -68,11 +68,7 @@ impl<B: Backend> Backward<B, 1> for GradientReady {
 }
 
 impl<B: Backend, C: CheckpointStrategy> HookBackend for Autodiff<B, C> {
-    fn gradient_hook(
-        tensor: FloatTensor<Self>,
-        sink: Arc<dyn GradientSink<B>>,
-        index: usize,
-    ) -> FloatTensor<Self> {
+    fn gradient_hook(tensor: FloatTensor<Self>, sink: Arc<dyn GradientSink<B>>, index: usize) -> FloatTensor<Self> {
         match GradientReady.prepare::<C>([tensor.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish(Target { sink, index }, tensor.primitive.clone()),
             OpsKind::UnTracked(prep) => prep.finish(tensor.primitive.clone()),

@@ -141,9 +141,7 @@ impl<B: Backend> Reducer<B> {
         let unused: Vec<usize>;
         {
             let mut st = self.lock();
-            unused = (0..self.names.len())
-                .filter(|&i| self.plan.slots[i].is_some() && !st.arrived[i])
-                .collect();
+            unused = (0..self.names.len()).filter(|&i| self.plan.slots[i].is_some() && !st.arrived[i]).collect();
             // An unused parameter contributes what earlier no_sync passes
             // accumulated for it, or zero.
             for &i in &unused {

@@ -56,7 +56,9 @@ where
 {
     let device = Default::default();
     let want = train_single::<B, M>(seeded::<B, M>(make(0, &device), 1), PER_RANK * world, width);
-    for (rank, got) in ddp_threads::<B, M>(world, &make, DdpConfig::default(), PER_RANK, 1, width).into_iter().enumerate() {
+    for (rank, got) in
+        ddp_threads::<B, M>(world, &make, DdpConfig::default(), PER_RANK, 1, width).into_iter().enumerate()
+    {
         let diff = max_abs_diff(&got.unwrap(), &want);
         assert!(diff <= tol, "world {world} rank {rank}: max |difference| {diff} > {tol}");
     }
@@ -117,7 +119,8 @@ fn no_sync_over_two_micro_steps_equals_one_step_on_their_union() {
 
 #[test]
 fn mismatched_layouts_fail_on_every_rank_naming_the_parameter() {
-    let results = ddp_threads::<Flex, _>(2, |rank, d| Mlp::new(d, 16 + rank), DdpConfig::default(), PER_RANK, 1, FEATURES);
+    let results =
+        ddp_threads::<Flex, _>(2, |rank, d| Mlp::new(d, 16 + rank), DdpConfig::default(), PER_RANK, 1, FEATURES);
     for r in results {
         let err = r.unwrap_err();
         let msg = err.to_string();
@@ -189,7 +192,8 @@ const WORKER: &str = "BONFIRE_TEST_DDP_WORKER";
 #[ignore = "run as a worker process by the process tests"]
 fn ddp_worker_process() {
     let Ok(out) = std::env::var(WORKER) else { return };
-    let comm = TcpCommunicator::from_env(TcpConfig { timeout: Duration::from_secs(60), ..TcpConfig::default() }).unwrap();
+    let comm =
+        TcpCommunicator::from_env(TcpConfig { timeout: Duration::from_secs(60), ..TcpConfig::default() }).unwrap();
     let rank = comm.rank();
     let device = Default::default();
     let model = seeded::<Flex, _>(ConvNet::new(&device), if rank == 0 { 1 } else { 50 });

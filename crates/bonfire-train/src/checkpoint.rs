@@ -45,7 +45,9 @@ pub fn save(dir: &Path, ckpt: &Checkpoint) -> Result<()> {
     let tmp = dir.join(format!("{FILE_NAME}.tmp"));
     let mut out = Vec::with_capacity(HEADER + ckpt.model.len() + ckpt.optimizer.len());
     out.extend_from_slice(MAGIC);
-    for v in [ckpt.epochs_done, ckpt.model.len() as u64, ckpt.optimizer.len() as u64, fnv1a(&[&ckpt.model, &ckpt.optimizer])] {
+    for v in
+        [ckpt.epochs_done, ckpt.model.len() as u64, ckpt.optimizer.len() as u64, fnv1a(&[&ckpt.model, &ckpt.optimizer])]
+    {
         out.extend(v.to_le_bytes());
     }
     out.extend_from_slice(&ckpt.model);
@@ -75,7 +77,10 @@ pub fn load(dir: &Path) -> Result<Option<Checkpoint>> {
     let (epochs_done, model_len, opt_len, sum) = (word(0), word(1) as usize, word(2) as usize, word(3));
     let want = model_len.checked_add(opt_len).and_then(|n| n.checked_add(HEADER));
     if want != Some(bytes.len()) {
-        return Err(bad(format!("truncated or padded: the header promises {want:?} bytes, the file has {}", bytes.len())));
+        return Err(bad(format!(
+            "truncated or padded: the header promises {want:?} bytes, the file has {}",
+            bytes.len()
+        )));
     }
     let (model, optimizer) = bytes[HEADER..].split_at(model_len);
     if fnv1a(&[model, optimizer]) != sum {

@@ -40,7 +40,9 @@ pub fn load(kind: DatasetKind, dir: Option<&Path>, may_install: bool) -> Result<
             };
             Ok((cifar::load(dir, Split::Train)?, cifar::load(dir, Split::Test)?))
         }
-        DatasetKind::Synthetic => Ok((synthetic::generate(6000, 1, 28, 28, 10, 1), synthetic::generate(1000, 1, 28, 28, 10, 2))),
+        DatasetKind::Synthetic => {
+            Ok((synthetic::generate(6000, 1, 28, 28, 10, 1), synthetic::generate(1000, 1, 28, 28, 10, 2)))
+        }
     }
 }
 
@@ -58,7 +60,9 @@ fn install() -> Result<()> {
             .context("running apt-get")?
             .success())
     };
-    if !ok(&["install", "-y", "-qq", "dataset-fashion-mnist"])? && !(ok(&["update", "-qq"])? && ok(&["install", "-y", "-qq", "dataset-fashion-mnist"])?) {
+    if !ok(&["install", "-y", "-qq", "dataset-fashion-mnist"])?
+        && !(ok(&["update", "-qq"])? && ok(&["install", "-y", "-qq", "dataset-fashion-mnist"])?)
+    {
         bail!("apt-get could not install dataset-fashion-mnist");
     }
     Ok(())

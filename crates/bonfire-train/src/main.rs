@@ -210,7 +210,12 @@ fn options(args: &TrainArgs) -> TrainOptions {
     }
 }
 
-fn run<B: HookBackend>(args: &TrainArgs, device: B::Device, train_set: &ImageDataset, test_set: &ImageDataset) -> Result<()> {
+fn run<B: HookBackend>(
+    args: &TrainArgs,
+    device: B::Device,
+    train_set: &ImageDataset,
+    test_set: &ImageDataset,
+) -> Result<()> {
     let opts = options(args);
     let report = match (args.strategy, args.threads) {
         (StrategyKind::Single, _) => trainer::train::<B>(&device, train_set, test_set, &opts, Parallel::Single)?,

@@ -8,9 +8,9 @@ use bonfire_collective::Communicator;
 use bonfire_data::{DistributedSampler, ImageDataset};
 use bonfire_parallel::{DataParallel, DdpConfig, DistributedDataParallel, HookBackend};
 use burn::module::AutodiffModule;
+use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::momentum::MomentumConfig;
-use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer, SgdConfig};
 use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
 use burn::tensor::backend::Backend;
@@ -54,9 +54,13 @@ pub struct TrainOptions {
 pub enum Parallel {
     Single,
     /// One process driving `replicas` copies of the device.
-    Dp { replicas: usize },
+    Dp {
+        replicas: usize,
+    },
     /// This worker is one rank of `comm`.
-    Ddp { comm: Box<dyn Communicator> },
+    Ddp {
+        comm: Box<dyn Communicator>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -121,15 +125,15 @@ fn run<B: HookBackend, O: Optimizer<LeNet<B>, B>>(
     let mut start_epoch = 0;
     if options.resume {
         let dir = options.checkpoint_dir.as_deref().context("--resume needs --checkpoint-dir")?;
-        let ckpt = checkpoint::load(dir)?
-            .with_context(|| format!("--resume: there is no checkpoint in {}", dir.display()))?;
+        let ckpt =
+            checkpoint::load(dir)?.with_context(|| format!("--resume: there is no checkpoint in {}", dir.display()))?;
         let model_record = recorder
             .load(ckpt.model, device)
             .map_err(|e| anyhow::anyhow!("the checkpoint in {} does not hold a LeNet: {e:?}", dir.display()))?;
         model = model.load_record(model_record);
-        let opt_record = recorder
-            .load(ckpt.optimizer, device)
-            .map_err(|e| anyhow::anyhow!("the checkpoint in {} does not hold this optimizer's state: {e:?}", dir.display()))?;
+        let opt_record = recorder.load(ckpt.optimizer, device).map_err(|e| {
+            anyhow::anyhow!("the checkpoint in {} does not hold this optimizer's state: {e:?}", dir.display())
+        })?;
         opt = opt.load_record(opt_record);
         start_epoch = ckpt.epochs_done as usize;
     }
@@ -270,7 +274,11 @@ fn loss_value<B: Backend>(loss: &Tensor<B, 1>) -> f64 {
     loss.clone().into_scalar().elem::<f64>()
 }
 
-fn to_tensors<B: Backend>(data: &ImageDataset, indices: &[usize], device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 1, Int>) {
+fn to_tensors<B: Backend>(
+    data: &ImageDataset,
+    indices: &[usize],
+    device: &B::Device,
+) -> (Tensor<B, 4>, Tensor<B, 1, Int>) {
     let (x, y) = data.batch(indices);
     let n = indices.len();
     let x = Tensor::from_data(TensorData::new(x, [n, data.channels, data.height, data.width]), device);

@@ -36,7 +36,8 @@ fn two_epochs_of_fashion_mnist_reach_084() {
     assert!(acc >= 0.84, "test accuracy {acc} after 2 epochs");
     let csv = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
     assert_eq!(csv.lines().count(), 3, "{csv}");
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("metrics.json")).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(json.as_array().unwrap().len(), 2);
     let png = std::fs::read(dir.join("loss.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "loss.png is not a drawn PNG");
@@ -46,7 +47,20 @@ fn two_epochs_of_fashion_mnist_reach_084() {
 #[test]
 fn wgpu_trains_a_few_steps() {
     let dir = out_dir("wgpu");
-    let o = bonfire(&["train", "--backend", "wgpu", "--strategy", "ddp", "--threads", "--steps", "5", "--dataset", "synthetic", "--out", dir.to_str().unwrap()]);
+    let o = bonfire(&[
+        "train",
+        "--backend",
+        "wgpu",
+        "--strategy",
+        "ddp",
+        "--threads",
+        "--steps",
+        "5",
+        "--dataset",
+        "synthetic",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("epoch 1: 5 steps"), "{}", text(&o));
 }
@@ -55,7 +69,19 @@ fn wgpu_trains_a_few_steps() {
 fn single_and_dp_strategies_train() {
     for strategy in ["single", "dp"] {
         let dir = out_dir(strategy);
-        let o = bonfire(&["train", "--strategy", strategy, "--steps", "30", "--dataset", "synthetic", "--lr", "0.05", "--out", dir.to_str().unwrap()]);
+        let o = bonfire(&[
+            "train",
+            "--strategy",
+            strategy,
+            "--steps",
+            "30",
+            "--dataset",
+            "synthetic",
+            "--lr",
+            "0.05",
+            "--out",
+            dir.to_str().unwrap(),
+        ]);
         assert!(o.status.success(), "{strategy}: {}", text(&o));
         // Ten well-separated classes: 30 steps learn them.
         assert!(final_accuracy(&o) > 0.5, "{strategy}: {}", text(&o));
@@ -83,16 +109,40 @@ fn bad_input_gets_clear_errors() {
 #[test]
 fn the_launcher_stops_everyone_when_a_worker_fails() {
     let started = Instant::now();
-    let o = bonfire(&["launch", "--nproc-per-node", "3", "--", "sh", "-c", "if [ \"$RANK\" = 1 ]; then exit 7; fi; sleep 30"]);
+    let o = bonfire(&[
+        "launch",
+        "--nproc-per-node",
+        "3",
+        "--",
+        "sh",
+        "-c",
+        "if [ \"$RANK\" = 1 ]; then exit 7; fi; sleep 30",
+    ]);
     assert!(!o.status.success());
     assert!(text(&o).contains("rank 1 exited with code 7"), "{}", text(&o));
     assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
 
-    let o = bonfire(&["launch", "--nproc-per-node", "2", "--", "sh", "-c", "if [ \"$RANK\" = 0 ]; then kill -9 $$; fi; sleep 30"]);
+    let o = bonfire(&[
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        "if [ \"$RANK\" = 0 ]; then kill -9 $$; fi; sleep 30",
+    ]);
     assert!(text(&o).contains("rank 0 was killed by signal 9"), "{}", text(&o));
 
     // The environment a worker sees.
-    let o = bonfire(&["launch", "--nproc-per-node", "2", "--", "sh", "-c", "echo $RANK/$WORLD_SIZE/$LOCAL_RANK/$LOCAL_WORLD_SIZE/$MASTER_ADDR"]);
+    let o = bonfire(&[
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        "echo $RANK/$WORLD_SIZE/$LOCAL_RANK/$LOCAL_WORLD_SIZE/$MASTER_ADDR",
+    ]);
     assert!(o.status.success());
     let mut lines: Vec<String> = String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect();
     lines.sort();
@@ -119,10 +169,20 @@ fn a_run_stopped_after_epoch_1_and_resumed_ends_with_the_same_weights() {
         o
     };
     let common = |d: &PathBuf, epochs: &str| -> Vec<String> {
-        ["train", "--dataset", "synthetic", "--epochs", epochs, "--checkpoint-dir", &s(d, "ckpt"), "--out", &s(d, "out")]
-            .iter()
-            .map(|x| x.to_string())
-            .collect()
+        [
+            "train",
+            "--dataset",
+            "synthetic",
+            "--epochs",
+            epochs,
+            "--checkpoint-dir",
+            &s(d, "ckpt"),
+            "--out",
+            &s(d, "out"),
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
     };
     run([common(&a, "2"), vec!["--save".into(), s(&a, "final.safetensors")]].concat());
     run(common(&b, "1"));
@@ -132,15 +192,27 @@ fn a_run_stopped_after_epoch_1_and_resumed_ends_with_the_same_weights() {
     assert_eq!(tensors(&a.join("final.safetensors")), tensors(&b.join("final.safetensors")));
 
     // PyTorch's names and layouts.
-    let names: Vec<(String, Vec<usize>)> = tensors(&a.join("final.safetensors")).into_iter().map(|(n, s, _)| (n, s)).collect();
+    let names: Vec<(String, Vec<usize>)> =
+        tensors(&a.join("final.safetensors")).into_iter().map(|(n, s, _)| (n, s)).collect();
     assert_eq!(names.iter().find(|(n, _)| n == "fc1.weight").unwrap().1, vec![120, 400]);
     assert_eq!(names.iter().find(|(n, _)| n == "conv1.weight").unwrap().1, vec![6, 1, 5, 5]);
     assert_eq!(names.len(), 10);
 
     // --init from those weights: the untrained run starts where the other ended.
     let o = run(vec![
-        "train".into(), "--dataset".into(), "synthetic".into(), "--strategy".into(), "single".into(), "--steps".into(), "1".into(),
-        "--lr".into(), "0".into(), "--init".into(), s(&a, "final.safetensors"), "--out".into(), s(&b, "init"),
+        "train".into(),
+        "--dataset".into(),
+        "synthetic".into(),
+        "--strategy".into(),
+        "single".into(),
+        "--steps".into(),
+        "1".into(),
+        "--lr".into(),
+        "0".into(),
+        "--init".into(),
+        s(&a, "final.safetensors"),
+        "--out".into(),
+        s(&b, "init"),
     ]);
     assert_eq!(final_accuracy(&o), 1.0, "{}", text(&o));
 

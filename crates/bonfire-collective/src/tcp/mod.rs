@@ -1,7 +1,7 @@
 //! Workers in separate processes, on one host or many, joined by a TCP ring.
 
-mod plan;
 mod pipeline;
+mod plan;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -70,7 +70,10 @@ impl TcpCommunicator {
         let store_server = if rank == 0 {
             Some(StoreServer::bind(env.store_addr()).map_err(|e| match e {
                 CommError::Io { source, .. } => CommError::io(
-                    format!("rank 0 cannot host the rendezvous store at {} (MASTER_ADDR:MASTER_PORT)", env.store_addr()),
+                    format!(
+                        "rank 0 cannot host the rendezvous store at {} (MASTER_ADDR:MASTER_PORT)",
+                        env.store_addr()
+                    ),
                     source,
                 ),
                 other => other,
@@ -177,7 +180,10 @@ impl TcpCommunicator {
 
     fn broadcast_typed<T: Element>(&mut self, buf: &mut [T], root: usize) -> Result<()> {
         if root >= self.world {
-            return Err(CommError::invalid("broadcast", format!("root {root} is not a rank of a group of {}", self.world)));
+            return Err(CommError::invalid(
+                "broadcast",
+                format!("root {root} is not a rank of a group of {}", self.world),
+            ));
         }
         let plan = plan::chain(buf.len(), self.world, self.rank, root, self.chunk_elems::<T>());
         let header = Header::new(Kind::Broadcast, T::DTYPE, None, root, buf.len());
@@ -370,8 +376,8 @@ fn listen(addr: SocketAddr, buffer: usize) -> Result<TcpListener> {
 /// Connects to the next rank, retrying until the deadline.
 fn dial(addr: SocketAddr, buffer: usize, deadline: Instant, rank: usize, timeout: Duration) -> Result<TcpStream> {
     loop {
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)
-            .map_err(|e| CommError::io("ring socket", e))?;
+        let socket =
+            Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(|e| CommError::io("ring socket", e))?;
         tune(&SockRef::from(&socket), buffer)?;
         match socket.connect_timeout(&addr.into(), remaining(deadline).max(Duration::from_millis(1))) {
             Ok(()) => {
@@ -387,13 +393,20 @@ fn dial(addr: SocketAddr, buffer: usize, deadline: Instant, rank: usize, timeout
 
 /// Accepts the previous rank, checking its hello; anything else that connects
 /// is dropped and logged.
-fn accept_prev(listener: &TcpListener, prev: usize, world: usize, deadline: Instant, timeout: Duration) -> Result<TcpStream> {
+fn accept_prev(
+    listener: &TcpListener,
+    prev: usize,
+    world: usize,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<TcpStream> {
     loop {
         match listener.accept() {
             Ok((stream, from)) => {
                 stream.set_nonblocking(false).map_err(|e| CommError::io("ring socket", e))?;
                 stream.set_nodelay(true).map_err(|e| CommError::io("ring socket", e))?;
-                stream.set_read_timeout(Some(remaining(deadline).max(Duration::from_millis(1))))
+                stream
+                    .set_read_timeout(Some(remaining(deadline).max(Duration::from_millis(1))))
                     .map_err(|e| CommError::io("ring socket", e))?;
                 let mut hello = [0u8; 12];
                 let ok = (&stream).read_exact(&mut hello).is_ok() && {
@@ -415,4 +428,3 @@ fn accept_prev(listener: &TcpListener, prev: usize, world: usize, deadline: Inst
         }
     }
 }
-

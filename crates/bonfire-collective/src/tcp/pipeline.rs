@@ -151,9 +151,7 @@ pub(crate) fn run<T: Element>(
                 received = Ok(()); // the sender failed first; its error is the cause
             }
         }
-        let sent = sender.join().unwrap_or_else(|_| {
-            Err(CommError::Aborted("the ring sender thread panicked".into()))
-        });
+        let sent = sender.join().unwrap_or_else(|_| Err(CommError::Aborted("the ring sender thread panicked".into())));
         (sent, received)
     });
     // The first failure is the cause; the other side only saw the abort.

@@ -57,7 +57,8 @@ pub fn check_all(comm: &mut dyn Communicator, big: bool) -> Result<(), String> {
         lengths.push(BIG);
     }
     for &len in &lengths {
-        let ops: &[ReduceOp] = if len == BIG { &[ReduceOp::Sum] } else { &[ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max, ReduceOp::Min] };
+        let ops: &[ReduceOp] =
+            if len == BIG { &[ReduceOp::Sum] } else { &[ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max, ReduceOp::Min] };
         for &op in ops {
             let mut buf = input(rank, len);
             comm.all_reduce(buf.as_mut_slice().into(), op).map_err(e(format!("all_reduce {op:?} len {len}")))?;
@@ -74,7 +75,8 @@ pub fn check_all(comm: &mut dyn Communicator, big: bool) -> Result<(), String> {
         // all_gather: blocks of `len` from every rank.
         let mine = input(rank, len);
         let mut out = vec![f32::NAN; len * world];
-        comm.all_gather(mine.as_slice().into(), out.as_mut_slice().into()).map_err(e(format!("all_gather len {len}")))?;
+        comm.all_gather(mine.as_slice().into(), out.as_mut_slice().into())
+            .map_err(e(format!("all_gather len {len}")))?;
         let want: Vec<f32> = (0..world).flat_map(|r| input(r, len)).collect();
         assert_close(&format!("all_gather len {len}"), &out, &want, 0.0)?;
 

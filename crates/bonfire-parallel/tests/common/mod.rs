@@ -30,7 +30,10 @@ pub struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     pub fn new(device: &B::Device, hidden: usize) -> Self {
-        Mlp { fc1: LinearConfig::new(FEATURES, hidden).init(device), fc2: LinearConfig::new(hidden, CLASSES).init(device) }
+        Mlp {
+            fc1: LinearConfig::new(FEATURES, hidden).init(device),
+            fc2: LinearConfig::new(hidden, CLASSES).init(device),
+        }
     }
 }
 
@@ -76,7 +79,10 @@ pub struct Twice<B: Backend> {
 
 impl<B: Backend> Twice<B> {
     pub fn new(device: &B::Device) -> Self {
-        Twice { square: LinearConfig::new(FEATURES, FEATURES).init(device), head: LinearConfig::new(FEATURES, CLASSES).init(device) }
+        Twice {
+            square: LinearConfig::new(FEATURES, FEATURES).init(device),
+            head: LinearConfig::new(FEATURES, CLASSES).init(device),
+        }
     }
 }
 
@@ -123,7 +129,11 @@ pub fn uniform(seed: u64, i: u64) -> f32 {
 }
 
 /// Rows `rows` of the data set: 64 features (8x8 images; the MLP uses the first 8).
-pub fn batch<B: Backend>(rows: std::ops::Range<usize>, width: usize, device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 1, Int>) {
+pub fn batch<B: Backend>(
+    rows: std::ops::Range<usize>,
+    width: usize,
+    device: &B::Device,
+) -> (Tensor<B, 2>, Tensor<B, 1, Int>) {
     let n = rows.len();
     let x: Vec<f32> = rows.clone().flat_map(|r| (0..width).map(move |c| uniform(7, (r * 64 + c) as u64))).collect();
     let y: Vec<i64> = rows.map(|r| (uniform(11, r as u64).abs() * CLASSES as f32) as i64 % CLASSES as i64).collect();
@@ -139,7 +149,11 @@ pub fn sgd<B: AutodiffBackend, M: AutodiffModule<B>>() -> impl Optimizer<M, B> {
 }
 
 /// One worker on the whole global batch of every step.
-pub fn train_single<B: AutodiffBackend, M: AutodiffModule<B> + Net<B>>(mut model: M, global: usize, width: usize) -> Vec<f32> {
+pub fn train_single<B: AutodiffBackend, M: AutodiffModule<B> + Net<B>>(
+    mut model: M,
+    global: usize,
+    width: usize,
+) -> Vec<f32> {
     let device = Default::default();
     let mut opt = sgd::<B, M>();
     for step in 0..STEPS {
