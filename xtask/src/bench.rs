@@ -38,12 +38,25 @@ enum What {
         #[arg(long, default_value_t = 32)]
         batch: usize,
     },
+    /// Training images/s of `bonfire train` (DDP over 2 processes and alone, CPU) against PyTorch over Gloo.
+    Train {
+        /// Timed steps per run (after 5 warm-up steps).
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
+        /// Global batch (split over the 2 workers).
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+        /// Models to measure.
+        #[arg(long, default_value = "lenet,resnet")]
+        models: String,
+    },
 }
 
 pub fn run(args: Args) -> Result<()> {
     match args.what {
         What::Allreduce { world, sizes_mib } => allreduce(world, &sizes_mib, args.json),
         What::Ddp { steps, batch } => ddp(steps, batch, args.json),
+        What::Train { steps, batch, models } => train(steps, batch, &models, args.json),
     }
 }
 
@@ -174,4 +187,145 @@ fn ddp(steps: usize, batch: usize, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Warm-up steps left out of the timing, on both sides.
+const WARMUP_STEPS: usize = 5;
+
+/// One measured configuration of `bench train`.
+struct TrainRun<'a> {
+    model: &'a str,
+    /// `bonfire train --backend`.
+    backend: &'a str,
+    /// DDP over 2 processes, or one process alone (the floor).
+    workers: usize,
+    global_batch: usize,
+}
+
+fn train(steps: usize, batch: usize, models: &str, json: bool) -> Result<()> {
+    eprintln!("building bonfire (release)...");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--quiet", "-p", "bonfire-train", "--bin", "bonfire"])
+        .current_dir(root())
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("building bonfire failed");
+    }
+    let bonfire = release_dir().join("bonfire");
+    let python = torch_python();
+    let models: Vec<&str> = models.split(',').map(str::trim).filter(|m| !m.is_empty()).collect();
+    let mut rows = Vec::new();
+    for &model in &models {
+        // NdArray is measured on LeNet only: it is the slower CPU backend by
+        // far, and on the ResNet a run would take minutes.
+        let backends: &[&str] = if model == "lenet" { &["cpu", "ndarray"] } else { &["cpu"] };
+        for &backend in backends {
+            for (workers, global_batch) in [(2, batch), (1, batch / 2)] {
+                let run = TrainRun { model, backend, workers, global_batch };
+                eprintln!("bonfire: {model}, {backend}, {workers} worker(s), batch {global_batch}...");
+                let ips = bonfire_images_per_sec(&bonfire, &run, steps)?;
+                rows.push(serde_json::json!({
+                    "impl": format!("bonfire-{backend}"),
+                    "model": model,
+                    "world": workers,
+                    "global_batch": global_batch,
+                    "images_per_sec": ips,
+                }));
+            }
+        }
+        if let Some(py) = &python {
+            for (world, global_batch) in [(2, batch), (1, batch / 2)] {
+                eprintln!("PyTorch (Gloo): {model}, {world} process(es), batch {global_batch}...");
+                rows.extend(json_lines(
+                    Command::new(py).arg(root().join("bench/torch_ddp_train.py")).args([
+                        "--world",
+                        &world.to_string(),
+                        "--steps",
+                        &steps.to_string(),
+                        "--batch",
+                        &global_batch.to_string(),
+                        "--model",
+                        model,
+                        "--json",
+                    ]),
+                    "the PyTorch DDP baseline",
+                )?);
+            }
+        }
+    }
+    if json {
+        for r in &rows {
+            println!("{r}");
+        }
+        return Ok(());
+    }
+    let ips = |model: &str, imp: &str, world: u64| {
+        rows.iter()
+            .find(|r| r["model"] == model && r["impl"] == imp && r["world"].as_u64() == Some(world))
+            .and_then(|r| r["images_per_sec"].as_f64())
+    };
+    let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "-".to_string(),
+    };
+    println!(
+        "training images/s, Fashion-MNIST, SGD, {steps} steps after {WARMUP_STEPS} warm-up; DDP: 2 processes of 1 \
+         thread, global batch {batch}; alone: 1 process, batch {}",
+        batch / 2
+    );
+    println!("| model | implementation | DDP, 2 processes | alone | DDP / (2 x alone) | DDP / PyTorch DDP |");
+    println!("|---|---|---:|---:|---:|---:|");
+    for &model in &models {
+        let torch = ips(model, "torch", 2);
+        for (imp, label) in
+            [("bonfire-cpu", "Bonfire, Flex"), ("bonfire-ndarray", "Bonfire, NdArray"), ("torch", "PyTorch, Gloo")]
+        {
+            let (ddp, alone) = (ips(model, imp, 2), ips(model, imp, 1));
+            if ddp.is_none() {
+                continue;
+            }
+            println!(
+                "| {model} | {label} | {} | {} | {} | {} |",
+                fmt(ddp),
+                fmt(alone),
+                ratio(ddp, alone.map(|a| 2.0 * a)),
+                ratio(ddp, torch)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs `bonfire train` for warm-up plus `steps` steps and returns the
+/// images/s of the timed steps, from rank 0's `steps.csv`.
+fn bonfire_images_per_sec(bonfire: &std::path::Path, run: &TrainRun, steps: usize) -> Result<f64> {
+    let out = std::env::temp_dir().join(format!(
+        "bonfire-bench-train-{}-{}-{}-{}",
+        std::process::id(),
+        run.backend,
+        run.model,
+        run.workers
+    ));
+    let strategy = if run.workers > 1 { "ddp" } else { "single" };
+    let output = Command::new(bonfire)
+        .args(["train", "--strategy", strategy, "--workers", &run.workers.to_string()])
+        .args(["--backend", run.backend, "--model", run.model])
+        .args(["--steps", &(WARMUP_STEPS + steps).to_string(), "--batch-size", &run.global_batch.to_string()])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .context("running bonfire")?;
+    if !output.status.success() {
+        bail!("bonfire train failed ({}):\n{}", output.status, String::from_utf8_lossy(&output.stderr));
+    }
+    let csv = std::fs::read_to_string(out.join("steps.csv")).context("reading steps.csv")?;
+    let _ = std::fs::remove_dir_all(&out);
+    let seconds: f64 =
+        csv.lines().skip(1 + WARMUP_STEPS).filter_map(|l| l.rsplit(',').next()?.parse::<f64>().ok()).sum();
+    if seconds <= 0.0 {
+        bail!("steps.csv of bonfire train holds no timed steps");
+    }
+    Ok((steps * run.global_batch) as f64 / seconds)
 }

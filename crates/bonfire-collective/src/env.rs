@@ -17,7 +17,14 @@ pub struct DistEnv {
     pub master_addr: String,
     /// `MASTER_PORT`: the store's port.
     pub master_port: u16,
+    /// `BONFIRE_JOB_TOKEN`: the secret every worker of the job presents to
+    /// the rendezvous store and to its ring peers. `bonfire launch` makes a
+    /// fresh one per job; empty when unset.
+    pub job_token: String,
 }
+
+/// The variable that carries the job token.
+pub const JOB_TOKEN_VAR: &str = "BONFIRE_JOB_TOKEN";
 
 impl DistEnv {
     /// Reads the process environment.
@@ -82,7 +89,14 @@ impl DistEnv {
                 })
             }
         };
-        Ok(DistEnv { rank, world_size, local_rank, local_world_size, master_addr, master_port })
+        let job_token = lookup(JOB_TOKEN_VAR).unwrap_or_default();
+        if job_token.len() > crate::store::MAX_TOKEN {
+            return Err(CommError::Env {
+                var: JOB_TOKEN_VAR,
+                detail: format!("is longer than {} bytes", crate::store::MAX_TOKEN),
+            });
+        }
+        Ok(DistEnv { rank, world_size, local_rank, local_world_size, master_addr, master_port, job_token })
     }
 
     /// `MASTER_ADDR:MASTER_PORT`, bracketing an IPv6 address.

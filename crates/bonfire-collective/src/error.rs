@@ -31,6 +31,9 @@ pub enum CommError {
     /// A peer sent something that is not the protocol.
     #[error("protocol error from {peer}: {detail}")]
     Protocol { peer: String, detail: String },
+    /// The rendezvous refused this worker (wrong job token, rank taken, ...).
+    #[error("{peer} refused this worker: {detail}")]
+    Refused { peer: String, detail: String },
     /// A bad argument from the caller (wrong length, root out of range, ...).
     #[error("invalid argument to {op}: {detail}")]
     Invalid { op: &'static str, detail: String },

@@ -15,11 +15,12 @@ mod error;
 mod inproc;
 pub mod store;
 mod tcp;
+#[cfg(feature = "tensor")]
 pub mod tensor;
 
 pub use communicator::{Communicator, DEFAULT_TIMEOUT};
 pub use element::{BufMut, BufRef, DType, Element, ReduceOp};
-pub use env::DistEnv;
+pub use env::{DistEnv, JOB_TOKEN_VAR};
 pub use error::{CommError, Result};
 pub use inproc::InProcCommunicator;
 pub use tcp::{TcpCommunicator, TcpConfig};

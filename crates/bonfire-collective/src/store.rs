@@ -4,6 +4,10 @@
 //! the NCCL unique id). Every message is a frame: a little-endian `u32` length,
 //! then that many bytes; lengths are checked against [`MAX_FRAME`] before
 //! anything is allocated, and a malformed frame closes only its connection.
+//!
+//! The first frame of every connection must carry the job token (the
+//! launcher's `BONFIRE_JOB_TOKEN`); a connection without it, or with another,
+//! is refused, logged and closed before it can read or write a key.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -22,6 +26,10 @@ const SET: u8 = 1;
 const GET: u8 = 2;
 const WAIT: u8 = 3;
 const ADD: u8 = 4;
+const JOIN: u8 = 5;
+
+/// The longest job token accepted.
+pub const MAX_TOKEN: usize = 256;
 
 /// The store's server side. It serves until dropped.
 pub struct StoreServer {
@@ -41,8 +49,13 @@ struct Table {
 }
 
 impl StoreServer {
-    /// Listens on `addr` (port 0 picks a free port, see [`StoreServer::addr`]).
-    pub fn bind(addr: impl ToSocketAddrs + std::fmt::Debug) -> Result<Self> {
+    /// Listens on `addr` (port 0 picks a free port, see [`StoreServer::addr`])
+    /// for clients that present `token`.
+    pub fn bind(addr: impl ToSocketAddrs + std::fmt::Debug, token: &str) -> Result<Self> {
+        if token.len() > MAX_TOKEN {
+            return Err(CommError::invalid("rendezvous", format!("the job token is longer than {MAX_TOKEN} bytes")));
+        }
+        let token: Arc<[u8]> = token.as_bytes().into();
         let listener = TcpListener::bind(&addr)
             .map_err(|e| CommError::io(format!("rendezvous store cannot listen on {addr:?}"), e))?;
         let addr = listener.local_addr().map_err(|e| CommError::io("rendezvous store address", e))?;
@@ -55,7 +68,7 @@ impl StoreServer {
             let connections = connections.clone();
             std::thread::Builder::new()
                 .name("bonfire-store".into())
-                .spawn(move || accept_loop(listener, stop, connections, table))
+                .spawn(move || accept_loop(listener, stop, connections, table, token))
                 .map_err(|e| CommError::io("rendezvous store thread", e))?
         };
         Ok(StoreServer { addr, stop, accept: Some(accept), connections })
@@ -79,7 +92,13 @@ impl Drop for StoreServer {
     }
 }
 
-fn accept_loop(listener: TcpListener, stop: Arc<AtomicBool>, connections: Connections, table: Arc<Table>) {
+fn accept_loop(
+    listener: TcpListener,
+    stop: Arc<AtomicBool>,
+    connections: Connections,
+    table: Arc<Table>,
+    token: Arc<[u8]>,
+) {
     let mut next_id = 0u64;
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
@@ -93,8 +112,9 @@ fn accept_loop(listener: TcpListener, stop: Arc<AtomicBool>, connections: Connec
                 }
                 let table = table.clone();
                 let connections = connections.clone();
+                let token = token.clone();
                 let _ = std::thread::Builder::new().name("bonfire-store-conn".into()).spawn(move || {
-                    if let Err(e) = serve(&stream, &table) {
+                    if let Err(e) = admit(&stream, &token).and_then(|()| serve(&stream, &table)) {
                         tracing::warn!("rendezvous store: closing connection from {peer}: {e}");
                     }
                     let _ = stream.shutdown(std::net::Shutdown::Both);
@@ -108,6 +128,33 @@ fn accept_loop(listener: TcpListener, stop: Arc<AtomicBool>, connections: Connec
             }
         }
     }
+}
+
+/// Reads the connection's first frame, which must present the job token.
+/// A refusal is answered (so that a worker with the wrong token learns why)
+/// and then closes the connection.
+fn admit(mut stream: &TcpStream, token: &[u8]) -> io::Result<()> {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut frame = Vec::new();
+    read_frame(&mut stream, &mut frame)?;
+    let _ = stream.set_read_timeout(None);
+    let refusal = match frame.split_first() {
+        Some((&JOIN, presented)) if same_token(presented, token) => None,
+        Some((&JOIN, _)) => Some("wrong job token"),
+        _ => Some("no job token"),
+    };
+    match refusal {
+        None => write_frame(&mut stream, &[1]),
+        Some(why) => {
+            let _ = write_frame(&mut stream, &[0]);
+            Err(invalid(format!("refused: {why}")))
+        }
+    }
+}
+
+/// Compares in time independent of where the tokens differ.
+pub(crate) fn same_token(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Serves one connection until the peer closes it or sends something invalid.
@@ -124,52 +171,90 @@ fn serve(mut stream: &TcpStream, table: &Table) -> io::Result<()> {
     }
 }
 
+/// One decoded request.
+#[derive(Debug, PartialEq, Eq)]
+enum Request {
+    Set { key: String, value: Vec<u8> },
+    Get { key: String, timeout: Duration },
+    Wait { keys: Vec<String>, timeout: Duration },
+    Add { key: String, delta: i64 },
+}
+
+impl Request {
+    fn decode(frame: &[u8]) -> io::Result<Self> {
+        let mut r = Reader(frame);
+        let request = match r.u8()? {
+            SET => Request::Set { key: r.key()?, value: r.rest().to_vec() },
+            GET => {
+                let timeout = Duration::from_millis(r.u32()? as u64);
+                Request::Get { key: r.key()?, timeout }
+            }
+            WAIT => {
+                let timeout = Duration::from_millis(r.u32()? as u64);
+                let n = r.u16()? as usize;
+                Request::Wait { keys: (0..n).map(|_| r.key()).collect::<io::Result<_>>()?, timeout }
+            }
+            ADD => {
+                let delta = r.i64()?;
+                Request::Add { key: r.key()?, delta }
+            }
+            other => return Err(invalid(format!("unknown request type {other}"))),
+        };
+        if !r.0.is_empty() {
+            return Err(invalid(format!("{} stray bytes after the request", r.0.len())));
+        }
+        Ok(request)
+    }
+}
+
+/// Decodes `bytes` exactly as the server reads a connection: frames, each
+/// one request, until the bytes end or something is invalid. Returns how
+/// many requests were valid. The entry point of the store's fuzz target.
+#[doc(hidden)]
+pub fn decode_connection(mut bytes: &[u8]) -> usize {
+    let mut frame = Vec::new();
+    let mut valid = 0;
+    while read_frame(&mut bytes, &mut frame).is_ok() && Request::decode(&frame).is_ok() {
+        valid += 1;
+    }
+    valid
+}
+
 fn handle(table: &Table, frame: &[u8]) -> io::Result<Vec<u8>> {
-    let mut r = Reader(frame);
     let lock = || table.map.lock().unwrap_or_else(|e| e.into_inner());
-    match r.u8()? {
-        SET => {
-            let key = r.key()?;
-            let value = r.rest().to_vec();
+    Ok(match Request::decode(frame)? {
+        Request::Set { key, value } => {
             lock().insert(key, value);
             table.changed.notify_all();
-            Ok(vec![1])
+            vec![1]
         }
-        GET => {
-            let timeout = Duration::from_millis(r.u32()? as u64);
-            let key = r.key()?;
+        Request::Get { key, timeout } => {
             let map = wait_until(table, timeout, |m| m.contains_key(&key));
-            Ok(match map.get(&key) {
+            match map.get(&key) {
                 Some(v) => [&[1u8][..], v].concat(),
                 None => vec![0],
-            })
+            }
         }
-        WAIT => {
-            let timeout = Duration::from_millis(r.u32()? as u64);
-            let n = r.u16()? as usize;
-            let keys = (0..n).map(|_| r.key()).collect::<io::Result<Vec<_>>>()?;
+        Request::Wait { keys, timeout } => {
             let map = wait_until(table, timeout, |m| keys.iter().all(|k| m.contains_key(k)));
-            let missing: Vec<u16> = (0..n as u16).filter(|&i| !map.contains_key(&keys[i as usize])).collect();
+            let missing: Vec<u16> = (0..keys.len() as u16).filter(|&i| !map.contains_key(&keys[i as usize])).collect();
             let mut out = vec![u8::from(missing.is_empty())];
             out.extend((missing.len() as u16).to_le_bytes());
             for i in missing {
                 out.extend(i.to_le_bytes());
             }
-            Ok(out)
+            out
         }
-        ADD => {
-            let delta = r.i64()?;
-            let key = r.key()?;
+        Request::Add { key, delta } => {
             let mut map = lock();
             let old = map.get(&key).and_then(|v| v.as_slice().try_into().ok()).map(i64::from_le_bytes).unwrap_or(0);
             let new = old.wrapping_add(delta);
             map.insert(key, new.to_le_bytes().to_vec());
             drop(map);
             table.changed.notify_all();
-            Ok(new.to_le_bytes().to_vec())
+            new.to_le_bytes().to_vec()
         }
-        other => Err(invalid(format!("unknown request type {other}"))),
-    }
+    })
 }
 
 fn wait_until<'a>(
@@ -197,9 +282,9 @@ pub struct StoreClient {
 }
 
 impl StoreClient {
-    /// Connects to the store at `addr` ("host:port"), retrying until `timeout`
-    /// because rank 0 may not be listening yet.
-    pub fn connect(addr: &str, timeout: Duration) -> Result<Self> {
+    /// Connects to the store at `addr` ("host:port") and presents `token`,
+    /// retrying until `timeout` because rank 0 may not be listening yet.
+    pub fn connect(addr: &str, token: &str, timeout: Duration) -> Result<Self> {
         let deadline = Instant::now() + timeout;
         let last_error = loop {
             let attempt = addr
@@ -209,7 +294,9 @@ impl StoreClient {
             match attempt {
                 Ok(stream) => {
                     stream.set_nodelay(true).map_err(|e| CommError::io("rendezvous socket", e))?;
-                    return Ok(StoreClient { stream, server: addr.to_string(), frame: Vec::new() });
+                    let mut client = StoreClient { stream, server: addr.to_string(), frame: Vec::new() };
+                    client.join(token)?;
+                    return Ok(client);
                 }
                 Err(e) if Instant::now() < deadline => {
                     tracing::debug!("rendezvous store at {addr} not reachable yet: {e}");
@@ -220,6 +307,17 @@ impl StoreClient {
         };
         Err(CommError::Timeout { op: "rendezvous (the store is hosted by rank 0)", rank: 0, waited: timeout })
             .inspect_err(|_| tracing::error!("rendezvous store at {addr}: {last_error}"))
+    }
+
+    fn join(&mut self, token: &str) -> Result<()> {
+        let reply = self.request(&[&[JOIN][..], token.as_bytes()].concat(), Duration::ZERO)?;
+        if reply != [1] {
+            return Err(CommError::Refused {
+                peer: format!("the rendezvous store at {}", self.server),
+                detail: "its job token differs from this worker's BONFIRE_JOB_TOKEN".into(),
+            });
+        }
+        Ok(())
     }
 
     /// The local address of this connection: the interface that reaches rank 0,
@@ -367,10 +465,10 @@ mod tests {
 
     #[test]
     fn set_get_wait_add() {
-        let server = StoreServer::bind("127.0.0.1:0").unwrap();
+        let server = StoreServer::bind("127.0.0.1:0", "secret").unwrap();
         let addr = server.addr().to_string();
-        let mut a = StoreClient::connect(&addr, Duration::from_secs(5)).unwrap();
-        let mut b = StoreClient::connect(&addr, Duration::from_secs(5)).unwrap();
+        let mut a = StoreClient::connect(&addr, "secret", Duration::from_secs(5)).unwrap();
+        let mut b = StoreClient::connect(&addr, "secret", Duration::from_secs(5)).unwrap();
         a.set("x", b"hello").unwrap();
         assert_eq!(b.get("x", Duration::from_secs(1)).unwrap().as_deref(), Some(&b"hello"[..]));
         assert_eq!(b.get("absent", Duration::from_millis(50)).unwrap(), None);
@@ -382,34 +480,68 @@ mod tests {
 
     #[test]
     fn get_waits_for_a_later_set() {
-        let server = StoreServer::bind("127.0.0.1:0").unwrap();
+        let server = StoreServer::bind("127.0.0.1:0", "secret").unwrap();
         let addr = server.addr().to_string();
-        let mut a = StoreClient::connect(&addr, Duration::from_secs(5)).unwrap();
+        let mut a = StoreClient::connect(&addr, "secret", Duration::from_secs(5)).unwrap();
         let setter = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(100));
             a.set("late", b"v").unwrap();
         });
-        let mut b = StoreClient::connect(&addr, Duration::from_secs(5)).unwrap();
+        let mut b = StoreClient::connect(&addr, "secret", Duration::from_secs(5)).unwrap();
         assert_eq!(b.get("late", Duration::from_secs(5)).unwrap().as_deref(), Some(&b"v"[..]));
         setter.join().unwrap();
     }
 
     #[test]
     fn oversized_or_garbled_frames_close_only_that_connection() {
-        let server = StoreServer::bind("127.0.0.1:0").unwrap();
+        let server = StoreServer::bind("127.0.0.1:0", "secret").unwrap();
         let addr = server.addr().to_string();
         let mut raw = TcpStream::connect(&addr).unwrap();
         raw.write_all(&u32::MAX.to_le_bytes()).unwrap();
         assert_closed(&mut raw, "an oversized frame");
-        let mut raw = TcpStream::connect(&addr).unwrap();
+        let mut raw = joined(&addr);
+        raw.write_all(&u32::MAX.to_le_bytes()).unwrap();
+        assert_closed(&mut raw, "an oversized frame after joining");
+        let mut raw = joined(&addr);
         write_frame(&mut raw, &[GET, 1]).unwrap();
         assert_closed(&mut raw, "a truncated request");
-        let mut raw = TcpStream::connect(&addr).unwrap();
+        let mut raw = joined(&addr);
         write_frame(&mut raw, &[99]).unwrap();
         assert_closed(&mut raw, "an unknown request");
-        let mut ok = StoreClient::connect(&addr, Duration::from_secs(5)).unwrap();
+        let mut ok = StoreClient::connect(&addr, "secret", Duration::from_secs(5)).unwrap();
         ok.set("still", b"alive").unwrap();
         assert_eq!(ok.get("still", Duration::from_secs(1)).unwrap().as_deref(), Some(&b"alive"[..]));
+    }
+
+    /// A raw connection that has presented the right token.
+    fn joined(addr: &str) -> TcpStream {
+        let mut raw = TcpStream::connect(addr).unwrap();
+        write_frame(&mut raw, &[&[JOIN][..], b"secret"].concat()).unwrap();
+        let mut reply = Vec::new();
+        read_frame(&mut raw, &mut reply).unwrap();
+        assert_eq!(reply, [1]);
+        raw
+    }
+
+    #[test]
+    fn a_connection_without_the_job_token_is_refused_and_the_store_serves_on() {
+        let server = StoreServer::bind("127.0.0.1:0", "secret").unwrap();
+        let addr = server.addr().to_string();
+        let err = StoreClient::connect(&addr, "guess", Duration::from_secs(5)).err().expect("a wrong token is refused");
+        assert!(matches!(err, CommError::Refused { .. }), "{err}");
+        assert!(err.to_string().contains("job token"), "{err}");
+        assert!(StoreClient::connect(&addr, "", Duration::from_secs(5)).is_err(), "an empty token is refused");
+        // A request sent without joining first is refused and closed.
+        let mut raw = TcpStream::connect(&addr).unwrap();
+        let mut set = vec![SET];
+        put_key(&mut set, "stolen").unwrap();
+        write_frame(&mut raw, &set).unwrap();
+        let mut reply = Vec::new();
+        read_frame(&mut raw, &mut reply).unwrap();
+        assert_eq!(reply, [0], "refused");
+        assert_closed(&mut raw, "a connection that skipped the token");
+        let mut ok = StoreClient::connect(&addr, "secret", Duration::from_secs(5)).unwrap();
+        assert_eq!(ok.get("stolen", Duration::from_millis(50)).unwrap(), None, "nothing was written");
     }
 
     /// The server closes the connection at once: end of stream or reset, not
@@ -427,7 +559,8 @@ mod tests {
     #[test]
     fn unreachable_store_is_a_timeout_naming_rank_0() {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let err = StoreClient::connect(&format!("127.0.0.1:{port}"), Duration::from_millis(300)).err().unwrap();
+        let err =
+            StoreClient::connect(&format!("127.0.0.1:{port}"), "secret", Duration::from_millis(300)).err().unwrap();
         assert!(err.to_string().contains("rank 0"), "{err}");
     }
 }

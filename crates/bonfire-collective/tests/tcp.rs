@@ -21,12 +21,14 @@ fn env(rank: usize, world: usize, port: u16) -> DistEnv {
         local_world_size: world,
         master_addr: "127.0.0.1".into(),
         master_port: port,
+        job_token: "test-job".into(),
     }
 }
 
 fn config(timeout: Duration) -> TcpConfig {
-    // Small chunks so that the pipeline runs many steps even on small buffers.
-    TcpConfig { timeout, chunk_bytes: 64 << 10, ..TcpConfig::default() }
+    // Small chunks so that the pipeline runs many steps even on small buffers;
+    // a short stall warning for the stall inspector's test.
+    TcpConfig { timeout, chunk_bytes: 64 << 10, stall_warning: Duration::from_millis(300), ..TcpConfig::default() }
 }
 
 /// Runs `f` on ranks `ranks` of a `world`-rank group, each in its own thread.
@@ -119,6 +121,116 @@ fn threads_mismatched_calls_are_named() {
             "{err}"
         );
     }
+}
+
+#[test]
+fn threads_a_worker_with_another_job_token_is_refused() {
+    let port = free_port();
+    let timeout = Duration::from_millis(800);
+    let (first, stranger) = std::thread::scope(|s| {
+        let first = s.spawn(|| TcpCommunicator::connect(&env(0, 2, port), config(timeout)));
+        let stranger = s.spawn(|| {
+            let env = DistEnv { job_token: "another-job".into(), ..env(1, 2, port) };
+            TcpCommunicator::connect(&env, config(timeout))
+        });
+        (first.join().unwrap(), stranger.join().unwrap())
+    });
+    let err = stranger.err().expect("the stranger is refused");
+    assert!(matches!(err, CommError::Refused { .. }) && err.to_string().contains("job token"), "{err}");
+    let err = first.err().expect("rank 1 never joined");
+    assert!(matches!(&err, CommError::Missing { ranks, .. } if ranks == &[1]), "{err}");
+}
+
+#[test]
+fn threads_world_sizes_that_disagree_are_named() {
+    let port = free_port();
+    let timeout = Duration::from_millis(800);
+    let (rank0, rank1) = std::thread::scope(|s| {
+        let rank0 = s.spawn(|| TcpCommunicator::connect(&env(0, 2, port), config(timeout)));
+        let rank1 = s.spawn(|| TcpCommunicator::connect(&env(1, 3, port), config(timeout)));
+        (rank0.join().unwrap(), rank1.join().unwrap())
+    });
+    let err = rank1.err().expect("rank 1 disagrees");
+    assert!(
+        matches!(&err, CommError::Mismatch { rank: 0, detail, .. } if detail.contains("WORLD_SIZE is 2, this worker's is 3")),
+        "{err}"
+    );
+    assert!(rank0.is_err(), "rank 0 cannot complete a group with rank 1 gone");
+}
+
+#[test]
+fn threads_two_workers_claiming_one_rank_are_caught() {
+    let port = free_port();
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = [0, 1, 1]
+            .into_iter()
+            .map(|rank| {
+                s.spawn(move || {
+                    TcpCommunicator::connect(&env(rank, 2, port), config(Duration::from_secs(10))).map(|mut c| {
+                        let mut buf = vec![1f32; 4];
+                        c.all_reduce(buf.as_mut_slice().into(), ReduceOp::Sum).map(|()| buf)
+                    })
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let refused: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(refused.len(), 1, "exactly the second claimant is refused: {results:?}");
+    assert!(refused[0].to_string().contains("rank 1 is already taken"), "{}", refused[0]);
+    for r in results.into_iter().flatten() {
+        assert_eq!(r.unwrap(), vec![2f32; 4], "the rightful pair works");
+    }
+}
+
+#[test]
+fn threads_a_store_port_in_use_is_named() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let err = TcpCommunicator::connect(&env(0, 2, port), config(Duration::from_millis(500))).err().unwrap();
+    let text = err.to_string();
+    assert!(text.contains("cannot host the rendezvous store") && text.contains("holds that port"), "{text}");
+}
+
+/// Log lines written by `tracing` on the threads that install it.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn threads_the_stall_inspector_names_the_rank_that_is_behind_and_the_call() {
+    let results = run_ranks(3, &[0, 1, 2], Duration::from_secs(10), |c| {
+        let mut c = c.unwrap();
+        let log = Captured::default();
+        let sink = log.clone();
+        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || sink.clone()).finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let mut buf = vec![1f32; 1 << 12];
+            c.all_reduce(buf.as_mut_slice().into(), ReduceOp::Sum).unwrap();
+            if c.rank() == 2 {
+                std::thread::sleep(Duration::from_millis(700)); // behind, but within the timeout
+            }
+            c.all_reduce(buf.as_mut_slice().into(), ReduceOp::Sum).unwrap();
+            assert!(buf.iter().all(|&v| v == 9.0), "the late call still completes correctly");
+        });
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        (c.rank(), text)
+    });
+    // Rank 0 waits on rank 2 directly, for a call rank 2 has not started.
+    let (_, log0) = &results[0];
+    assert!(log0.contains("stall: rank 0 has waited") && log0.contains("in all_reduce #"), "{log0}");
+    assert!(log0.contains("for rank 2, which has not started it"), "{log0}");
+    // Rank 2 itself waited for nobody.
+    assert!(!results[2].1.contains("stall"), "{}", results[2].1);
 }
 
 // ---- real processes ----------------------------------------------------------

@@ -23,22 +23,26 @@ pub fn load(dir: &Path, split: Split) -> Result<ImageDataset> {
     for name in files(split) {
         let path = dir.join(&name);
         let bytes = std::fs::read(&path).map_err(|source| DataError::Io { path: path.clone(), source })?;
-        if bytes.is_empty() || bytes.len() % RECORD != 0 {
-            return Err(DataError::format(
-                &path,
-                format!("{} bytes is not a whole number of {RECORD}-byte CIFAR-10 records (truncated?)", bytes.len()),
-            ));
-        }
-        for (i, record) in bytes.chunks_exact(RECORD).enumerate() {
-            if record[0] >= 10 {
-                return Err(DataError::format(
-                    &path,
-                    format!("record {i} has label {}, not a CIFAR-10 class", record[0]),
-                ));
-            }
-            labels.push(record[0]);
-            pixels.extend_from_slice(&record[1..]);
-        }
+        parse_records(&path, &bytes, &mut pixels, &mut labels)?;
     }
     ImageDataset::new(3, 32, 32, 10, pixels, labels)
+}
+
+/// Appends the records of one file's bytes to `pixels` and `labels`; `path`
+/// names the file in errors. Also the entry point of the CIFAR-10 fuzz target.
+pub fn parse_records(path: &Path, bytes: &[u8], pixels: &mut Vec<u8>, labels: &mut Vec<u8>) -> Result<()> {
+    if bytes.is_empty() || bytes.len() % RECORD != 0 {
+        return Err(DataError::format(
+            path,
+            format!("{} bytes is not a whole number of {RECORD}-byte CIFAR-10 records (truncated?)", bytes.len()),
+        ));
+    }
+    for (i, record) in bytes.chunks_exact(RECORD).enumerate() {
+        if record[0] >= 10 {
+            return Err(DataError::format(path, format!("record {i} has label {}, not a CIFAR-10 class", record[0])));
+        }
+        labels.push(record[0]);
+        pixels.extend_from_slice(&record[1..]);
+    }
+    Ok(())
 }

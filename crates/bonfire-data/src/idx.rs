@@ -5,19 +5,25 @@ use std::path::Path;
 
 use crate::error::{DataError, Result};
 
-/// Reads a whole file, gunzipping it when it starts with the gzip magic.
-pub(crate) fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let io = |source| DataError::Io { path: path.to_path_buf(), source };
-    let raw = std::fs::read(path).map_err(io)?;
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(raw.as_slice())
-            .read_to_end(&mut out)
-            .map_err(|e| DataError::format(path, format!("corrupt gzip stream: {e}")))?;
-        Ok(out)
-    } else {
-        Ok(raw)
+/// The largest file accepted after gunzipping (Fashion-MNIST's largest is
+/// 47 MB): a small hostile gzip stream cannot expand without bound.
+pub const MAX_DECODED: u64 = 1 << 30;
+
+/// `raw`, gunzipped when it starts with the gzip magic. `path` names the file
+/// in errors.
+fn gunzip_if_gzipped(path: &Path, raw: Vec<u8>) -> Result<Vec<u8>> {
+    if !raw.starts_with(&[0x1f, 0x8b]) {
+        return Ok(raw);
     }
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(raw.as_slice())
+        .take(MAX_DECODED + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| DataError::format(path, format!("corrupt gzip stream: {e}")))?;
+    if out.len() as u64 > MAX_DECODED {
+        return Err(DataError::format(path, format!("expands to more than {MAX_DECODED} bytes")));
+    }
+    Ok(out)
 }
 
 /// An IDX file of unsigned bytes: its dimensions and data.
@@ -57,8 +63,21 @@ pub(crate) fn parse_u8(path: &Path, bytes: &[u8], dims_expected: usize) -> Resul
 
 /// Reads an images file (3 dimensions) and a labels file (1 dimension).
 pub fn read_images_and_labels(images: &Path, labels: &Path) -> Result<(usize, usize, Vec<u8>, Vec<u8>)> {
-    let (idims, pixels) = parse_u8(images, &read_maybe_gz(images)?, 3)?;
-    let (ldims, labels_data) = parse_u8(labels, &read_maybe_gz(labels)?, 1)?;
+    let read = |path: &Path| std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source });
+    parse_images_and_labels(images, read(images)?, labels, read(labels)?)
+}
+
+/// [`read_images_and_labels`] on the files' bytes (raw or gzipped): the
+/// images' height, width and pixels, and the labels. The paths name the
+/// files in errors. Also the entry point of the IDX fuzz target.
+pub fn parse_images_and_labels(
+    images: &Path,
+    images_raw: Vec<u8>,
+    labels: &Path,
+    labels_raw: Vec<u8>,
+) -> Result<(usize, usize, Vec<u8>, Vec<u8>)> {
+    let (idims, pixels) = parse_u8(images, &gunzip_if_gzipped(images, images_raw)?, 3)?;
+    let (ldims, labels_data) = parse_u8(labels, &gunzip_if_gzipped(labels, labels_raw)?, 1)?;
     if idims[0] != ldims[0] {
         return Err(DataError::format(
             labels,

@@ -5,7 +5,7 @@ pub mod cifar;
 mod dataset;
 mod error;
 pub mod fashion_mnist;
-mod idx;
+pub mod idx;
 mod sampler;
 pub mod synthetic;
 

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use bonfire_collective::JOB_TOKEN_VAR;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LaunchArgs {
@@ -51,6 +52,7 @@ pub fn launch(args: &LaunchArgs) -> Result<()> {
         0 => TcpListener::bind("127.0.0.1:0")?.local_addr()?.port(),
         p => p,
     };
+    let token = job_token(args.nnodes)?;
     let world = args.nproc_per_node * args.nnodes;
     let mut children: Vec<(usize, Child)> = Vec::new();
     for local in 0..args.nproc_per_node {
@@ -63,6 +65,7 @@ pub fn launch(args: &LaunchArgs) -> Result<()> {
             .env("LOCAL_WORLD_SIZE", args.nproc_per_node.to_string())
             .env("MASTER_ADDR", &args.master_addr)
             .env("MASTER_PORT", port.to_string())
+            .env(JOB_TOKEN_VAR, &token)
             .process_group(0)
             .spawn()
             .with_context(|| format!("starting rank {rank}: {}", args.command[0]));
@@ -82,32 +85,60 @@ pub fn launch(args: &LaunchArgs) -> Result<()> {
     watch(children, &interrupted)
 }
 
+/// The secret the workers present at the rendezvous: the user's
+/// `BONFIRE_JOB_TOKEN` when set (it must be the same on every host), else a
+/// fresh random one for this single-host job.
+fn job_token(nnodes: usize) -> Result<String> {
+    if let Some(token) = std::env::var(JOB_TOKEN_VAR).ok().filter(|t| !t.is_empty()) {
+        return Ok(token);
+    }
+    if nnodes > 1 {
+        bail!(
+            "a job over several hosts needs a shared secret: set {JOB_TOKEN_VAR} to the same value on every host \
+             (for example: export {JOB_TOKEN_VAR}=$(head -c 16 /dev/urandom | xxd -p))"
+        );
+    }
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .context("reading /dev/urandom for the job token")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 fn watch(mut children: Vec<(usize, Child)>, interrupted: &AtomicBool) -> Result<()> {
     while !children.is_empty() {
         if interrupted.load(Ordering::SeqCst) {
             stop(&mut children);
             bail!("interrupted; stopped every worker");
         }
-        let mut finished = None;
-        for (i, (rank, child)) in children.iter_mut().enumerate() {
-            if let Some(status) = child.try_wait()? {
-                finished = Some((i, *rank, status));
-                break;
+        let mut failed = Vec::new();
+        let mut i = 0;
+        while i < children.len() {
+            match children[i].1.try_wait()? {
+                None => i += 1,
+                Some(status) => {
+                    let (rank, child) = children.remove(i);
+                    if !status.success() {
+                        failed.push((rank, child, status));
+                    }
+                }
             }
         }
-        match finished {
-            Some((i, _, status)) if status.success() => {
-                children.remove(i);
-            }
-            Some((i, rank, status)) => {
-                let (_, failed) = children.remove(i);
-                // Whatever the failed worker started goes with it.
-                signal_groups(&[(rank, failed)], SIGKILL);
-                stop(&mut children);
-                bail!("rank {rank} {}; stopped the other workers", describe(status));
-            }
-            None => std::thread::sleep(Duration::from_millis(50)),
+        if failed.is_empty() {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
         }
+        // A worker that died of a signal is the cause; the others that ended
+        // in the same instant most likely failed because they lost it.
+        failed
+            .sort_by_key(|(rank, _, status)| (std::os::unix::process::ExitStatusExt::signal(status).is_none(), *rank));
+        let what: Vec<String> =
+            failed.iter().map(|(rank, _, status)| format!("rank {rank} {}", describe(*status))).collect();
+        // Whatever the failed workers started goes with them.
+        let gone: Vec<(usize, Child)> = failed.into_iter().map(|(rank, child, _)| (rank, child)).collect();
+        signal_groups(&gone, SIGKILL);
+        stop(&mut children);
+        bail!("{}; stopped the other workers", what.join("; "));
     }
     Ok(())
 }
@@ -116,6 +147,8 @@ fn watch(mut children: Vec<(usize, Child)>, interrupted: &AtomicBool) -> Result<
 /// what is left of them (SIGKILL).
 fn stop(children: &mut Vec<(usize, Child)>) {
     signal_groups(children, SIGTERM);
+    // A stopped worker (SIGSTOP) would hold its SIGTERM until continued.
+    signal_groups(children, SIGCONT);
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline && children.iter_mut().any(|(_, c)| matches!(c.try_wait(), Ok(None))) {
         std::thread::sleep(Duration::from_millis(20));
@@ -129,6 +162,7 @@ fn stop(children: &mut Vec<(usize, Child)>) {
 
 const SIGTERM: i32 = 15;
 const SIGKILL: i32 = 9;
+const SIGCONT: i32 = 18;
 
 fn signal_groups(children: &[(usize, Child)], signal: i32) {
     for (_, child) in children {

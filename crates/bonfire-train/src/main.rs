@@ -10,6 +10,7 @@ mod weights;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use bonfire_collective::{Communicator, InProcCommunicator, TcpCommunicator, TcpConfig};
@@ -19,6 +20,7 @@ use burn::backend::Autodiff;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use launch::LaunchArgs;
+use model::ModelKind;
 use trainer::{OptimizerKind, Parallel, Report, TrainOptions};
 
 #[derive(Parser)]
@@ -30,7 +32,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Train LeNet on a data set, on one device or several workers.
+    /// Train a model on a data set, on one device or several workers.
     Train(TrainArgs),
     /// Start one process per worker with torchrun's environment variables.
     Launch(LaunchArgs),
@@ -38,8 +40,10 @@ enum Cmd {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum BackendKind {
-    /// Burn's Flex backend on the CPU.
+    /// The CPU, through Burn's Flex backend (measured faster here than NdArray).
     Cpu,
+    /// The CPU through Burn's NdArray backend, for comparison.
+    Ndarray,
     /// wgpu (Vulkan, Metal, DX12; lavapipe on machines without a GPU).
     Wgpu,
     /// CUDA (needs a build with the `cuda` feature).
@@ -103,14 +107,15 @@ struct TrainArgs {
     /// Continue from the checkpoint in --checkpoint-dir.
     #[arg(long, requires = "checkpoint_dir")]
     resume: bool,
-    /// Folder for metrics (metrics.csv, metrics.json) and the plot (loss.png).
+    /// Seconds a DDP worker waits for a silent peer before failing.
+    #[arg(long, default_value_t = 300.0, value_parser = positive_seconds)]
+    timeout: f64,
+    /// Seconds of waiting in a collective after which a worker logs which rank and call it waits for.
+    #[arg(long, default_value_t = 60.0, value_parser = positive_seconds)]
+    stall_warning: f64,
+    /// Folder for metrics (metrics.csv, metrics.json, steps.csv) and the plot (loss.png).
     #[arg(long, default_value = "runs/latest")]
     out: PathBuf,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum ModelKind {
-    Lenet,
 }
 
 /// Exit code for a backend that cannot run here.
@@ -120,7 +125,19 @@ const EXIT_UNAVAILABLE: u8 = 2;
 #[error("{0}")]
 struct Unavailable(String);
 
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("{s:?} is not a positive number of seconds")),
+    }
+}
+
 fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::INFO)
+        .with_target(false)
+        .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Train(args) => train(args),
@@ -164,6 +181,9 @@ fn train(args: TrainArgs) -> Result<()> {
     let (train_set, test_set) = data::load(args.dataset, args.data_dir.as_deref(), !launched)?;
     match args.backend {
         BackendKind::Cpu => run::<Autodiff<burn::backend::Flex>>(&args, Default::default(), &train_set, &test_set),
+        BackendKind::Ndarray => {
+            run::<Autodiff<burn::backend::NdArray>>(&args, Default::default(), &train_set, &test_set)
+        }
         BackendKind::Wgpu => {
             let device = burn::backend::wgpu::WgpuDevice::default();
             check_wgpu(&device)?;
@@ -194,6 +214,7 @@ fn check_wgpu(device: &burn::backend::wgpu::WgpuDevice) -> Result<()> {
 
 fn options(args: &TrainArgs) -> TrainOptions {
     TrainOptions {
+        model: args.model,
         epochs: args.epochs,
         max_steps: args.steps,
         global_batch: args.batch_size,
@@ -223,7 +244,10 @@ fn run<B: HookBackend>(
             trainer::train::<B>(&device, train_set, test_set, &opts, Parallel::Dp { replicas: args.workers })?
         }
         (StrategyKind::Ddp, true) => {
-            let comms = InProcCommunicator::group(args.workers)?;
+            let mut comms = InProcCommunicator::group(args.workers)?;
+            for c in &mut comms {
+                c.set_timeout(Duration::from_secs_f64(args.timeout));
+            }
             let reports = std::thread::scope(|s| {
                 let handles: Vec<_> = comms
                     .into_iter()
@@ -241,7 +265,12 @@ fn run<B: HookBackend>(
         }
         (StrategyKind::Ddp, false) => {
             let comm: Box<dyn Communicator> = if std::env::var_os("RANK").is_some() {
-                Box::new(TcpCommunicator::from_env(TcpConfig::default()).context("joining the workers")?)
+                let config = TcpConfig {
+                    timeout: Duration::from_secs_f64(args.timeout),
+                    stall_warning: Duration::from_secs_f64(args.stall_warning),
+                    ..TcpConfig::default()
+                };
+                Box::new(TcpCommunicator::from_env(config).context("joining the workers")?)
             } else {
                 Box::new(InProcCommunicator::group(1)?.remove(0))
             };
@@ -272,6 +301,11 @@ fn write_metrics(dir: &std::path::Path, report: &Report) -> Result<()> {
         );
     }
     std::fs::write(dir.join("metrics.csv"), csv)?;
+    let mut steps = String::from("step,loss,seconds\n");
+    for ((step, loss), seconds) in report.step_losses.iter().zip(&report.step_seconds) {
+        steps += &format!("{step},{loss:.6},{seconds:.6}\n");
+    }
+    std::fs::write(dir.join("steps.csv"), steps)?;
     std::fs::write(dir.join("metrics.json"), serde_json::to_string_pretty(&report.epochs)?)?;
     plot::write(&dir.join("loss.png"), report)?;
     Ok(())

@@ -7,8 +7,6 @@ use anyhow::{bail, Context, Result};
 use bonfire_collective::Communicator;
 use bonfire_data::{DistributedSampler, ImageDataset};
 use bonfire_parallel::{DataParallel, DdpConfig, DistributedDataParallel, HookBackend};
-use burn::module::AutodiffModule;
-use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer, SgdConfig};
@@ -19,7 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::checkpoint::{self, Checkpoint};
-use crate::model::LeNet;
+use crate::model::{Classifier, LeNet, ModelKind, ResNet, TrainableClassifier};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OptimizerKind {
@@ -29,6 +27,7 @@ pub enum OptimizerKind {
 
 #[derive(Debug, Clone)]
 pub struct TrainOptions {
+    pub model: ModelKind,
     pub epochs: usize,
     /// Stop after this many steps in all (a smoke run).
     pub max_steps: Option<usize>,
@@ -79,6 +78,8 @@ pub struct Report {
     pub epochs: Vec<EpochMetrics>,
     /// (step, loss) of every step of this worker.
     pub step_losses: Vec<(usize, f64)>,
+    /// Wall-clock seconds of every step of this worker, in order.
+    pub step_seconds: Vec<f64>,
 }
 
 pub fn train<B: HookBackend>(
@@ -89,7 +90,26 @@ pub fn train<B: HookBackend>(
     parallel: Parallel,
 ) -> Result<Report> {
     B::seed(device, options.seed);
-    let mut model = LeNet::<B>::new(train.channels, train.height, train.classes, device);
+    match options.model {
+        ModelKind::Lenet => {
+            let model = LeNet::<B>::new(train.channels, train.height, train.classes, device);
+            with_optimizer(device, train, test, options, parallel, model)
+        }
+        ModelKind::Resnet => {
+            let model = ResNet::<B>::new(train.channels, train.classes, device);
+            with_optimizer(device, train, test, options, parallel, model)
+        }
+    }
+}
+
+fn with_optimizer<B: HookBackend, M: TrainableClassifier<B>>(
+    device: &B::Device,
+    train: &ImageDataset,
+    test: &ImageDataset,
+    options: &TrainOptions,
+    parallel: Parallel,
+    mut model: M,
+) -> Result<Report> {
     if let Some(file) = &options.init {
         model = crate::weights::init(model, file)?;
     }
@@ -112,13 +132,13 @@ enum Strategy<B: HookBackend> {
     Ddp(Box<DistributedDataParallel<B>>),
 }
 
-fn run<B: HookBackend, O: Optimizer<LeNet<B>, B>>(
+fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
     device: &B::Device,
     train: &ImageDataset,
     test: &ImageDataset,
     options: &TrainOptions,
     parallel: Parallel,
-    mut model: LeNet<B>,
+    mut model: M,
     mut opt: O,
 ) -> Result<Report> {
     let recorder = NamedMpkBytesRecorder::<FullPrecisionSettings>::default();
@@ -127,9 +147,9 @@ fn run<B: HookBackend, O: Optimizer<LeNet<B>, B>>(
         let dir = options.checkpoint_dir.as_deref().context("--resume needs --checkpoint-dir")?;
         let ckpt =
             checkpoint::load(dir)?.with_context(|| format!("--resume: there is no checkpoint in {}", dir.display()))?;
-        let model_record = recorder
-            .load(ckpt.model, device)
-            .map_err(|e| anyhow::anyhow!("the checkpoint in {} does not hold a LeNet: {e:?}", dir.display()))?;
+        let model_record = recorder.load(ckpt.model, device).map_err(|e| {
+            anyhow::anyhow!("the checkpoint in {} does not hold a {}: {e:?}", dir.display(), options.model)
+        })?;
         model = model.load_record(model_record);
         let opt_record = recorder.load(ckpt.optimizer, device).map_err(|e| {
             anyhow::anyhow!("the checkpoint in {} does not hold this optimizer's state: {e:?}", dir.display())
@@ -160,6 +180,7 @@ fn run<B: HookBackend, O: Optimizer<LeNet<B>, B>>(
     let mut done_steps = 0usize;
     let mut epochs = Vec::new();
     let mut step_losses = Vec::new();
+    let mut step_seconds = Vec::new();
     if start_epoch > 0 && rank == 0 {
         eprintln!("resuming after epoch {start_epoch}");
     }
@@ -168,6 +189,7 @@ fn run<B: HookBackend, O: Optimizer<LeNet<B>, B>>(
         let start = Instant::now();
         let (mut loss_sum, mut steps, mut images) = (0.0f64, 0usize, 0usize);
         for indices in sampler.indices(epoch as u64).chunks(per_rank) {
+            let step_start = Instant::now();
             let (x, y) = to_tensors::<B>(train, indices, device);
             let (loss, grads) = match &mut strategy {
                 Strategy::Single => {
@@ -188,6 +210,7 @@ fn run<B: HookBackend, O: Optimizer<LeNet<B>, B>>(
                 }
             };
             model = opt.step(options.lr, model, grads);
+            step_seconds.push(step_start.elapsed().as_secs_f64());
             loss_sum += loss;
             steps += 1;
             step_losses.push((epoch * steps_per_epoch + steps, loss));
@@ -214,15 +237,15 @@ fn run<B: HookBackend, O: Optimizer<LeNet<B>, B>>(
     if let (Some(file), 0) = (&options.save, rank) {
         crate::weights::save(&model, file)?;
     }
-    Ok(Report { rank, epochs, step_losses })
+    Ok(Report { rank, epochs, step_losses, step_seconds })
 }
 
 #[allow(clippy::too_many_arguments)]
-fn finish_epoch<B: HookBackend>(
+fn finish_epoch<B: HookBackend, M: TrainableClassifier<B>>(
     epochs: &mut Vec<EpochMetrics>,
     bar: &ProgressBar,
     rank: usize,
-    model: &LeNet<B>,
+    model: &M,
     test: &ImageDataset,
     device: &B::Device,
     epoch: usize,
@@ -233,7 +256,7 @@ fn finish_epoch<B: HookBackend>(
 ) {
     bar.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
-    let test_accuracy = (rank == 0).then(|| accuracy::<B::InnerBackend>(&model.valid(), test, device));
+    let test_accuracy = (rank == 0).then(|| accuracy::<B::InnerBackend, _>(&model.valid(), test, device));
     let m = EpochMetrics {
         epoch: epoch + 1,
         steps,
@@ -287,7 +310,7 @@ fn to_tensors<B: Backend>(
 }
 
 /// Fraction of `data` that `model` classifies correctly.
-pub fn accuracy<B: Backend>(model: &LeNet<B>, data: &ImageDataset, device: &B::Device) -> f64 {
+pub fn accuracy<B: Backend, M: Classifier<B>>(model: &M, data: &ImageDataset, device: &B::Device) -> f64 {
     let mut correct = 0usize;
     let all: Vec<usize> = (0..data.len()).collect();
     for chunk in all.chunks(1000) {

@@ -5,14 +5,13 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn_store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
 
-use crate::model::LeNet;
-
 /// Loads every parameter of `model` from `file`; a missing, misshapen or
 /// unexpected tensor is an error naming it.
-pub fn init<B: Backend>(mut model: LeNet<B>, file: &Path) -> Result<LeNet<B>> {
+pub fn init<B: Backend, M: Module<B>>(mut model: M, file: &Path) -> Result<M> {
     if !file.is_file() {
         bail!("--init {}: no such file", file.display());
     }
@@ -36,7 +35,7 @@ pub fn init<B: Backend>(mut model: LeNet<B>, file: &Path) -> Result<LeNet<B>> {
 }
 
 /// Writes `model` to `file` (through a temporary file and a rename).
-pub fn save<B: Backend>(model: &LeNet<B>, file: &Path) -> Result<()> {
+pub fn save<B: Backend, M: Module<B>>(model: &M, file: &Path) -> Result<()> {
     if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

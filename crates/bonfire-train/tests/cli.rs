@@ -88,6 +88,33 @@ fn single_and_dp_strategies_train() {
     }
 }
 
+/// The benchmark ResNet (batch norm, residual blocks) trains under DDP over
+/// 2 processes, and its steps are timed in steps.csv.
+#[test]
+fn resnet_trains_under_ddp() {
+    let dir = out_dir("resnet");
+    let o = bonfire(&[
+        "train",
+        "--model",
+        "resnet",
+        "--steps",
+        "30",
+        "--batch-size",
+        "32",
+        "--lr",
+        "0.05",
+        "--dataset",
+        "synthetic",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(final_accuracy(&o) > 0.5, "{}", text(&o));
+    let steps = std::fs::read_to_string(dir.join("steps.csv")).unwrap();
+    assert_eq!(steps.lines().count(), 1 + 30, "{steps}");
+    assert!(steps.lines().skip(1).all(|l| l.split(',').nth(2).unwrap().parse::<f64>().unwrap() > 0.0));
+}
+
 #[test]
 fn bad_input_gets_clear_errors() {
     let cases: [(&[&str], &str); 5] = [

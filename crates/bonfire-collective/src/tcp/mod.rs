@@ -14,7 +14,7 @@ use crate::element::{with_pair, with_slice, BufMut, BufRef, DType, Element, Redu
 use crate::env::DistEnv;
 use crate::error::{CommError, Result};
 use crate::store::{StoreClient, StoreServer};
-use pipeline::{io_error, Link};
+use pipeline::{io_error, Link, Watch};
 use plan::Phases;
 
 /// Tuning of the TCP ring.
@@ -27,11 +27,26 @@ pub struct TcpConfig {
     pub chunk_bytes: usize,
     /// `SO_SNDBUF`/`SO_RCVBUF` of the ring sockets.
     pub socket_buffer: usize,
+    /// After this long without word from a peer, a call logs a stall warning
+    /// naming the peer and the call (the timeout still applies).
+    pub stall_warning: Duration,
+}
+
+impl TcpConfig {
+    /// How often a waiting read wakes to check the stall warning and timeout.
+    fn poll_tick(&self) -> Duration {
+        self.stall_warning.min(self.timeout).clamp(Duration::from_millis(10), Duration::from_secs(1))
+    }
 }
 
 impl Default for TcpConfig {
     fn default() -> Self {
-        TcpConfig { timeout: DEFAULT_TIMEOUT, chunk_bytes: 1 << 20, socket_buffer: 4 << 20 }
+        TcpConfig {
+            timeout: DEFAULT_TIMEOUT,
+            chunk_bytes: 1 << 20,
+            socket_buffer: 4 << 20,
+            stall_warning: Duration::from_secs(60),
+        }
     }
 }
 
@@ -68,11 +83,16 @@ impl TcpCommunicator {
         let timeout = config.timeout;
         let deadline = Instant::now() + timeout;
         let store_server = if rank == 0 {
-            Some(StoreServer::bind(env.store_addr()).map_err(|e| match e {
+            Some(StoreServer::bind(env.store_addr(), &env.job_token).map_err(|e| match e {
                 CommError::Io { source, .. } => CommError::io(
                     format!(
-                        "rank 0 cannot host the rendezvous store at {} (MASTER_ADDR:MASTER_PORT)",
-                        env.store_addr()
+                        "rank 0 cannot host the rendezvous store at {} (MASTER_ADDR:MASTER_PORT){}",
+                        env.store_addr(),
+                        if source.kind() == std::io::ErrorKind::AddrInUse {
+                            "; another program, another job or a second rank 0 holds that port"
+                        } else {
+                            ""
+                        }
                     ),
                     source,
                 ),
@@ -81,7 +101,8 @@ impl TcpCommunicator {
         } else {
             None
         };
-        let mut store = StoreClient::connect(&env.store_addr(), timeout)?;
+        let mut store = StoreClient::connect(&env.store_addr(), &env.job_token, timeout)?;
+        agree_on_group(&mut store, env, deadline)?;
         if world == 1 {
             return Ok(Self::assemble(rank, world, config, None, store_server));
         }
@@ -116,12 +137,13 @@ impl TcpCommunicator {
             })?;
 
         let next = dial(next_addr, config.socket_buffer, deadline, next_rank, timeout)?;
-        let mut hello = Vec::with_capacity(12);
-        for v in [HELLO, rank as u32, world as u32] {
+        let mut hello = Vec::with_capacity(16 + env.job_token.len());
+        for v in [HELLO, rank as u32, world as u32, env.job_token.len() as u32] {
             hello.extend(v.to_le_bytes());
         }
+        hello.extend(env.job_token.as_bytes());
         (&next).write_all(&hello).map_err(|e| io_error("rendezvous", next_rank, timeout, e))?;
-        let prev = accept_prev(&listener, prev_rank, world, deadline, timeout)?;
+        let prev = accept_prev(&listener, prev_rank, world, env.job_token.as_bytes(), deadline, timeout)?;
         let link = Link { next, prev, next_rank, prev_rank };
         let mut comm = Self::assemble(rank, world, config, Some(link), store_server);
         comm.apply_timeout()?;
@@ -136,9 +158,9 @@ impl TcpCommunicator {
 
     fn apply_timeout(&self) -> Result<()> {
         if let Some(link) = &self.link {
-            let t = Some(self.config.timeout);
-            link.prev.set_read_timeout(t).map_err(|e| CommError::io("ring socket", e))?;
-            link.next.set_write_timeout(t).map_err(|e| CommError::io("ring socket", e))?;
+            let tick = Some(self.config.poll_tick());
+            link.prev.set_read_timeout(tick).map_err(|e| CommError::io("ring socket", e))?;
+            link.next.set_write_timeout(Some(self.config.timeout)).map_err(|e| CommError::io("ring socket", e))?;
         }
         Ok(())
     }
@@ -158,10 +180,16 @@ impl TcpCommunicator {
         }
         let Some(link) = &self.link else { return Ok(()) };
         let header = Header { seq: self.seq, ..header };
+        let watch = Watch {
+            op: name,
+            seq: self.seq,
+            rank: self.rank,
+            timeout: self.config.timeout,
+            stall_warning: self.config.stall_warning,
+        };
         self.seq += 1;
-        let result = exchange_header(name, link, header, self.config.timeout).and_then(|()| {
-            pipeline::run(name, link, buf, &plan, op, 1.0 / self.world as f32, self.config.timeout, &mut self.scratch)
-        });
+        let result = exchange_header(&watch, link, header)
+            .and_then(|()| pipeline::run(&watch, link, buf, &plan, op, 1.0 / self.world as f32, &mut self.scratch));
         if let Err(e) = &result {
             self.failed = Some(e.to_string());
         }
@@ -335,10 +363,11 @@ impl Header {
     }
 }
 
-fn exchange_header(name: &'static str, link: &Link, mine: Header, timeout: Duration) -> Result<()> {
-    (&link.next).write_all(&mine.encode()).map_err(|e| io_error(name, link.next_rank, timeout, e))?;
+fn exchange_header(watch: &Watch, link: &Link, mine: Header) -> Result<()> {
+    let name = watch.op;
+    (&link.next).write_all(&mine.encode()).map_err(|e| io_error(name, link.next_rank, watch.timeout, e))?;
     let mut bytes = [0u8; Header::BYTES];
-    (&link.prev).read_exact(&mut bytes).map_err(|e| io_error(name, link.prev_rank, timeout, e))?;
+    watch.read(&link.prev, &mut bytes, link.prev_rank, false)?;
     let theirs = Header::decode(&bytes).ok_or_else(|| CommError::Protocol {
         peer: format!("rank {}", link.prev_rank),
         detail: "not a collective header".into(),
@@ -391,12 +420,43 @@ fn dial(addr: SocketAddr, buffer: usize, deadline: Instant, rank: usize, timeout
     }
 }
 
-/// Accepts the previous rank, checking its hello; anything else that connects
-/// is dropped and logged.
+/// Makes sure this worker may join: its rank is not taken by another process
+/// (the first to claim a rank keeps it), and its world size is rank 0's.
+fn agree_on_group(store: &mut StoreClient, env: &DistEnv, deadline: Instant) -> Result<()> {
+    let refused =
+        |detail: String| CommError::Refused { peer: format!("the rendezvous at {}", env.store_addr()), detail };
+    if store.add(&format!("claim/{}", env.rank), 1)? > 1 {
+        return Err(refused(format!("rank {} is already taken by another worker (check RANK)", env.rank)));
+    }
+    if env.rank == 0 {
+        return store.set("world", &(env.world_size as u64).to_le_bytes());
+    }
+    let theirs = store.get("world", remaining(deadline))?.ok_or(CommError::Timeout {
+        op: "rendezvous",
+        rank: 0,
+        waited: remaining(deadline),
+    })?;
+    let theirs = theirs
+        .try_into()
+        .map(u64::from_le_bytes)
+        .map_err(|_| CommError::Protocol { peer: env.store_addr(), detail: "the world size is not 8 bytes".into() })?;
+    if theirs != env.world_size as u64 {
+        return Err(CommError::Mismatch {
+            op: "rendezvous",
+            rank: 0,
+            detail: format!("its WORLD_SIZE is {theirs}, this worker's is {}", env.world_size),
+        });
+    }
+    Ok(())
+}
+
+/// Accepts the previous rank, checking its hello (rank, world size, job
+/// token); anything else that connects is dropped and logged.
 fn accept_prev(
     listener: &TcpListener,
     prev: usize,
     world: usize,
+    token: &[u8],
     deadline: Instant,
     timeout: Duration,
 ) -> Result<TcpStream> {
@@ -408,15 +468,23 @@ fn accept_prev(
                 stream
                     .set_read_timeout(Some(remaining(deadline).max(Duration::from_millis(1))))
                     .map_err(|e| CommError::io("ring socket", e))?;
-                let mut hello = [0u8; 12];
-                let ok = (&stream).read_exact(&mut hello).is_ok() && {
-                    let w = |i: usize| u32::from_le_bytes(hello[i..i + 4].try_into().unwrap());
-                    w(0) == HELLO && w(4) as usize == prev && w(8) as usize == world
-                };
+                let mut hello = [0u8; 16];
+                let w = |hello: &[u8; 16], i: usize| u32::from_le_bytes(hello[i..i + 4].try_into().unwrap());
+                let ok = (&stream).read_exact(&mut hello).is_ok()
+                    && w(&hello, 0) == HELLO
+                    && w(&hello, 4) as usize == prev
+                    && w(&hello, 8) as usize == world
+                    && w(&hello, 12) as usize == token.len()
+                    && {
+                        let mut theirs = vec![0u8; token.len()];
+                        (&stream).read_exact(&mut theirs).is_ok() && crate::store::same_token(&theirs, token)
+                    };
                 if ok {
                     return Ok(stream);
                 }
-                tracing::warn!("ring listener: dropped a connection from {from} that is not rank {prev} of {world}");
+                tracing::warn!(
+                    "ring listener: refused a connection from {from}: not rank {prev} of {world} with this job's token"
+                );
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() >= deadline {

@@ -5,7 +5,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::{Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::plan::Plan;
 use crate::element::{Element, ReduceOp};
@@ -71,18 +71,76 @@ struct Shared<T>(*mut T);
 unsafe impl<T: Send> Send for Shared<T> {}
 unsafe impl<T: Send> Sync for Shared<T> {}
 
+/// One collective call as the stall inspector and the timeout see it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Watch {
+    pub op: &'static str,
+    /// The call's number in this group.
+    pub seq: u64,
+    /// This rank.
+    pub rank: usize,
+    /// How long a read may go without progress before the call fails.
+    pub timeout: Duration,
+    /// How long a read may go without progress before a stall is logged.
+    pub stall_warning: Duration,
+}
+
+impl Watch {
+    /// Fills `buf` from `peer`'s socket, whose read timeout is the polling
+    /// tick ([`TcpConfig::poll_tick`](super::TcpConfig)). Silence longer than
+    /// `stall_warning` is logged once, naming the peer and the call; silence
+    /// longer than `timeout` is a [`CommError::Timeout`] naming the peer.
+    /// `started` says whether the peer has begun this call (it sent its
+    /// header): a peer that has not started is the one that is behind.
+    pub fn read(&self, mut stream: &TcpStream, buf: &mut [u8], peer: usize, started: bool) -> Result<()> {
+        let mut filled = 0;
+        let mut quiet_since = Instant::now();
+        let mut warned = false;
+        while filled < buf.len() {
+            match stream.read(&mut buf[filled..]) {
+                Ok(0) => return Err(io_error(self.op, peer, self.timeout, io::ErrorKind::UnexpectedEof.into())),
+                Ok(n) => {
+                    filled += n;
+                    quiet_since = Instant::now();
+                }
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    let quiet = quiet_since.elapsed();
+                    if quiet >= self.timeout {
+                        return Err(io_error(self.op, peer, self.timeout, e));
+                    }
+                    if quiet >= self.stall_warning && !warned {
+                        warned = true;
+                        let what = if started { "for data from" } else { "for" };
+                        let behind = if started { "" } else { ", which has not started it" };
+                        tracing::warn!(
+                            "stall: rank {} has waited {:.1} s in {} #{} {what} rank {peer}{behind}",
+                            self.rank,
+                            quiet.as_secs_f64(),
+                            self.op,
+                            self.seq
+                        );
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_error(self.op, peer, self.timeout, e)),
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Executes `plan` on `buf`. `scratch` holds one received chunk at a time
 /// and is reused across calls, so the data path allocates nothing.
 pub(crate) fn run<T: Element>(
-    op_name: &'static str,
+    watch: &Watch,
     link: &Link,
     buf: &mut [T],
     plan: &Plan,
     op: ReduceOp,
     scale: f32,
-    timeout: Duration,
     scratch: &mut Vec<u64>,
 ) -> Result<()> {
+    let (op_name, timeout) = (watch.op, watch.timeout);
     let longest = plan.recvs.iter().map(|r| r.range.len()).max().unwrap_or(0);
     let words = (longest * std::mem::size_of::<T>()).div_ceil(8);
     if scratch.len() < words {
@@ -116,7 +174,6 @@ pub(crate) fn run<T: Element>(
         });
 
         let mut receive = || -> Result<()> {
-            let mut prev = &link.prev;
             for (i, item) in plan.recvs.iter().enumerate() {
                 if !progress.wait(|c| c.sent >= item.after_send) {
                     return Ok(());
@@ -127,13 +184,12 @@ pub(crate) fn run<T: Element>(
                 if item.reduce {
                     let bytes = std::mem::size_of_val(dst);
                     let words = bytes.div_ceil(8);
-                    prev.read_exact(&mut bytemuck::cast_slice_mut::<u64, u8>(&mut scratch[..words])[..bytes])
-                        .map_err(|e| io_error(op_name, link.prev_rank, timeout, e))?;
+                    let raw = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut scratch[..words])[..bytes];
+                    watch.read(&link.prev, raw, link.prev_rank, true)?;
                     let incoming: &[T] = &bytemuck::cast_slice::<u64, T>(&scratch[..words])[..dst.len()];
                     T::combine(dst, incoming, op);
                 } else {
-                    prev.read_exact(bytemuck::cast_slice_mut(dst))
-                        .map_err(|e| io_error(op_name, link.prev_rank, timeout, e))?;
+                    watch.read(&link.prev, bytemuck::cast_slice_mut(dst), link.prev_rank, true)?;
                 }
                 if item.finish && op == ReduceOp::Mean {
                     T::scale(dst, scale);

@@ -9,6 +9,8 @@ use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
+use super::Classifier;
+
 /// conv(c->6, 5x5) - relu - maxpool 2 - conv(6->16, 5x5) - relu - maxpool 2 -
 /// linear(400->120) - relu - linear(120->84) - relu - linear(84->10).
 /// For 28x28 inputs conv1 pads by 2, so that both 28x28 and 32x32 images
@@ -37,9 +39,10 @@ impl<B: Backend> LeNet<B> {
             fc3: LinearConfig::new(84, classes).init(device),
         }
     }
+}
 
-    /// `x` is [batch, channels, side, side]; returns logits [batch, classes].
-    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+impl<B: Backend> Classifier<B> for LeNet<B> {
+    fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
         let x = self.pool.forward(relu(self.conv1.forward(x)));
         let x = self.pool.forward(relu(self.conv2.forward(x)));
         let [n, c, h, w] = x.dims();

@@ -1,0 +1,173 @@
+//! Faults with real processes: a worker killed or frozen in the middle of
+//! training, and bad files handed to the trainer. Timeouts are short so that
+//! each test takes seconds.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn bonfire() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_bonfire"))
+}
+
+fn out_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("bonfire-faults-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn run(args: &[&str]) -> Output {
+    bonfire().args(args).output().unwrap()
+}
+
+/// The pid of the child of `parent` whose environment has `RANK=rank`.
+fn worker_pid(parent: u32, rank: usize, within: Duration) -> u32 {
+    let deadline = Instant::now() + within;
+    let want = format!("RANK={rank}");
+    loop {
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+            // Fields after the command name in parentheses: state, ppid, ...
+            let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            if ppid == Some(parent) && environ.split(|&b| b == 0).any(|v| v == want.as_bytes()) {
+                return pid;
+            }
+        }
+        assert!(Instant::now() < deadline, "no worker with {want} under pid {parent}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(pid: u32, name: &str) {
+    assert!(Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status().unwrap().success());
+}
+
+fn wait_for_file(file: &Path, within: Duration, job: &mut Child) {
+    let deadline = Instant::now() + within;
+    while !file.is_file() {
+        assert!(job.try_wait().unwrap().is_none(), "the job ended before writing {}", file.display());
+        assert!(Instant::now() < deadline, "{} never appeared", file.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits for `job`, failing the test if it outlives `within`.
+fn finish(mut job: Child, within: Duration) -> (Output, Duration) {
+    let started = Instant::now();
+    while job.try_wait().unwrap().is_none() {
+        if started.elapsed() > within {
+            let _ = job.kill();
+            panic!("the job did not stop within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (job.wait_with_output().unwrap(), started.elapsed())
+}
+
+/// Synthetic data, small batches so that an epoch lasts a few seconds, a
+/// checkpoint every epoch, and a 3-second collective timeout.
+fn training_args(dir: &Path, epochs: &str) -> Vec<String> {
+    let d = |rest: &str| dir.join(rest).to_string_lossy().into_owned();
+    let args = ["train", "--dataset", "synthetic", "--batch-size", "20", "--epochs", epochs, "--timeout", "3"];
+    let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    args.extend(["--checkpoint-dir".into(), d("ckpt"), "--out".into(), d("out")]);
+    args
+}
+
+#[test]
+fn a_worker_killed_mid_epoch_stops_the_job_and_resume_finishes_it() {
+    let dir = out_dir("sigkill");
+    let ckpt = dir.join("ckpt").join("checkpoint.bfck");
+    let mut job =
+        bonfire().args(training_args(&dir, "3")).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for_file(&ckpt, Duration::from_secs(120), &mut job);
+    std::thread::sleep(Duration::from_millis(500)); // into epoch 2
+    signal(worker_pid(job.id(), 1, Duration::from_secs(5)), "KILL");
+    let (out, took) = finish(job, Duration::from_secs(20));
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("rank 1 was killed by signal 9"), "{log}");
+    assert!(took < Duration::from_secs(3 + 5), "stopping took {took:?}");
+    // The last checkpoint is whole: resuming from it finishes the run.
+    let resumed = run(&[training_args(&dir, "3"), vec!["--resume".into()]]
+        .concat()
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let log = text(&resumed);
+    assert!(resumed.status.success(), "{log}");
+    assert!(log.contains("resuming after epoch"), "{log}");
+    let metrics = std::fs::read_to_string(dir.join("out").join("metrics.csv")).unwrap();
+    assert!(metrics.lines().last().unwrap().starts_with("3,"), "the run finished epoch 3: {metrics}");
+}
+
+#[test]
+fn a_frozen_worker_is_reported_by_the_stall_inspector_and_caught_by_the_timeout() {
+    let dir = out_dir("sigstop");
+    let mut args = training_args(&dir, "3");
+    args.extend(["--stall-warning".into(), "1".into()]);
+    let mut job = bonfire().args(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    // Let training start, then freeze rank 1.
+    wait_for_file(&dir.join("ckpt").join("checkpoint.bfck"), Duration::from_secs(120), &mut job);
+    let frozen = worker_pid(job.id(), 1, Duration::from_secs(5));
+    signal(frozen, "STOP");
+    let (out, took) = finish(job, Duration::from_secs(30));
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("stall: rank 0 has waited") && log.contains("rank 1"), "{log}");
+    assert!(log.contains("timed out after 3s") && log.contains("waiting for rank 1"), "{log}");
+    assert!(log.contains("rank 0 exited with code 1"), "{log}");
+    assert!(took < Duration::from_secs(3 + 10), "stopping took {took:?}");
+    // The launcher took the frozen worker down with the rest.
+    assert!(
+        !Path::new(&format!("/proc/{frozen}")).exists() || {
+            let stat = std::fs::read_to_string(format!("/proc/{frozen}/stat")).unwrap_or_default();
+            stat.contains(") Z ")
+        }
+    );
+}
+
+#[test]
+fn bad_checkpoints_and_weights_are_refused_and_left_untouched() {
+    let dir = out_dir("bad-files");
+    let d = |rest: &str| dir.join(rest).to_string_lossy().into_owned();
+    let single = ["train", "--dataset", "synthetic", "--strategy", "single"];
+    let o = run(&[&single[..], &["--checkpoint-dir", &d("ckpt"), "--out", &d("out")]].concat());
+    assert!(o.status.success(), "{}", text(&o));
+    let ckpt = dir.join("ckpt").join("checkpoint.bfck");
+    let original = std::fs::read(&ckpt).unwrap();
+
+    // A checkpoint of another model.
+    let o =
+        run(&[&single[..], &["--model", "resnet", "--epochs", "2", "--resume", "--checkpoint-dir", &d("ckpt")]]
+            .concat());
+    assert!(!o.status.success() && text(&o).contains("does not hold a ResNet"), "{}", text(&o));
+    assert_eq!(std::fs::read(&ckpt).unwrap(), original, "a refused checkpoint is left as it was");
+
+    // A truncated checkpoint.
+    std::fs::create_dir_all(dir.join("cut")).unwrap();
+    std::fs::write(dir.join("cut").join("checkpoint.bfck"), &original[..original.len() / 2]).unwrap();
+    let o = run(&[&single[..], &["--epochs", "2", "--resume", "--checkpoint-dir", &d("cut")]].concat());
+    assert!(!o.status.success() && text(&o).contains("checkpoint.bfck"), "{}", text(&o));
+
+    // --init with a misshapen tensor, then with missing ones.
+    let write = |name: &str, shape: Vec<usize>| {
+        let weights = vec![0u8; shape.iter().product::<usize>() * 4];
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, &weights).unwrap();
+        std::fs::write(dir.join(name), safetensors::serialize([("conv1.weight", view)], None).unwrap()).unwrap();
+        d(name)
+    };
+    let o =
+        run(&[&single[..], &["--steps", "1", "--init", &write("misshapen.safetensors", vec![6, 1, 3, 3])]].concat());
+    let log = text(&o);
+    assert!(!o.status.success() && log.contains("conv1.weight") && log.contains("[6, 1, 3, 3]"), "{log}");
+    let o = run(&[&single[..], &["--steps", "1", "--init", &write("partial.safetensors", vec![6, 1, 5, 5])]].concat());
+    let log = text(&o);
+    assert!(!o.status.success() && log.contains("missing tensors") && log.contains("fc3.bias"), "{log}");
+}
