@@ -7,7 +7,8 @@ warm-up steps, a barrier, STEPS timed steps, a barrier; images/s on rank 0.
 The models are Bonfire's LeNet and small ResNet, layer for layer.
 
 usage: python torch_ddp_train.py [--world 2] [--steps 100] [--batch 100]
-                                 [--model lenet|resnet] [--data-dir DIR] [--json]
+                                 [--model lenet|resnet] [--data-dir DIR]
+                                 [--device cpu|cuda] [--json]
 """
 import argparse
 import gzip
@@ -99,12 +100,14 @@ def run(rank, args, port):
     world = args.world
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world)
+    device = torch.device(args.device)
     x, y = load(args.data_dir, "train")
-    net = LeNet() if args.model == "lenet" else ResNet()
+    x, y = x.to(device), y.to(device)
+    net = (LeNet() if args.model == "lenet" else ResNet()).to(device)
     model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     per_rank = args.batch // world
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[rank::world]
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[rank::world].to(device)
 
     def step(i):
         start = (i * per_rank) % (len(idx) - per_rank)
@@ -118,15 +121,20 @@ def run(rank, args, port):
         step(i)
     if world > 1:
         dist.barrier()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     for i in range(args.steps):
         step(WARMUP + i)
     if world > 1:
         dist.barrier()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     if rank == 0:
         row = {
             "impl": "torch",
+            "device": args.device,
             "model": args.model,
             "world": world,
             "global_batch": args.batch,
@@ -155,6 +163,7 @@ if __name__ == "__main__":
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--model", choices=["lenet", "resnet"], default="lenet")
     p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda for one process on the GPU")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if args.world == 1:

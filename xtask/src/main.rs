@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's commands beyond `cargo build` and `cargo test`.
 
 mod bench;
+mod gpu_check;
 mod train;
 
 use std::path::PathBuf;
@@ -25,12 +26,15 @@ enum Command {
     },
     /// Benchmarks (release build), each beside an anchor measured in the same run.
     Bench(bench::Args),
+    /// Prepare the CUDA check for a GPU machine: stripped binary, data subset, run.sh.
+    GpuCheck(gpu_check::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Train { args } => train::run(&args),
         Command::Bench(args) => bench::run(args),
+        Command::GpuCheck(args) => gpu_check::run(args),
     }
 }
 

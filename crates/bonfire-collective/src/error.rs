@@ -47,6 +47,12 @@ pub enum CommError {
         #[source]
         source: std::io::Error,
     },
+    /// A library or device this communicator needs is not there.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The CUDA driver or NCCL failed.
+    #[error("{op} failed on the device: {detail}")]
+    Device { op: &'static str, detail: String },
     /// An earlier collective failed; the group cannot be used any more.
     #[error("communicator is unusable after an earlier failure: {0}")]
     Aborted(String),

@@ -7,12 +7,17 @@
 //!   ([`store`]) that rank 0 hosts, found through torchrun's environment
 //!   variables ([`DistEnv`]).
 //! - [`tensor`]: the same collectives on Burn tensors of any backend.
+//! - `NcclCommunicator` (feature `nccl`): NCCL between processes, on
+//!   burn-cuda tensor memory.
 
 mod communicator;
 mod element;
 mod env;
 mod error;
 mod inproc;
+#[cfg(feature = "nccl")]
+mod nccl;
+mod rendezvous;
 pub mod store;
 mod tcp;
 #[cfg(feature = "tensor")]
@@ -23,4 +28,6 @@ pub use element::{BufMut, BufRef, DType, Element, ReduceOp};
 pub use env::{DistEnv, JOB_TOKEN_VAR};
 pub use error::{CommError, Result};
 pub use inproc::InProcCommunicator;
+#[cfg(feature = "nccl")]
+pub use nccl::{CudaTensor, NcclCommunicator};
 pub use tcp::{TcpCommunicator, TcpConfig};

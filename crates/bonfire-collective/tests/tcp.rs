@@ -192,6 +192,27 @@ fn threads_a_store_port_in_use_is_named() {
     assert!(text.contains("cannot host the rendezvous store") && text.contains("holds that port"), "{text}");
 }
 
+/// This machine's address on its outward interface, if it has one (a UDP
+/// "connect" sends nothing; it only picks the route).
+fn outward_ip() -> Option<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect("192.0.2.1:9").ok()?;
+    socket.local_addr().ok().map(|a| a.ip()).filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+}
+
+#[test]
+fn the_store_listens_on_loopback_when_master_addr_is_loopback() {
+    let Some(ip) = outward_ip() else {
+        eprintln!("skipped: this machine has no interface besides loopback");
+        return;
+    };
+    let port = free_port();
+    let _comm = TcpCommunicator::connect(&env(0, 1, port), config(Duration::from_secs(5))).unwrap();
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(), "reachable on loopback");
+    let outside = std::net::TcpStream::connect_timeout(&(ip, port).into(), Duration::from_secs(2));
+    assert!(outside.is_err(), "the store must not be reachable on {ip}");
+}
+
 /// Log lines written by `tracing` on the threads that install it.
 #[derive(Clone, Default)]
 struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);

@@ -1,6 +1,8 @@
 //! `bonfire`: train a Burn model over several workers, or launch workers.
 
 mod checkpoint;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod data;
 mod launch;
 mod model;
@@ -36,6 +38,20 @@ enum Cmd {
     Train(TrainArgs),
     /// Start one process per worker with torchrun's environment variables.
     Launch(LaunchArgs),
+    /// Compare two weight files (safetensors): the largest difference of each tensor.
+    DiffWeights {
+        a: PathBuf,
+        b: PathBuf,
+        /// Fail when any element differs by more than this.
+        #[arg(long, default_value_t = 1e-3)]
+        tolerance: f64,
+    },
+    /// Check NCCL on this GPU: all-reduce correctness and bandwidth (needs the `cuda` feature).
+    NcclCheck {
+        /// Buffer sizes in MiB of f32.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        sizes_mib: Vec<usize>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -46,7 +62,7 @@ enum BackendKind {
     Ndarray,
     /// wgpu (Vulkan, Metal, DX12; lavapipe on machines without a GPU).
     Wgpu,
-    /// CUDA (needs a build with the `cuda` feature).
+    /// CUDA (a build with the `cuda` feature; DDP workers take device LOCAL_RANK, shared round-robin).
     Cuda,
 }
 
@@ -142,6 +158,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Train(args) => train(args),
         Cmd::Launch(args) => launch::launch(&args),
+        Cmd::NcclCheck { sizes_mib } => nccl_check(&sizes_mib),
+        Cmd::DiffWeights { a, b, tolerance } => diff_weights(&a, &b, tolerance),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -162,7 +180,8 @@ fn train(args: TrainArgs) -> Result<()> {
         bail!("--workers must be at least 1");
     }
     if args.backend == BackendKind::Cuda {
-        return Err(Unavailable("the cuda backend is not part of this build".into()).into());
+        // Fail once, before starting workers, when CUDA is not there.
+        cuda_devices(1)?;
     }
     if args.strategy == StrategyKind::Ddp && !args.threads && !launched && args.workers > 1 {
         // Make sure the data is there once, then start the workers.
@@ -179,18 +198,76 @@ fn train(args: TrainArgs) -> Result<()> {
         });
     }
     let (train_set, test_set) = data::load(args.dataset, args.data_dir.as_deref(), !launched)?;
+    let n = args.workers;
     match args.backend {
-        BackendKind::Cpu => run::<Autodiff<burn::backend::Flex>>(&args, Default::default(), &train_set, &test_set),
+        BackendKind::Cpu => {
+            run::<Autodiff<burn::backend::Flex>>(&args, vec![Default::default(); n], &train_set, &test_set)
+        }
         BackendKind::Ndarray => {
-            run::<Autodiff<burn::backend::NdArray>>(&args, Default::default(), &train_set, &test_set)
+            run::<Autodiff<burn::backend::NdArray>>(&args, vec![Default::default(); n], &train_set, &test_set)
         }
         BackendKind::Wgpu => {
             let device = burn::backend::wgpu::WgpuDevice::default();
             check_wgpu(&device)?;
-            run::<Autodiff<burn::backend::Wgpu>>(&args, device, &train_set, &test_set)
+            // Burn 0.21 cannot copy tensors between two wgpu devices, so DP
+            // replicas share the one device.
+            run::<Autodiff<burn::backend::Wgpu>>(&args, vec![device; n], &train_set, &test_set)
         }
-        BackendKind::Cuda => unreachable!("refused above"),
+        BackendKind::Cuda => run_cuda(&args, &train_set, &test_set),
     }
+}
+
+/// This worker's CUDA devices: for DP one per replica (0..workers), else the
+/// one of LOCAL_RANK (shared round-robin when workers outnumber devices).
+#[cfg(feature = "cuda")]
+fn run_cuda(args: &TrainArgs, train_set: &ImageDataset, test_set: &ImageDataset) -> Result<()> {
+    let devices = if args.strategy == StrategyKind::Dp {
+        cuda_devices(args.workers)?
+    } else {
+        let available = cuda::device_count()?;
+        let local: usize = std::env::var("LOCAL_RANK").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+        vec![cuda::device(local % available)?; args.workers]
+    };
+    run::<Autodiff<burn::backend::Cuda>>(args, devices, train_set, test_set)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(_: &TrainArgs, _: &ImageDataset, _: &ImageDataset) -> Result<()> {
+    cuda_devices(1).map(|_| ()).map_err(Into::into)
+}
+
+fn diff_weights(a: &std::path::Path, b: &std::path::Path, tolerance: f64) -> Result<()> {
+    let diffs = weights::diff(a, b)?;
+    for (name, worst) in &diffs {
+        println!("{name}: max |diff| {worst:.3e}");
+    }
+    let worst = diffs.iter().map(|(_, w)| *w).fold(0.0, f64::max);
+    println!("largest difference {worst:.3e} (tolerance {tolerance:.1e})");
+    if worst > tolerance {
+        bail!("the weights differ by {worst:.3e}, more than {tolerance:.1e}");
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn nccl_check(sizes_mib: &[usize]) -> Result<()> {
+    cuda::nccl_check(sizes_mib)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_check(_: &[usize]) -> Result<()> {
+    cuda_devices(1).map(|_| ()).map_err(Into::into)
+}
+
+/// CUDA devices 0..n, each checked.
+#[cfg(feature = "cuda")]
+fn cuda_devices(n: usize) -> Result<Vec<burn::backend::cuda::CudaDevice>, Unavailable> {
+    (0..n).map(cuda::device).collect()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_devices(_: usize) -> Result<Vec<()>, Unavailable> {
+    Err(Unavailable("the cuda backend is not part of this build; build bonfire with `--features cuda`".into()))
 }
 
 /// wgpu panics when there is no adapter; turn that into a clear error.
@@ -231,18 +308,19 @@ fn options(args: &TrainArgs) -> TrainOptions {
     }
 }
 
+/// Trains on `devices`: DP uses them all as replicas, every other strategy
+/// the first.
 fn run<B: HookBackend>(
     args: &TrainArgs,
-    device: B::Device,
+    devices: Vec<B::Device>,
     train_set: &ImageDataset,
     test_set: &ImageDataset,
 ) -> Result<()> {
     let opts = options(args);
+    let device = devices[0].clone();
     let report = match (args.strategy, args.threads) {
         (StrategyKind::Single, _) => trainer::train::<B>(&device, train_set, test_set, &opts, Parallel::Single)?,
-        (StrategyKind::Dp, _) => {
-            trainer::train::<B>(&device, train_set, test_set, &opts, Parallel::Dp { replicas: args.workers })?
-        }
+        (StrategyKind::Dp, _) => trainer::train::<B>(&device, train_set, test_set, &opts, Parallel::Dp { devices })?,
         (StrategyKind::Ddp, true) => {
             let mut comms = InProcCommunicator::group(args.workers)?;
             for c in &mut comms {

@@ -50,11 +50,11 @@ pub struct TrainOptions {
 }
 
 /// How the work is spread.
-pub enum Parallel {
+pub enum Parallel<B: Backend> {
     Single,
-    /// One process driving `replicas` copies of the device.
+    /// One process driving a replica on each of `devices`.
     Dp {
-        replicas: usize,
+        devices: Vec<B::Device>,
     },
     /// This worker is one rank of `comm`.
     Ddp {
@@ -87,7 +87,7 @@ pub fn train<B: HookBackend>(
     train: &ImageDataset,
     test: &ImageDataset,
     options: &TrainOptions,
-    parallel: Parallel,
+    parallel: Parallel<B>,
 ) -> Result<Report> {
     B::seed(device, options.seed);
     match options.model {
@@ -107,7 +107,7 @@ fn with_optimizer<B: HookBackend, M: TrainableClassifier<B>>(
     train: &ImageDataset,
     test: &ImageDataset,
     options: &TrainOptions,
-    parallel: Parallel,
+    parallel: Parallel<B>,
     mut model: M,
 ) -> Result<Report> {
     if let Some(file) = &options.init {
@@ -137,7 +137,7 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
     train: &ImageDataset,
     test: &ImageDataset,
     options: &TrainOptions,
-    parallel: Parallel,
+    parallel: Parallel<B>,
     mut model: M,
     mut opt: O,
 ) -> Result<Report> {
@@ -159,8 +159,8 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
     }
     let (mut strategy, rank, world) = match parallel {
         Parallel::Single => (Strategy::Single, 0, 1),
-        Parallel::Dp { replicas } => {
-            let dp = DataParallel::<B>::new(vec![device.clone(); replicas])?;
+        Parallel::Dp { devices } => {
+            let dp = DataParallel::<B>::new(devices)?;
             (Strategy::Dp(dp), 0, 1)
         }
         Parallel::Ddp { comm } => {

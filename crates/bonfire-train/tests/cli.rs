@@ -129,8 +129,11 @@ fn bad_input_gets_clear_errors() {
         assert!(!o.status.success(), "{args:?} succeeded");
         assert!(text(&o).contains(want), "{args:?}: {}", text(&o));
     }
-    let o = bonfire(&["train", "--backend", "cuda"]);
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    for args in [&["train", "--backend", "cuda"][..], &["nccl-check"]] {
+        let o = bonfire(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
+        assert!(text(&o).contains("not part of this build"), "{args:?}: {}", text(&o));
+    }
 }
 
 #[test]
@@ -217,6 +220,8 @@ fn a_run_stopped_after_epoch_1_and_resumed_ends_with_the_same_weights() {
     let o = run([common(&b, "2"), vec!["--resume".into(), "--save".into(), s(&b, "final.safetensors")]].concat());
     assert!(text(&o).contains("resuming after epoch 1"), "{}", text(&o));
     assert_eq!(tensors(&a.join("final.safetensors")), tensors(&b.join("final.safetensors")));
+    let same = bonfire(&["diff-weights", &s(&a, "final.safetensors"), &s(&b, "final.safetensors"), "--tolerance", "0"]);
+    assert!(same.status.success() && text(&same).contains("largest difference 0.000e0"), "{}", text(&same));
 
     // PyTorch's names and layouts.
     let names: Vec<(String, Vec<usize>)> =

@@ -13,7 +13,8 @@ use crate::communicator::{check_blocks, Communicator, DEFAULT_TIMEOUT};
 use crate::element::{with_pair, with_slice, BufMut, BufRef, DType, Element, ReduceOp};
 use crate::env::DistEnv;
 use crate::error::{CommError, Result};
-use crate::store::{StoreClient, StoreServer};
+use crate::rendezvous::Rendezvous;
+use crate::store::StoreServer;
 use pipeline::{io_error, Link, Watch};
 use plan::Phases;
 
@@ -82,27 +83,7 @@ impl TcpCommunicator {
         let (rank, world) = (env.rank, env.world_size);
         let timeout = config.timeout;
         let deadline = Instant::now() + timeout;
-        let store_server = if rank == 0 {
-            Some(StoreServer::bind(env.store_addr(), &env.job_token).map_err(|e| match e {
-                CommError::Io { source, .. } => CommError::io(
-                    format!(
-                        "rank 0 cannot host the rendezvous store at {} (MASTER_ADDR:MASTER_PORT){}",
-                        env.store_addr(),
-                        if source.kind() == std::io::ErrorKind::AddrInUse {
-                            "; another program, another job or a second rank 0 holds that port"
-                        } else {
-                            ""
-                        }
-                    ),
-                    source,
-                ),
-                other => other,
-            })?)
-        } else {
-            None
-        };
-        let mut store = StoreClient::connect(&env.store_addr(), &env.job_token, timeout)?;
-        agree_on_group(&mut store, env, deadline)?;
+        let Rendezvous { mut store, server: store_server } = Rendezvous::join(env, deadline, timeout)?;
         if world == 1 {
             return Ok(Self::assemble(rank, world, config, None, store_server));
         }
@@ -378,7 +359,7 @@ fn exchange_header(watch: &Watch, link: &Link, mine: Header) -> Result<()> {
     }
 }
 
-fn remaining(deadline: Instant) -> Duration {
+pub(crate) fn remaining(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
 }
 
@@ -418,36 +399,6 @@ fn dial(addr: SocketAddr, buffer: usize, deadline: Instant, rank: usize, timeout
             Err(e) => return Err(io_error("rendezvous", rank, timeout, e)),
         }
     }
-}
-
-/// Makes sure this worker may join: its rank is not taken by another process
-/// (the first to claim a rank keeps it), and its world size is rank 0's.
-fn agree_on_group(store: &mut StoreClient, env: &DistEnv, deadline: Instant) -> Result<()> {
-    let refused =
-        |detail: String| CommError::Refused { peer: format!("the rendezvous at {}", env.store_addr()), detail };
-    if store.add(&format!("claim/{}", env.rank), 1)? > 1 {
-        return Err(refused(format!("rank {} is already taken by another worker (check RANK)", env.rank)));
-    }
-    if env.rank == 0 {
-        return store.set("world", &(env.world_size as u64).to_le_bytes());
-    }
-    let theirs = store.get("world", remaining(deadline))?.ok_or(CommError::Timeout {
-        op: "rendezvous",
-        rank: 0,
-        waited: remaining(deadline),
-    })?;
-    let theirs = theirs
-        .try_into()
-        .map(u64::from_le_bytes)
-        .map_err(|_| CommError::Protocol { peer: env.store_addr(), detail: "the world size is not 8 bytes".into() })?;
-    if theirs != env.world_size as u64 {
-        return Err(CommError::Mismatch {
-            op: "rendezvous",
-            rank: 0,
-            detail: format!("its WORLD_SIZE is {theirs}, this worker's is {}", env.world_size),
-        });
-    }
-    Ok(())
 }
 
 /// Accepts the previous rank, checking its hello (rank, world size, job

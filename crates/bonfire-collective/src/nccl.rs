@@ -1,0 +1,284 @@
+//! NCCL between processes, directly on burn-cuda tensor memory.
+//!
+//! Ranks meet at the same rendezvous as the TCP ring ([`Rendezvous`]); rank 0
+//! creates the NCCL unique id and passes it to the others through the store.
+//! Each collective reads and writes the device memory of Burn's tensors
+//! through cubecl's resource API: no host copy.
+//!
+//! Ordering with Burn's compute stream: cubecl 0.10 does not expose the CUDA
+//! stream its kernels run on, so every call
+//! 1. waits for the device (`Backend::sync`): every kernel queued before the
+//!    call, including the ones that wrote the input, has finished;
+//! 2. runs the collective on this communicator's own CUDA stream;
+//! 3. waits for that stream before returning the output tensor, so no kernel
+//!    queued afterwards can read it early, and the input stays alive (held
+//!    by this function) until NCCL has read it.
+//!
+//! NCCL itself has no timeout: a call whose peers never come blocks inside
+//! the GPU. Step 3 therefore polls the stream and, past the timeout, aborts
+//! the communicator (`ncclCommAbort`), which makes the call return; the
+//! communicator is unusable afterwards, as after any failure.
+
+use std::time::{Duration, Instant};
+
+use burn::backend::cuda::CudaDevice;
+use burn::backend::Cuda as CudaBackend;
+
+/// Burn's CUDA backend with f32 floats, as `bonfire` trains with it.
+type Cuda = CudaBackend<f32>;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::tensor::CubeTensor;
+use cudarc::driver::{result as cu, sys as cu_sys};
+use cudarc::nccl::{result as nccl, sys as nccl_sys};
+
+use crate::element::ReduceOp;
+use crate::env::DistEnv;
+use crate::error::{CommError, Result};
+use crate::rendezvous::Rendezvous;
+
+/// A 1-D float tensor on a CUDA device.
+pub type CudaTensor = Tensor<Cuda, 1>;
+
+/// One rank of an NCCL group; see [`NcclCommunicator::connect`].
+pub struct NcclCommunicator {
+    rank: usize,
+    world: usize,
+    device: CudaDevice,
+    context: cu_sys::CUcontext,
+    comm: nccl_sys::ncclComm_t,
+    stream: cu_sys::CUstream,
+    timeout: Duration,
+    failed: Option<String>,
+    /// Rank 0 hosts the rendezvous store for as long as the group lives.
+    _rendezvous: Rendezvous,
+}
+
+// SAFETY: the raw handles are used only through `&mut self`, one call at a
+// time, and each call makes the context current on the calling thread.
+unsafe impl Send for NcclCommunicator {}
+
+impl NcclCommunicator {
+    /// Whether the NCCL and CUDA driver libraries can be loaded (nothing is called).
+    pub fn libraries_present() -> std::result::Result<(), String> {
+        // SAFETY: both only try to dlopen their library.
+        if !unsafe { cu_sys::is_culib_present() } {
+            return Err("the NVIDIA driver library (libcuda.so) was not found".into());
+        }
+        if !unsafe { nccl_sys::is_culib_present() } {
+            return Err("libnccl.so.2 was not found (install NCCL, for example the Python package \
+                        nvidia-nccl-cu13, and add its lib folder to LD_LIBRARY_PATH)"
+                .into());
+        }
+        Ok(())
+    }
+
+    /// Joins the group of `env` on `device`. Every rank must use a distinct
+    /// GPU: NCCL refuses two ranks on one device.
+    pub fn connect(env: &DistEnv, device: &CudaDevice, timeout: Duration) -> Result<Self> {
+        Self::libraries_present().map_err(CommError::Unavailable)?;
+        let deadline = Instant::now() + timeout;
+        let mut rendezvous = Rendezvous::join(env, deadline, timeout)?;
+        let id = if env.rank == 0 {
+            let id = nccl::get_uniqueid().map_err(|e| nccl_error("ncclGetUniqueId", e))?;
+            let bytes: Vec<u8> = id.internal.iter().map(|&c| c as u8).collect();
+            rendezvous.store.set("nccl/id", &bytes)?;
+            id
+        } else {
+            let bytes = rendezvous
+                .store
+                .get("nccl/id", crate::tcp::remaining(deadline))?
+                .ok_or(CommError::Timeout { op: "NCCL rendezvous", rank: 0, waited: timeout })?;
+            let mut id = nccl_sys::ncclUniqueId { internal: [0; 128] };
+            if bytes.len() != id.internal.len() {
+                return Err(CommError::Protocol { peer: env.store_addr(), detail: "a malformed NCCL id".into() });
+            }
+            for (dst, src) in id.internal.iter_mut().zip(bytes) {
+                *dst = src as _;
+            }
+            id
+        };
+        let context = primary_context(device.index)?;
+        let stream = cu::stream::create(cu::stream::StreamKind::NonBlocking).map_err(|e| cuda_error("stream", e))?;
+        let mut comm = std::mem::MaybeUninit::uninit();
+        // SAFETY: `comm` is written by ncclCommInitRank on success; the id
+        // is the group's, and rank < world was checked by DistEnv.
+        let comm = unsafe {
+            nccl::comm_init_rank(comm.as_mut_ptr(), env.world_size as i32, id, env.rank as i32)
+                .map_err(|e| nccl_error("ncclCommInitRank", e))?;
+            comm.assume_init()
+        };
+        Ok(NcclCommunicator {
+            rank: env.rank,
+            world: env.world_size,
+            device: device.clone(),
+            context,
+            comm,
+            stream,
+            timeout,
+            failed: None,
+            _rendezvous: rendezvous,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.world
+    }
+
+    /// The element-wise reduction of every rank's `tensor`.
+    pub fn all_reduce(&mut self, tensor: CudaTensor, op: ReduceOp) -> Result<CudaTensor> {
+        let n = tensor.dims()[0];
+        let out = CudaTensor::empty([n], &self.device).cast(tensor.dtype());
+        let nccl_op = match op {
+            ReduceOp::Sum => nccl_sys::ncclRedOp_t::ncclSum,
+            ReduceOp::Mean => nccl_sys::ncclRedOp_t::ncclAvg,
+            ReduceOp::Max => nccl_sys::ncclRedOp_t::ncclMax,
+            ReduceOp::Min => nccl_sys::ncclRedOp_t::ncclMin,
+        };
+        self.run("all_reduce", tensor, out, |src, dst, count, dtype, comm, stream| {
+            // SAFETY: src and dst are live device buffers of `count` elements.
+            unsafe { nccl::all_reduce(src, dst, count, dtype, nccl_op, comm, stream) }
+        })
+    }
+
+    /// Rank `root`'s `tensor` on every rank (each passes a tensor of the same length).
+    pub fn broadcast(&mut self, tensor: CudaTensor, root: usize) -> Result<CudaTensor> {
+        if root >= self.world {
+            return Err(CommError::invalid("broadcast", format!("root {root} is not a rank of {}", self.world)));
+        }
+        let n = tensor.dims()[0];
+        let out = CudaTensor::empty([n], &self.device).cast(tensor.dtype());
+        self.run("broadcast", tensor, out, |src, dst, count, dtype, comm, stream| {
+            // SAFETY: as in all_reduce.
+            unsafe { nccl::broadcast(src, dst, count, dtype, root as i32, comm, stream) }
+        })
+    }
+
+    /// Every rank's `tensor`, concatenated in rank order.
+    pub fn all_gather(&mut self, tensor: CudaTensor) -> Result<CudaTensor> {
+        let n = tensor.dims()[0];
+        let out = CudaTensor::empty([n * self.world], &self.device).cast(tensor.dtype());
+        self.run("all_gather", tensor, out, |src, dst, count, dtype, comm, stream| {
+            // SAFETY: dst holds world * count elements.
+            unsafe { nccl::all_gather(src, dst, count, dtype, comm, stream) }
+        })
+    }
+
+    /// Runs one collective from `input` into `output` (see the module
+    /// comment for the ordering), `count` being the input's length.
+    fn run(
+        &mut self,
+        op: &'static str,
+        input: CudaTensor,
+        output: CudaTensor,
+        call: impl FnOnce(
+            *const std::ffi::c_void,
+            *mut std::ffi::c_void,
+            usize,
+            nccl_sys::ncclDataType_t,
+            nccl_sys::ncclComm_t,
+            nccl_sys::cudaStream_t,
+        ) -> std::result::Result<nccl::NcclStatus, nccl::NcclError>,
+    ) -> Result<CudaTensor> {
+        if let Some(why) = &self.failed {
+            return Err(CommError::Aborted(why.clone()));
+        }
+        let dtype = match input.dtype() {
+            DType::F32 => nccl_sys::ncclDataType_t::ncclFloat32,
+            DType::F16 => nccl_sys::ncclDataType_t::ncclFloat16,
+            DType::BF16 => nccl_sys::ncclDataType_t::ncclBfloat16,
+            other => return Err(CommError::invalid(op, format!("{other:?} tensors are not supported"))),
+        };
+        let count = input.dims()[0];
+        let input = cube_tensor(input);
+        let output = cube_tensor(output);
+        if !input.is_contiguous() {
+            return Err(CommError::invalid(op, "the tensor is not contiguous"));
+        }
+        // 1. Everything queued on the device so far, including the input, is done.
+        <Cuda as Backend>::sync(&self.device).map_err(|e| CommError::Device { op, detail: format!("{e:?}") })?;
+        let resource = |t: &CubeTensor<CudaRuntime>| {
+            t.client.get_resource(t.handle.clone()).map_err(|e| CommError::Device { op, detail: format!("{e:?}") })
+        };
+        let (src, dst) = (resource(&input)?, resource(&output)?);
+        // SAFETY: the primary context retained in `connect`.
+        unsafe { cu::ctx::set_current(self.context) }.map_err(|e| cuda_error("set the CUDA context", e))?;
+        // 2. The collective, on this communicator's stream.
+        let launched = call(
+            src.resource().ptr as *const _,
+            dst.resource().ptr as *mut _,
+            count,
+            dtype,
+            self.comm,
+            self.stream as _,
+        );
+        // 3. Wait for it (bounded by the timeout), before anything reads the output.
+        let result = launched.map_err(|e| nccl_error(op, e)).and_then(|_| self.wait(op));
+        if let Err(e) = &result {
+            self.failed = Some(e.to_string());
+        }
+        result?;
+        drop((src, dst, input));
+        Ok(Tensor::from_primitive(TensorPrimitive::Float(output)))
+    }
+
+    /// Waits for this communicator's stream; past the timeout, aborts NCCL.
+    fn wait(&mut self, op: &'static str) -> Result<()> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            // SAFETY: a valid stream of the current context.
+            match unsafe { cu_sys::cuStreamQuery(self.stream) } {
+                cu_sys::CUresult::CUDA_SUCCESS => return Ok(()),
+                cu_sys::CUresult::CUDA_ERROR_NOT_READY if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_micros(50))
+                }
+                cu_sys::CUresult::CUDA_ERROR_NOT_READY => {
+                    // SAFETY: the communicator is live; after abort it is never used again.
+                    let _ = unsafe { nccl::comm_abort(self.comm) };
+                    return Err(CommError::Device {
+                        op,
+                        detail: format!("no answer from the other ranks within {:?}; NCCL aborted", self.timeout),
+                    });
+                }
+                other => return Err(CommError::Device { op, detail: format!("the CUDA stream failed: {other:?}") }),
+            }
+        }
+    }
+}
+
+impl Drop for NcclCommunicator {
+    fn drop(&mut self) {
+        if self.failed.is_none() {
+            // SAFETY: the communicator is live and no call is in flight.
+            let _ = unsafe { nccl::comm_destroy(self.comm) };
+        }
+    }
+}
+
+fn cube_tensor(t: CudaTensor) -> CubeTensor<CudaRuntime> {
+    t.into_primitive().tensor()
+}
+
+/// The device's primary context, the one cubecl-cuda runs Burn's kernels in.
+fn primary_context(index: usize) -> Result<cu_sys::CUcontext> {
+    cu::init().map_err(|e| cuda_error("cuInit", e))?;
+    let device = cu::device::get(index as i32).map_err(|e| cuda_error("cuDeviceGet", e))?;
+    // SAFETY: a valid device; the primary context is retained for the process's life.
+    let context = unsafe { cu::primary_ctx::retain(device) }.map_err(|e| cuda_error("retain the context", e))?;
+    // SAFETY: the context just retained.
+    unsafe { cu::ctx::set_current(context) }.map_err(|e| cuda_error("set the CUDA context", e))?;
+    Ok(context)
+}
+
+fn cuda_error(op: &'static str, e: cu::DriverError) -> CommError {
+    CommError::Device { op, detail: format!("{e:?}") }
+}
+
+fn nccl_error(op: &'static str, e: nccl::NcclError) -> CommError {
+    CommError::Device { op, detail: format!("NCCL: {e:?}") }
+}

@@ -1,0 +1,114 @@
+//! The CUDA backend's preflight: every way CUDA can be missing becomes a
+//! clear [`Unavailable`] error (exit code 2) before Burn touches the driver,
+//! because cubecl-cuda answers a missing driver or device with a panic.
+
+use burn::backend::cuda::CudaDevice;
+
+use crate::Unavailable;
+
+/// How many CUDA devices this machine has; an error when the driver is
+/// missing or there are none.
+pub fn device_count() -> Result<usize, Unavailable> {
+    // SAFETY: only tries to dlopen libcuda; no CUDA call is made.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(Unavailable(
+            "the cuda backend needs the NVIDIA driver (libcuda.so), which this machine does not have".into(),
+        ));
+    }
+    let count = guarded("querying the CUDA devices", || {
+        cudarc::driver::result::init().map_err(|e| format!("the CUDA driver failed to start: {e:?}"))?;
+        cudarc::driver::result::device::get_count().map_err(|e| format!("cannot count CUDA devices: {e:?}"))
+    })?;
+    if count <= 0 {
+        return Err(Unavailable("the CUDA driver is installed, but this machine has no CUDA device".into()));
+    }
+    Ok(count as usize)
+}
+
+/// Checks that device `index` exists and returns Burn's handle for it.
+pub fn device(index: usize) -> Result<CudaDevice, Unavailable> {
+    let count = device_count()?;
+    if index >= count {
+        return Err(Unavailable(format!(
+            "CUDA device {index} does not exist: this machine has {count} (indices 0 to {})",
+            count - 1
+        )));
+    }
+    Ok(CudaDevice::new(index))
+}
+
+/// Runs `f`, turning an error or a panic inside the CUDA libraries into
+/// [`Unavailable`].
+pub fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, Unavailable> {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(previous);
+    match outcome {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Unavailable(format!("{what}: {e}"))),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "a panic".into());
+            Err(Unavailable(format!("{what}: {message}")))
+        }
+    }
+}
+
+/// `bonfire nccl-check`: an NCCL all-reduce on this GPU, checked against
+/// the plain sum, with its time and bandwidth. Alone it is a group of one;
+/// under `bonfire launch` (one process per GPU) it is the launcher's group.
+pub fn nccl_check(sizes_mib: &[usize]) -> anyhow::Result<()> {
+    use bonfire_collective::{DistEnv, NcclCommunicator, ReduceOp};
+    use burn::tensor::{Tensor, TensorData};
+    use std::time::{Duration, Instant};
+
+    NcclCommunicator::libraries_present().map_err(Unavailable)?;
+    let env = if std::env::var_os("RANK").is_some() {
+        DistEnv::from_env()?
+    } else {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        DistEnv::from_lookup(|var| match var {
+            "RANK" => Some("0".into()),
+            "WORLD_SIZE" => Some("1".into()),
+            "MASTER_ADDR" => Some("127.0.0.1".into()),
+            "MASTER_PORT" => Some(port.to_string()),
+            _ => None,
+        })?
+    };
+    let device = device(env.local_rank)?;
+    let mut comm = guarded("starting NCCL", || {
+        NcclCommunicator::connect(&env, &device, Duration::from_secs(60)).map_err(|e| e.to_string())
+    })?;
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let rank_sum: f32 = (1..=world).sum::<usize>() as f32;
+    for &mib in sizes_mib {
+        let n = (mib << 20) / 4;
+        let values: Vec<f32> = (0..n).map(|i| ((rank + 1) * (i % 7)) as f32).collect();
+        let input = Tensor::<burn::backend::Cuda, 1>::from_data(TensorData::new(values, [n]), &device);
+        let out = comm.all_reduce(input.clone(), ReduceOp::Sum)?;
+        let got = out.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        if let Some(i) = (0..n).find(|&i| got[i] != rank_sum * (i % 7) as f32) {
+            anyhow::bail!("NCCL all-reduce of {mib} MiB is wrong at element {i}: {}", got[i]);
+        }
+        let iters = 10;
+        let start = Instant::now();
+        for _ in 0..iters {
+            comm.all_reduce(input.clone(), ReduceOp::Sum)?;
+        }
+        let seconds = start.elapsed().as_secs_f64() / iters as f64;
+        let algbw = (mib << 20) as f64 / seconds / 1e9;
+        let busbw = algbw * 2.0 * (world as f64 - 1.0) / world as f64;
+        if rank == 0 {
+            println!(
+                "{{\"impl\":\"nccl\",\"world\":{world},\"bytes\":{},\"correct\":true,\"ms\":{:.3},\"algbw_gbs\":{algbw:.2},\"busbw_gbs\":{busbw:.2}}}",
+                mib << 20,
+                seconds * 1e3
+            );
+        }
+    }
+    Ok(())
+}

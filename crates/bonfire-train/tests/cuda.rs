@@ -1,0 +1,65 @@
+//! `--backend cuda` in a build with the `cuda` feature. On a machine without
+//! the NVIDIA driver every CUDA request must end with a clear message and exit
+//! code 2, never a panic; where a driver and a device exist, it must train.
+
+use std::process::{Command, Output};
+
+fn bonfire(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bonfire")).args(args).output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// Whether this machine can load the CUDA driver library at all.
+fn has_driver() -> bool {
+    ["libcuda.so.1", "libcuda.so"].iter().any(|lib| {
+        Command::new("sh")
+            .args(["-c", &format!("ldconfig -p 2>/dev/null | grep -q '{lib}'")])
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+const SMOKE: [&str; 8] = ["train", "--backend", "cuda", "--dataset", "synthetic", "--steps", "3", "--out"];
+
+#[test]
+fn cuda_without_a_driver_is_a_clear_error_or_with_one_it_trains() {
+    let out = std::env::temp_dir().join(format!("bonfire-cuda-{}", std::process::id()));
+    for strategy in ["single", "ddp", "dp"] {
+        let o = bonfire(&[&SMOKE[..], &[out.to_str().unwrap(), "--strategy", strategy]].concat());
+        let log = text(&o);
+        assert!(!log.contains("panicked"), "{strategy}: {log}");
+        if has_driver() {
+            assert!(o.status.success() || o.status.code() == Some(2), "{strategy}: {log}");
+        } else {
+            assert_eq!(o.status.code(), Some(2), "{strategy}: {log}");
+            assert!(log.contains("libcuda.so"), "{strategy}: {log}");
+        }
+    }
+}
+
+#[test]
+fn a_cuda_device_index_out_of_range_is_a_clear_error() {
+    // DP over 64 replicas asks for devices 0..63: no machine here has them.
+    let out = std::env::temp_dir().join(format!("bonfire-cuda-dp-{}", std::process::id()));
+    let o = bonfire(&[&SMOKE[..], &[out.to_str().unwrap(), "--strategy", "dp", "--workers", "64"]].concat());
+    let log = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    if has_driver() {
+        assert!(log.contains("CUDA device") && log.contains("does not exist"), "{log}");
+    }
+}
+
+#[test]
+fn nccl_check_without_the_libraries_is_a_clear_error() {
+    let o = bonfire(&["nccl-check", "--sizes-mib", "1"]);
+    let log = text(&o);
+    assert!(!log.contains("panicked"), "{log}");
+    if !has_driver() {
+        assert_eq!(o.status.code(), Some(2), "{log}");
+        assert!(log.contains("libcuda.so"), "{log}");
+    }
+}

@@ -1,0 +1,120 @@
+//! `cargo xtask gpu-check`: prepares a folder that checks the CUDA path on a
+//! machine with an NVIDIA GPU, CUDA and PyTorch but no Rust toolchain:
+//! a stripped release `bonfire` built with the `cuda` feature, a
+//! Fashion-MNIST subset, the PyTorch baseline and `run.sh`.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::{release_dir, root};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Where to put the bundle.
+    #[arg(long, default_value = "target/gpu-check")]
+    out: PathBuf,
+    /// Fashion-MNIST files to take the subset from.
+    #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
+    data_dir: PathBuf,
+    /// Training images in the subset (the test split keeps a sixth as many).
+    #[arg(long, default_value_t = 20_000)]
+    train_images: usize,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    eprintln!("building bonfire with the cuda feature (release, stripped)...");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--quiet", "-p", "bonfire-train", "--bin", "bonfire", "--features", "cuda"])
+        .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
+        .current_dir(root())
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("building bonfire failed");
+    }
+    let out = root().join(&args.out);
+    let data = out.join("data");
+    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    std::fs::copy(release_dir().join("bonfire"), out.join("bonfire")).context("copying bonfire")?;
+    std::fs::copy(root().join("bench/torch_ddp_train.py"), out.join("torch_ddp_train.py"))?;
+    for (split, n) in [("train", args.train_images), ("t10k", args.train_images / 6)] {
+        for (kind, record) in [("images-idx3-ubyte", 28 * 28), ("labels-idx1-ubyte", 1)] {
+            let name = format!("{split}-{kind}.gz");
+            subset(&args.data_dir.join(&name), &data.join(&name), n, record)?;
+        }
+    }
+    let script = out.join("run.sh");
+    std::fs::write(&script, RUN_SH)?;
+    Command::new("chmod").arg("+x").arg(&script).status()?;
+    let bytes: u64 = walk(&out)?.iter().map(|f| f.metadata().map_or(0, |m| m.len())).sum();
+    eprintln!("ready: {} ({:.1} MiB); on the GPU machine run ./run.sh in it", out.display(), bytes as f64 / 1048576.0);
+    if bytes > 60 << 20 {
+        bail!("the bundle is {:.1} MiB, over the 60 MiB a check may carry", bytes as f64 / 1048576.0);
+    }
+    Ok(())
+}
+
+/// Writes the first `n` records of the gzipped IDX file `from` to `to`,
+/// with the count in the header changed to `n`.
+fn subset(from: &Path, to: &Path, n: usize, record: usize) -> Result<()> {
+    let mut raw = Vec::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(from).with_context(|| format!("opening {}", from.display()))?)
+        .read_to_end(&mut raw)
+        .with_context(|| format!("reading {}", from.display()))?;
+    let header = 4 + 4 * raw.get(3).copied().unwrap_or(0) as usize;
+    let available = raw.len().saturating_sub(header) / record;
+    if raw.len() < header || available < n {
+        bail!("{} holds {available} records, fewer than the {n} asked for", from.display());
+    }
+    raw[4..8].copy_from_slice(&(n as u32).to_be_bytes());
+    let mut gz = flate2::write::GzEncoder::new(std::fs::File::create(to)?, flate2::Compression::default());
+    gz.write_all(&raw[..header + n * record])?;
+    gz.finish()?;
+    Ok(())
+}
+
+fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            files.extend(walk(&path)?);
+        } else {
+            files.push(path);
+        }
+    }
+    Ok(files)
+}
+
+/// The check itself. Each step prints what it measured; the script goes on
+/// after a failed step and exits non-zero at the end if any failed.
+const RUN_SH: &str = r#"#!/bin/sh
+# Bonfire's GPU check: NCCL, the host ring on one GPU, DDP throughput, CPU
+# equivalence, and PyTorch on the same GPU for a ratio.
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+NCCL_LIB=$($PY -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
+[ -n "$NCCL_LIB" ] && export LD_LIBRARY_PATH="$NCCL_LIB:${LD_LIBRARY_PATH:-}"
+failed=0
+step() { echo; echo "== $1"; shift; "$@" || { echo "!! failed: exit $?"; failed=1; }; }
+COMMON="--dataset fashion-mnist --data-dir data --model lenet --batch-size 100 --no-shuffle --seed 7"
+
+step "device" nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+step "NCCL all-reduce, world 1: correctness and bandwidth" ./bonfire nccl-check --sizes-mib 1,16,64,256
+step "host ring, 2 workers sharing the GPU (50 steps)" \
+  ./bonfire train --backend cuda --strategy ddp --workers 2 $COMMON --steps 50 --out runs/ring
+step "DDP, 200 steps of LeNet (images/s on the epoch line)" \
+  ./bonfire train --backend cuda --strategy ddp --workers 1 $COMMON --steps 200 --out runs/ddp
+echo "steady images/s (steps 6..200):"
+awk -F, 'NR>6 { s += $3; n++ } END { if (s > 0) printf "%.0f\n", n * 100 / s }' runs/ddp/steps.csv
+step "CUDA against the CPU: 20 steps each from the same weights" sh -c '
+  ./bonfire train --backend cpu --strategy single '"$COMMON"' --steps 1 --lr 0 --save runs/init.safetensors --out runs/init &&
+  ./bonfire train --backend cuda --strategy single '"$COMMON"' --steps 20 --init runs/init.safetensors --save runs/cuda.safetensors --out runs/eq-cuda &&
+  ./bonfire train --backend cpu --strategy single '"$COMMON"' --steps 20 --init runs/init.safetensors --save runs/cpu.safetensors --out runs/eq-cpu &&
+  ./bonfire diff-weights runs/cuda.safetensors runs/cpu.safetensors --tolerance 1e-3'
+step "PyTorch on the same GPU, 200 steps" $PY torch_ddp_train.py --world 1 --device cuda --steps 200 --batch 100 --data-dir data
+exit $failed
+"#;
