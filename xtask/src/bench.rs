@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::{release_dir, root};
+use crate::{cargo_build, release_dir, root};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -64,14 +64,7 @@ pub fn run(args: Args) -> Result<()> {
 /// that each benchmark reuses the others' build.
 fn build_bench() -> Result<std::path::PathBuf> {
     eprintln!("building the benchmarks (release)...");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--quiet", "-p", "bonfire-bench", "--features", "burn-baseline"])
-        .current_dir(root())
-        .status()
-        .context("running cargo")?;
-    if !status.success() {
-        bail!("building bonfire-bench failed");
-    }
+    cargo_build(&["--release", "--quiet", "-p", "bonfire-bench", "--features", "burn-baseline"], &[], "bonfire-bench")?;
     Ok(release_dir().join("bonfire-bench"))
 }
 
@@ -204,14 +197,7 @@ struct TrainRun<'a> {
 
 fn train(steps: usize, batch: usize, models: &str, json: bool) -> Result<()> {
     eprintln!("building bonfire (release)...");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--quiet", "-p", "bonfire-train", "--bin", "bonfire"])
-        .current_dir(root())
-        .status()
-        .context("running cargo")?;
-    if !status.success() {
-        bail!("building bonfire failed");
-    }
+    cargo_build(&["--release", "--quiet", "-p", "bonfire-train", "--bin", "bonfire"], &[], "bonfire")?;
     let bonfire = release_dir().join("bonfire");
     let python = torch_python();
     let models: Vec<&str> = models.split(',').map(str::trim).filter(|m| !m.is_empty()).collect();

@@ -9,7 +9,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::{release_dir, root};
+use crate::{cargo_build, release_dir, root};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -26,15 +26,11 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     eprintln!("building bonfire with the cuda feature (release, stripped)...");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--quiet", "-p", "bonfire-train", "--bin", "bonfire", "--features", "cuda"])
-        .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
-        .current_dir(root())
-        .status()
-        .context("running cargo")?;
-    if !status.success() {
-        bail!("building bonfire failed");
-    }
+    cargo_build(
+        &["--release", "--quiet", "-p", "bonfire-train", "--bin", "bonfire", "--features", "cuda"],
+        &[("CARGO_PROFILE_RELEASE_STRIP", "symbols")],
+        "bonfire with the cuda feature",
+    )?;
     let out = root().join(&args.out);
     let data = out.join("data");
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;

@@ -38,6 +38,22 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Runs `cargo build ARGS` in the workspace with extra environment `env`;
+/// `what` names the build in the error.
+pub fn cargo_build(args: &[&str], env: &[(&str, &str)], what: &str) -> anyhow::Result<()> {
+    let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .arg("build")
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(root())
+        .status()
+        .map_err(|e| anyhow::anyhow!("running cargo: {e}"))?;
+    if !status.success() {
+        anyhow::bail!("building {what} failed");
+    }
+    Ok(())
+}
+
 /// The workspace root.
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()

@@ -7,20 +7,13 @@
 
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
-use crate::{root, target_dir};
+use crate::{cargo_build, root, target_dir};
 
 pub fn run(args: &[String]) -> Result<()> {
     eprintln!("building bonfire...");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--quiet", "-p", "bonfire-train", "--bin", "bonfire"])
-        .current_dir(root())
-        .status()
-        .context("running cargo")?;
-    if !status.success() {
-        bail!("building bonfire failed");
-    }
+    cargo_build(&["--quiet", "-p", "bonfire-train", "--bin", "bonfire"], &[], "bonfire")?;
     let status = Command::new(target_dir().join("debug").join("bonfire"))
         .arg("train")
         .args(args)
