@@ -92,8 +92,10 @@ const RUN_SH: &str = r#"#!/bin/sh
 # equivalence, and PyTorch on the same GPU for a ratio.
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-NCCL_LIB=$($PY -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
-[ -n "$NCCL_LIB" ] && export LD_LIBRARY_PATH="$NCCL_LIB:${LD_LIBRARY_PATH:-}"
+# NCCL (nvidia-nccl-cu13) and NVRTC come with PyTorch's wheels: put every
+# nvidia/*/lib folder of its site-packages on the library path.
+NV_LIBS=$($PY -c 'import nvidia, os; b = list(nvidia.__path__)[0]; print(":".join(os.path.join(b, d, "lib") for d in sorted(os.listdir(b)) if os.path.isdir(os.path.join(b, d, "lib"))))' 2>/dev/null)
+[ -n "$NV_LIBS" ] && export LD_LIBRARY_PATH="$NV_LIBS:${LD_LIBRARY_PATH:-}"
 failed=0
 step() { echo; echo "== $1"; shift; "$@" || { echo "!! failed: exit $?"; failed=1; }; }
 COMMON="--dataset fashion-mnist --data-dir data --model lenet --batch-size 100 --no-shuffle --seed 7"
