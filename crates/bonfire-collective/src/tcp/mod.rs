@@ -416,9 +416,10 @@ fn accept_prev(
             Ok((stream, from)) => {
                 stream.set_nonblocking(false).map_err(|e| CommError::io("ring socket", e))?;
                 stream.set_nodelay(true).map_err(|e| CommError::io("ring socket", e))?;
-                stream
-                    .set_read_timeout(Some(remaining(deadline).max(Duration::from_millis(1))))
-                    .map_err(|e| CommError::io("ring socket", e))?;
+                // The real peer sends its hello at once; a silent stranger
+                // may hold up the rendezvous for two seconds at most.
+                let hello_wait = remaining(deadline).min(Duration::from_secs(2)).max(Duration::from_millis(1));
+                stream.set_read_timeout(Some(hello_wait)).map_err(|e| CommError::io("ring socket", e))?;
                 let mut hello = [0u8; 16];
                 let w = |hello: &[u8; 16], i: usize| u32::from_le_bytes(hello[i..i + 4].try_into().unwrap());
                 let ok = (&stream).read_exact(&mut hello).is_ok()
