@@ -30,6 +30,8 @@ pub struct InProcCommunicator {
     rank: usize,
     shared: Arc<Shared>,
     timeout: Duration,
+    /// After this long waiting in a call, log which ranks have not started it.
+    stall_warning: Duration,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -86,8 +88,19 @@ impl InProcCommunicator {
             changed: Condvar::new(),
         });
         Ok((0..world)
-            .map(|rank| InProcCommunicator { rank, shared: shared.clone(), timeout: DEFAULT_TIMEOUT })
+            .map(|rank| InProcCommunicator {
+                rank,
+                shared: shared.clone(),
+                timeout: DEFAULT_TIMEOUT,
+                stall_warning: Duration::from_secs(60),
+            })
             .collect())
+    }
+
+    /// After `after` waiting for the other ranks to start a call, log which
+    /// ones have not (60 s by default; the timeout still applies).
+    pub fn set_stall_warning(&mut self, after: Duration) {
+        self.stall_warning = after;
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -100,7 +113,9 @@ impl InProcCommunicator {
     /// timeout for all ranks, and checks that they all asked for the same thing.
     fn join(&self, name: &'static str, call: Call) -> Result<Arc<Round>> {
         let world = self.shared.world;
-        let deadline = Instant::now() + self.timeout;
+        let started = Instant::now();
+        let deadline = started + self.timeout;
+        let mut warn_at = Some(started + self.stall_warning);
         let mut st = self.lock();
         if let Some(why) = &st.failed {
             return Err(CommError::Aborted(why.clone()));
@@ -133,7 +148,17 @@ impl InProcCommunicator {
                     self.shared.changed.notify_all();
                     return Err(err);
                 }
-                st = self.shared.changed.wait_timeout(st, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+                if warn_at.is_some_and(|at| now >= at) {
+                    warn_at = None;
+                    let ranks: Vec<usize> = (0..world).filter(|&r| st.arrived[r].is_none()).collect();
+                    tracing::warn!(
+                        "stall: rank {} has waited {:.1} s in {name} for rank(s) {ranks:?}, which have not started it",
+                        self.rank,
+                        (now - started).as_secs_f64()
+                    );
+                }
+                let wake = warn_at.map_or(deadline, |at| at.min(deadline));
+                st = self.shared.changed.wait_timeout(st, wake - now).unwrap_or_else(|e| e.into_inner()).0;
             }
         }
         let round = st.round.clone().expect("a completed barrier publishes its round");

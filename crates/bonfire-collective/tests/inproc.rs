@@ -54,6 +54,29 @@ fn a_rank_that_never_joins_is_named() {
 }
 
 #[test]
+fn the_stall_inspector_names_the_ranks_that_have_not_started_the_call() {
+    let logs = run_group(3, |mut c| {
+        c.set_stall_warning(Duration::from_millis(200));
+        let log = common::Captured::default();
+        tracing::subscriber::with_default(log.subscriber(), || {
+            if c.rank() == 2 {
+                std::thread::sleep(Duration::from_millis(600)); // behind, within the timeout
+            }
+            let mut buf = vec![1f32; 16];
+            c.all_reduce(buf.as_mut_slice().into(), ReduceOp::Sum).unwrap();
+            assert_eq!(buf, vec![3f32; 16], "the late call still completes correctly");
+        });
+        log.text()
+    });
+    for rank in [0, 1] {
+        let log = &logs[rank];
+        assert!(log.contains(&format!("stall: rank {rank} has waited")), "{log}");
+        assert!(log.contains("in all_reduce for rank(s) [2], which have not started it"), "{log}");
+    }
+    assert!(!logs[2].contains("stall"), "{}", logs[2]);
+}
+
+#[test]
 fn mismatched_calls_are_an_error_on_every_rank() {
     let results = run_group(3, |mut c| {
         let len = if c.rank() == 2 { 5 } else { 4 };

@@ -247,28 +247,12 @@ fn the_store_listens_on_loopback_when_master_addr_is_loopback() {
     assert!(outside.is_err(), "the store must not be reachable on {ip}");
 }
 
-/// Log lines written by `tracing` on the threads that install it.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[test]
 fn threads_the_stall_inspector_names_the_rank_that_is_behind_and_the_call() {
     let results = run_ranks(3, &[0, 1, 2], Duration::from_secs(10), |c| {
         let mut c = c.unwrap();
-        let log = Captured::default();
-        let sink = log.clone();
-        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || sink.clone()).finish();
-        tracing::subscriber::with_default(subscriber, || {
+        let log = common::Captured::default();
+        tracing::subscriber::with_default(log.subscriber(), || {
             let mut buf = vec![1f32; 1 << 12];
             c.all_reduce(buf.as_mut_slice().into(), ReduceOp::Sum).unwrap();
             if c.rank() == 2 {
@@ -277,8 +261,7 @@ fn threads_the_stall_inspector_names_the_rank_that_is_behind_and_the_call() {
             c.all_reduce(buf.as_mut_slice().into(), ReduceOp::Sum).unwrap();
             assert!(buf.iter().all(|&v| v == 9.0), "the late call still completes correctly");
         });
-        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
-        (c.rank(), text)
+        (c.rank(), log.text())
     });
     // Rank 0 waits on rank 2 directly, for a call rank 2 has not started.
     let (_, log0) = &results[0];

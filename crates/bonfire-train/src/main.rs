@@ -325,6 +325,7 @@ fn run<B: HookBackend>(
             let mut comms = InProcCommunicator::group(args.workers)?;
             for c in &mut comms {
                 c.set_timeout(Duration::from_secs_f64(args.timeout));
+                c.set_stall_warning(Duration::from_secs_f64(args.stall_warning));
             }
             let reports = std::thread::scope(|s| {
                 let handles: Vec<_> = comms
