@@ -40,22 +40,7 @@ pub fn device(index: usize) -> Result<CudaDevice, Unavailable> {
 /// Runs `f`, turning an error or a panic inside the CUDA libraries into
 /// [`Unavailable`].
 pub fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, Unavailable> {
-    let previous = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    std::panic::set_hook(previous);
-    match outcome {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(Unavailable(format!("{what}: {e}"))),
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "a panic".into());
-            Err(Unavailable(format!("{what}: {message}")))
-        }
-    }
+    crate::catch_panic(f).and_then(|r| r).map_err(|e| Unavailable(format!("{what}: {e}")))
 }
 
 /// `bonfire nccl-check`: an NCCL all-reduce on this GPU, checked against

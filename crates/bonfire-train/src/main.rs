@@ -233,7 +233,7 @@ fn run_cuda(args: &TrainArgs, train_set: &ImageDataset, test_set: &ImageDataset)
 
 #[cfg(not(feature = "cuda"))]
 fn run_cuda(_: &TrainArgs, _: &ImageDataset, _: &ImageDataset) -> Result<()> {
-    cuda_devices(1).map(|_| ()).map_err(Into::into)
+    Err(no_cuda().into())
 }
 
 fn diff_weights(a: &std::path::Path, b: &std::path::Path, tolerance: f64) -> Result<()> {
@@ -256,7 +256,7 @@ fn nccl_check(sizes_mib: &[usize]) -> Result<()> {
 
 #[cfg(not(feature = "cuda"))]
 fn nccl_check(_: &[usize]) -> Result<()> {
-    cuda_devices(1).map(|_| ()).map_err(Into::into)
+    Err(no_cuda().into())
 }
 
 /// CUDA devices 0..n, each checked.
@@ -267,19 +267,36 @@ fn cuda_devices(n: usize) -> Result<Vec<burn::backend::cuda::CudaDevice>, Unavai
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_devices(_: usize) -> Result<Vec<()>, Unavailable> {
-    Err(Unavailable("the cuda backend is not part of this build; build bonfire with `--features cuda`".into()))
+    Err(no_cuda())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_cuda() -> Unavailable {
+    Unavailable("the cuda backend is not part of this build; build bonfire with `--features cuda`".into())
+}
+
+/// Runs `f` with panics caught and not printed, returning a panic's message
+/// as the error: GPU libraries panic when their hardware is missing.
+fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(previous);
+    outcome.map_err(|panic| {
+        panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a panic".into())
+    })
 }
 
 /// wgpu panics when there is no adapter; turn that into a clear error.
 fn check_wgpu(device: &burn::backend::wgpu::WgpuDevice) -> Result<()> {
-    let device = device.clone();
-    let previous = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let probe = std::panic::catch_unwind(move || {
-        burn::tensor::Tensor::<burn::backend::Wgpu, 1>::zeros([1], &device).into_data();
-    });
-    std::panic::set_hook(previous);
-    probe.map_err(|_| {
+    catch_panic(|| {
+        burn::tensor::Tensor::<burn::backend::Wgpu, 1>::zeros([1], device).into_data();
+    })
+    .map_err(|_| {
         Unavailable(
             "the wgpu backend found no usable GPU adapter; on Linux without a GPU install Mesa's lavapipe \
              (apt-get install mesa-vulkan-drivers libvulkan1)"
