@@ -53,6 +53,38 @@ pub trait Communicator: Send {
     fn barrier(&mut self) -> Result<()>;
 }
 
+/// A boxed communicator is one too, so that `Box<dyn Communicator>` can go
+/// wherever a communicator is asked for.
+impl<C: Communicator + ?Sized> Communicator for Box<C> {
+    fn rank(&self) -> usize {
+        (**self).rank()
+    }
+    fn world_size(&self) -> usize {
+        (**self).world_size()
+    }
+    fn timeout(&self) -> Duration {
+        (**self).timeout()
+    }
+    fn set_timeout(&mut self, timeout: Duration) {
+        (**self).set_timeout(timeout)
+    }
+    fn all_reduce(&mut self, buf: BufMut<'_>, op: ReduceOp) -> Result<()> {
+        (**self).all_reduce(buf, op)
+    }
+    fn broadcast(&mut self, buf: BufMut<'_>, root: usize) -> Result<()> {
+        (**self).broadcast(buf, root)
+    }
+    fn all_gather(&mut self, input: BufRef<'_>, output: BufMut<'_>) -> Result<()> {
+        (**self).all_gather(input, output)
+    }
+    fn reduce_scatter(&mut self, input: BufRef<'_>, output: BufMut<'_>, op: ReduceOp) -> Result<()> {
+        (**self).reduce_scatter(input, output, op)
+    }
+    fn barrier(&mut self) -> Result<()> {
+        (**self).barrier()
+    }
+}
+
 /// Checks the shape of an all_gather or reduce_scatter call.
 pub(crate) fn check_blocks(op: &'static str, world: usize, whole: usize, block: usize) -> Result<()> {
     if whole != block * world {

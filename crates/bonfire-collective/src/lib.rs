@@ -6,7 +6,8 @@
 //!   by a chunked, pipelined TCP ring after meeting at a rendezvous store
 //!   ([`store`]) that rank 0 hosts, found through torchrun's environment
 //!   variables ([`DistEnv`]).
-//! - [`tensor`]: the same collectives on Burn tensors of any backend.
+//! - [`TensorCollective`]: collectives on Burn tensors, what DDP uses;
+//!   every communicator provides it by staging tensors through the host.
 //! - `NcclCommunicator` (feature `nccl`): NCCL between processes, on
 //!   burn-cuda tensor memory.
 
@@ -28,6 +29,8 @@ pub use element::{BufMut, BufRef, DType, Element, ReduceOp};
 pub use env::{DistEnv, JOB_TOKEN_VAR};
 pub use error::{CommError, Result};
 pub use inproc::InProcCommunicator;
+#[cfg(feature = "tensor")]
+pub use tensor::TensorCollective;
 #[cfg(feature = "nccl")]
 pub use nccl::{CudaTensor, NcclCommunicator};
 pub use tcp::{TcpCommunicator, TcpConfig};

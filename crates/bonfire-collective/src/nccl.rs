@@ -37,6 +37,7 @@ use crate::element::ReduceOp;
 use crate::env::DistEnv;
 use crate::error::{CommError, Result};
 use crate::rendezvous::Rendezvous;
+use crate::tensor::TensorCollective;
 
 /// A 1-D float tensor on a CUDA device.
 pub type CudaTensor = Tensor<Cuda, 1>;
@@ -122,53 +123,6 @@ impl NcclCommunicator {
         })
     }
 
-    pub fn rank(&self) -> usize {
-        self.rank
-    }
-
-    pub fn world_size(&self) -> usize {
-        self.world
-    }
-
-    /// The element-wise reduction of every rank's `tensor`.
-    pub fn all_reduce(&mut self, tensor: CudaTensor, op: ReduceOp) -> Result<CudaTensor> {
-        let n = tensor.dims()[0];
-        let out = CudaTensor::empty([n], &self.device).cast(tensor.dtype());
-        let nccl_op = match op {
-            ReduceOp::Sum => nccl_sys::ncclRedOp_t::ncclSum,
-            ReduceOp::Mean => nccl_sys::ncclRedOp_t::ncclAvg,
-            ReduceOp::Max => nccl_sys::ncclRedOp_t::ncclMax,
-            ReduceOp::Min => nccl_sys::ncclRedOp_t::ncclMin,
-        };
-        self.run("all_reduce", tensor, out, |src, dst, count, dtype, comm, stream| {
-            // SAFETY: src and dst are live device buffers of `count` elements.
-            unsafe { nccl::all_reduce(src, dst, count, dtype, nccl_op, comm, stream) }
-        })
-    }
-
-    /// Rank `root`'s `tensor` on every rank (each passes a tensor of the same length).
-    pub fn broadcast(&mut self, tensor: CudaTensor, root: usize) -> Result<CudaTensor> {
-        if root >= self.world {
-            return Err(CommError::invalid("broadcast", format!("root {root} is not a rank of {}", self.world)));
-        }
-        let n = tensor.dims()[0];
-        let out = CudaTensor::empty([n], &self.device).cast(tensor.dtype());
-        self.run("broadcast", tensor, out, |src, dst, count, dtype, comm, stream| {
-            // SAFETY: as in all_reduce.
-            unsafe { nccl::broadcast(src, dst, count, dtype, root as i32, comm, stream) }
-        })
-    }
-
-    /// Every rank's `tensor`, concatenated in rank order.
-    pub fn all_gather(&mut self, tensor: CudaTensor) -> Result<CudaTensor> {
-        let n = tensor.dims()[0];
-        let out = CudaTensor::empty([n * self.world], &self.device).cast(tensor.dtype());
-        self.run("all_gather", tensor, out, |src, dst, count, dtype, comm, stream| {
-            // SAFETY: dst holds world * count elements.
-            unsafe { nccl::all_gather(src, dst, count, dtype, comm, stream) }
-        })
-    }
-
     /// Runs one collective from `input` into `output` (see the module
     /// comment for the ordering), `count` being the input's length.
     fn run(
@@ -195,7 +149,8 @@ impl NcclCommunicator {
             other => return Err(CommError::invalid(op, format!("{other:?} tensors are not supported"))),
         };
         let count = input.dims()[0];
-        let input = cube_tensor(input);
+        // NCCL works on this communicator's GPU only.
+        let input = cube_tensor(input.to_device(&self.device));
         let output = cube_tensor(output);
         if !input.is_contiguous() {
             return Err(CommError::invalid(op, "the tensor is not contiguous"));
@@ -248,6 +203,52 @@ impl NcclCommunicator {
                 other => return Err(CommError::Device { op, detail: format!("the CUDA stream failed: {other:?}") }),
             }
         }
+    }
+}
+
+impl TensorCollective<Cuda> for NcclCommunicator {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce(&mut self, tensor: CudaTensor, op: ReduceOp) -> Result<CudaTensor> {
+        let n = tensor.dims()[0];
+        let out = CudaTensor::empty([n], &self.device).cast(tensor.dtype());
+        let nccl_op = match op {
+            ReduceOp::Sum => nccl_sys::ncclRedOp_t::ncclSum,
+            ReduceOp::Mean => nccl_sys::ncclRedOp_t::ncclAvg,
+            ReduceOp::Max => nccl_sys::ncclRedOp_t::ncclMax,
+            ReduceOp::Min => nccl_sys::ncclRedOp_t::ncclMin,
+        };
+        self.run("all_reduce", tensor, out, |src, dst, count, dtype, comm, stream| {
+            // SAFETY: src and dst are live device buffers of `count` elements.
+            unsafe { nccl::all_reduce(src, dst, count, dtype, nccl_op, comm, stream) }
+        })
+    }
+
+    fn broadcast(&mut self, tensor: CudaTensor, root: usize) -> Result<CudaTensor> {
+        if root >= self.world {
+            return Err(CommError::invalid("broadcast", format!("root {root} is not a rank of {}", self.world)));
+        }
+        let n = tensor.dims()[0];
+        let out = CudaTensor::empty([n], &self.device).cast(tensor.dtype());
+        self.run("broadcast", tensor, out, |src, dst, count, dtype, comm, stream| {
+            // SAFETY: as in all_reduce.
+            unsafe { nccl::broadcast(src, dst, count, dtype, root as i32, comm, stream) }
+        })
+    }
+
+    fn all_gather(&mut self, tensor: CudaTensor) -> Result<CudaTensor> {
+        let n = tensor.dims()[0];
+        let out = CudaTensor::empty([n * self.world], &self.device).cast(tensor.dtype());
+        self.run("all_gather", tensor, out, |src, dst, count, dtype, comm, stream| {
+            // SAFETY: dst holds world * count elements.
+            unsafe { nccl::all_gather(src, dst, count, dtype, comm, stream) }
+        })
     }
 }
 

@@ -1,40 +1,84 @@
-//! Collectives on Burn tensors of any backend, staged through host memory.
+//! Collectives on Burn tensors: the [`TensorCollective`] trait that DDP's
+//! reducer talks to, and its host-staged implementation for every
+//! [`Communicator`].
 //!
-//! The tensor is read to the host, the collective runs on that buffer, and the
-//! result becomes a tensor again on the tensor's own device, with the same
-//! shape and element type. This is what wgpu and CPU backends use; CUDA
-//! tensors can instead go straight to NCCL in device memory.
+//! Host-staged: the tensor is read to the host, the collective runs on that
+//! buffer, and the result becomes a tensor again on the tensor's own device,
+//! with the same element type. This is what wgpu and the CPU backends use;
+//! `NcclCommunicator` implements the trait for burn-cuda tensors in device
+//! memory instead.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType as BurnDType, Tensor, TensorData};
+use half::{bf16, f16};
 
 use crate::communicator::Communicator;
-use crate::element::{BufMut, ReduceOp};
+use crate::element::{BufMut, BufRef, ReduceOp};
 use crate::error::{CommError, Result};
 
-/// Combines `tensor` across all ranks; each rank gets the result on its own device.
-pub fn all_reduce_tensor<B: Backend, const D: usize, C: Communicator + ?Sized>(
-    comm: &mut C,
-    tensor: Tensor<B, D>,
-    op: ReduceOp,
-) -> Result<Tensor<B, D>> {
-    through_host("all_reduce", tensor, |buf| comm.all_reduce(buf, op))
+/// Collectives on 1-D float tensors of backend `B`: what DDP needs from a
+/// process group. The rules of [`Communicator`] hold: every rank makes the
+/// same calls in the same order, with tensors of the same length and element
+/// type, and a failed call leaves the group unusable.
+pub trait TensorCollective<B: Backend>: Send {
+    /// This worker's rank, in `0..world_size()`.
+    fn rank(&self) -> usize;
+
+    /// The number of workers in the group.
+    fn world_size(&self) -> usize;
+
+    /// The element-wise combination of every rank's `tensor`.
+    fn all_reduce(&mut self, tensor: Tensor<B, 1>, op: ReduceOp) -> Result<Tensor<B, 1>>;
+
+    /// Rank `root`'s `tensor`, on every rank.
+    fn broadcast(&mut self, tensor: Tensor<B, 1>, root: usize) -> Result<Tensor<B, 1>>;
+
+    /// Every rank's `tensor`, concatenated in rank order.
+    fn all_gather(&mut self, tensor: Tensor<B, 1>) -> Result<Tensor<B, 1>>;
 }
 
-/// Replaces `tensor` on every rank by rank `root`'s.
-pub fn broadcast_tensor<B: Backend, const D: usize, C: Communicator + ?Sized>(
-    comm: &mut C,
-    tensor: Tensor<B, D>,
-    root: usize,
-) -> Result<Tensor<B, D>> {
-    through_host("broadcast", tensor, |buf| comm.broadcast(buf, root))
+/// Every host-memory communicator (the in-process group, the TCP ring) works
+/// on tensors of any backend by staging them through the host.
+impl<B: Backend, C: Communicator> TensorCollective<B> for C {
+    fn rank(&self) -> usize {
+        Communicator::rank(self)
+    }
+
+    fn world_size(&self) -> usize {
+        Communicator::world_size(self)
+    }
+
+    fn all_reduce(&mut self, tensor: Tensor<B, 1>, op: ReduceOp) -> Result<Tensor<B, 1>> {
+        in_place("all_reduce", tensor, |buf| Communicator::all_reduce(self, buf, op))
+    }
+
+    fn broadcast(&mut self, tensor: Tensor<B, 1>, root: usize) -> Result<Tensor<B, 1>> {
+        in_place("broadcast", tensor, |buf| Communicator::broadcast(self, buf, root))
+    }
+
+    fn all_gather(&mut self, tensor: Tensor<B, 1>) -> Result<Tensor<B, 1>> {
+        let device = tensor.device();
+        let input = tensor.into_data();
+        let len = input.num_elements() * Communicator::world_size(self);
+        let mut output = match input.dtype {
+            BurnDType::F32 => TensorData::new(vec![0f32; len], [len]),
+            BurnDType::F16 => TensorData::new(vec![f16::ZERO; len], [len]),
+            BurnDType::BF16 => TensorData::new(vec![bf16::ZERO; len], [len]),
+            other => return Err(unsupported("all_gather", other)),
+        };
+        let input = host_ref("all_gather", &input)?;
+        host_buffer("all_gather", &mut output, |out| Communicator::all_gather(self, input, out))?;
+        Ok(Tensor::from_data(output, &device))
+    }
 }
 
-fn through_host<B: Backend, const D: usize>(
+/// Runs `collective` on a host copy of `tensor` and returns the result on
+/// the tensor's device.
+fn in_place<B: Backend>(
     op: &'static str,
-    tensor: Tensor<B, D>,
+    tensor: Tensor<B, 1>,
     collective: impl FnOnce(BufMut<'_>) -> Result<()>,
-) -> Result<Tensor<B, D>> {
+) -> Result<Tensor<B, 1>> {
     let device = tensor.device();
     let mut data = tensor.into_data();
     host_buffer(op, &mut data, collective)?;
@@ -48,13 +92,25 @@ pub fn host_buffer(
     collective: impl FnOnce(BufMut<'_>) -> Result<()>,
 ) -> Result<()> {
     let dtype = data.dtype;
-    let unsupported =
-        || CommError::invalid(op, format!("tensors of {dtype:?} are not supported; use f32, f16 or bf16"));
     let buf = match dtype {
-        BurnDType::F32 => BufMut::F32(data.as_mut_slice::<f32>().map_err(|_| unsupported())?),
-        BurnDType::F16 => BufMut::F16(data.as_mut_slice::<half::f16>().map_err(|_| unsupported())?),
-        BurnDType::BF16 => BufMut::BF16(data.as_mut_slice::<half::bf16>().map_err(|_| unsupported())?),
-        _ => return Err(unsupported()),
+        BurnDType::F32 => BufMut::F32(data.as_mut_slice::<f32>().map_err(|_| unsupported(op, dtype))?),
+        BurnDType::F16 => BufMut::F16(data.as_mut_slice::<f16>().map_err(|_| unsupported(op, dtype))?),
+        BurnDType::BF16 => BufMut::BF16(data.as_mut_slice::<bf16>().map_err(|_| unsupported(op, dtype))?),
+        _ => return Err(unsupported(op, dtype)),
     };
     collective(buf)
+}
+
+fn host_ref<'a>(op: &'static str, data: &'a TensorData) -> Result<BufRef<'a>> {
+    let dtype = data.dtype;
+    Ok(match dtype {
+        BurnDType::F32 => BufRef::F32(data.as_slice::<f32>().map_err(|_| unsupported(op, dtype))?),
+        BurnDType::F16 => BufRef::F16(data.as_slice::<f16>().map_err(|_| unsupported(op, dtype))?),
+        BurnDType::BF16 => BufRef::BF16(data.as_slice::<bf16>().map_err(|_| unsupported(op, dtype))?),
+        _ => return Err(unsupported(op, dtype)),
+    })
+}
+
+fn unsupported(op: &'static str, dtype: BurnDType) -> CommError {
+    CommError::invalid(op, format!("tensors of {dtype:?} are not supported; use f32, f16 or bf16"))
 }

@@ -1,31 +1,33 @@
-//! Collectives on Burn tensors: two in-process workers per backend, each with
-//! its own tensor; the result must come back with the same shape, element
+//! Collectives on Burn tensors through the host ([`TensorCollective`] of a
+//! host-memory communicator): two in-process workers per backend, each with
+//! its own tensor; the result must come back with the right length, element
 //! type and device.
 
-use bonfire_collective::tensor::{all_reduce_tensor, broadcast_tensor};
-use bonfire_collective::{Communicator, InProcCommunicator, ReduceOp};
+use bonfire_collective::{Communicator, InProcCommunicator, ReduceOp, TensorCollective};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
-fn rank_tensor<B: Backend>(rank: usize, device: &B::Device) -> Tensor<B, 3> {
+fn rank_tensor<B: Backend>(rank: usize, device: &B::Device) -> Tensor<B, 1> {
     let values: Vec<f32> = (0..24).map(|i| (rank * 100 + i) as f32 * 0.5).collect();
-    Tensor::from_data(TensorData::new(values, [2, 3, 4]), device)
+    Tensor::from_data(TensorData::new(values, [24]), device)
 }
 
 fn check_backend<B: Backend>(device: B::Device) {
     let world = 2;
     let comms = InProcCommunicator::group(world).unwrap();
-    let results: Vec<(Tensor<B, 3>, Tensor<B, 3>)> = std::thread::scope(|s| {
+    let results: Vec<[Tensor<B, 1>; 3]> = std::thread::scope(|s| {
         let handles: Vec<_> = comms
             .into_iter()
-            .map(|mut comm| {
+            .map(|comm| {
                 let device = device.clone();
                 s.spawn(move || {
-                    let rank = comm.rank();
+                    let rank = Communicator::rank(&comm);
+                    let mut comm: Box<dyn TensorCollective<B>> = Box::new(comm);
                     let mine = rank_tensor::<B>(rank, &device);
-                    let summed = all_reduce_tensor(&mut comm, mine.clone(), ReduceOp::Sum).unwrap();
-                    let from_one = broadcast_tensor(&mut comm, mine, 1).unwrap();
-                    (summed, from_one)
+                    let summed = comm.all_reduce(mine.clone(), ReduceOp::Sum).unwrap();
+                    let from_one = comm.broadcast(mine.clone(), 1).unwrap();
+                    let gathered = comm.all_gather(mine).unwrap();
+                    [summed, from_one, gathered]
                 })
             })
             .collect();
@@ -33,13 +35,15 @@ fn check_backend<B: Backend>(device: B::Device) {
     });
     let want_sum: Vec<f32> = (0..24).map(|i| (i as f32 * 0.5) + ((100 + i) as f32 * 0.5)).collect();
     let want_bcast = rank_tensor::<B>(1, &device).into_data();
-    for (summed, from_one) in results {
-        assert_eq!(summed.dims(), [2, 3, 4]);
+    let mut want_gather = rank_tensor::<B>(0, &device).into_data().to_vec::<f32>().unwrap();
+    want_gather.extend(rank_tensor::<B>(1, &device).into_data().to_vec::<f32>().unwrap());
+    for [summed, from_one, gathered] in results {
         assert_eq!(summed.device(), device);
         let data = summed.into_data();
         assert_eq!(data.dtype, burn::tensor::DType::F32);
         assert_eq!(data.to_vec::<f32>().unwrap(), want_sum);
         assert_eq!(from_one.into_data(), want_bcast);
+        assert_eq!(gathered.into_data().to_vec::<f32>().unwrap(), want_gather);
     }
 }
 
@@ -66,7 +70,9 @@ fn unsupported_element_types_are_refused() {
     let ints = Tensor::<burn::backend::Flex, 1, burn::tensor::Int>::arange(0..4, &device);
     let mut data = ints.into_data();
     let err =
-        bonfire_collective::tensor::host_buffer("all_reduce", &mut data, |buf| comm.all_reduce(buf, ReduceOp::Sum))
-            .unwrap_err();
+        bonfire_collective::tensor::host_buffer("all_reduce", &mut data, |buf| {
+            Communicator::all_reduce(&mut comm, buf, ReduceOp::Sum)
+        })
+        .unwrap_err();
     assert!(err.to_string().contains("not supported"), "{err}");
 }

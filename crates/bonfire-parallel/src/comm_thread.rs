@@ -4,21 +4,22 @@
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
-use bonfire_collective::Communicator;
+use bonfire_collective::TensorCollective;
+use burn::tensor::backend::Backend;
 
-type Job = Box<dyn FnOnce(&mut dyn Communicator) + Send>;
+type Job<B> = Box<dyn FnOnce(&mut dyn TensorCollective<B>) + Send>;
 
-pub struct CommThread {
-    jobs: Option<mpsc::Sender<Job>>,
+pub struct CommThread<B: Backend> {
+    jobs: Option<mpsc::Sender<Job<B>>>,
     handle: Option<JoinHandle<()>>,
     rank: usize,
     world: usize,
 }
 
-impl CommThread {
-    pub fn start(mut comm: Box<dyn Communicator>) -> Self {
+impl<B: Backend> CommThread<B> {
+    pub fn start(mut comm: Box<dyn TensorCollective<B>>) -> Self {
         let (rank, world) = (comm.rank(), comm.world_size());
-        let (jobs, queue) = mpsc::channel::<Job>();
+        let (jobs, queue) = mpsc::channel::<Job<B>>();
         let handle = std::thread::Builder::new()
             .name(format!("bonfire-comm-{rank}"))
             .spawn(move || {
@@ -39,13 +40,13 @@ impl CommThread {
     }
 
     /// Queues `job`; jobs run one at a time in the order they were queued.
-    pub fn submit(&self, job: impl FnOnce(&mut dyn Communicator) + Send + 'static) {
+    pub fn submit(&self, job: impl FnOnce(&mut dyn TensorCollective<B>) + Send + 'static) {
         // The thread only stops when this handle drops, so the send succeeds.
         let _ = self.jobs.as_ref().expect("running").send(Box::new(job));
     }
 
     /// Runs `f` on the communicator after everything queued before it.
-    pub fn call<R: Send + 'static>(&self, f: impl FnOnce(&mut dyn Communicator) -> R + Send + 'static) -> R {
+    pub fn call<R: Send + 'static>(&self, f: impl FnOnce(&mut dyn TensorCollective<B>) -> R + Send + 'static) -> R {
         let (tx, rx) = mpsc::channel();
         self.submit(move |c| {
             let _ = tx.send(f(c));
@@ -54,7 +55,7 @@ impl CommThread {
     }
 }
 
-impl Drop for CommThread {
+impl<B: Backend> Drop for CommThread<B> {
     fn drop(&mut self) {
         drop(self.jobs.take());
         if let Some(h) = self.handle.take() {

@@ -3,13 +3,14 @@
 
 use std::sync::Arc;
 
-use bonfire_collective::Communicator;
+use bonfire_collective::TensorCollective;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 
 use crate::bucket::BucketPlan;
-use crate::comm_hook::{self, CommHook};
+use crate::comm_hook::CommHook;
 use crate::comm_thread::CommThread;
 use crate::error::{ParallelError, Result};
 use crate::hook::{GradientSink, HookBackend};
@@ -28,7 +29,7 @@ pub struct DdpConfig {
     pub find_unused_parameters: bool,
     /// All-reduce buckets while backward runs (true), or only after it.
     pub overlap: bool,
-    /// How a bucket is averaged: [`comm_hook::mean`] or [`comm_hook::bf16_compress`].
+    /// How a bucket is averaged.
     pub comm_hook: CommHook,
 }
 
@@ -39,13 +40,16 @@ impl Default for DdpConfig {
             first_bucket_cap_bytes: 1 << 20,
             find_unused_parameters: false,
             overlap: true,
-            comm_hook: comm_hook::mean,
+            comm_hook: CommHook::Mean,
         }
     }
 }
 
-/// Builds a parameter's gradient tensor from its averaged values.
-type Registrar = Box<dyn Fn(&[f32], &mut GradientsParams) + Send + Sync>;
+/// The inner (non-autodiff) backend of `B`, where gradients live.
+type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+
+/// Registers a parameter's gradient from its averaged values (flattened, f32).
+type Registrar<B> = Box<dyn Fn(Tensor<Inner<B>, 1>, &mut GradientsParams) + Send + Sync>;
 
 /// Data-parallel training over the ranks of a [`Communicator`].
 ///
@@ -60,26 +64,47 @@ type Registrar = Box<dyn Fn(&[f32], &mut GradientsParams) + Send + Sync>;
 pub struct DistributedDataParallel<B: HookBackend> {
     reducer: Arc<Reducer<B::InnerBackend>>,
     infos: Vec<ParamInfo>,
-    registrars: Vec<Registrar>,
+    registrars: Vec<Registrar<B>>,
 }
 
 impl<B: HookBackend> DistributedDataParallel<B> {
     /// Checks that every rank's `module` has the same parameters (count,
     /// shapes, order), then gives every rank rank 0's values. Returns the
     /// strategy and the module to train.
-    pub fn new<M: AutodiffModule<B>>(module: M, comm: Box<dyn Communicator>, config: DdpConfig) -> Result<(Self, M)> {
+    ///
+    /// `comm` is any [`TensorCollective`] of the inner backend: a boxed
+    /// host-memory communicator (`Box::new(InProcCommunicator ...)`, the TCP
+    /// ring) for any backend, or NCCL for CUDA.
+    pub fn new<M: AutodiffModule<B>>(
+        module: M,
+        comm: Box<dyn TensorCollective<B::InnerBackend>>,
+        config: DdpConfig,
+    ) -> Result<(Self, M)> {
         let infos = param_infos::<B, M>(&module);
+        let device: B::Device = module.devices().into_iter().next().unwrap_or_default();
         let comm = CommThread::start(comm);
-        check_layout(&comm, &infos)?;
-        let mut values = values_to_host::<B, M>(&module);
-        values = comm.call(move |c| c.broadcast(values.as_mut_slice().into(), 0).map(|()| values))?;
-        let module = values_from_host::<B, M>(module, &values);
+        check_layout(&comm, &infos, &device)?;
+        let values = values_to_host::<B, M>(&module);
+        let module = if values.is_empty() {
+            module
+        } else {
+            let values = host_call(&comm, &device, values, |c, t| c.broadcast(t, 0))?;
+            values_from_host::<B, M>(module, &values)
+        };
 
         let numels: Vec<Option<usize>> = infos.iter().map(|p| p.trainable.then(|| p.numel())).collect();
         let plan = BucketPlan::new(&numels, config.first_bucket_cap_bytes, config.bucket_cap_bytes);
         tracing::debug!("DDP: {} parameters in {} buckets of {:?} values", infos.len(), plan.lens.len(), plan.lens);
         let names = infos.iter().map(|p| p.name.clone()).collect();
-        let reducer = Reducer::new(plan, names, comm, config.comm_hook, config.overlap, config.find_unused_parameters);
+        let reducer = Reducer::new(
+            plan,
+            names,
+            device,
+            comm,
+            config.comm_hook,
+            config.overlap,
+            config.find_unused_parameters,
+        );
         let registrars = registrars::<B, M>(&module);
         Ok((DistributedDataParallel { reducer: Arc::new(reducer), infos, registrars }, module))
     }
@@ -111,15 +136,14 @@ impl<B: HookBackend> DistributedDataParallel<B> {
     pub fn backward(&mut self, loss: Tensor<B, 1>) -> Result<GradientsParams> {
         self.reducer.begin(true);
         drop(loss.backward());
-        self.reducer.finish(|plan, buckets| {
-            let mut grads = GradientsParams::new();
-            for (index, slot) in plan.slots.iter().enumerate() {
-                if let Some((bucket, range)) = slot {
-                    (self.registrars[index])(&buckets[*bucket][range.clone()], &mut grads);
-                }
+        let buckets = self.reducer.finish()?;
+        let mut grads = GradientsParams::new();
+        for (index, slot) in self.reducer.plan().slots.iter().enumerate() {
+            if let Some((bucket, range)) = slot {
+                (self.registrars[index])(buckets[*bucket].clone().slice([range.clone()]), &mut grads);
             }
-            grads
-        })
+        }
+        Ok(grads)
     }
 
     /// Runs `loss.backward()` and keeps the gradients for the next
@@ -155,16 +179,16 @@ impl<B: HookBackend> ModuleMapper<B> for Hooker<B> {
     }
 }
 
-fn registrars<B: HookBackend, M: AutodiffModule<B>>(module: &M) -> Vec<Registrar> {
-    struct Make<B: HookBackend>(Vec<Registrar>, std::marker::PhantomData<B>);
+fn registrars<B: HookBackend, M: AutodiffModule<B>>(module: &M) -> Vec<Registrar<B>> {
+    struct Make<B: HookBackend>(Vec<Registrar<B>>, std::marker::PhantomData<B>);
     impl<B: HookBackend> ModuleVisitor<B> for Make<B> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             let id: ParamId = param.id;
             let value = param.val();
             let (device, shape, dtype): (_, [usize; D], DType) = (value.device(), value.dims(), value.dtype());
-            self.0.push(Box::new(move |values: &[f32], grads: &mut GradientsParams| {
-                let data = TensorData::new(values.to_vec(), shape).convert_dtype(dtype);
-                grads.register::<B::InnerBackend, D>(id, Tensor::from_data(data, &device));
+            self.0.push(Box::new(move |values: Tensor<Inner<B>, 1>, grads: &mut GradientsParams| {
+                let grad = values.reshape(shape).cast(dtype).to_device(&device);
+                grads.register::<B::InnerBackend, D>(id, grad);
             }));
         }
     }
@@ -173,24 +197,34 @@ fn registrars<B: HookBackend, M: AutodiffModule<B>>(module: &M) -> Vec<Registrar
     make.0
 }
 
+/// Runs a collective on `values`, as an f32 tensor on `device`, on the
+/// communication thread, and returns the result's values.
+fn host_call<B: Backend>(
+    comm: &CommThread<B>,
+    device: &B::Device,
+    values: Vec<f32>,
+    collective: impl FnOnce(&mut dyn TensorCollective<B>, Tensor<B, 1>) -> bonfire_collective::Result<Tensor<B, 1>>
+        + Send
+        + 'static,
+) -> Result<Vec<f32>> {
+    let device = device.clone();
+    let result = comm.call(move |c| {
+        let n = values.len();
+        collective(c, Tensor::from_data(TensorData::new(values, [n]), &device))
+    })?;
+    Ok(result.into_data().convert::<f32>().to_vec::<f32>().expect("converted to f32"))
+}
+
 /// Every rank compares its parameter layout with rank 0's, and all ranks
 /// learn the first difference any rank found, so that all fail together.
-fn check_layout(comm: &CommThread, infos: &[ParamInfo]) -> Result<()> {
+fn check_layout<B: Backend>(comm: &CommThread<B>, infos: &[ParamInfo], device: &B::Device) -> Result<()> {
     // Counts and dimensions are exact in f32 up to 2^24.
     let ours = encode_layout(infos);
-    let (theirs, firsts) = comm.call(move |c| -> Result<(Vec<f32>, Vec<f32>)> {
-        let mut len = [ours.len() as f32];
-        c.broadcast(len.as_mut_slice().into(), 0)?;
-        let mut theirs = vec![0f32; len[0] as usize];
-        if c.rank() == 0 {
-            theirs.copy_from_slice(&ours);
-        }
-        c.broadcast(theirs.as_mut_slice().into(), 0)?;
-        let first = first_difference(&ours, &theirs).map_or(f32::MAX, |i| i as f32);
-        let mut firsts = vec![0f32; c.world_size()];
-        c.all_gather([first].as_slice().into(), firsts.as_mut_slice().into())?;
-        Ok((theirs, firsts))
-    })?;
+    let len = host_call(comm, device, vec![ours.len() as f32], |c, t| c.broadcast(t, 0))?[0] as usize;
+    let mine = if comm.rank() == 0 { ours.clone() } else { vec![0.0; len] };
+    let theirs = host_call(comm, device, mine, |c, t| c.broadcast(t, 0))?;
+    let first = first_difference(&ours, &theirs).map_or(f32::MAX, |i| i as f32);
+    let firsts = host_call(comm, device, vec![first], |c, t| c.all_gather(t))?;
     let Some((rank, index)) = firsts
         .iter()
         .enumerate()

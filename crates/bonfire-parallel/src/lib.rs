@@ -5,7 +5,7 @@
 //! - [`DataParallel`]: one process driving several devices.
 
 mod bucket;
-pub mod comm_hook;
+mod comm_hook;
 mod comm_thread;
 mod ddp;
 mod dp;
@@ -14,6 +14,7 @@ mod hook;
 mod params;
 mod reducer;
 
+pub use comm_hook::CommHook;
 pub use ddp::{DdpConfig, DistributedDataParallel};
 pub use dp::{DataParallel, Replicas};
 pub use error::{ParallelError, Result};

@@ -5,13 +5,17 @@
 //! communication thread strictly in bucket order, so every rank issues the
 //! same collectives in the same order) and finalisation (unused parameters,
 //! waiting for the results) are kept apart, as in PyTorch's reducer.
+//!
+//! Gradients stay tensors on their device throughout: a bucket is the
+//! concatenation of its gradients, made on the communication thread, and the
+//! collective decides where the values travel ([`TensorCollective`]: through
+//! the host for the ring, in GPU memory for NCCL).
 
-use std::marker::PhantomData;
 use std::sync::{mpsc, Mutex};
 
 use bonfire_collective::CommError;
 use burn::tensor::backend::Backend;
-use burn::tensor::read_sync;
+use burn::tensor::{DType, ElementConversion, Shape, Tensor, TensorPrimitive};
 
 use crate::bucket::BucketPlan;
 use crate::comm_hook::CommHook;
@@ -22,36 +26,37 @@ use crate::hook::GradientSink;
 pub struct Reducer<B: Backend> {
     plan: BucketPlan,
     names: Vec<String>,
-    comm: CommThread,
+    /// Where zero gradients and the unused-parameter count are made.
+    device: B::Device,
+    comm: CommThread<B>,
     hook: CommHook,
     /// Launch buckets during backward (true) or only once it has finished.
     overlap: bool,
     find_unused: bool,
-    step: Mutex<Step>,
-    done_tx: mpsc::Sender<Done>,
-    done_rx: Mutex<mpsc::Receiver<Done>>,
-    _backend: PhantomData<fn() -> B>,
+    step: Mutex<Step<B>>,
+    done_tx: mpsc::Sender<Done<B>>,
+    done_rx: Mutex<mpsc::Receiver<Done<B>>>,
 }
 
-struct Step {
-    /// Bucket buffers; `None` while on the communication thread.
-    buffers: Vec<Option<Vec<f32>>>,
+struct Step<B: Backend> {
+    /// Each parameter's flattened f32 gradient, from its arrival until its
+    /// bucket is launched. Between steps it holds what `no_sync` passes
+    /// accumulated.
+    grads: Vec<Option<Tensor<B, 1>>>,
     /// Gradients each bucket still waits for.
     pending: Vec<usize>,
     arrived: Vec<bool>,
-    /// The parameter's slot holds gradients accumulated by `no_sync` passes
-    /// (add to it); otherwise it holds last step's stale values (overwrite).
-    accumulated: Vec<bool>,
     next_launch: usize,
+    /// How many parameters got no gradient on this rank (known at finish).
+    unused: usize,
     /// False during a `no_sync` backward: gradients only accumulate.
     sync: bool,
     misuse: Option<String>,
 }
 
-struct Done {
+struct Done<B: Backend> {
     bucket: usize,
-    buffer: Vec<f32>,
-    result: Result<(), CommError>,
+    result: Result<Tensor<B, 1>, CommError>,
 }
 
 impl<B: Backend> Reducer<B> {
@@ -59,48 +64,51 @@ impl<B: Backend> Reducer<B> {
     pub fn new(
         plan: BucketPlan,
         names: Vec<String>,
-        comm: CommThread,
+        device: B::Device,
+        comm: CommThread<B>,
         hook: CommHook,
         overlap: bool,
         find_unused: bool,
     ) -> Self {
-        let mut buffers: Vec<Option<Vec<f32>>> = plan.lens.iter().map(|&n| Some(vec![0.0; n])).collect();
-        // The last bucket launched carries one more value: how many
-        // parameters got no gradient on this rank, so that all ranks agree on
-        // whether the step had unused parameters.
-        match buffers.last_mut() {
-            Some(Some(last)) => last.push(0.0),
-            _ => buffers.push(Some(vec![0.0])),
-        }
-        let n = buffers.len();
+        // With no trainable parameter there is still one bucket, which
+        // carries only the unused-parameter count.
+        let buckets = plan.lens.len().max(1);
         let (done_tx, done_rx) = mpsc::channel();
         Reducer {
             step: Mutex::new(Step {
-                buffers,
-                pending: vec![0; n],
+                grads: vec![None; names.len()],
+                pending: vec![0; buckets],
                 arrived: vec![false; names.len()],
-                accumulated: vec![false; names.len()],
                 next_launch: 0,
+                unused: 0,
                 sync: true,
                 misuse: None,
             }),
             plan,
             names,
+            device,
             comm,
             hook,
             overlap,
             find_unused,
             done_tx,
             done_rx: Mutex::new(done_rx),
-            _backend: PhantomData,
         }
     }
 
-    pub fn comm(&self) -> &CommThread {
+    pub fn comm(&self) -> &CommThread<B> {
         &self.comm
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Step> {
+    pub fn plan(&self) -> &BucketPlan {
+        &self.plan
+    }
+
+    fn buckets(&self) -> usize {
+        self.plan.lens.len().max(1)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Step<B>> {
         self.step.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -109,35 +117,43 @@ impl<B: Backend> Reducer<B> {
         let mut st = self.lock();
         st.sync = sync;
         st.next_launch = 0;
+        st.unused = 0;
         st.arrived.iter_mut().for_each(|a| *a = false);
-        let buckets = st.buffers.len();
-        for b in 0..buckets {
+        for b in 0..self.buckets() {
             st.pending[b] = self.plan.members.get(b).map_or(0, Vec::len);
-        }
-        if let Some(Some(last)) = st.buffers.last_mut() {
-            *last.last_mut().expect("the counter slot") = 0.0;
         }
         st.misuse = None;
     }
 
     /// Launches every bucket that is full and whose predecessors are launched.
-    fn launch_ready(&self, st: &mut Step) {
-        while st.next_launch < st.buffers.len() && st.pending[st.next_launch] == 0 {
+    fn launch_ready(&self, st: &mut Step<B>) {
+        let last = self.buckets() - 1;
+        while st.next_launch <= last && st.pending[st.next_launch] == 0 {
             let bucket = st.next_launch;
-            let mut buffer = st.buffers[bucket].take().expect("a bucket is launched once per step");
+            let mut parts: Vec<Tensor<B, 1>> = self.plan.members.get(bucket).map_or_else(Vec::new, |members| {
+                members.iter().map(|&i| st.grads[i].take().expect("a full bucket has every gradient")).collect()
+            });
+            // The last bucket carries one more value: how many parameters got
+            // no gradient on this rank, so that all ranks agree on whether the
+            // step had unused parameters. It is exact when launched early:
+            // launching is in order, so a bucket holding an unused parameter
+            // (whose count is known only at finish) holds the last one back.
+            if bucket == last {
+                parts.push(Tensor::from_floats([st.unused as f32], &self.device));
+            }
             let hook = self.hook;
             let done = self.done_tx.clone();
             self.comm.submit(move |comm| {
-                let result = hook(comm, &mut buffer);
-                let _ = done.send(Done { bucket, buffer, result });
+                let result = hook.apply(comm, Tensor::cat(parts, 0));
+                let _ = done.send(Done { bucket, result });
             });
             st.next_launch += 1;
         }
     }
 
-    /// Ends a synchronised backward pass: launches what is left, waits for
-    /// every bucket, and hands the averaged buckets to `build`.
-    pub fn finish<T>(&self, build: impl FnOnce(&BucketPlan, &[Vec<f32>]) -> T) -> Result<T> {
+    /// Ends a synchronised backward pass: launches what is left and returns
+    /// every bucket averaged over all ranks, in bucket order.
+    pub fn finish(&self) -> Result<Vec<Tensor<B, 1>>> {
         let unused: Vec<usize>;
         {
             let mut st = self.lock();
@@ -145,54 +161,44 @@ impl<B: Backend> Reducer<B> {
             // An unused parameter contributes what earlier no_sync passes
             // accumulated for it, or zero.
             for &i in &unused {
-                if !st.accumulated[i] {
-                    let (bucket, range) = self.plan.slots[i].clone().expect("filtered on slots");
-                    if let Some(buf) = st.buffers[bucket].as_mut() {
-                        buf[range].fill(0.0);
-                    }
+                if st.grads[i].is_none() {
+                    let (_, range) = self.plan.slots[i].clone().expect("filtered on slots");
+                    st.grads[i] = Some(Tensor::zeros([range.len()], &self.device));
                 }
             }
-            let last = st.buffers.len() - 1;
-            // Unlaunched when anything is unused: launching is in order, and
-            // the bucket holding an unused parameter cannot have gone.
-            if let Some(buf) = st.buffers[last].as_mut() {
-                *buf.last_mut().expect("the counter slot") = unused.len() as f32;
-            }
+            st.unused = unused.len();
             st.pending.iter_mut().for_each(|p| *p = 0);
             self.launch_ready(&mut st);
         }
-        let mut reduced: Vec<Option<Vec<f32>>> = vec![None; self.plan.lens.len().max(1)];
+        let mut reduced: Vec<Option<Tensor<B, 1>>> = vec![None; self.buckets()];
         let mut first_error = None;
         {
             let rx = self.done_rx.lock().unwrap_or_else(|e| e.into_inner());
             for _ in 0..reduced.len() {
                 let done = rx.recv().expect("the communication thread ended early");
-                if let Err(e) = done.result {
-                    first_error.get_or_insert(e);
+                match done.result {
+                    Ok(tensor) => reduced[done.bucket] = Some(tensor),
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
                 }
-                reduced[done.bucket] = Some(done.buffer);
             }
         }
-        let reduced: Vec<Vec<f32>> = reduced.into_iter().map(|b| b.expect("every bucket returns")).collect();
-        let result = self.verdict(first_error, &unused, &reduced).map(|()| build(&self.plan, &reduced));
-        // The buffers come back holding stale values: the next step
-        // overwrites each slot on its first gradient.
-        let mut st = self.lock();
-        for (slot, buf) in st.buffers.iter_mut().zip(reduced) {
-            *slot = Some(buf);
-        }
-        st.accumulated.iter_mut().for_each(|a| *a = false);
-        result
-    }
-
-    fn verdict(&self, comm_error: Option<CommError>, unused: &[usize], reduced: &[Vec<f32>]) -> Result<()> {
-        if let Some(e) = comm_error {
+        if let Some(e) = first_error {
             return Err(e.into());
         }
+        let reduced: Vec<Tensor<B, 1>> = reduced.into_iter().map(|b| b.expect("every bucket returns")).collect();
+        self.verdict(&unused, &reduced)?;
+        Ok(reduced)
+    }
+
+    fn verdict(&self, unused: &[usize], reduced: &[Tensor<B, 1>]) -> Result<()> {
         if let Some(m) = self.lock().misuse.take() {
             return Err(ParallelError::Invalid(m));
         }
-        let any_rank_unused = reduced.last().and_then(|b| b.last()).is_some_and(|&n| n > 0.0);
+        let last = reduced.last().expect("at least one bucket");
+        let n = last.dims()[0];
+        let any_rank_unused = last.clone().slice([n - 1..n]).into_scalar().elem::<f32>() > 0.0;
         if any_rank_unused && !self.find_unused {
             let detail = if unused.is_empty() {
                 "another rank had parameters without a gradient in this step".to_string()
@@ -209,15 +215,8 @@ impl<B: Backend> Reducer<B> {
 impl<B: Backend> GradientSink<B> for Reducer<B> {
     fn ready(&self, index: usize, grad: B::FloatTensorPrimitive) {
         let Some((bucket, range)) = self.plan.slots.get(index).cloned().flatten() else { return };
-        // Read to the host outside the lock, so that other hooks are not held up.
-        let data = match read_sync(B::float_into_data(grad)) {
-            Ok(d) => d.convert::<f32>(),
-            Err(e) => {
-                self.lock().misuse = Some(format!("reading the gradient of {}: {e:?}", self.names[index]));
-                return;
-            }
-        };
-        let values = data.as_slice::<f32>().expect("converted to f32");
+        let flat = B::float_reshape(grad, Shape::new([range.len()]));
+        let grad = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(flat)).cast(DType::F32);
         let mut st = self.lock();
         if st.arrived[index] {
             st.misuse = Some(format!(
@@ -226,21 +225,17 @@ impl<B: Backend> GradientSink<B> for Reducer<B> {
             ));
             return;
         }
-        st.arrived[index] = true;
-        let no_sync = !st.sync;
-        let accumulate = std::mem::replace(&mut st.accumulated[index], no_sync);
-        match st.buffers[bucket].as_mut() {
-            Some(buf) if accumulate => {
-                for (dst, v) in buf[range].iter_mut().zip(values) {
-                    *dst += v;
-                }
-            }
-            Some(buf) => buf[range].copy_from_slice(values),
-            None => {
-                st.misuse = Some(format!("the bucket of parameter {} was already sent", self.names[index]));
-                return;
-            }
+        if bucket < st.next_launch {
+            st.misuse = Some(format!("the bucket of parameter {} was already sent", self.names[index]));
+            return;
         }
+        st.arrived[index] = true;
+        // A gradient left by no_sync passes is added to; otherwise this is the first.
+        let sum = match st.grads[index].take() {
+            Some(accumulated) => accumulated + grad,
+            None => grad,
+        };
+        st.grads[index] = Some(sum);
         st.pending[bucket] -= 1;
         if st.sync && self.overlap {
             self.launch_ready(&mut st);

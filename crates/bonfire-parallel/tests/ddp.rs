@@ -4,10 +4,11 @@ mod common;
 
 use std::time::Duration;
 
-use bonfire_collective::{Communicator, InProcCommunicator, TcpCommunicator, TcpConfig};
-use bonfire_parallel::{comm_hook, DdpConfig, DistributedDataParallel, HookBackend, ParallelError};
+use bonfire_collective::{Communicator, InProcCommunicator, ReduceOp, TcpCommunicator, TcpConfig, TensorCollective};
+use bonfire_parallel::{CommHook, DdpConfig, DistributedDataParallel, HookBackend, ParallelError};
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
+use burn::tensor::Tensor;
 use common::*;
 
 type Flex = Autodiff<burn::backend::Flex>;
@@ -154,10 +155,15 @@ fn bf16_compression_stays_within_its_error_bound() {
         let hs: Vec<_> = comms
             .into_iter()
             .zip(inputs.clone())
-            .map(|(mut c, mut v)| {
+            .map(|(mut c, v)| {
                 s.spawn(move || {
-                    comm_hook::bf16_compress(&mut c, &mut v).unwrap();
-                    v
+                    let n = v.len();
+                    let bucket = burn::tensor::Tensor::<burn::backend::Flex, 1>::from_data(
+                        burn::tensor::TensorData::new(v, [n]),
+                        &Default::default(),
+                    );
+                    let averaged = CommHook::Bf16Compress.apply(&mut c, bucket).unwrap();
+                    averaged.into_data().to_vec::<f32>().unwrap()
                 })
             })
             .collect();
@@ -175,12 +181,79 @@ fn bf16_compression_stays_within_its_error_bound() {
     assert!(worst > 0.0, "bf16 compression should not be exact");
 
     // Whole training: five steps with compressed gradients stay close.
-    let config = DdpConfig { comm_hook: comm_hook::bf16_compress, ..DdpConfig::default() };
+    let config = DdpConfig { comm_hook: CommHook::Bf16Compress, ..DdpConfig::default() };
     let device = Default::default();
     let want = train_single::<Flex, _>(seeded::<Flex, _>(ConvNet::new(&device), 1), PER_RANK * 2, 64);
     for got in ddp_threads::<Flex, _>(2, |_, d| ConvNet::new(d), config, PER_RANK, 1, 64) {
         let diff = max_abs_diff(&got.unwrap(), &want);
         assert!(diff <= 2e-3, "bf16 training drifted by {diff}");
+    }
+}
+
+/// Passes every call on to `inner`, noting the length and element type of
+/// each all-reduce: what DDP hands a collective such as NCCL.
+struct Recording<C> {
+    inner: C,
+    all_reduces: std::sync::Arc<std::sync::Mutex<Vec<(usize, burn::tensor::DType)>>>,
+}
+
+impl<B: burn::tensor::backend::Backend, C: TensorCollective<B>> TensorCollective<B> for Recording<C> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce(&mut self, t: Tensor<B, 1>, op: ReduceOp) -> bonfire_collective::Result<Tensor<B, 1>> {
+        self.all_reduces.lock().unwrap().push((t.dims()[0], t.dtype()));
+        self.inner.all_reduce(t, op)
+    }
+    fn broadcast(&mut self, t: Tensor<B, 1>, root: usize) -> bonfire_collective::Result<Tensor<B, 1>> {
+        self.inner.broadcast(t, root)
+    }
+    fn all_gather(&mut self, t: Tensor<B, 1>) -> bonfire_collective::Result<Tensor<B, 1>> {
+        self.inner.all_gather(t)
+    }
+}
+
+#[test]
+fn each_bucket_is_one_f32_tensor_collective_in_bucket_order() {
+    // Caps of 1 KiB (256 floats) split the ConvNet (4x1x3x3 + 4 + 64x4 + 4
+    // = 300 values) into buckets in reverse parameter order: fc.bias (4) and
+    // fc.weight (256) pass the first cap, so fc.weight starts the second.
+    let caps = DdpConfig { bucket_cap_bytes: 1024, first_bucket_cap_bytes: 1024, ..DdpConfig::default() };
+    let calls: Vec<_> = (0..2).map(|_| std::sync::Arc::new(std::sync::Mutex::new(Vec::new()))).collect();
+    let comms = InProcCommunicator::group(2).unwrap();
+    let results: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .zip(&calls)
+            .map(|(inner, all_reduces)| {
+                let (caps, all_reduces) = (caps.clone(), all_reduces.clone());
+                s.spawn(move || {
+                    let device = Default::default();
+                    let model = seeded::<Flex, _>(ConvNet::new(&device), 1);
+                    let comm = Box::new(Recording { inner, all_reduces });
+                    let (mut ddp, model) = DistributedDataParallel::new(model, comm, caps).unwrap();
+                    train_ddp(&mut ddp, model, PER_RANK, 1, 64).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // Per step: fc.bias; fc.weight; conv.bias and conv.weight, plus the
+    // unused-parameter count at the end of the last bucket.
+    let per_step = [4, 256, 4 + 36 + 1];
+    for calls in &calls {
+        let calls = calls.lock().unwrap();
+        let lens: Vec<usize> = calls.iter().map(|c| c.0).collect();
+        assert_eq!(lens, per_step.repeat(STEPS), "bucket lengths over {STEPS} steps");
+        assert!(calls.iter().all(|c| c.1 == burn::tensor::DType::F32));
+    }
+    let device = Default::default();
+    let want = train_single::<Flex, _>(seeded::<Flex, _>(ConvNet::new(&device), 1), PER_RANK * 2, 64);
+    for got in results {
+        assert!(max_abs_diff(&got, &want) <= 1e-5);
     }
 }
 
@@ -194,7 +267,7 @@ fn ddp_worker_process() {
     let Ok(out) = std::env::var(WORKER) else { return };
     let comm =
         TcpCommunicator::from_env(TcpConfig { timeout: Duration::from_secs(60), ..TcpConfig::default() }).unwrap();
-    let rank = comm.rank();
+    let rank = Communicator::rank(&comm);
     let device = Default::default();
     let model = seeded::<Flex, _>(ConvNet::new(&device), if rank == 0 { 1 } else { 50 });
     let (mut ddp, model) = DistributedDataParallel::new(model, Box::new(comm), DdpConfig::default()).unwrap();

@@ -2,9 +2,15 @@
 //! clear [`Unavailable`] error (exit code 2) before Burn touches the driver,
 //! because cubecl-cuda answers a missing driver or device with a panic.
 
+use std::time::Duration;
+
+use bonfire_collective::{DistEnv, NcclCommunicator};
 use burn::backend::cuda::CudaDevice;
 
 use crate::Unavailable;
+
+/// What to do when NCCL workers outnumber the GPUs.
+pub const SHARE_HINT: &str = "NCCL needs one GPU per worker; use --comm ring to let workers share GPUs";
 
 /// How many CUDA devices this machine has; an error when the driver is
 /// missing or there are none.
@@ -43,13 +49,24 @@ pub fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T
     crate::catch_panic(f).and_then(|r| r).map_err(|e| Unavailable(format!("{what}: {e}")))
 }
 
+/// Joins the NCCL group of `env` on `device`. A missing library or a panic
+/// in it is [`Unavailable`]; a peer that does not come is a plain error.
+pub fn nccl(env: &DistEnv, device: &CudaDevice, timeout: Duration) -> anyhow::Result<NcclCommunicator> {
+    NcclCommunicator::libraries_present().map_err(Unavailable)?;
+    match crate::catch_panic(|| NcclCommunicator::connect(env, device, timeout)) {
+        Ok(Ok(comm)) => Ok(comm),
+        Ok(Err(e)) => Err(anyhow::Error::new(e).context("joining the workers through NCCL")),
+        Err(panic) => Err(Unavailable(format!("starting NCCL: {panic}")).into()),
+    }
+}
+
 /// `bonfire nccl-check`: an NCCL all-reduce on this GPU, checked against
 /// the plain sum, with its time and bandwidth. Alone it is a group of one;
 /// under `bonfire launch` (one process per GPU) it is the launcher's group.
 pub fn nccl_check(sizes_mib: &[usize]) -> anyhow::Result<()> {
-    use bonfire_collective::{DistEnv, NcclCommunicator, ReduceOp};
+    use bonfire_collective::{ReduceOp, TensorCollective};
     use burn::tensor::{Tensor, TensorData};
-    use std::time::{Duration, Instant};
+    use std::time::Instant;
 
     NcclCommunicator::libraries_present().map_err(Unavailable)?;
     let env = if std::env::var_os("RANK").is_some() {
@@ -65,9 +82,7 @@ pub fn nccl_check(sizes_mib: &[usize]) -> anyhow::Result<()> {
         })?
     };
     let device = device(env.local_rank)?;
-    let mut comm = guarded("starting NCCL", || {
-        NcclCommunicator::connect(&env, &device, Duration::from_secs(60)).map_err(|e| e.to_string())
-    })?;
+    let mut comm = nccl(&env, &device, Duration::from_secs(60))?;
     let (rank, world) = (comm.rank(), comm.world_size());
     let rank_sum: f32 = (1..=world).sum::<usize>() as f32;
     for &mib in sizes_mib {

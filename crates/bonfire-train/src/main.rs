@@ -15,9 +15,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use bonfire_collective::{Communicator, InProcCommunicator, TcpCommunicator, TcpConfig};
+use bonfire_collective::{Communicator, InProcCommunicator, TcpCommunicator, TcpConfig, TensorCollective};
 use bonfire_data::ImageDataset;
 use bonfire_parallel::HookBackend;
+use burn::tensor::backend::AutodiffBackend;
 use burn::backend::Autodiff;
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -66,6 +67,15 @@ enum BackendKind {
     Cuda,
 }
 
+/// How DDP workers exchange gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CommKind {
+    /// The host-staged TCP ring: any backend, and workers may share a GPU.
+    Ring,
+    /// NCCL in GPU memory: --backend cuda, one GPU per worker.
+    Nccl,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum StrategyKind {
     Single,
@@ -85,6 +95,9 @@ struct TrainArgs {
     /// Run DDP workers as threads of this process instead of processes.
     #[arg(long)]
     threads: bool,
+    /// How DDP workers exchange gradients [default: nccl with --backend cuda, else ring].
+    #[arg(long, value_enum)]
+    comm: Option<CommKind>,
     #[arg(long, value_enum, default_value = "fashion-mnist")]
     dataset: data::DatasetKind,
     /// Folder of the data set files (Fashion-MNIST defaults to Debian's).
@@ -179,9 +192,13 @@ fn train(args: TrainArgs) -> Result<()> {
     if args.workers == 0 {
         bail!("--workers must be at least 1");
     }
+    check_comm(&args)?;
     if args.backend == BackendKind::Cuda {
         // Fail once, before starting workers, when CUDA is not there.
         cuda_devices(1)?;
+        if comm_kind(&args) == CommKind::Nccl && !launched && args.workers > 1 {
+            nccl_preflight(args.workers)?;
+        }
     }
     if args.strategy == StrategyKind::Ddp && !args.threads && !launched && args.workers > 1 {
         // Make sure the data is there once, then start the workers.
@@ -201,39 +218,98 @@ fn train(args: TrainArgs) -> Result<()> {
     let n = args.workers;
     match args.backend {
         BackendKind::Cpu => {
-            run::<Autodiff<burn::backend::Flex>>(&args, vec![Default::default(); n], &train_set, &test_set)
+            run::<Autodiff<burn::backend::Flex>>(&args, vec![Default::default(); n], &train_set, &test_set, |_| Ok(Box::new(ring(&args)?)))
         }
         BackendKind::Ndarray => {
-            run::<Autodiff<burn::backend::NdArray>>(&args, vec![Default::default(); n], &train_set, &test_set)
+            run::<Autodiff<burn::backend::NdArray>>(&args, vec![Default::default(); n], &train_set, &test_set, |_| Ok(Box::new(ring(&args)?)))
         }
         BackendKind::Wgpu => {
             let device = burn::backend::wgpu::WgpuDevice::default();
             check_wgpu(&device)?;
             // Burn 0.21 cannot copy tensors between two wgpu devices, so DP
             // replicas share the one device.
-            run::<Autodiff<burn::backend::Wgpu>>(&args, vec![device; n], &train_set, &test_set)
+            run::<Autodiff<burn::backend::Wgpu>>(&args, vec![device; n], &train_set, &test_set, |_| Ok(Box::new(ring(&args)?)))
         }
         BackendKind::Cuda => run_cuda(&args, &train_set, &test_set),
     }
 }
 
 /// This worker's CUDA devices: for DP one per replica (0..workers), else the
-/// one of LOCAL_RANK (shared round-robin when workers outnumber devices).
+/// one of LOCAL_RANK. The ring lets workers share devices round-robin; NCCL
+/// needs a device of its own for each.
 #[cfg(feature = "cuda")]
 fn run_cuda(args: &TrainArgs, train_set: &ImageDataset, test_set: &ImageDataset) -> Result<()> {
-    let devices = if args.strategy == StrategyKind::Dp {
-        cuda_devices(args.workers)?
-    } else {
-        let available = cuda::device_count()?;
-        let local: usize = std::env::var("LOCAL_RANK").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-        vec![cuda::device(local % available)?; args.workers]
+    use burn::backend::Cuda;
+    let local: usize = std::env::var("LOCAL_RANK").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let nccl = comm_kind(args) == CommKind::Nccl;
+    let devices = match args.strategy {
+        StrategyKind::Dp => cuda_devices(args.workers)?,
+        _ if nccl => vec![cuda::device(local).map_err(|e| Unavailable(format!("{e}; {}", cuda::SHARE_HINT)))?],
+        _ => vec![cuda::device(local % cuda::device_count()?)?],
     };
-    run::<Autodiff<burn::backend::Cuda>>(args, devices, train_set, test_set)
+    let join = |device: &burn::backend::cuda::CudaDevice| -> Result<Box<dyn TensorCollective<Cuda>>> {
+        if !nccl {
+            return Ok(Box::new(ring(args)?));
+        }
+        let env = bonfire_collective::DistEnv::from_env()?;
+        Ok(Box::new(cuda::nccl(&env, device, Duration::from_secs_f64(args.timeout))?))
+    };
+    run::<Autodiff<Cuda>>(args, devices, train_set, test_set, join)
 }
 
 #[cfg(not(feature = "cuda"))]
 fn run_cuda(_: &TrainArgs, _: &ImageDataset, _: &ImageDataset) -> Result<()> {
     Err(no_cuda().into())
+}
+
+/// The communication each strategy accepts.
+fn check_comm(args: &TrainArgs) -> Result<()> {
+    let Some(comm) = args.comm else { return Ok(()) };
+    if args.strategy != StrategyKind::Ddp {
+        bail!("--comm applies to --strategy ddp only");
+    }
+    if comm == CommKind::Nccl && args.backend != BackendKind::Cuda {
+        bail!("--comm nccl needs --backend cuda; the other backends use the ring");
+    }
+    if comm == CommKind::Nccl && args.threads {
+        bail!("--comm nccl runs one process per GPU; leave out --threads, or use --comm ring");
+    }
+    Ok(())
+}
+
+fn comm_kind(args: &TrainArgs) -> CommKind {
+    let cuda_processes = args.strategy == StrategyKind::Ddp && args.backend == BackendKind::Cuda && !args.threads;
+    args.comm.unwrap_or(if cuda_processes { CommKind::Nccl } else { CommKind::Ring })
+}
+
+/// Before starting NCCL workers: the library is there and each has a GPU.
+#[cfg(feature = "cuda")]
+fn nccl_preflight(workers: usize) -> Result<()> {
+    bonfire_collective::NcclCommunicator::libraries_present().map_err(Unavailable)?;
+    let count = cuda::device_count()?;
+    if workers > count {
+        return Err(Unavailable(format!(
+            "{workers} workers over NCCL need {workers} GPUs, and this machine has {count}; {}",
+            cuda::SHARE_HINT
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_preflight(_: usize) -> Result<()> {
+    Err(no_cuda().into())
+}
+
+/// This launched worker's place in the TCP ring.
+fn ring(args: &TrainArgs) -> Result<TcpCommunicator> {
+    let config = TcpConfig {
+        timeout: Duration::from_secs_f64(args.timeout),
+        stall_warning: Duration::from_secs_f64(args.stall_warning),
+        ..TcpConfig::default()
+    };
+    TcpCommunicator::from_env(config).context("joining the workers")
 }
 
 fn diff_weights(a: &std::path::Path, b: &std::path::Path, tolerance: f64) -> Result<()> {
@@ -326,12 +402,13 @@ fn options(args: &TrainArgs) -> TrainOptions {
 }
 
 /// Trains on `devices`: DP uses them all as replicas, every other strategy
-/// the first.
+/// the first. A DDP worker started by the launcher joins the others with `join`.
 fn run<B: HookBackend>(
     args: &TrainArgs,
     devices: Vec<B::Device>,
     train_set: &ImageDataset,
     test_set: &ImageDataset,
+    join: impl FnOnce(&B::Device) -> Result<Box<dyn TensorCollective<<B as AutodiffBackend>::InnerBackend>>>,
 ) -> Result<()> {
     let opts = options(args);
     let device = devices[0].clone();
@@ -350,7 +427,7 @@ fn run<B: HookBackend>(
                     .map(|comm| {
                         let (device, opts) = (device.clone(), opts.clone());
                         s.spawn(move || {
-                            let comm: Box<dyn Communicator> = Box::new(comm);
+                            let comm = Box::new(comm);
                             trainer::train::<B>(&device, train_set, test_set, &opts, Parallel::Ddp { comm })
                         })
                     })
@@ -360,13 +437,8 @@ fn run<B: HookBackend>(
             reports.into_iter().next().expect("at least one worker")
         }
         (StrategyKind::Ddp, false) => {
-            let comm: Box<dyn Communicator> = if std::env::var_os("RANK").is_some() {
-                let config = TcpConfig {
-                    timeout: Duration::from_secs_f64(args.timeout),
-                    stall_warning: Duration::from_secs_f64(args.stall_warning),
-                    ..TcpConfig::default()
-                };
-                Box::new(TcpCommunicator::from_env(config).context("joining the workers")?)
+            let comm = if std::env::var_os("RANK").is_some() {
+                join(&device)?
             } else {
                 Box::new(InProcCommunicator::group(1)?.remove(0))
             };

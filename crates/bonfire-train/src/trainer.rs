@@ -4,14 +4,14 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use bonfire_collective::Communicator;
+use bonfire_collective::TensorCollective;
 use bonfire_data::{DistributedSampler, ImageDataset};
 use bonfire_parallel::{DataParallel, DdpConfig, DistributedDataParallel, HookBackend};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer, SgdConfig};
 use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -50,7 +50,7 @@ pub struct TrainOptions {
 }
 
 /// How the work is spread.
-pub enum Parallel<B: Backend> {
+pub enum Parallel<B: AutodiffBackend> {
     Single,
     /// One process driving a replica on each of `devices`.
     Dp {
@@ -58,7 +58,7 @@ pub enum Parallel<B: Backend> {
     },
     /// This worker is one rank of `comm`.
     Ddp {
-        comm: Box<dyn Communicator>,
+        comm: Box<dyn TensorCollective<B::InnerBackend>>,
     },
 }
 

@@ -117,8 +117,11 @@ fn resnet_trains_under_ddp() {
 
 #[test]
 fn bad_input_gets_clear_errors() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 8] = [
         (&["train", "--threads", "--batch-size", "101"], "multiple of the 2 workers"),
+        (&["train", "--comm", "nccl"], "--comm nccl needs --backend cuda"),
+        (&["train", "--strategy", "dp", "--comm", "ring"], "--comm applies to --strategy ddp only"),
+        (&["train", "--backend", "cuda", "--threads", "--comm", "nccl"], "leave out --threads"),
         (&["train", "--dataset", "cifar10"], "needs --data-dir"),
         (&["train", "--data-dir", "/nonexistent/fm", "--strategy", "single"], "not found in /nonexistent/fm"),
         (&["train", "--workers", "0"], "at least 1"),

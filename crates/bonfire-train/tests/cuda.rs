@@ -63,3 +63,50 @@ fn nccl_check_without_the_libraries_is_a_clear_error() {
         assert!(log.contains("libcuda.so"), "{log}");
     }
 }
+
+#[test]
+fn ddp_picks_nccl_on_cuda_and_needs_a_gpu_per_worker_or_the_ring() {
+    let out = std::env::temp_dir().join(format!("bonfire-cuda-ddp-{}", std::process::id()));
+    let out = out.to_str().unwrap();
+    // 64 workers: more than any machine here has GPUs.
+    let nccl = bonfire(&[&SMOKE[..], &[out, "--strategy", "ddp", "--workers", "64", "--batch-size", "64"]].concat());
+    let log = text(&nccl);
+    assert!(!log.contains("panicked"), "{log}");
+    assert_eq!(nccl.status.code(), Some(2), "{log}");
+    if has_driver() {
+        assert!(log.contains("--comm ring") || log.contains("libnccl"), "{log}");
+    } else {
+        assert!(log.contains("libcuda.so"), "{log}");
+    }
+    // The ring shares one GPU between workers.
+    let ring = bonfire(&[&SMOKE[..], &[out, "--strategy", "ddp", "--comm", "ring"]].concat());
+    let log = text(&ring);
+    assert!(!log.contains("panicked"), "{log}");
+    if has_driver() {
+        assert!(ring.status.success() || ring.status.code() == Some(2), "{log}");
+    } else {
+        assert_eq!(ring.status.code(), Some(2), "{log}");
+    }
+}
+
+#[test]
+fn a_launched_worker_joins_through_nccl_or_fails_cleanly() {
+    // One launched worker: a world of one through NCCL, the path DDP takes
+    // on CUDA by default, as far as a single GPU allows.
+    let out = std::env::temp_dir().join(format!("bonfire-cuda-launch-{}", std::process::id()));
+    let exe = env!("CARGO_BIN_EXE_bonfire");
+    let o = bonfire(
+        &[
+            &["launch", "--nproc-per-node", "1", "--", exe][..],
+            &SMOKE[..],
+            &[out.to_str().unwrap(), "--strategy", "ddp", "--workers", "1"],
+        ]
+        .concat(),
+    );
+    let log = text(&o);
+    assert!(!log.contains("panicked"), "{log}");
+    if !has_driver() {
+        assert!(!o.status.success(), "{log}");
+        assert!(log.contains("libcuda.so"), "{log}");
+    }
+}
