@@ -29,8 +29,8 @@ pub use element::{BufMut, BufRef, DType, Element, ReduceOp};
 pub use env::{DistEnv, JOB_TOKEN_VAR};
 pub use error::{CommError, Result};
 pub use inproc::InProcCommunicator;
-#[cfg(feature = "tensor")]
-pub use tensor::TensorCollective;
 #[cfg(feature = "nccl")]
 pub use nccl::{CudaTensor, NcclCommunicator};
 pub use tcp::{TcpCommunicator, TcpConfig};
+#[cfg(feature = "tensor")]
+pub use tensor::TensorCollective;

@@ -69,10 +69,9 @@ fn unsupported_element_types_are_refused() {
     let device = Default::default();
     let ints = Tensor::<burn::backend::Flex, 1, burn::tensor::Int>::arange(0..4, &device);
     let mut data = ints.into_data();
-    let err =
-        bonfire_collective::tensor::host_buffer("all_reduce", &mut data, |buf| {
-            Communicator::all_reduce(&mut comm, buf, ReduceOp::Sum)
-        })
-        .unwrap_err();
+    let err = bonfire_collective::tensor::host_buffer("all_reduce", &mut data, |buf| {
+        Communicator::all_reduce(&mut comm, buf, ReduceOp::Sum)
+    })
+    .unwrap_err();
     assert!(err.to_string().contains("not supported"), "{err}");
 }

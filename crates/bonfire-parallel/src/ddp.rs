@@ -96,15 +96,8 @@ impl<B: HookBackend> DistributedDataParallel<B> {
         let plan = BucketPlan::new(&numels, config.first_bucket_cap_bytes, config.bucket_cap_bytes);
         tracing::debug!("DDP: {} parameters in {} buckets of {:?} values", infos.len(), plan.lens.len(), plan.lens);
         let names = infos.iter().map(|p| p.name.clone()).collect();
-        let reducer = Reducer::new(
-            plan,
-            names,
-            device,
-            comm,
-            config.comm_hook,
-            config.overlap,
-            config.find_unused_parameters,
-        );
+        let reducer =
+            Reducer::new(plan, names, device, comm, config.comm_hook, config.overlap, config.find_unused_parameters);
         let registrars = registrars::<B, M>(&module);
         Ok((DistributedDataParallel { reducer: Arc::new(reducer), infos, registrars }, module))
     }

@@ -18,8 +18,8 @@ use anyhow::{bail, Context, Result};
 use bonfire_collective::{Communicator, InProcCommunicator, TcpCommunicator, TcpConfig, TensorCollective};
 use bonfire_data::ImageDataset;
 use bonfire_parallel::HookBackend;
-use burn::tensor::backend::AutodiffBackend;
 use burn::backend::Autodiff;
+use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use launch::LaunchArgs;
@@ -218,17 +218,21 @@ fn train(args: TrainArgs) -> Result<()> {
     let n = args.workers;
     match args.backend {
         BackendKind::Cpu => {
-            run::<Autodiff<burn::backend::Flex>>(&args, vec![Default::default(); n], &train_set, &test_set, |_| Ok(Box::new(ring(&args)?)))
+            run::<Autodiff<burn::backend::Flex>>(&args, vec![Default::default(); n], &train_set, &test_set, |_| {
+                join_ring(&args)
+            })
         }
         BackendKind::Ndarray => {
-            run::<Autodiff<burn::backend::NdArray>>(&args, vec![Default::default(); n], &train_set, &test_set, |_| Ok(Box::new(ring(&args)?)))
+            run::<Autodiff<burn::backend::NdArray>>(&args, vec![Default::default(); n], &train_set, &test_set, |_| {
+                join_ring(&args)
+            })
         }
         BackendKind::Wgpu => {
             let device = burn::backend::wgpu::WgpuDevice::default();
             check_wgpu(&device)?;
             // Burn 0.21 cannot copy tensors between two wgpu devices, so DP
             // replicas share the one device.
-            run::<Autodiff<burn::backend::Wgpu>>(&args, vec![device; n], &train_set, &test_set, |_| Ok(Box::new(ring(&args)?)))
+            run::<Autodiff<burn::backend::Wgpu>>(&args, vec![device; n], &train_set, &test_set, |_| join_ring(&args))
         }
         BackendKind::Cuda => run_cuda(&args, &train_set, &test_set),
     }
@@ -249,7 +253,7 @@ fn run_cuda(args: &TrainArgs, train_set: &ImageDataset, test_set: &ImageDataset)
     };
     let join = |device: &burn::backend::cuda::CudaDevice| -> Result<Box<dyn TensorCollective<Cuda>>> {
         if !nccl {
-            return Ok(Box::new(ring(args)?));
+            return join_ring(args);
         }
         let env = bonfire_collective::DistEnv::from_env()?;
         Ok(Box::new(cuda::nccl(&env, device, Duration::from_secs_f64(args.timeout))?))
@@ -302,14 +306,14 @@ fn nccl_preflight(_: usize) -> Result<()> {
     Err(no_cuda().into())
 }
 
-/// This launched worker's place in the TCP ring.
-fn ring(args: &TrainArgs) -> Result<TcpCommunicator> {
+/// A launched worker joins the others in the TCP ring.
+fn join_ring<B: burn::tensor::backend::Backend>(args: &TrainArgs) -> Result<Box<dyn TensorCollective<B>>> {
     let config = TcpConfig {
         timeout: Duration::from_secs_f64(args.timeout),
         stall_warning: Duration::from_secs_f64(args.stall_warning),
         ..TcpConfig::default()
     };
-    TcpCommunicator::from_env(config).context("joining the workers")
+    Ok(Box::new(TcpCommunicator::from_env(config).context("joining the workers")?))
 }
 
 fn diff_weights(a: &std::path::Path, b: &std::path::Path, tolerance: f64) -> Result<()> {
