@@ -161,15 +161,24 @@ fn threads_world_sizes_that_disagree_are_named() {
 #[test]
 fn threads_two_workers_claiming_one_rank_are_caught() {
     let port = free_port();
+    // Everyone keeps its communicator until all three have their answer:
+    // otherwise the rightful pair may finish, and rank 0 take its store down,
+    // before a slow second claimant has even reached it.
+    let all_answered = std::sync::Barrier::new(3);
     let results: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = [0, 1, 1]
             .into_iter()
             .map(|rank| {
+                let all_answered = &all_answered;
                 s.spawn(move || {
-                    TcpCommunicator::connect(&env(rank, 2, port), config(Duration::from_secs(10))).map(|mut c| {
-                        let mut buf = vec![1f32; 4];
-                        c.all_reduce(buf.as_mut_slice().into(), ReduceOp::Sum).map(|()| buf)
-                    })
+                    let result = TcpCommunicator::connect(&env(rank, 2, port), config(Duration::from_secs(10)))
+                        .and_then(|mut c| {
+                            let mut buf = vec![1f32; 4];
+                            c.all_reduce(buf.as_mut_slice().into(), ReduceOp::Sum)?;
+                            Ok((c, buf))
+                        });
+                    all_answered.wait();
+                    result.map(|(_, buf)| buf)
                 })
             })
             .collect();
@@ -179,7 +188,7 @@ fn threads_two_workers_claiming_one_rank_are_caught() {
     assert_eq!(refused.len(), 1, "exactly the second claimant is refused: {results:?}");
     assert!(refused[0].to_string().contains("rank 1 is already taken"), "{}", refused[0]);
     for r in results.into_iter().flatten() {
-        assert_eq!(r.unwrap(), vec![2f32; 4], "the rightful pair works");
+        assert_eq!(r, vec![2f32; 4], "the rightful pair works");
     }
 }
 
