@@ -218,15 +218,25 @@ impl TensorCollective<Cuda> for NcclCommunicator {
     fn all_reduce(&mut self, tensor: CudaTensor, op: ReduceOp) -> Result<CudaTensor> {
         let n = tensor.dims()[0];
         let out = CudaTensor::empty([n], &self.device).cast(tensor.dtype());
+        // A mean is a sum divided on the device afterwards, as PyTorch's DDP
+        // does. ncclAvg left the last 11 values of a 61,707-value bucket
+        // (those past its last whole 256 bytes) wrong in a group of one on
+        // an H200 (NCCL 2.28.9), with buffers from cubecl's memory pool; it
+        // was right with CuPy's and PyTorch's buffers, and ncclSum was right
+        // with ours. `bonfire nccl-check` checks every reduction on such a
+        // size.
         let nccl_op = match op {
-            ReduceOp::Sum => nccl_sys::ncclRedOp_t::ncclSum,
-            ReduceOp::Mean => nccl_sys::ncclRedOp_t::ncclAvg,
+            ReduceOp::Sum | ReduceOp::Mean => nccl_sys::ncclRedOp_t::ncclSum,
             ReduceOp::Max => nccl_sys::ncclRedOp_t::ncclMax,
             ReduceOp::Min => nccl_sys::ncclRedOp_t::ncclMin,
         };
-        self.run("all_reduce", tensor, out, |src, dst, count, dtype, comm, stream| {
+        let sum = self.run("all_reduce", tensor, out, |src, dst, count, dtype, comm, stream| {
             // SAFETY: src and dst are live device buffers of `count` elements.
             unsafe { nccl::all_reduce(src, dst, count, dtype, nccl_op, comm, stream) }
+        })?;
+        Ok(match op {
+            ReduceOp::Mean if self.world > 1 => sum.div_scalar(self.world as f32),
+            _ => sum,
         })
     }
 
