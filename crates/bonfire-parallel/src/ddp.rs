@@ -1,7 +1,7 @@
 //! DistributedDataParallel: one replica per worker, gradients averaged in
 //! buckets while the backward pass is still running.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bonfire_collective::TensorCollective;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
@@ -10,6 +10,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 
 use crate::bucket::BucketPlan;
+use crate::buffers;
 use crate::comm_hook::CommHook;
 use crate::comm_thread::CommThread;
 use crate::error::{ParallelError, Result};
@@ -31,6 +32,12 @@ pub struct DdpConfig {
     pub overlap: bool,
     /// How a bucket is averaged.
     pub comm_hook: CommHook,
+    /// Give every rank rank 0's buffers (batch norm's running statistics) at
+    /// the end of every synchronising `backward`, so that every rank holds
+    /// the same model after each step. PyTorch's `broadcast_buffers` does the
+    /// same at the start of each forward pass; in training mode batch norm
+    /// normalises with the batch's own statistics, so the two train alike.
+    pub broadcast_buffers: bool,
 }
 
 impl Default for DdpConfig {
@@ -41,12 +48,16 @@ impl Default for DdpConfig {
             find_unused_parameters: false,
             overlap: true,
             comm_hook: CommHook::Mean,
+            broadcast_buffers: true,
         }
     }
 }
 
 /// The inner (non-autodiff) backend of `B`, where gradients live.
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+
+/// Gives every rank rank 0's buffers of the module last run forward.
+type BufferSync<B> = Box<dyn FnOnce(&CommThread<Inner<B>>) -> Result<()> + Send>;
 
 /// Registers a parameter's gradient from its averaged values (flattened, f32).
 type Registrar<B> = Box<dyn Fn(Tensor<Inner<B>, 1>, &mut GradientsParams) + Send + Sync>;
@@ -65,6 +76,9 @@ pub struct DistributedDataParallel<B: HookBackend> {
     reducer: Arc<Reducer<B::InnerBackend>>,
     infos: Vec<ParamInfo>,
     registrars: Vec<Registrar<B>>,
+    broadcast_buffers: bool,
+    /// Set by [`forward_module`](Self::forward_module), run by [`backward`](Self::backward).
+    buffer_sync: Mutex<Option<BufferSync<B>>>,
 }
 
 impl<B: HookBackend> DistributedDataParallel<B> {
@@ -99,7 +113,14 @@ impl<B: HookBackend> DistributedDataParallel<B> {
         let reducer =
             Reducer::new(plan, names, device, comm, config.comm_hook, config.overlap, config.find_unused_parameters);
         let registrars = registrars::<B, M>(&module);
-        Ok((DistributedDataParallel { reducer: Arc::new(reducer), infos, registrars }, module))
+        let ddp = DistributedDataParallel {
+            reducer: Arc::new(reducer),
+            infos,
+            registrars,
+            broadcast_buffers: config.broadcast_buffers,
+            buffer_sync: Mutex::new(None),
+        };
+        Ok((ddp, module))
     }
 
     pub fn rank(&self) -> usize {
@@ -118,7 +139,12 @@ impl<B: HookBackend> DistributedDataParallel<B> {
     /// The module to run the forward pass with: `module` with a gradient hook
     /// on every trainable parameter. Gradients still land on `module`'s
     /// parameters, so the optimizer steps `module` itself.
-    pub fn forward_module<M: AutodiffModule<B>>(&self, module: &M) -> M {
+    pub fn forward_module<M: AutodiffModule<B> + 'static>(&self, module: &M) -> M {
+        if self.broadcast_buffers && self.world_size() > 1 {
+            let module = module.clone();
+            let sync: BufferSync<B> = Box::new(move |comm| buffers::broadcast_from_rank0::<B, M>(comm, &module));
+            *self.buffer_sync.lock().expect("not poisoned") = Some(sync);
+        }
         let sink: Arc<dyn GradientSink<B::InnerBackend>> = self.reducer.clone();
         module.clone().map(&mut Hooker::<B> { sink, index: 0, _b: Default::default() })
     }
@@ -130,6 +156,9 @@ impl<B: HookBackend> DistributedDataParallel<B> {
         self.reducer.begin(true);
         drop(loss.backward());
         let buckets = self.reducer.finish()?;
+        if let Some(sync) = self.buffer_sync.lock().expect("not poisoned").take() {
+            sync(self.reducer.comm())?;
+        }
         let mut grads = GradientsParams::new();
         for (index, slot) in self.reducer.plan().slots.iter().enumerate() {
             if let Some((bucket, range)) = slot {
@@ -201,11 +230,13 @@ fn host_call<B: Backend>(
         + 'static,
 ) -> Result<Vec<f32>> {
     let device = device.clone();
+    // Made and read on the communication thread: a GPU stream belongs to
+    // one thread (see `reducer::pack`).
     let result = comm.call(move |c| {
         let n = values.len();
-        collective(c, Tensor::from_data(TensorData::new(values, [n]), &device))
+        collective(c, Tensor::from_data(TensorData::new(values, [n]), &device)).map(|t| t.into_data())
     })?;
-    Ok(result.into_data().convert::<f32>().to_vec::<f32>().expect("converted to f32"))
+    Ok(result.convert::<f32>().to_vec::<f32>().expect("converted to f32"))
 }
 
 /// Every rank compares its parameter layout with rank 0's, and all ranks

@@ -5,6 +5,7 @@
 //! - [`DataParallel`]: one process driving several devices.
 
 mod bucket;
+mod buffers;
 mod comm_hook;
 mod comm_thread;
 mod ddp;
@@ -14,6 +15,7 @@ mod hook;
 mod params;
 mod reducer;
 
+pub use buffers::settle as settle_buffers;
 pub use comm_hook::CommHook;
 pub use ddp::{DdpConfig, DistributedDataParallel};
 pub use dp::{DataParallel, Replicas};

@@ -29,7 +29,7 @@ fn ddp_threads<B, M>(
 ) -> Vec<Result<Vec<f32>, ParallelError>>
 where
     B: HookBackend,
-    M: AutodiffModule<B> + Net<B>,
+    M: AutodiffModule<B> + Net<B> + 'static,
 {
     let comms = InProcCommunicator::group(world).unwrap();
     std::thread::scope(|s| {
@@ -53,7 +53,7 @@ where
 fn assert_matches_single<B, M>(world: usize, make: impl Fn(usize, &B::Device) -> M + Sync, width: usize, tol: f32)
 where
     B: HookBackend,
-    M: AutodiffModule<B> + Net<B>,
+    M: AutodiffModule<B> + Net<B> + 'static,
 {
     let device = Default::default();
     let want = train_single::<B, M>(seeded::<B, M>(make(0, &device), 1), PER_RANK * world, width);
@@ -83,6 +83,26 @@ fn ndarray_conv_over_2_threads_equals_one_worker() {
 fn wgpu_mlp_and_conv_over_2_threads_equal_one_worker() {
     assert_matches_single::<Wgpu, _>(2, |_, d| Mlp::new(d, 16), FEATURES, 1e-4);
     assert_matches_single::<Wgpu, _>(2, |_, d| ConvNet::new(d), 64, 1e-4);
+}
+
+/// Batch norm's running statistics (buffers): with `broadcast_buffers` every
+/// rank ends each step with rank 0's, so that every rank holds the same
+/// model; without it each rank keeps those of its own batches.
+#[test]
+fn broadcast_buffers_gives_every_rank_rank_0s_running_statistics() {
+    for broadcast_buffers in [true, false] {
+        let config = DdpConfig { broadcast_buffers, ..DdpConfig::default() };
+        let ranks: Vec<Vec<f32>> = ddp_threads::<Flex, _>(2, |_, d| BnNet::new(d), config, PER_RANK, 1, 64)
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let diff = max_abs_diff(&ranks[0], &ranks[1]);
+        if broadcast_buffers {
+            assert_eq!(diff, 0.0, "the ranks' models differ with broadcast_buffers");
+        } else {
+            assert!(diff > 1e-3, "the ranks' running statistics are equal without broadcast_buffers ({diff})");
+        }
+    }
 }
 
 #[test]

@@ -1,12 +1,14 @@
 //! Models, data and training loops shared by the equivalence tests.
 #![allow(dead_code)]
 
-use bonfire_parallel::{values_from_host, values_to_host, DistributedDataParallel, HookBackend, ParallelError};
+use bonfire_parallel::{
+    settle_buffers, values_from_host, values_to_host, DistributedDataParallel, HookBackend, ParallelError,
+};
 use burn::module::{AutodiffModule, Module};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
-use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
+use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{GradientsParams, Optimizer, SgdConfig};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -66,6 +68,35 @@ impl<B: Backend> Net<B> for ConvNet<B> {
         let [n, _] = x.dims();
         let x = x.reshape([n, 1, 8, 8]);
         let x = self.pool.forward(relu(self.conv.forward(x)));
+        self.fc.forward(x.reshape([n, 4 * 4 * 4]))
+    }
+}
+
+/// [`ConvNet`] with batch norm after the convolution: a module with buffers.
+#[derive(Module, Debug)]
+pub struct BnNet<B: Backend> {
+    conv: Conv2d<B>,
+    bn: BatchNorm<B>,
+    pool: MaxPool2d,
+    fc: Linear<B>,
+}
+
+impl<B: Backend> BnNet<B> {
+    pub fn new(device: &B::Device) -> Self {
+        BnNet {
+            conv: Conv2dConfig::new([1, 4], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(device),
+            bn: BatchNormConfig::new(4).init(device),
+            pool: MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init(),
+            fc: LinearConfig::new(4 * 4 * 4, CLASSES).init(device),
+        }
+    }
+}
+
+impl<B: Backend> Net<B> for BnNet<B> {
+    fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let [n, _] = x.dims();
+        let x = x.reshape([n, 1, 8, 8]);
+        let x = self.pool.forward(relu(self.bn.forward(self.conv.forward(x))));
         self.fc.forward(x.reshape([n, 4 * 4 * 4]))
     }
 }
@@ -166,7 +197,7 @@ pub fn train_single<B: AutodiffBackend, M: AutodiffModule<B> + Net<B>>(
 
 /// One DDP rank: its share of every step's global batch (rank r takes rows
 /// [r*b, (r+1)*b) of it), `micro` micro-batches per step through `no_sync`.
-pub fn train_ddp<B: HookBackend, M: AutodiffModule<B> + Net<B>>(
+pub fn train_ddp<B: HookBackend, M: AutodiffModule<B> + Net<B> + 'static>(
     ddp: &mut DistributedDataParallel<B>,
     mut model: M,
     per_rank: usize,
@@ -192,6 +223,7 @@ pub fn train_ddp<B: HookBackend, M: AutodiffModule<B> + Net<B>>(
         }
         model = opt.step(LR, model, grads.unwrap());
     }
+    settle_buffers::<B, M>(&model);
     Ok(values_to_host::<B, M>(&model))
 }
 

@@ -18,12 +18,12 @@ pub trait Classifier<B: Backend>: Module<B> {
 
 /// A classifier that trains: its inference copy classifies too.
 pub trait TrainableClassifier<B: AutodiffBackend>:
-    Classifier<B> + AutodiffModule<B, InnerModule: Classifier<B::InnerBackend>>
+    Classifier<B> + AutodiffModule<B, InnerModule: Classifier<B::InnerBackend>> + 'static
 {
 }
 
 impl<B: AutodiffBackend, M> TrainableClassifier<B> for M where
-    M: Classifier<B> + AutodiffModule<B, InnerModule: Classifier<B::InnerBackend>>
+    M: Classifier<B> + AutodiffModule<B, InnerModule: Classifier<B::InnerBackend>> + 'static
 {
 }
 
