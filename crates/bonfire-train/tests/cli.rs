@@ -258,3 +258,40 @@ fn a_run_stopped_after_epoch_1_and_resumed_ends_with_the_same_weights() {
     let o = bonfire(&["train", "--dataset", "synthetic", "--resume", "--checkpoint-dir", empty.to_str().unwrap()]);
     assert!(!o.status.success() && text(&o).contains("there is no checkpoint"), "{}", text(&o));
 }
+
+/// PyTorch's `state_dict` of the ResNet (tests/fixtures/resnet_torch.py)
+/// starts a run, and the run saves a file with the same names and shapes;
+/// a ResNet's own file starts the next run.
+#[test]
+fn the_resnet_starts_from_pytorchs_weights_and_from_its_own() {
+    let dir = out_dir("resnet-weights");
+    let s = |rest: &str| dir.join(rest).to_str().unwrap().to_string();
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/resnet_torch.safetensors");
+    let run = |init: &str, save: &str| {
+        let o = bonfire(&[
+            "train",
+            "--model",
+            "resnet",
+            "--strategy",
+            "single",
+            "--steps",
+            "1",
+            "--batch-size",
+            "10",
+            "--init",
+            init,
+            "--save",
+            save,
+            "--out",
+            &s("out"),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+    };
+    run(fixture, &s("a.safetensors"));
+    let layout = |f: &str| -> Vec<(String, Vec<usize>)> {
+        tensors(std::path::Path::new(f)).into_iter().map(|(n, s, _)| (n, s)).collect()
+    };
+    assert_eq!(layout(&s("a.safetensors")), layout(fixture));
+    run(&s("a.safetensors"), &s("b.safetensors"));
+    assert_eq!(layout(&s("b.safetensors")), layout(fixture));
+}
