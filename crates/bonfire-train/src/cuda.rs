@@ -91,7 +91,12 @@ pub fn nccl_check(sizes_mib: &[usize]) -> anyhow::Result<()> {
     for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max, ReduceOp::Min] {
         let values: Vec<f32> = (0..odd).map(|i| ((rank + 1) * (i % 7)) as f32).collect();
         let input = Tensor::<burn::backend::Cuda, 1>::from_data(TensorData::new(values, [odd]), &device);
-        let got = comm.all_reduce(input, op)?.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let got = comm
+            .all_reduce(input, op)?
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let want = |i: usize| {
             let v = (i % 7) as f32;
             match op {
@@ -102,11 +107,17 @@ pub fn nccl_check(sizes_mib: &[usize]) -> anyhow::Result<()> {
             }
         };
         if let Some(i) = (0..odd).find(|&i| (got[i] - want(i)).abs() > 1e-5 * want(i).abs()) {
-            anyhow::bail!("NCCL all-reduce ({op:?}) of {odd} values is wrong at element {i}: {} instead of {}", got[i], want(i));
+            anyhow::bail!(
+                "NCCL all-reduce ({op:?}) of {odd} values is wrong at element {i}: {} instead of {}",
+                got[i],
+                want(i)
+            );
         }
     }
     if rank == 0 {
-        println!("{{\"impl\":\"nccl\",\"world\":{world},\"values\":{odd},\"ops\":\"sum,mean,max,min\",\"correct\":true}}");
+        println!(
+            "{{\"impl\":\"nccl\",\"world\":{world},\"values\":{odd},\"ops\":\"sum,mean,max,min\",\"correct\":true}}"
+        );
     }
     for &mib in sizes_mib {
         let n = (mib << 20) / 4;

@@ -85,7 +85,12 @@ pub fn init<B: Backend, M: Module<B>>(mut model: M, file: &Path) -> Result<M> {
         .iter()
         .map(|e| match e {
             ApplyError::ShapeMismatch { path, expected, found } => {
-                format!("{} has shape {:?} in the file, {:?} in the model", named(path), found.to_vec(), expected.to_vec())
+                format!(
+                    "{} has shape {:?} in the file, {:?} in the model",
+                    named(path),
+                    found.to_vec(),
+                    expected.to_vec()
+                )
             }
             ApplyError::DTypeMismatch { path, .. }
             | ApplyError::AdapterError { path, .. }
@@ -144,11 +149,14 @@ pub fn save<B: Backend, M: Module<B>>(model: &M, file: &Path) -> Result<()> {
             Ok((name.as_str(), view))
         })
         .collect::<Result<Vec<_>>>()?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string()), ("producer".to_string(), "bonfire".to_string())]);
+    let metadata =
+        HashMap::from([("format".to_string(), "pt".to_string()), ("producer".to_string(), "bonfire".to_string())]);
     let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| anyhow::anyhow!("--save: {e}"))?;
     let tmp = file.with_extension("safetensors.tmp");
     let mut out = std::fs::File::create(&tmp).with_context(|| format!("--save: creating {}", tmp.display()))?;
-    out.write_all(&bytes).and_then(|()| out.sync_all()).with_context(|| format!("--save: writing {}", tmp.display()))?;
+    out.write_all(&bytes)
+        .and_then(|()| out.sync_all())
+        .with_context(|| format!("--save: writing {}", tmp.display()))?;
     std::fs::rename(&tmp, file).with_context(|| format!("--save: renaming into {}", file.display()))?;
     Ok(())
 }
@@ -272,7 +280,10 @@ mod tests {
         save(&LeNet::<Flex>::new(1, 28, 10, &device), &lenet).unwrap();
         let err = init(ResNet::<Flex>::new(1, 10, &device), &lenet).unwrap_err().to_string();
         assert!(err.contains("conv1.weight has shape [6, 1, 5, 5] in the file, [16, 1, 3, 3] in the model"), "{err}");
-        assert!(err.contains("missing tensors: ") && err.contains("bn1.weight") && err.contains("layer1.conv1.weight"), "{err}");
+        assert!(
+            err.contains("missing tensors: ") && err.contains("bn1.weight") && err.contains("layer1.conv1.weight"),
+            "{err}"
+        );
         assert!(err.contains("tensors this model does not have: conv1.bias, conv2.bias"), "{err}");
         assert!(!err.contains("gamma"), "Burn's names leak into the message: {err}");
     }
