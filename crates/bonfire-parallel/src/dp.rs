@@ -80,6 +80,11 @@ impl<B: AutodiffBackend> DataParallel<B> {
                 .collect();
             handles.into_iter().map(|h| h.join().expect("a replica's forward pass panicked")).collect()
         });
+        // The replicas share `module`'s buffers, and each thread's batch-norm
+        // update waits apart until something settles it; the replicas'
+        // threads end here, so settle now (the updates' mean) rather than
+        // let them pile up unread.
+        crate::buffers::settle::<B, M>(module);
         let (modules, outputs): (Vec<M>, Vec<Tensor<B, DO>>) = results.into_iter().unzip();
         let gathered = Tensor::cat(outputs.into_iter().map(|o| o.to_device(&self.devices[0])).collect(), 0);
         Ok((gathered, Replicas { modules }))

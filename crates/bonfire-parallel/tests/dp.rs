@@ -41,6 +41,24 @@ fn dp_over_two_devices_equals_one_device() {
     assert!(max_abs_diff(&got, &want) <= 1e-5);
 }
 
+/// Every step folds the replicas' batch-norm updates into the module's
+/// running statistics (their mean): with fixed weights and equal shares the
+/// running mean after 3 steps is one device's on the whole batches.
+#[test]
+fn dp_keeps_every_steps_running_statistics() {
+    let device = Default::default();
+    let (one, two) = (seeded::<Flex, _>(BnNet::new(&device), 1), seeded::<Flex, _>(BnNet::new(&device), 1));
+    let dp = DataParallel::<Flex>::new(vec![device; 2]).unwrap();
+    for step in 0..3 {
+        let (x, _) = batch::<Flex>(step * 12..(step + 1) * 12, 64, &device);
+        drop(one.logits(x.clone()));
+        drop(dp.forward(&two, x, |m, x| m.logits(x)).unwrap());
+    }
+    let (a, b) = (one.valid().bn.running_mean.value(), two.valid().bn.running_mean.value());
+    let diff = max_abs_diff(&a.to_data().to_vec::<f32>().unwrap(), &b.to_data().to_vec::<f32>().unwrap());
+    assert!(diff <= 1e-6, "DP's running mean differs from one device's by {diff}");
+}
+
 #[test]
 fn dp_with_two_wgpu_replicas_equals_one() {
     // Two replicas on the one lavapipe device: Burn 0.21 (cubecl 0.10) cannot

@@ -76,7 +76,7 @@ impl<B: Backend> Net<B> for ConvNet<B> {
 #[derive(Module, Debug)]
 pub struct BnNet<B: Backend> {
     conv: Conv2d<B>,
-    bn: BatchNorm<B>,
+    pub bn: BatchNorm<B>,
     pool: MaxPool2d,
     fc: Linear<B>,
 }
