@@ -1,12 +1,12 @@
 """PyTorch DDP (Gloo, CPU) baseline for `cargo xtask bench train`.
 
 The same work as `bonfire train` under the benchmark: WORLD processes with
-one thread each, Fashion-MNIST scaled as (x/255 - 0.5)/0.5, SGD (lr 0.01,
+THREADS threads each (default 1), Fashion-MNIST scaled as (x/255 - 0.5)/0.5, SGD (lr 0.01,
 momentum 0.9), the given global batch split evenly over the ranks. Five
 warm-up steps, a barrier, STEPS timed steps, a barrier; images/s on rank 0.
 The models are Bonfire's LeNet and small ResNet, layer for layer.
 
-usage: python torch_ddp_train.py [--world 2] [--steps 100] [--batch 100]
+usage: python torch_ddp_train.py [--world 2] [--threads 1] [--steps 100] [--batch 100]
                                  [--model lenet|resnet] [--data-dir DIR]
                                  [--device cpu|cuda] [--json]
 """
@@ -95,7 +95,7 @@ class ResNet(nn.Module):
 def run(rank, args, port):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     world = args.world
     if world > 1:
@@ -137,6 +137,7 @@ def run(rank, args, port):
             "device": args.device,
             "model": args.model,
             "world": world,
+            "threads": args.threads,
             "global_batch": args.batch,
             "steps": args.steps,
             "images_per_sec": args.steps * args.batch / dt,
@@ -159,6 +160,7 @@ def free_port():
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--world", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads of each process")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--model", choices=["lenet", "resnet"], default="lenet")

@@ -38,7 +38,19 @@ enum What {
         #[arg(long, default_value_t = 32)]
         batch: usize,
     },
-    /// Training images/s of `bonfire train` (DDP over 2 processes and alone, CPU) against PyTorch over Gloo.
+    /// Forward and backward time of each kernel against Burn's op and PyTorch, at LeNet's and the ResNet's shapes.
+    Kernels {
+        /// Images per batch.
+        #[arg(long, default_value_t = 50)]
+        batch: usize,
+        /// Timed repetitions of each operation.
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+        /// Threads of each side (rayon's pool for Bonfire and Burn, torch.set_num_threads).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    /// Training images/s of `bonfire train` (DDP over 2 processes, DP, alone; CPU) against PyTorch, at equal threads.
     Train {
         /// Timed steps per run (after 5 warm-up steps).
         #[arg(long, default_value_t = 50)]
@@ -56,6 +68,7 @@ pub fn run(args: Args) -> Result<()> {
     match args.what {
         What::Allreduce { world, sizes_mib } => allreduce(world, &sizes_mib, args.json),
         What::Ddp { steps, batch } => ddp(steps, batch, args.json),
+        What::Kernels { batch, reps, threads } => kernels(batch, reps, threads, args.json),
         What::Train { steps, batch, models } => train(steps, batch, &models, args.json),
     }
 }
@@ -182,17 +195,87 @@ fn ddp(steps: usize, batch: usize, json: bool) -> Result<()> {
     Ok(())
 }
 
+fn kernels(batch: usize, reps: usize, threads: usize, json: bool) -> Result<()> {
+    let bench = build_bench()?;
+    let (batch, reps, threads) = (batch.to_string(), reps.to_string(), threads.to_string());
+    let mut rows = json_lines(
+        Command::new(&bench).args(["kernels", "--batch", &batch, "--reps", &reps]).env("RAYON_NUM_THREADS", &threads),
+        "the kernel benchmark",
+    )?;
+    if let Some(py) = torch_python() {
+        eprintln!("running the PyTorch baseline...");
+        rows.extend(json_lines(
+            Command::new(py).arg(root().join("bench/torch_kernels.py")).args([
+                "--batch",
+                &batch,
+                "--reps",
+                &reps,
+                "--threads",
+                &threads,
+            ]),
+            "the PyTorch kernel baseline",
+        )?);
+    }
+    if json {
+        for r in &rows {
+            println!("{r}");
+        }
+        return Ok(());
+    }
+    let ms = |op: &str, imp: &str, field: &str| {
+        rows.iter().find(|r| r["op"] == op && r["impl"] == imp).and_then(|r| r[field].as_f64())
+    };
+    let total = |op: &str, imp: &str| Some(ms(op, imp, "forward_ms")? + ms(op, imp, "backward_ms")?);
+    let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+    let speedup = |them: Option<f64>, us: Option<f64>| match (them, us) {
+        (Some(t), Some(u)) if u > 0.0 => format!("{:.2}x", t / u),
+        _ => "-".to_string(),
+    };
+    println!(
+        "kernels, batch {batch}, {threads} thread(s); ms forward / backward; speed-up = their fwd+bwd time / Bonfire's"
+    );
+    println!("| operation | Bonfire | Burn (Flex) | PyTorch | speed-up over Burn | speed-up over PyTorch |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let mut ops: Vec<&str> = rows.iter().filter_map(|r| r["op"].as_str()).collect();
+    ops.dedup();
+    for op in ops {
+        let cell = |imp: &str| format!("{} / {}", fmt(ms(op, imp, "forward_ms")), fmt(ms(op, imp, "backward_ms")));
+        println!(
+            "| {op} | {} | {} | {} | {} | {} |",
+            cell("bonfire"),
+            cell("burn"),
+            cell("torch"),
+            speedup(total(op, "burn"), total(op, "bonfire")),
+            speedup(total(op, "torch"), total(op, "bonfire"))
+        );
+    }
+    Ok(())
+}
+
 /// Warm-up steps left out of the timing, on both sides.
 const WARMUP_STEPS: usize = 5;
 
-/// One measured configuration of `bench train`.
+/// One measured configuration of `bench train`, the same on both sides.
+#[derive(Clone, Copy)]
 struct TrainRun<'a> {
     model: &'a str,
-    /// `bonfire train --backend`.
-    backend: &'a str,
-    /// DDP over 2 processes, or one process alone (the floor).
+    /// `ddp` (one process a worker), `dp` (one process, a replica a
+    /// worker) or `single`.
+    strategy: &'a str,
     workers: usize,
+    /// Compute threads of each process.
+    threads: usize,
     global_batch: usize,
+}
+
+impl TrainRun<'_> {
+    fn label(&self) -> String {
+        match self.strategy {
+            "ddp" => format!("DDP, {} processes x {} thread", self.workers, self.threads),
+            "dp" => format!("DP, 1 process, {} replicas, {} threads", self.workers, self.threads),
+            _ => format!("alone, 1 process, {} thread(s)", self.threads),
+        }
+    }
 }
 
 fn train(steps: usize, batch: usize, models: &str, json: bool) -> Result<()> {
@@ -200,43 +283,42 @@ fn train(steps: usize, batch: usize, models: &str, json: bool) -> Result<()> {
     cargo_build(&["--release", "--quiet", "-p", "bonfire-train", "--bin", "bonfire"], &[], "bonfire")?;
     let bonfire = release_dir().join("bonfire");
     let python = torch_python();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let models: Vec<&str> = models.split(',').map(str::trim).filter(|m| !m.is_empty()).collect();
     let mut rows = Vec::new();
+    let mut runs = Vec::new();
     for &model in &models {
-        // NdArray is measured on LeNet only: it is the slower CPU backend by
-        // far, and on the ResNet a run would take minutes.
-        let backends: &[&str] = if model == "lenet" { &["cpu", "ndarray"] } else { &["cpu"] };
-        for &backend in backends {
-            for (workers, global_batch) in [(2, batch), (1, batch / 2)] {
-                let run = TrainRun { model, backend, workers, global_batch };
-                eprintln!("bonfire: {model}, {backend}, {workers} worker(s), batch {global_batch}...");
-                let ips = bonfire_images_per_sec(&bonfire, &run, steps)?;
-                rows.push(serde_json::json!({
-                    "impl": format!("bonfire-{backend}"),
-                    "model": model,
-                    "world": workers,
-                    "global_batch": global_batch,
-                    "images_per_sec": ips,
-                }));
-            }
-        }
-        if let Some(py) = &python {
-            for (world, global_batch) in [(2, batch), (1, batch / 2)] {
-                eprintln!("PyTorch (Gloo): {model}, {world} process(es), batch {global_batch}...");
-                rows.extend(json_lines(
-                    Command::new(py).arg(root().join("bench/torch_ddp_train.py")).args([
-                        "--world",
-                        &world.to_string(),
-                        "--steps",
-                        &steps.to_string(),
-                        "--batch",
-                        &global_batch.to_string(),
-                        "--model",
-                        model,
-                        "--json",
-                    ]),
-                    "the PyTorch DDP baseline",
-                )?);
+        runs.push(TrainRun { model, strategy: "ddp", workers: 2, threads: 1, global_batch: batch });
+        runs.push(TrainRun { model, strategy: "dp", workers: 2, threads: cores, global_batch: batch });
+        runs.push(TrainRun { model, strategy: "single", workers: 1, threads: 1, global_batch: batch / 2 });
+        runs.push(TrainRun { model, strategy: "single", workers: 1, threads: cores, global_batch: batch / 2 });
+    }
+    for run in &runs {
+        eprintln!("bonfire: {}, {}, batch {}...", run.model, run.label(), run.global_batch);
+        let ips = bonfire_images_per_sec(&bonfire, run, steps)?;
+        rows.push(row("bonfire", run, ips));
+        // PyTorch's DataParallel needs CUDA devices: on the CPU it runs the
+        // module once, so there is no PyTorch DP row.
+        if let (Some(py), false) = (&python, run.strategy == "dp") {
+            eprintln!("PyTorch: {}, {}, batch {}...", run.model, run.label(), run.global_batch);
+            let out = json_lines(
+                Command::new(py).arg(root().join("bench/torch_ddp_train.py")).args([
+                    "--world",
+                    &run.workers.to_string(),
+                    "--threads",
+                    &run.threads.to_string(),
+                    "--steps",
+                    &steps.to_string(),
+                    "--batch",
+                    &run.global_batch.to_string(),
+                    "--model",
+                    run.model,
+                    "--json",
+                ]),
+                "the PyTorch baseline",
+            )?;
+            if let Some(ips) = out.first().and_then(|r| r["images_per_sec"].as_f64()) {
+                rows.push(row("torch", run, ips));
             }
         }
     }
@@ -246,61 +328,63 @@ fn train(steps: usize, batch: usize, models: &str, json: bool) -> Result<()> {
         }
         return Ok(());
     }
-    let ips = |model: &str, imp: &str, world: u64| {
+    let ips = |imp: &str, run: &TrainRun| {
         rows.iter()
-            .find(|r| r["model"] == model && r["impl"] == imp && r["world"].as_u64() == Some(world))
+            .find(|r| r["impl"] == imp && r["config"] == run.label() && r["model"] == run.model)
             .and_then(|r| r["images_per_sec"].as_f64())
     };
     let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
-    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
-        _ => "-".to_string(),
-    };
     println!(
-        "training images/s, Fashion-MNIST, SGD, {steps} steps after {WARMUP_STEPS} warm-up; DDP: 2 processes of 1 \
-         thread, global batch {batch}; alone: 1 process, batch {}",
+        "training images/s, Fashion-MNIST, SGD, {steps} steps after {WARMUP_STEPS} warm-up; global batch {batch} \
+         (alone: {}); the same threads on both sides",
         batch / 2
     );
-    println!("| model | implementation | DDP, 2 processes | alone | DDP / (2 x alone) | DDP / PyTorch DDP |");
-    println!("|---|---|---:|---:|---:|---:|");
-    for &model in &models {
-        let torch = ips(model, "torch", 2);
-        for (imp, label) in
-            [("bonfire-cpu", "Bonfire, Flex"), ("bonfire-ndarray", "Bonfire, NdArray"), ("torch", "PyTorch, Gloo")]
-        {
-            let (ddp, alone) = (ips(model, imp, 2), ips(model, imp, 1));
-            if ddp.is_none() {
-                continue;
-            }
-            println!(
-                "| {model} | {label} | {} | {} | {} | {} |",
-                fmt(ddp),
-                fmt(alone),
-                ratio(ddp, alone.map(|a| 2.0 * a)),
-                ratio(ddp, torch)
-            );
-        }
+    println!("| model | configuration | Bonfire | PyTorch | Bonfire / PyTorch |");
+    println!("|---|---|---:|---:|---:|");
+    for run in &runs {
+        let (ours, theirs) = (ips("bonfire", run), ips("torch", run));
+        let ratio = match (ours, theirs) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+            _ => "-".to_string(),
+        };
+        println!("| {} | {} | {} | {} | {ratio} |", run.model, run.label(), fmt(ours), fmt(theirs));
     }
     Ok(())
 }
 
-/// Runs `bonfire train` for warm-up plus `steps` steps and returns the
-/// images/s of the timed steps, from rank 0's `steps.csv`.
+fn row(imp: &str, run: &TrainRun, images_per_sec: f64) -> Value {
+    serde_json::json!({
+        "impl": imp,
+        "model": run.model,
+        "config": run.label(),
+        "strategy": run.strategy,
+        "world": run.workers,
+        "threads": run.threads,
+        "global_batch": run.global_batch,
+        "images_per_sec": images_per_sec,
+    })
+}
+
+/// Runs `bonfire train` for warm-up plus `steps` steps, with `threads`
+/// compute threads a process (rayon's pool, which Burn's Flex backend and
+/// Bonfire's kernels share), and returns the images/s of the timed steps,
+/// from rank 0's `steps.csv`.
 fn bonfire_images_per_sec(bonfire: &std::path::Path, run: &TrainRun, steps: usize) -> Result<f64> {
     let out = std::env::temp_dir().join(format!(
-        "bonfire-bench-train-{}-{}-{}-{}",
+        "bonfire-bench-train-{}-{}-{}-{}-{}",
         std::process::id(),
-        run.backend,
         run.model,
-        run.workers
+        run.strategy,
+        run.workers,
+        run.threads
     ));
-    let strategy = if run.workers > 1 { "ddp" } else { "single" };
     let output = Command::new(bonfire)
-        .args(["train", "--strategy", strategy, "--workers", &run.workers.to_string()])
-        .args(["--backend", run.backend, "--model", run.model])
+        .args(["train", "--strategy", run.strategy, "--workers", &run.workers.to_string()])
+        .args(["--backend", "cpu", "--model", run.model])
         .args(["--steps", &(WARMUP_STEPS + steps).to_string(), "--batch-size", &run.global_batch.to_string()])
         .arg("--out")
         .arg(&out)
+        .env("RAYON_NUM_THREADS", run.threads.to_string())
         .output()
         .context("running bonfire")?;
     if !output.status.success() {

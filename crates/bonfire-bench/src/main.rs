@@ -3,6 +3,7 @@
 
 mod allreduce;
 mod ddp;
+mod kernels;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +20,8 @@ enum Command {
     Allreduce(allreduce::Args),
     /// Per-step time of DDP variants and Burn's own multi-device training.
     Ddp(ddp::Args),
+    /// Forward and backward time of each kernel against Burn's own op, at LeNet's and the ResNet's shapes.
+    Kernels(kernels::Args),
     /// Single-thread memcpy bandwidth of 256 MiB: the ceiling of a host-staged collective.
     Memcpy,
     /// One rank of the TCP all-reduce benchmark (started by `allreduce`).
@@ -30,6 +33,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Allreduce(args) => allreduce::run(args),
         Command::Ddp(args) => ddp::run(args),
+        Command::Kernels(args) => kernels::run(args),
         Command::Memcpy => {
             allreduce::memcpy();
             Ok(())

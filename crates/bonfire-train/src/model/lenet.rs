@@ -1,9 +1,9 @@
 //! The seed article's `Net` (LeNet), laid out as PyTorch's so that weights
-//! can move between the two.
+//! can move between the two. Convolution and pooling are Bonfire's kernels
+//! on the CPU backend and Burn's ops elsewhere.
 
+use bonfire_kernels::nn::{Conv2d, Conv2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::module::Module;
-use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;

@@ -1,12 +1,13 @@
 //! A small ResNet for benchmarks: heavier than LeNet (about 20 times the
 //! arithmetic per image) with batch norm and residual connections, as the
 //! networks people train with DDP are. `bench/torch_ddp_train.py` builds the
-//! same network in PyTorch, with the same names.
+//! same network in PyTorch, with the same names. Convolution and batch norm
+//! are Bonfire's kernels on the CPU backend and Burn's ops elsewhere.
 
+use bonfire_kernels::nn::{BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig};
 use burn::module::Module;
-use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig};
-use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;

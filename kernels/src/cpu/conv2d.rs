@@ -1,0 +1,324 @@
+//! 2-D convolution over NCHW f32 images as packed matrix products (im2col):
+//!
+//! - forward: `Y[n] = W · col(X[n])`, `W` as `[out, in·kh·kw]`;
+//! - input gradient: `dcol = Wᵀ · dY[n]`, scattered back by col2im;
+//! - weight gradient: `dW = Σₙ dY[n] · col(X[n])ᵀ`, one product per image
+//!   accumulated in place, so the whole batch is one long reduction
+//!   (K = N·Ho·Wo) rather than Burn's default, a direct convolution whose
+//!   kernel is the whole output map;
+//! - bias gradient: the row sums of `dY`.
+//!
+//! A 1x1 convolution with stride 1 and no padding needs no im2col: an image
+//! is its own column matrix. Images are split into one run per thread of the
+//! current rayon pool; each run reuses one column buffer, so the extra memory
+//! is one `in·kh·kw x Ho·Wo` matrix per thread. Groups other than 1 are not
+//! covered here (the modules fall back to Burn for them).
+
+use rayon::prelude::*;
+
+use super::gemm::{matmul, Mat};
+
+/// The geometry of a convolution with `groups = 1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2dShape {
+    pub batch: usize,
+    pub in_channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub out_channels: usize,
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    /// Padding before the first row and column; padding after the last
+    /// ones only shows in the output size.
+    pub padding: [usize; 2],
+    pub dilation: [usize; 2],
+    pub out_height: usize,
+    pub out_width: usize,
+}
+
+impl Conv2dShape {
+    /// `x` is `[batch, in, height, width]`, `weight` `[out, in, kh, kw]`;
+    /// `padding` holds `[top, left]` and `padding_end` `[bottom, right]`.
+    /// None when the kernel does not fit the padded image.
+    pub fn new(
+        x: [usize; 4],
+        weight: [usize; 4],
+        stride: [usize; 2],
+        padding: [usize; 2],
+        padding_end: [usize; 2],
+        dilation: [usize; 2],
+    ) -> Option<Self> {
+        let [batch, in_channels, height, width] = x;
+        let [out_channels, weight_in, kh, kw] = weight;
+        if weight_in != in_channels || stride.contains(&0) || dilation.contains(&0) || kh == 0 || kw == 0 {
+            return None;
+        }
+        let out = |size: usize, pad: usize, pad_end: usize, k: usize, d: usize, s: usize| {
+            let span = d * (k - 1) + 1;
+            (size + pad + pad_end).checked_sub(span).map(|room| room / s + 1)
+        };
+        Some(Conv2dShape {
+            batch,
+            in_channels,
+            height,
+            width,
+            out_channels,
+            kernel: [kh, kw],
+            stride,
+            padding,
+            dilation,
+            out_height: out(height, padding[0], padding_end[0], kh, dilation[0], stride[0])?,
+            out_width: out(width, padding[1], padding_end[1], kw, dilation[1], stride[1])?,
+        })
+    }
+
+    /// Rows of the column matrix: `in · kh · kw`.
+    fn patch(&self) -> usize {
+        self.in_channels * self.kernel[0] * self.kernel[1]
+    }
+
+    /// Columns of the column matrix: `Ho · Wo`.
+    fn positions(&self) -> usize {
+        self.out_height * self.out_width
+    }
+
+    fn image(&self) -> usize {
+        self.in_channels * self.height * self.width
+    }
+
+    fn out_image(&self) -> usize {
+        self.out_channels * self.positions()
+    }
+
+    /// An image is its own column matrix.
+    fn is_pointwise(&self) -> bool {
+        self.kernel == [1, 1] && self.stride == [1, 1] && self.padding == [0, 0]
+    }
+
+    /// For kernel tap `k` along one axis: the output positions whose input
+    /// position lies inside the image, and the input position of output 0.
+    fn valid(&self, axis: usize, k: usize, outputs: usize, size: usize) -> (usize, usize, isize) {
+        let stride = self.stride[axis];
+        let first = (k * self.dilation[axis]) as isize - self.padding[axis] as isize;
+        // Output o reads input o·stride + first; keep 0 <= that < size.
+        let lo = if first >= 0 { 0 } else { (-first as usize).div_ceil(stride) };
+        let hi = if (size as isize) <= first { 0 } else { (size as isize - first) as usize }.div_ceil(stride);
+        let hi = hi.min(outputs);
+        (lo.min(hi), hi, first)
+    }
+}
+
+/// Writes the column matrix of one image: row `(c, i, j)` holds, for every
+/// output position, the input value under kernel tap `(i, j)` of channel `c`
+/// (0 in the padding).
+fn im2col(s: &Conv2dShape, image: &[f32], col: &mut [f32]) {
+    let (p, [kh, kw]) = (s.positions(), s.kernel);
+    for (row, col_row) in col.chunks_exact_mut(p).enumerate().take(s.patch()) {
+        let (c, i, j) = (row / (kh * kw), row / kw % kh, row % kw);
+        let plane = &image[c * s.height * s.width..][..s.height * s.width];
+        let (w_lo, w_hi, w_first) = s.valid(1, j, s.out_width, s.width);
+        for (oh, out) in col_row.chunks_exact_mut(s.out_width).enumerate() {
+            let ih = (oh * s.stride[0]) as isize + (i * s.dilation[0]) as isize - s.padding[0] as isize;
+            if ih < 0 || ih >= s.height as isize {
+                out.fill(0.0);
+                continue;
+            }
+            let src = &plane[ih as usize * s.width..][..s.width];
+            out[..w_lo].fill(0.0);
+            out[w_hi..].fill(0.0);
+            let start = (w_lo * s.stride[1]) as isize + w_first;
+            if s.stride[1] == 1 {
+                let start = start as usize;
+                out[w_lo..w_hi].copy_from_slice(&src[start..start + (w_hi - w_lo)]);
+            } else {
+                for (k, o) in out[w_lo..w_hi].iter_mut().enumerate() {
+                    *o = src[start as usize + k * s.stride[1]];
+                }
+            }
+        }
+    }
+}
+
+/// Adds every entry of a column matrix back onto the input position it came
+/// from (the adjoint of [`im2col`]).
+fn col2im(s: &Conv2dShape, col: &[f32], image: &mut [f32]) {
+    let (p, [kh, kw]) = (s.positions(), s.kernel);
+    for (row, col_row) in col.chunks_exact(p).enumerate().take(s.patch()) {
+        let (c, i, j) = (row / (kh * kw), row / kw % kh, row % kw);
+        let plane = &mut image[c * s.height * s.width..][..s.height * s.width];
+        let (w_lo, w_hi, w_first) = s.valid(1, j, s.out_width, s.width);
+        let (h_lo, h_hi, h_first) = s.valid(0, i, s.out_height, s.height);
+        for oh in h_lo..h_hi {
+            let ih = (oh * s.stride[0]) as isize + h_first;
+            let dst = &mut plane[ih as usize * s.width..][..s.width];
+            let src = &col_row[oh * s.out_width..][..s.out_width];
+            let start = ((w_lo * s.stride[1]) as isize + w_first) as usize;
+            for (k, v) in src[w_lo..w_hi].iter().enumerate() {
+                dst[start + k * s.stride[1]] += v;
+            }
+        }
+    }
+}
+
+/// Images per run: the batch split evenly over the pool's threads.
+fn images_per_run(batch: usize) -> usize {
+    batch.div_ceil(rayon::current_num_threads().max(1)).max(1)
+}
+
+/// `y = conv(x, weight) + bias`, `[batch, out, Ho, Wo]`.
+pub fn forward(s: &Conv2dShape, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    let (k, p, o) = (s.patch(), s.positions(), s.out_channels);
+    assert_eq!(x.len(), s.batch * s.image(), "input size");
+    assert_eq!(weight.len(), o * k, "weight size");
+    let mut y = vec![0.0f32; s.batch * s.out_image()];
+    if y.is_empty() {
+        return y;
+    }
+    let run = images_per_run(s.batch);
+    y.par_chunks_mut(run * s.out_image()).zip(x.par_chunks(run * s.image())).for_each(|(ys, xs)| {
+        let mut col = if s.is_pointwise() { Vec::new() } else { vec![0.0f32; k * p] };
+        for (y_n, x_n) in ys.chunks_exact_mut(s.out_image()).zip(xs.chunks_exact(s.image())) {
+            let col: &[f32] = if s.is_pointwise() {
+                x_n
+            } else {
+                im2col(s, x_n, &mut col);
+                &col
+            };
+            if let Some(bias) = bias {
+                for (row, b) in y_n.chunks_exact_mut(p).zip(bias) {
+                    row.fill(*b);
+                }
+            }
+            matmul(y_n, Mat::new(weight, o, k), Mat::new(col, k, p), bias.is_some());
+        }
+    });
+    y
+}
+
+/// The gradients of a convolution; the input's only when asked for.
+pub struct Conv2dGrads {
+    pub x: Option<Vec<f32>>,
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+}
+
+/// Gradients of `conv(x, weight) + bias` given `dy`, `[batch, out, Ho, Wo]`.
+pub fn backward(s: &Conv2dShape, x: &[f32], weight: &[f32], dy: &[f32], need_x: bool) -> Conv2dGrads {
+    let (k, p, o) = (s.patch(), s.positions(), s.out_channels);
+    assert_eq!(x.len(), s.batch * s.image(), "input size");
+    assert_eq!(dy.len(), s.batch * s.out_image(), "output gradient size");
+    let mut dx = if need_x { vec![0.0f32; x.len()] } else { Vec::new() };
+    let run = images_per_run(s.batch);
+    let runs = s.batch.div_ceil(run);
+    // Each run sums its images' weight gradients into its own partial.
+    let mut partials = vec![0.0f32; runs * o * k];
+    let mut dx_runs: Vec<&mut [f32]> =
+        if need_x { dx.chunks_mut(run * s.image()).collect() } else { (0..runs).map(|_| &mut [][..]).collect() };
+    partials
+        .par_chunks_mut(o * k)
+        .zip(dx_runs.par_iter_mut())
+        .zip(x.par_chunks(run * s.image()).zip(dy.par_chunks(run * s.out_image())))
+        .for_each(|((dw, dx_run), (xs, dys))| {
+            let mut col = if s.is_pointwise() { Vec::new() } else { vec![0.0f32; k * p] };
+            let mut dcol = if need_x && !s.is_pointwise() { vec![0.0f32; k * p] } else { Vec::new() };
+            for (n, (x_n, dy_n)) in xs.chunks_exact(s.image()).zip(dys.chunks_exact(s.out_image())).enumerate() {
+                let col: &[f32] = if s.is_pointwise() {
+                    x_n
+                } else {
+                    im2col(s, x_n, &mut col);
+                    &col
+                };
+                matmul(dw, Mat::new(dy_n, o, p), Mat::transposed(col, p, k), n > 0);
+                if need_x {
+                    let dx_n = &mut dx_run[n * s.image()..][..s.image()];
+                    if s.is_pointwise() {
+                        matmul(dx_n, Mat::transposed(weight, k, o), Mat::new(dy_n, o, p), false);
+                    } else {
+                        matmul(&mut dcol, Mat::transposed(weight, k, o), Mat::new(dy_n, o, p), false);
+                        col2im(s, &dcol, dx_n);
+                    }
+                }
+            }
+        });
+    let mut dw = vec![0.0f32; o * k];
+    for partial in partials.chunks_exact(o * k) {
+        dw.iter_mut().zip(partial).for_each(|(a, b)| *a += b);
+    }
+    let mut bias = vec![0.0f32; o];
+    for dy_n in dy.chunks_exact(s.out_image()) {
+        for (b, row) in bias.iter_mut().zip(dy_n.chunks_exact(p)) {
+            *b += row.iter().sum::<f32>();
+        }
+    }
+    Conv2dGrads { x: need_x.then_some(dx), weight: dw, bias }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The definition, one multiply-add at a time.
+    fn naive(s: &Conv2dShape, x: &[f32], w: &[f32]) -> Vec<f32> {
+        let mut y = vec![0.0; s.batch * s.out_image()];
+        for n in 0..s.batch {
+            for oc in 0..s.out_channels {
+                for oh in 0..s.out_height {
+                    for ow in 0..s.out_width {
+                        let mut acc = 0.0;
+                        for c in 0..s.in_channels {
+                            for i in 0..s.kernel[0] {
+                                for j in 0..s.kernel[1] {
+                                    let ih = (oh * s.stride[0] + i * s.dilation[0]) as isize - s.padding[0] as isize;
+                                    let iw = (ow * s.stride[1] + j * s.dilation[1]) as isize - s.padding[1] as isize;
+                                    if ih >= 0 && iw >= 0 && (ih as usize) < s.height && (iw as usize) < s.width {
+                                        acc += x[((n * s.in_channels + c) * s.height + ih as usize) * s.width
+                                            + iw as usize]
+                                            * w[((oc * s.in_channels + c) * s.kernel[0] + i) * s.kernel[1] + j];
+                                    }
+                                }
+                            }
+                        }
+                        y[((n * s.out_channels + oc) * s.out_height + oh) * s.out_width + ow] = acc;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n).map(|i| ((i * 7919 + seed * 104729) % 23) as f32 / 8.0 - 1.375).collect()
+    }
+
+    #[test]
+    fn forward_and_the_adjoint_of_im2col_match_the_definition() {
+        for (x, w, stride, pad, pad_end, dil) in [
+            ([2, 3, 7, 6], [4, 3, 3, 3], [1, 1], [1, 1], [1, 1], [1, 1]),
+            ([1, 2, 9, 8], [3, 2, 3, 2], [2, 3], [2, 0], [1, 2], [1, 2]),
+            ([3, 4, 5, 5], [2, 4, 1, 1], [1, 1], [0, 0], [0, 0], [1, 1]),
+            ([2, 1, 6, 6], [2, 1, 5, 5], [1, 1], [2, 2], [2, 2], [1, 1]),
+        ] {
+            let s = Conv2dShape::new(x, w, stride, pad, pad_end, dil).unwrap();
+            let (xv, wv) = (values(s.batch * s.image(), 1), values(s.out_channels * s.patch(), 2));
+            let got = forward(&s, &xv, &wv, None);
+            let want = naive(&s, &xv, &wv);
+            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(worst < 1e-4, "{s:?}: {worst}");
+            // <im2col(x), c> == <x, col2im(c)> for any c.
+            let c = values(s.patch() * s.positions(), 3);
+            let mut col = vec![0.0; c.len()];
+            im2col(&s, &xv[..s.image()], &mut col);
+            let mut back = vec![0.0; s.image()];
+            col2im(&s, &c, &mut back);
+            let lhs: f64 = col.iter().zip(&c).map(|(a, b)| (a * b) as f64).sum();
+            let rhs: f64 = xv[..s.image()].iter().zip(&back).map(|(a, b)| (a * b) as f64).sum();
+            assert!((lhs - rhs).abs() < 1e-6 * lhs.abs().max(1.0), "{s:?}: {lhs} vs {rhs}");
+        }
+    }
+
+    #[test]
+    fn a_kernel_wider_than_the_padded_image_has_no_shape() {
+        assert_eq!(Conv2dShape::new([1, 1, 2, 2], [1, 1, 5, 5], [1, 1], [1, 1], [1, 1], [1, 1]), None);
+        assert_eq!(Conv2dShape::new([1, 2, 8, 8], [1, 1, 3, 3], [1, 1], [0, 0], [0, 0], [1, 1]), None);
+    }
+}
