@@ -236,8 +236,12 @@ fn kernels(batch: usize, reps: usize, threads: usize, json: bool) -> Result<()> 
     );
     println!("| operation | Bonfire | Burn (Flex) | PyTorch | speed-up over Burn | speed-up over PyTorch |");
     println!("|---|---:|---:|---:|---:|---:|");
-    let mut ops: Vec<&str> = rows.iter().filter_map(|r| r["op"].as_str()).collect();
-    ops.dedup();
+    let mut ops: Vec<&str> = Vec::new();
+    for op in rows.iter().filter_map(|r| r["op"].as_str()) {
+        if !ops.contains(&op) {
+            ops.push(op);
+        }
+    }
     for op in ops {
         let cell = |imp: &str| format!("{} / {}", fmt(ms(op, imp, "forward_ms")), fmt(ms(op, imp, "backward_ms")));
         println!(

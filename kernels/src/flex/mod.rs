@@ -55,8 +55,13 @@ pub(crate) trait Kernels: Backend {
     ) -> Tensor<Self, 3>;
 }
 
-/// Whether `B` is a backend with [`Kernels`].
+/// Whether `B` is a backend with [`Kernels`], and they are not turned off
+/// (`BONFIRE_KERNELS=off` gives Burn's operations everywhere, to compare).
 pub(crate) fn has_kernels<B: Backend>() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *OFF.get_or_init(|| std::env::var("BONFIRE_KERNELS").is_ok_and(|v| v == "off")) {
+        return false;
+    }
     let b = TypeId::of::<B>();
     b == TypeId::of::<Flex>()
         || b == TypeId::of::<Autodiff<Flex, NoCheckpointing>>()
