@@ -38,6 +38,19 @@ pub struct LaunchArgs {
     pub command: Vec<String>,
 }
 
+/// Compute threads for each of `workers` processes on this host: the cores
+/// shared out, unless the user set `RAYON_NUM_THREADS` (the pool of Burn's
+/// CPU backend and Bonfire's kernels). Without it every worker would start
+/// a pool as large as the machine and they would fight over the cores, as
+/// torchrun avoids by setting `OMP_NUM_THREADS=1`.
+fn worker_threads(workers: usize) -> Option<String> {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return None;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some((cores / workers.max(1)).max(1).to_string())
+}
+
 /// Runs the job; returns when every worker succeeded, or with an error naming
 /// the first one that failed after stopping the rest.
 pub fn launch(args: &LaunchArgs) -> Result<()> {
@@ -54,10 +67,15 @@ pub fn launch(args: &LaunchArgs) -> Result<()> {
     };
     let token = job_token(args.nnodes)?;
     let world = args.nproc_per_node * args.nnodes;
+    let threads = worker_threads(args.nproc_per_node);
     let mut children: Vec<(usize, Child)> = Vec::new();
     for local in 0..args.nproc_per_node {
         let rank = args.node_rank * args.nproc_per_node + local;
-        let child = Command::new(&args.command[0])
+        let mut command = Command::new(&args.command[0]);
+        if let Some(threads) = &threads {
+            command.env("RAYON_NUM_THREADS", threads);
+        }
+        let child = command
             .args(&args.command[1..])
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", world.to_string())

@@ -1,7 +1,9 @@
 //! 2-D convolution over NCHW f32 images as packed matrix products (im2col):
 //!
 //! - forward: `Y[n] = W · col(X[n])`, `W` as `[out, in·kh·kw]`;
-//! - input gradient: `dcol = Wᵀ · dY[n]`, scattered back by col2im;
+//! - input gradient: for stride 1, a convolution of `dY` with the flipped
+//!   kernel (one GEMM with K = out·kh·kw, no scatter); otherwise
+//!   `dcol = Wᵀ · dY[n]`, scattered back by col2im;
 //! - weight gradient: `dW = Σₙ dY[n] · col(X[n])ᵀ`, one product per image
 //!   accumulated in place, so the whole batch is one long reduction
 //!   (K = N·Ho·Wo) rather than Burn's default, a direct convolution whose
@@ -95,6 +97,32 @@ impl Conv2dShape {
         self.kernel == [1, 1] && self.stride == [1, 1] && self.padding == [0, 0]
     }
 
+    /// The input gradient of a stride-1 convolution as a convolution of
+    /// its own: `dY` convolved with the kernel flipped and its in and out
+    /// channels swapped, padded by `dilation·(k-1) - padding` (None when
+    /// that is negative, or the stride is not 1). This replaces a GEMM with
+    /// K = out channels and a col2im pass by one GEMM with K = out·kh·kw.
+    fn input_gradient_shape(&self) -> Option<Conv2dShape> {
+        if self.stride != [1, 1] {
+            return None;
+        }
+        let span = |axis: usize| self.dilation[axis] * (self.kernel[axis] - 1);
+        let before = [span(0).checked_sub(self.padding[0])?, span(1).checked_sub(self.padding[1])?];
+        let after = [
+            (self.height + span(0)).checked_sub(self.out_height + before[0])?,
+            (self.width + span(1)).checked_sub(self.out_width + before[1])?,
+        ];
+        let shape = Conv2dShape::new(
+            [self.batch, self.out_channels, self.out_height, self.out_width],
+            [self.in_channels, self.out_channels, self.kernel[0], self.kernel[1]],
+            [1, 1],
+            before,
+            after,
+            self.dilation,
+        )?;
+        (shape.out_height == self.height && shape.out_width == self.width).then_some(shape)
+    }
+
     /// For kernel tap `k` along one axis: the output positions whose input
     /// position lies inside the image, and the input position of output 0.
     fn valid(&self, axis: usize, k: usize, outputs: usize, size: usize) -> (usize, usize, isize) {
@@ -160,6 +188,24 @@ fn col2im(s: &Conv2dShape, col: &[f32], image: &mut [f32]) {
     }
 }
 
+/// `weight` `[out, in, kh, kw]` as `[in, out, kh, kw]` with each kernel
+/// turned by 180°: the kernel of [`Conv2dShape::input_gradient_shape`].
+fn flipped(s: &Conv2dShape, weight: &[f32]) -> Vec<f32> {
+    let ([kh, kw], (o, c)) = (s.kernel, (s.out_channels, s.in_channels));
+    let mut out = vec![0.0f32; weight.len()];
+    for oc in 0..o {
+        for ic in 0..c {
+            for i in 0..kh {
+                for j in 0..kw {
+                    out[((ic * o + oc) * kh + (kh - 1 - i)) * kw + (kw - 1 - j)] =
+                        weight[((oc * c + ic) * kh + i) * kw + j];
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Images per run: the batch split evenly over the pool's threads.
 fn images_per_run(batch: usize) -> usize {
     batch.div_ceil(rayon::current_num_threads().max(1)).max(1)
@@ -212,6 +258,8 @@ pub fn backward(s: &Conv2dShape, x: &[f32], weight: &[f32], dy: &[f32], need_x: 
     let runs = s.batch.div_ceil(run);
     // Each run sums its images' weight gradients into its own partial.
     let mut partials = vec![0.0f32; runs * o * k];
+    let as_convolution = if need_x && !s.is_pointwise() { s.input_gradient_shape() } else { None };
+    let flipped_weight = as_convolution.as_ref().map(|_| flipped(s, weight));
     let mut dx_runs: Vec<&mut [f32]> =
         if need_x { dx.chunks_mut(run * s.image()).collect() } else { (0..runs).map(|_| &mut [][..]).collect() };
     partials
@@ -220,7 +268,11 @@ pub fn backward(s: &Conv2dShape, x: &[f32], weight: &[f32], dy: &[f32], need_x: 
         .zip(x.par_chunks(run * s.image()).zip(dy.par_chunks(run * s.out_image())))
         .for_each(|((dw, dx_run), (xs, dys))| {
             let mut col = if s.is_pointwise() { Vec::new() } else { vec![0.0f32; k * p] };
-            let mut dcol = if need_x && !s.is_pointwise() { vec![0.0f32; k * p] } else { Vec::new() };
+            let mut dcol = match (&as_convolution, need_x && !s.is_pointwise()) {
+                (Some(t), _) => vec![0.0f32; t.patch() * t.positions()],
+                (None, true) => vec![0.0f32; k * p],
+                (None, false) => Vec::new(),
+            };
             for (n, (x_n, dy_n)) in xs.chunks_exact(s.image()).zip(dys.chunks_exact(s.out_image())).enumerate() {
                 let col: &[f32] = if s.is_pointwise() {
                     x_n
@@ -233,6 +285,14 @@ pub fn backward(s: &Conv2dShape, x: &[f32], weight: &[f32], dy: &[f32], need_x: 
                     let dx_n = &mut dx_run[n * s.image()..][..s.image()];
                     if s.is_pointwise() {
                         matmul(dx_n, Mat::transposed(weight, k, o), Mat::new(dy_n, o, p), false);
+                    } else if let (Some(t), Some(w)) = (&as_convolution, &flipped_weight) {
+                        im2col(t, dy_n, &mut dcol);
+                        matmul(
+                            dx_n,
+                            Mat::new(w, t.out_channels, t.patch()),
+                            Mat::new(&dcol, t.patch(), t.positions()),
+                            false,
+                        );
                     } else {
                         matmul(&mut dcol, Mat::transposed(weight, k, o), Mat::new(dy_n, o, p), false);
                         col2im(s, &dcol, dx_n);

@@ -72,6 +72,37 @@ impl<B: Backend> Net<B> for ConvNet<B> {
     }
 }
 
+/// [`ConvNet`] built from Bonfire's kernel modules (the kernels on Flex,
+/// Burn's ops elsewhere), with batch norm: what `bonfire train` runs.
+#[derive(Module, Debug)]
+pub struct KernelConvNet<B: Backend> {
+    conv: bonfire_kernels::nn::Conv2d<B>,
+    bn: bonfire_kernels::nn::BatchNorm<B>,
+    pool: bonfire_kernels::nn::MaxPool2d,
+    fc: Linear<B>,
+}
+
+impl<B: Backend> KernelConvNet<B> {
+    pub fn new(device: &B::Device) -> Self {
+        use bonfire_kernels::nn::{BatchNormConfig, Conv2dConfig, MaxPool2dConfig};
+        KernelConvNet {
+            conv: Conv2dConfig::new([1, 4], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(device),
+            bn: BatchNormConfig::new(4).init(device),
+            pool: MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init(),
+            fc: LinearConfig::new(4 * 4 * 4, CLASSES).init(device),
+        }
+    }
+}
+
+impl<B: Backend> Net<B> for KernelConvNet<B> {
+    fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let [n, _] = x.dims();
+        let x = x.reshape([n, 1, 8, 8]);
+        let x = self.pool.forward(relu(self.bn.forward(self.conv.forward(x))));
+        self.fc.forward(x.reshape([n, 4 * 4 * 4]))
+    }
+}
+
 /// [`ConvNet`] with batch norm after the convolution: a module with buffers.
 #[derive(Module, Debug)]
 pub struct BnNet<B: Backend> {
@@ -192,6 +223,7 @@ pub fn train_single<B: AutodiffBackend, M: AutodiffModule<B> + Net<B>>(
         let grads = GradientsParams::from_grads(loss(&model, x, y).backward(), &model);
         model = opt.step(LR, model, grads);
     }
+    settle_buffers::<B, M>(&model);
     values_to_host::<B, M>(&model)
 }
 
@@ -222,6 +254,26 @@ pub fn train_ddp<B: HookBackend, M: AutodiffModule<B> + Net<B> + 'static>(
             }
         }
         model = opt.step(LR, model, grads.unwrap());
+    }
+    settle_buffers::<B, M>(&model);
+    Ok(values_to_host::<B, M>(&model))
+}
+
+/// One DDP rank that trains on exactly what one worker with a batch of
+/// `per_rank` rows trains on (every rank the same rows), so that batch
+/// statistics agree too.
+pub fn train_ddp_same_rows<B: HookBackend, M: AutodiffModule<B> + Net<B> + 'static>(
+    ddp: &mut DistributedDataParallel<B>,
+    mut model: M,
+    per_rank: usize,
+    width: usize,
+) -> Result<Vec<f32>, ParallelError> {
+    let device = Default::default();
+    let mut opt = sgd::<B, M>();
+    for step in 0..STEPS {
+        let (x, y) = batch::<B>(step * per_rank..(step + 1) * per_rank, width, &device);
+        let grads = ddp.backward(loss(&ddp.forward_module(&model), x, y))?;
+        model = opt.step(LR, model, grads);
     }
     settle_buffers::<B, M>(&model);
     Ok(values_to_host::<B, M>(&model))
