@@ -120,7 +120,7 @@ fn wgpu_mlp_and_conv_over_2_threads_equal_one_worker() {
 fn broadcast_buffers_gives_every_rank_rank_0s_running_statistics() {
     for broadcast_buffers in [true, false] {
         let config = DdpConfig { broadcast_buffers, ..DdpConfig::default() };
-        let ranks: Vec<Vec<f32>> = ddp_threads::<Flex, _>(2, |_, d| BnNet::new(d), config, PER_RANK, 1, 64)
+        let ranks: Vec<Vec<f32>> = ddp_threads::<Flex, _>(2, |_, d| KernelConvNet::new(d), config, PER_RANK, 1, 64)
             .into_iter()
             .map(Result::unwrap)
             .collect();

@@ -8,7 +8,7 @@ use burn::module::{AutodiffModule, Module};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
-use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{GradientsParams, Optimizer, SgdConfig};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -73,11 +73,12 @@ impl<B: Backend> Net<B> for ConvNet<B> {
 }
 
 /// [`ConvNet`] built from Bonfire's kernel modules (the kernels on Flex,
-/// Burn's ops elsewhere), with batch norm: what `bonfire train` runs.
+/// Burn's ops elsewhere), with batch norm: what `bonfire train` runs, and a
+/// module with buffers.
 #[derive(Module, Debug)]
 pub struct KernelConvNet<B: Backend> {
     conv: bonfire_kernels::nn::Conv2d<B>,
-    bn: bonfire_kernels::nn::BatchNorm<B>,
+    pub bn: bonfire_kernels::nn::BatchNorm<B>,
     pool: bonfire_kernels::nn::MaxPool2d,
     fc: Linear<B>,
 }
@@ -95,35 +96,6 @@ impl<B: Backend> KernelConvNet<B> {
 }
 
 impl<B: Backend> Net<B> for KernelConvNet<B> {
-    fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let [n, _] = x.dims();
-        let x = x.reshape([n, 1, 8, 8]);
-        let x = self.pool.forward(relu(self.bn.forward(self.conv.forward(x))));
-        self.fc.forward(x.reshape([n, 4 * 4 * 4]))
-    }
-}
-
-/// [`ConvNet`] with batch norm after the convolution: a module with buffers.
-#[derive(Module, Debug)]
-pub struct BnNet<B: Backend> {
-    conv: Conv2d<B>,
-    pub bn: BatchNorm<B>,
-    pool: MaxPool2d,
-    fc: Linear<B>,
-}
-
-impl<B: Backend> BnNet<B> {
-    pub fn new(device: &B::Device) -> Self {
-        BnNet {
-            conv: Conv2dConfig::new([1, 4], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(device),
-            bn: BatchNormConfig::new(4).init(device),
-            pool: MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init(),
-            fc: LinearConfig::new(4 * 4 * 4, CLASSES).init(device),
-        }
-    }
-}
-
-impl<B: Backend> Net<B> for BnNet<B> {
     fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let [n, _] = x.dims();
         let x = x.reshape([n, 1, 8, 8]);
