@@ -10,7 +10,7 @@ use burn_autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind};
 
-use super::{contiguous, flex, node, primitive, tensor, tracked, values};
+use super::{contiguous, flex, node, primitive, tensor, tracked, values, NormOutput};
 use crate::cpu::batch_norm::{self as kernel, NormForward, NormShape};
 
 fn shape_of(dims: [usize; 3]) -> NormShape {
@@ -26,7 +26,7 @@ pub fn forward_train(
     gamma: Tensor<Flex, 1>,
     beta: Tensor<Flex, 1>,
     epsilon: f64,
-) -> (Tensor<Flex, 3>, Tensor<Flex, 1>, Tensor<Flex, 1>) {
+) -> NormOutput<Flex> {
     let dims = x.dims();
     let s = shape_of(dims);
     let out = run(&primitive(x), &primitive(gamma), &primitive(beta), &s, epsilon);
@@ -104,7 +104,7 @@ pub fn forward_train_autodiff<C: CheckpointStrategy>(
     gamma: Tensor<Autodiff<Flex, C>, 1>,
     beta: Tensor<Autodiff<Flex, C>, 1>,
     epsilon: f64,
-) -> (Tensor<Autodiff<Flex, C>, 3>, Tensor<Autodiff<Flex, C>, 1>, Tensor<Autodiff<Flex, C>, 1>) {
+) -> NormOutput<Autodiff<Flex, C>> {
     let dims = x.dims();
     let s = shape_of(dims);
     let (x, gamma, beta) = (node(x), node(gamma), node(beta));

@@ -23,6 +23,10 @@ use burn_autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrat
 use crate::cpu::conv2d::Conv2dShape;
 use crate::cpu::max_pool2d::Pool2dShape;
 
+/// Batch norm's training output: the normalised tensor, and the batch mean
+/// and biased variance of every channel.
+pub(crate) type NormOutput<B> = (Tensor<B, 3>, Tensor<B, 1>, Tensor<B, 1>);
+
 /// The operations Bonfire's kernels provide, on a backend that has them.
 pub(crate) trait Kernels: Backend {
     fn conv2d(
@@ -42,7 +46,7 @@ pub(crate) trait Kernels: Backend {
         gamma: Tensor<Self, 1>,
         beta: Tensor<Self, 1>,
         epsilon: f64,
-    ) -> (Tensor<Self, 3>, Tensor<Self, 1>, Tensor<Self, 1>);
+    ) -> NormOutput<Self>;
 
     /// Batch norm of `[batch, channels, positions]` with given statistics.
     fn batch_norm_inference(
@@ -135,7 +139,7 @@ impl Kernels for Flex {
         gamma: Tensor<Self, 1>,
         beta: Tensor<Self, 1>,
         epsilon: f64,
-    ) -> (Tensor<Self, 3>, Tensor<Self, 1>, Tensor<Self, 1>) {
+    ) -> NormOutput<Self> {
         batch_norm::forward_train(x, gamma, beta, epsilon)
     }
 
@@ -170,7 +174,7 @@ impl<C: CheckpointStrategy> Kernels for Autodiff<Flex, C> {
         gamma: Tensor<Self, 1>,
         beta: Tensor<Self, 1>,
         epsilon: f64,
-    ) -> (Tensor<Self, 3>, Tensor<Self, 1>, Tensor<Self, 1>) {
+    ) -> NormOutput<Self> {
         batch_norm::forward_train_autodiff::<C>(x, gamma, beta, epsilon)
     }
 
