@@ -165,32 +165,49 @@ fn allreduce(world: usize, sizes: &str, json: bool) -> Result<()> {
 
 fn ddp(steps: usize, batch: usize, json: bool) -> Result<()> {
     let bench = build_bench()?;
-    let rows = json_lines(
-        Command::new(&bench).args(["ddp", "--steps", &steps.to_string(), "--batch", &batch.to_string()]),
-        "the DDP benchmark",
+    let (steps, batch_arg) = (steps.to_string(), batch.to_string());
+    let mut rows = json_lines(
+        Command::new(&bench).args(["ddp", "--steps", &steps, "--batch", &batch_arg]),
+        "the DDP benchmark (threads)",
     )?;
+    rows.extend(json_lines(
+        Command::new(&bench).args(["ddp", "--processes", "--steps", &steps, "--batch", &batch_arg]),
+        "the DDP benchmark (processes)",
+    )?);
     if json {
         for r in &rows {
             println!("{r}");
         }
         return Ok(());
     }
-    let step_ms = |v: &str| rows.iter().find(|r| r["variant"] == v).and_then(|r| r["step_ms"].as_f64());
-    let burn = step_ms("burn");
-    println!("DDP step time, 2 workers (threads), Flex CPU backend, 10.0 M parameters, batch {batch} per worker");
-    println!("| variant | ms / step | speed-up over Burn's own |");
-    println!("|---|---:|---:|");
-    for (name, label) in [
-        ("local", "floor: 2 workers training alone, no communication"),
-        ("overlap", "Bonfire DDP, buckets overlapping backward"),
-        ("no-overlap", "Bonfire DDP, buckets after backward"),
-        ("per-parameter", "Bonfire, one all-reduce per parameter"),
-        ("burn", "Burn 0.21 (burn-collective, GradientsParams::all_reduce)"),
-    ] {
-        if let Some(ms) = step_ms(name) {
-            let ratio = burn.map_or("-".to_string(), |b| format!("{:.2}x", b / ms));
-            println!("| {label} | {ms:.1} | {ratio} |");
+    for (transport, title) in [("inproc", "2 workers as threads"), ("tcp", "2 processes over the TCP ring")] {
+        let row = |v: &str| rows.iter().find(|r| r["variant"] == v && r["transport"] == transport);
+        let step_ms = |v: &str| row(v).and_then(|r| r["step_ms"].as_f64());
+        let (floor, burn) = (step_ms("local"), step_ms("burn"));
+        println!("DDP step time, {title}, Flex CPU backend, 10.0 M parameters, batch {batch} per worker");
+        println!("| variant | ms / step | x floor | speed-up over Burn's own | page faults / step |");
+        println!("|---|---:|---:|---:|---:|");
+        for (name, label) in [
+            ("local", "floor: 2 workers training alone, no communication"),
+            ("overlap", "Bonfire DDP, buckets overlapping backward"),
+            ("no-overlap", "Bonfire DDP, buckets after backward"),
+            ("per-parameter", "Bonfire, one all-reduce per parameter"),
+            ("burn", "Burn 0.21 (burn-collective, GradientsParams::all_reduce)"),
+        ] {
+            let Some(r) = row(name) else { continue };
+            let ms = r["step_ms"].as_f64().unwrap_or(f64::NAN);
+            let ratio = |anchor: Option<f64>, f: fn(f64, f64) -> f64| {
+                anchor.map_or("-".to_string(), |a| format!("{:.2}x", f(ms, a)))
+            };
+            let label = if r["default"] == true { format!("{label} (default)") } else { label.to_string() };
+            println!(
+                "| {label} | {ms:.1} | {} | {} | {} |",
+                ratio(floor, |ms, f| ms / f),
+                ratio(burn, |ms, b| b / ms),
+                r["faults_per_step"]
+            );
         }
+        println!();
     }
     Ok(())
 }

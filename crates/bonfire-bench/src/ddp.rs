@@ -2,14 +2,19 @@
 //! and without overlap, with one all-reduce per parameter, and Burn 0.21's
 //! own multi-device path (burn-collective's all-reduce through
 //! `GradientsParams::all_reduce`, what burn-train's DDP strategy calls after
-//! each backward pass). Every variant runs 2 workers as threads of this
-//! process on the Flex backend, on the same model, data and batch.
+//! each backward pass), beside the floor: the same workers with no
+//! communication. Every variant runs 2 workers on the Flex backend, on the
+//! same model, data and batch: as threads of this process over the
+//! in-process group, or (`--processes`) as two processes over the TCP ring.
+//! Each row also carries the page faults per worker and step, the cost of
+//! memory that is made anew every step.
 
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
-use bonfire_collective::InProcCommunicator;
+use anyhow::{bail, Context, Result};
+use bonfire_collective::{InProcCommunicator, TcpCommunicator, TcpConfig};
 use bonfire_parallel::{DdpConfig, DistributedDataParallel};
 use burn::backend::Autodiff;
 use burn::module::Module;
@@ -33,6 +38,21 @@ pub struct Args {
     /// Variants to run.
     #[arg(long, value_delimiter = ',', default_value = "local,overlap,no-overlap,per-parameter,burn")]
     variants: Vec<String>,
+    /// Two processes over the TCP ring instead of two threads (Burn's own
+    /// path has no multi-process form and is skipped).
+    #[arg(long)]
+    processes: bool,
+}
+
+/// One rank of the two-process benchmark (started by `ddp --processes`).
+#[derive(clap::Args)]
+pub struct WorkerArgs {
+    #[arg(long)]
+    variant: String,
+    #[arg(long)]
+    steps: usize,
+    #[arg(long)]
+    batch: usize,
 }
 
 /// 784-2048-2048-2048-10: 10.0 M parameters, 40 MB of gradients a step.
@@ -75,8 +95,24 @@ fn sgd() -> impl Optimizer<Wide<B>, B> {
     SgdConfig::new().with_momentum(Some(MomentumConfig::new().with_dampening(0.0))).init()
 }
 
+/// What a variant measured on one worker.
+#[derive(Clone, Copy)]
+struct Timing {
+    step_ms: f64,
+    /// Minor page faults of the whole process over the timed steps, per step.
+    faults_per_step: f64,
+}
+
+/// Minor page faults of this process so far (`/proc/self/stat`, field 10).
+fn minor_faults() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which may hold spaces, start at field 3.
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    after_name.split_whitespace().nth(7).and_then(|f| f.parse().ok()).unwrap_or(0)
+}
+
 /// Runs `work(rank)` for ranks 0 and 1 on two threads; returns rank 0's result.
-fn on_two_workers(work: impl Fn(usize) -> Result<f64> + Sync) -> Result<f64> {
+fn on_two_workers(work: impl Fn(usize) -> Result<Timing> + Sync) -> Result<Timing> {
     let times = std::thread::scope(|s| {
         let handles: Vec<_> = (0..2)
             .map(|rank| {
@@ -86,55 +122,150 @@ fn on_two_workers(work: impl Fn(usize) -> Result<f64> + Sync) -> Result<f64> {
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("worker panicked")).collect::<Result<Vec<f64>>>()
+        handles.into_iter().map(|h| h.join().expect("worker panicked")).collect::<Result<Vec<Timing>>>()
     })?;
-    Ok(times[0])
+    // Both threads counted the faults of the whole process.
+    Ok(Timing { faults_per_step: times[0].faults_per_step / 2.0, ..times[0] })
 }
 
 /// Milliseconds per step of SGD on `model`, with gradients from `grads`,
 /// over the timed steps after the warm-up.
 fn time_training(
-    args: &Args,
+    steps: usize,
+    batch: usize,
     mut model: Wide<B>,
     mut grads: impl FnMut(&Wide<B>, Tensor<B, 2>, Tensor<B, 1, Int>) -> Result<GradientsParams>,
-) -> Result<f64> {
-    let (x, y) = data(args.batch);
+) -> Result<Timing> {
+    let (x, y) = data(batch);
     let mut opt = sgd();
-    let mut start = Instant::now();
-    for step in 0..WARMUP + args.steps {
+    let (mut start, mut faults) = (Instant::now(), 0);
+    for step in 0..WARMUP + steps {
         if step == WARMUP {
-            start = Instant::now();
+            (start, faults) = (Instant::now(), minor_faults());
         }
         let g = grads(&model, x.clone(), y.clone())?;
         model = opt.step(0.01, model, g);
     }
-    Ok(start.elapsed().as_secs_f64() * 1e3 / args.steps as f64)
+    Ok(Timing {
+        step_ms: start.elapsed().as_secs_f64() * 1e3 / steps as f64,
+        faults_per_step: (minor_faults() - faults) as f64 / steps as f64,
+    })
+}
+
+/// The configuration each Bonfire variant names.
+fn config(variant: &str) -> Option<DdpConfig> {
+    match variant {
+        "overlap" => Some(DdpConfig { overlap: true, ..DdpConfig::default() }),
+        "no-overlap" => Some(DdpConfig { overlap: false, ..DdpConfig::default() }),
+        "per-parameter" => {
+            Some(DdpConfig { overlap: false, bucket_cap_bytes: 0, first_bucket_cap_bytes: 0, ..DdpConfig::default() })
+        }
+        _ => None,
+    }
+}
+
+/// Whether `variant` is what `DdpConfig::default()` gives.
+fn is_default(variant: &str) -> bool {
+    let default = DdpConfig::default();
+    config(variant).is_some_and(|c| {
+        c.overlap == default.overlap
+            && c.bucket_cap_bytes == default.bucket_cap_bytes
+            && c.first_bucket_cap_bytes == default.first_bucket_cap_bytes
+    })
+}
+
+/// Trains with Bonfire's DDP over `comm`.
+fn bonfire_worker(
+    steps: usize,
+    batch: usize,
+    comm: Box<dyn bonfire_collective::TensorCollective<Inner>>,
+    config: DdpConfig,
+) -> Result<Timing> {
+    let (mut ddp, model) = DistributedDataParallel::new(Wide::<B>::new(&Default::default()), comm, config)?;
+    time_training(steps, batch, model, |m, x, y| Ok(ddp.backward(ddp.forward_module(m).loss(x, y))?))
+}
+
+/// A worker training alone.
+fn local_worker(steps: usize, batch: usize) -> Result<Timing> {
+    time_training(steps, batch, Wide::<B>::new(&Default::default()), |m, x, y| {
+        Ok(GradientsParams::from_grads(m.loss(x, y).backward(), m))
+    })
 }
 
 /// Bonfire's DDP over two in-process workers.
-fn bonfire(args: &Args, config: DdpConfig) -> Result<f64> {
+fn bonfire(args: &Args, config: DdpConfig) -> Result<Timing> {
     let comms: Vec<Mutex<Option<InProcCommunicator>>> =
         InProcCommunicator::group(2)?.into_iter().map(|c| Mutex::new(Some(c))).collect();
     on_two_workers(|rank| {
         let comm = comms[rank].lock().unwrap().take().expect("one worker per rank");
-        let (mut ddp, model) =
-            DistributedDataParallel::new(Wide::<B>::new(&Default::default()), Box::new(comm), config.clone())?;
-        time_training(args, model, |m, x, y| Ok(ddp.backward(ddp.forward_module(m).loss(x, y))?))
+        bonfire_worker(args.steps, args.batch, Box::new(comm), config.clone())
     })
 }
 
 /// No communication at all: two workers training alone, the floor for any
 /// data-parallel variant on this machine.
-fn local(args: &Args) -> Result<f64> {
-    on_two_workers(|_| {
-        time_training(args, Wide::<B>::new(&Default::default()), |m, x, y| {
-            Ok(GradientsParams::from_grads(m.loss(x, y).backward(), m))
+fn local(args: &Args) -> Result<Timing> {
+    on_two_workers(|_| local_worker(args.steps, args.batch))
+}
+
+/// `variant` as two processes of this program over the TCP ring; rank 0's
+/// timing.
+fn on_two_processes(args: &Args, variant: &str) -> Result<Timing> {
+    let exe = std::env::current_exe()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let children = (0..2)
+        .map(|rank| {
+            Command::new(&exe)
+                .args(["ddp-worker", "--variant", variant])
+                .args(["--steps", &args.steps.to_string(), "--batch", &args.batch.to_string()])
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("LOCAL_RANK", rank.to_string())
+                .env("LOCAL_WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                // Each process gets one of the cores, as the threads do.
+                .env("RAYON_NUM_THREADS", "1")
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("starting a benchmark worker")
         })
-    })
+        .collect::<Result<Vec<_>>>()?;
+    let mut rank0 = None;
+    for (rank, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("DDP benchmark worker {rank} ({variant}) failed: {}", out.status);
+        }
+        if rank == 0 {
+            let line = String::from_utf8_lossy(&out.stdout);
+            let (ms, faults) = line
+                .trim()
+                .split_once(' ')
+                .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+                .with_context(|| format!("worker 0 printed {line:?}"))?;
+            rank0 = Some(Timing { step_ms: ms, faults_per_step: faults });
+        }
+    }
+    rank0.context("no worker 0")
+}
+
+/// One rank of `on_two_processes`: prints its step time and faults per step.
+pub fn worker(args: WorkerArgs) -> Result<()> {
+    let timing = match config(&args.variant) {
+        Some(config) => {
+            let comm = TcpCommunicator::from_env(TcpConfig::default())?;
+            bonfire_worker(args.steps, args.batch, Box::new(comm), config)?
+        }
+        None if args.variant == "local" => local_worker(args.steps, args.batch)?,
+        None => bail!("unknown variant {:?}", args.variant),
+    };
+    println!("{} {}", timing.step_ms, timing.faults_per_step);
+    Ok(())
 }
 
 #[cfg(feature = "burn-baseline")]
-fn burn_collective(args: &Args) -> Result<f64> {
+fn burn_collective(args: &Args) -> Result<Timing> {
     use burn::collective::{finish_collective, register, CollectiveConfig, PeerId, ReduceOperation};
     // burn-train clones one model onto every device, so parameter ids (which
     // order burn-collective's all-reduces) agree across workers.
@@ -143,7 +274,7 @@ fn burn_collective(args: &Args) -> Result<f64> {
         let peer = PeerId::from(rank);
         register::<Inner>(peer, Default::default(), CollectiveConfig::default().with_num_devices(2))
             .map_err(|e| anyhow::anyhow!("burn-collective register: {e:?}"))?;
-        let ms = time_training(args, model.clone(), |m, x, y| {
+        let ms = time_training(args.steps, args.batch, model.clone(), |m, x, y| {
             GradientsParams::from_grads(m.loss(x, y).backward(), m)
                 .all_reduce::<Inner>(peer, ReduceOperation::Mean)
                 .map_err(|e| anyhow::anyhow!("burn-collective all_reduce: {e:?}"))
@@ -154,24 +285,30 @@ fn burn_collective(args: &Args) -> Result<f64> {
 }
 
 #[cfg(not(feature = "burn-baseline"))]
-fn burn_collective(_: &Args) -> Result<f64> {
+fn burn_collective(_: &Args) -> Result<Timing> {
     bail!("built without the burn-baseline feature (cargo xtask bench ddp enables it)")
 }
 
 pub fn run(args: Args) -> Result<()> {
+    let transport = if args.processes { "tcp" } else { "inproc" };
     for variant in &args.variants {
-        let ms = match variant.as_str() {
-            "overlap" => bonfire(&args, DdpConfig::default())?,
-            "no-overlap" => bonfire(&args, DdpConfig { overlap: false, ..DdpConfig::default() })?,
-            "per-parameter" => bonfire(
-                &args,
-                DdpConfig { overlap: false, bucket_cap_bytes: 0, first_bucket_cap_bytes: 0, ..DdpConfig::default() },
-            )?,
-            "burn" => burn_collective(&args)?,
-            "local" => local(&args)?,
-            other => bail!("unknown variant {other:?}; expected local, overlap, no-overlap, per-parameter or burn"),
+        let timing = match (variant.as_str(), config(variant)) {
+            ("burn", _) if args.processes => continue,
+            ("burn", _) => burn_collective(&args)?,
+            ("local", _) if args.processes => on_two_processes(&args, "local")?,
+            ("local", _) => local(&args)?,
+            (_, Some(_)) if args.processes => on_two_processes(&args, variant)?,
+            (_, Some(config)) => bonfire(&args, config)?,
+            (other, None) => {
+                bail!("unknown variant {other:?}; expected local, overlap, no-overlap, per-parameter or burn")
+            }
         };
-        println!(r#"{{"variant": "{variant}", "step_ms": {ms:.2}}}"#);
+        println!(
+            r#"{{"variant": "{variant}", "transport": "{transport}", "step_ms": {:.2}, "faults_per_step": {:.0}, "default": {}}}"#,
+            timing.step_ms,
+            timing.faults_per_step,
+            is_default(variant)
+        );
     }
     Ok(())
 }

@@ -27,6 +27,9 @@ enum Command {
     /// One rank of the TCP all-reduce benchmark (started by `allreduce`).
     #[command(hide = true)]
     AllreduceWorker(allreduce::WorkerArgs),
+    /// One rank of the two-process DDP benchmark (started by `ddp --processes`).
+    #[command(hide = true)]
+    DdpWorker(ddp::WorkerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,5 +42,6 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::AllreduceWorker(args) => allreduce::worker(args),
+        Command::DdpWorker(args) => ddp::worker(args),
     }
 }

@@ -35,6 +35,13 @@ pub trait TensorCollective<B: Backend>: Send {
 
     /// Every rank's `tensor`, concatenated in rank order.
     fn all_gather(&mut self, tensor: Tensor<B, 1>) -> Result<Tensor<B, 1>>;
+
+    /// The host-memory communicator behind this collective, if it is one:
+    /// DDP on the CPU then reduces buckets it keeps in host memory in place,
+    /// with no tensor to stage through.
+    fn host(&mut self) -> Option<&mut dyn Communicator> {
+        None
+    }
 }
 
 /// Every host-memory communicator (the in-process group, the TCP ring) works
@@ -54,6 +61,10 @@ impl<B: Backend, C: Communicator> TensorCollective<B> for C {
 
     fn broadcast(&mut self, tensor: Tensor<B, 1>, root: usize) -> Result<Tensor<B, 1>> {
         in_place("broadcast", tensor, |buf| Communicator::broadcast(self, buf, root))
+    }
+
+    fn host(&mut self) -> Option<&mut dyn Communicator> {
+        Some(self)
     }
 
     fn all_gather(&mut self, tensor: Tensor<B, 1>) -> Result<Tensor<B, 1>> {

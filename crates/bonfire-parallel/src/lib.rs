@@ -12,6 +12,7 @@ mod ddp;
 mod dp;
 mod error;
 mod hook;
+mod host_bucket;
 mod params;
 mod reducer;
 

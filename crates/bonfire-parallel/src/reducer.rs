@@ -6,7 +6,9 @@
 //! same collectives in the same order) and finalisation (unused parameters,
 //! waiting for the results) are kept apart, as in PyTorch's reducer.
 //!
-//! Gradients stay tensors on their device throughout: a bucket is the
+//! On Flex with a host communicator the buckets are host memory the reducer
+//! keeps from step to step (`host_bucket.rs`). Everywhere else gradients
+//! stay tensors on their device: a bucket is the
 //! concatenation of its gradients, made on the communication thread, and the
 //! collective decides where the values travel ([`TensorCollective`]: through
 //! the host for the ring, in GPU memory for NCCL).
@@ -14,6 +16,7 @@
 use std::sync::{mpsc, Mutex};
 
 use bonfire_collective::CommError;
+use burn::backend::flex::FlexTensor;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, ElementConversion, Shape, Tensor, TensorPrimitive};
 
@@ -22,6 +25,7 @@ use crate::comm_hook::CommHook;
 use crate::comm_thread::CommThread;
 use crate::error::{ParallelError, Result};
 use crate::hook::GradientSink;
+use crate::host_bucket::{self, HostBuckets};
 
 pub struct Reducer<B: Backend> {
     plan: BucketPlan,
@@ -43,6 +47,12 @@ struct Step<B: Backend> {
     /// bucket is launched. Between steps it holds what `no_sync` passes
     /// accumulated.
     grads: Vec<Option<Tensor<B, 1>>>,
+    /// The buckets' own host memory, instead of `grads`, on Flex with a
+    /// host communicator (see `host_bucket.rs`).
+    host: Option<HostBuckets>,
+    /// Per parameter: its slot of the host bucket holds a gradient (or what
+    /// `no_sync` passes accumulated) since its bucket was last sent.
+    filled: Vec<bool>,
     /// Gradients each bucket still waits for.
     pending: Vec<usize>,
     arrived: Vec<bool>,
@@ -56,7 +66,13 @@ struct Step<B: Backend> {
 
 struct Done<B: Backend> {
     bucket: usize,
-    result: Result<Tensor<B, 1>, CommError>,
+    result: Result<Reduced<B>, CommError>,
+}
+
+/// A bucket averaged over all ranks: a tensor, or a host bucket's memory.
+enum Reduced<B: Backend> {
+    Tensor(Tensor<B, 1>),
+    Host(FlexTensor),
 }
 
 impl<B: Backend> Reducer<B> {
@@ -74,9 +90,17 @@ impl<B: Backend> Reducer<B> {
         // carries only the unused-parameter count.
         let buckets = plan.lens.len().max(1);
         let (done_tx, done_rx) = mpsc::channel();
+        let host = (host_bucket::is_flex::<B>() && comm.call(|c| c.host().is_some())).then(|| {
+            // The last bucket carries the unused-parameter count too.
+            HostBuckets::new(
+                (0..buckets).map(|b| plan.lens.get(b).copied().unwrap_or(0) + usize::from(b + 1 == buckets)).collect(),
+            )
+        });
         Reducer {
             step: Mutex::new(Step {
                 grads: vec![None; names.len()],
+                host,
+                filled: vec![false; names.len()],
                 pending: vec![0; buckets],
                 arrived: vec![false; names.len()],
                 next_launch: 0,
@@ -130,6 +154,23 @@ impl<B: Backend> Reducer<B> {
         let last = self.buckets() - 1;
         while st.next_launch <= last && st.pending[st.next_launch] == 0 {
             let bucket = st.next_launch;
+            let hook = self.hook;
+            let done = self.done_tx.clone();
+            st.next_launch += 1;
+            if let Some(host) = st.host.as_mut() {
+                if bucket == last {
+                    host.set_last(bucket, st.unused as f32);
+                }
+                for &i in self.plan.members.get(bucket).map_or(&[][..], Vec::as_slice) {
+                    st.filled[i] = false;
+                }
+                let memory = host.take(bucket);
+                self.comm.submit(move |comm| {
+                    let result = host_bucket::reduce(comm, hook, memory).map(Reduced::Host);
+                    let _ = done.send(Done { bucket, result });
+                });
+                continue;
+            }
             let mut parts: Vec<Tensor<B, 1>> = self.plan.members.get(bucket).map_or_else(Vec::new, |members| {
                 members.iter().map(|&i| st.grads[i].take().expect("a full bucket has every gradient")).collect()
             });
@@ -141,13 +182,10 @@ impl<B: Backend> Reducer<B> {
             if bucket == last {
                 parts.push(Tensor::from_floats([st.unused as f32], &self.device));
             }
-            let hook = self.hook;
-            let done = self.done_tx.clone();
             self.comm.submit(move |comm| {
-                let result = hook.apply(comm, Tensor::cat(parts, 0));
+                let result = hook.apply(comm, Tensor::cat(parts, 0)).map(Reduced::Tensor);
                 let _ = done.send(Done { bucket, result });
             });
-            st.next_launch += 1;
         }
     }
 
@@ -156,19 +194,23 @@ impl<B: Backend> Reducer<B> {
     pub fn finish(&self) -> Result<Vec<Tensor<B, 1>>> {
         let unused: Vec<usize>;
         {
-            let mut st = self.lock();
+            let mut guard = self.lock();
+            let st = &mut *guard;
             unused = (0..self.names.len()).filter(|&i| self.plan.slots[i].is_some() && !st.arrived[i]).collect();
             // An unused parameter contributes what earlier no_sync passes
             // accumulated for it, or zero.
             for &i in &unused {
-                if st.grads[i].is_none() {
-                    let (_, range) = self.plan.slots[i].clone().expect("filtered on slots");
-                    st.grads[i] = Some(Tensor::zeros([range.len()], &self.device));
+                let (bucket, range) = self.plan.slots[i].clone().expect("filtered on slots");
+                match st.host.as_mut() {
+                    Some(host) if !st.filled[i] => host.zero(bucket, range),
+                    Some(_) => {}
+                    None if st.grads[i].is_none() => st.grads[i] = Some(Tensor::zeros([range.len()], &self.device)),
+                    None => {}
                 }
             }
             st.unused = unused.len();
             st.pending.iter_mut().for_each(|p| *p = 0);
-            self.launch_ready(&mut st);
+            self.launch_ready(st);
         }
         let mut reduced: Vec<Option<Tensor<B, 1>>> = vec![None; self.buckets()];
         let mut first_error = None;
@@ -177,7 +219,12 @@ impl<B: Backend> Reducer<B> {
             for _ in 0..reduced.len() {
                 let done = rx.recv().expect("the communication thread ended early");
                 match done.result {
-                    Ok(tensor) => reduced[done.bucket] = Some(tensor),
+                    Ok(Reduced::Tensor(tensor)) => reduced[done.bucket] = Some(tensor),
+                    Ok(Reduced::Host(memory)) => {
+                        let mut st = self.lock();
+                        let host = st.host.as_mut().expect("host buckets reduce only in host mode");
+                        reduced[done.bucket] = Some(host.reduced::<B>(done.bucket, memory));
+                    }
                     Err(e) => {
                         first_error.get_or_insert(e);
                     }
@@ -215,9 +262,8 @@ impl<B: Backend> Reducer<B> {
 impl<B: Backend> GradientSink<B> for Reducer<B> {
     fn ready(&self, index: usize, grad: B::FloatTensorPrimitive) {
         let Some((bucket, range)) = self.plan.slots.get(index).cloned().flatten() else { return };
-        let flat = B::float_reshape(grad, Shape::new([range.len()]));
-        let grad = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(flat)).cast(DType::F32);
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         if st.arrived[index] {
             st.misuse = Some(format!(
                 "parameter {} received a second gradient in one step (was backward run twice on one forward module?)",
@@ -230,6 +276,18 @@ impl<B: Backend> GradientSink<B> for Reducer<B> {
             return;
         }
         st.arrived[index] = true;
+        if let Some(host) = st.host.as_mut() {
+            host.write::<B>(bucket, range, grad, st.filled[index]);
+            st.filled[index] = true;
+            st.pending[bucket] -= 1;
+            if st.sync && self.overlap {
+                self.launch_ready(st);
+            }
+            return;
+        }
+        let grad =
+            Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(B::float_reshape(grad, Shape::new([range.len()]))))
+                .cast(DType::F32);
         // A gradient left by no_sync passes is added to; otherwise this is the first.
         let sum = match st.grads[index].take() {
             Some(accumulated) => accumulated + grad,
@@ -238,7 +296,7 @@ impl<B: Backend> GradientSink<B> for Reducer<B> {
         st.grads[index] = Some(sum);
         st.pending[bucket] -= 1;
         if st.sync && self.overlap {
-            self.launch_ready(&mut st);
+            self.launch_ready(st);
         }
     }
 }

@@ -47,7 +47,8 @@ fn dp_over_two_devices_equals_one_device() {
 #[test]
 fn dp_keeps_every_steps_running_statistics() {
     let device = Default::default();
-    let (one, two) = (seeded::<Flex, _>(KernelConvNet::new(&device), 1), seeded::<Flex, _>(KernelConvNet::new(&device), 1));
+    let (one, two) =
+        (seeded::<Flex, _>(KernelConvNet::new(&device), 1), seeded::<Flex, _>(KernelConvNet::new(&device), 1));
     let dp = DataParallel::<Flex>::new(vec![device; 2]).unwrap();
     for step in 0..3 {
         let (x, _) = batch::<Flex>(step * 12..(step + 1) * 12, 64, &device);
