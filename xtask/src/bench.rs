@@ -189,6 +189,7 @@ fn ddp(steps: usize, batch: usize, json: bool) -> Result<()> {
         println!("|---|---:|---:|---:|---:|");
         for (name, label) in [
             ("local", "floor: 2 workers training alone, no communication"),
+            ("default", "Bonfire DDP, `DdpConfig::default()`"),
             ("overlap", "Bonfire DDP, buckets overlapping backward"),
             ("no-overlap", "Bonfire DDP, buckets after backward"),
             ("per-parameter", "Bonfire, one all-reduce per parameter"),
@@ -199,7 +200,12 @@ fn ddp(steps: usize, batch: usize, json: bool) -> Result<()> {
             let ratio = |anchor: Option<f64>, f: fn(f64, f64) -> f64| {
                 anchor.map_or("-".to_string(), |a| format!("{:.2}x", f(ms, a)))
             };
-            let label = if r["default"] == true { format!("{label} (default)") } else { label.to_string() };
+            let label = match r["overlap"].as_bool() {
+                Some(o) if r["default"] == true => {
+                    format!("{label} ({})", if o { "overlapping" } else { "after backward" })
+                }
+                _ => label.to_string(),
+            };
             println!(
                 "| {label} | {ms:.1} | {} | {} | {} |",
                 ratio(floor, |ms, f| ms / f),

@@ -36,8 +36,11 @@ pub struct Args {
     #[arg(long, default_value_t = 32)]
     batch: usize,
     /// Variants to run.
-    #[arg(long, value_delimiter = ',', default_value = "local,overlap,no-overlap,per-parameter,burn")]
+    #[arg(long, value_delimiter = ',', default_value = "local,default,overlap,no-overlap,per-parameter,burn")]
     variants: Vec<String>,
+    /// Rounds over all variants; each variant reports its median.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Two processes over the TCP ring instead of two threads (Burn's own
     /// path has no multi-process form and is skipped).
     #[arg(long)]
@@ -101,6 +104,8 @@ struct Timing {
     step_ms: f64,
     /// Minor page faults of the whole process over the timed steps, per step.
     faults_per_step: f64,
+    /// Bonfire's variants: whether buckets overlapped backward.
+    overlap: Option<bool>,
 }
 
 /// Minor page faults of this process so far (`/proc/self/stat`, field 10).
@@ -149,29 +154,21 @@ fn time_training(
     Ok(Timing {
         step_ms: start.elapsed().as_secs_f64() * 1e3 / steps as f64,
         faults_per_step: (minor_faults() - faults) as f64 / steps as f64,
+        overlap: None,
     })
 }
 
 /// The configuration each Bonfire variant names.
 fn config(variant: &str) -> Option<DdpConfig> {
     match variant {
-        "overlap" => Some(DdpConfig { overlap: true, ..DdpConfig::default() }),
-        "no-overlap" => Some(DdpConfig { overlap: false, ..DdpConfig::default() }),
+        "default" => Some(DdpConfig::default()),
+        "overlap" => Some(DdpConfig { overlap: Some(true), ..DdpConfig::default() }),
+        "no-overlap" => Some(DdpConfig { overlap: Some(false), ..DdpConfig::default() }),
         "per-parameter" => {
-            Some(DdpConfig { overlap: false, bucket_cap_bytes: 0, first_bucket_cap_bytes: 0, ..DdpConfig::default() })
+            Some(DdpConfig { overlap: Some(false), bucket_cap_bytes: 0, first_bucket_cap_bytes: 0, ..DdpConfig::default() })
         }
         _ => None,
     }
-}
-
-/// Whether `variant` is what `DdpConfig::default()` gives.
-fn is_default(variant: &str) -> bool {
-    let default = DdpConfig::default();
-    config(variant).is_some_and(|c| {
-        c.overlap == default.overlap
-            && c.bucket_cap_bytes == default.bucket_cap_bytes
-            && c.first_bucket_cap_bytes == default.first_bucket_cap_bytes
-    })
 }
 
 /// Trains with Bonfire's DDP over `comm`.
@@ -182,7 +179,9 @@ fn bonfire_worker(
     config: DdpConfig,
 ) -> Result<Timing> {
     let (mut ddp, model) = DistributedDataParallel::new(Wide::<B>::new(&Default::default()), comm, config)?;
-    time_training(steps, batch, model, |m, x, y| Ok(ddp.backward(ddp.forward_module(m).loss(x, y))?))
+    let overlap = ddp.overlaps();
+    let timing = time_training(steps, batch, model, |m, x, y| Ok(ddp.backward(ddp.forward_module(m).loss(x, y))?))?;
+    Ok(Timing { overlap: Some(overlap), ..timing })
 }
 
 /// A worker training alone.
@@ -239,12 +238,18 @@ fn on_two_processes(args: &Args, variant: &str) -> Result<Timing> {
         }
         if rank == 0 {
             let line = String::from_utf8_lossy(&out.stdout);
-            let (ms, faults) = line
-                .trim()
-                .split_once(' ')
-                .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
-                .with_context(|| format!("worker 0 printed {line:?}"))?;
-            rank0 = Some(Timing { step_ms: ms, faults_per_step: faults });
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let parsed = match fields[..] {
+                [ms, faults, overlap] => (|| {
+                    Some(Timing {
+                        step_ms: ms.parse().ok()?,
+                        faults_per_step: faults.parse().ok()?,
+                        overlap: (variant != "local").then(|| overlap == "true"),
+                    })
+                })(),
+                _ => None,
+            };
+            rank0 = Some(parsed.with_context(|| format!("worker 0 printed {line:?}"))?);
         }
     }
     rank0.context("no worker 0")
@@ -260,7 +265,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         None if args.variant == "local" => local_worker(args.steps, args.batch)?,
         None => bail!("unknown variant {:?}", args.variant),
     };
-    println!("{} {}", timing.step_ms, timing.faults_per_step);
+    println!("{} {} {}", timing.step_ms, timing.faults_per_step, timing.overlap.unwrap_or(false));
     Ok(())
 }
 
@@ -289,25 +294,47 @@ fn burn_collective(_: &Args) -> Result<Timing> {
     bail!("built without the burn-baseline feature (cargo xtask bench ddp enables it)")
 }
 
+/// One measurement of `variant`.
+fn measure(args: &Args, variant: &str) -> Result<Timing> {
+    match (variant, config(variant)) {
+        ("burn", _) => burn_collective(args),
+        ("local", _) if args.processes => on_two_processes(args, "local"),
+        ("local", _) => local(args),
+        (_, Some(_)) if args.processes => on_two_processes(args, variant),
+        (_, Some(config)) => bonfire(args, config),
+        (other, None) => {
+            bail!("unknown variant {other:?}; expected local, default, overlap, no-overlap, per-parameter or burn")
+        }
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 pub fn run(args: Args) -> Result<()> {
     let transport = if args.processes { "tcp" } else { "inproc" };
-    for variant in &args.variants {
-        let timing = match (variant.as_str(), config(variant)) {
-            ("burn", _) if args.processes => continue,
-            ("burn", _) => burn_collective(&args)?,
-            ("local", _) if args.processes => on_two_processes(&args, "local")?,
-            ("local", _) => local(&args)?,
-            (_, Some(_)) if args.processes => on_two_processes(&args, variant)?,
-            (_, Some(config)) => bonfire(&args, config)?,
-            (other, None) => {
-                bail!("unknown variant {other:?}; expected local, overlap, no-overlap, per-parameter or burn")
-            }
-        };
+    // Burn's own path has no multi-process form.
+    let variants: Vec<&str> =
+        args.variants.iter().map(String::as_str).filter(|v| !(args.processes && *v == "burn")).collect();
+    // Rounds interleave the variants, so a slow spell of the machine touches
+    // all of them rather than one; each variant reports its median round.
+    let mut timings = vec![Vec::new(); variants.len()];
+    for _ in 0..args.rounds {
+        for (variant, timings) in variants.iter().zip(&mut timings) {
+            timings.push(measure(&args, variant)?);
+        }
+    }
+    for (variant, timings) in variants.iter().zip(timings) {
+        let step_ms = median(timings.iter().map(|t| t.step_ms).collect());
+        let faults = median(timings.iter().map(|t| t.faults_per_step).collect());
+        let rounds: Vec<String> = timings.iter().map(|t| format!("{:.2}", t.step_ms)).collect();
+        let overlap = timings[0].overlap.map_or("null".to_string(), |o| o.to_string());
         println!(
-            r#"{{"variant": "{variant}", "transport": "{transport}", "step_ms": {:.2}, "faults_per_step": {:.0}, "default": {}}}"#,
-            timing.step_ms,
-            timing.faults_per_step,
-            is_default(variant)
+            r#"{{"variant": "{variant}", "transport": "{transport}", "step_ms": {step_ms:.2}, "rounds_ms": [{}], "faults_per_step": {faults:.0}, "overlap": {overlap}, "default": {}}}"#,
+            rounds.join(", "),
+            *variant == "default"
         );
     }
     Ok(())

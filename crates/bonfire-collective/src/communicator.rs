@@ -51,6 +51,39 @@ pub trait Communicator: Send {
 
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<()>;
+
+    /// Combines f32 values across ranks out of place: each rank's input is
+    /// its `input` segments one after another, and every rank's `output`
+    /// (as long as its input) ends with the result. This default copies the
+    /// segments into `output` and reduces there; a communicator whose ranks
+    /// read each other's memory reads the segments where they lie.
+    fn all_reduce_from(&mut self, input: &[&[f32]], output: &mut [f32], op: ReduceOp) -> Result<()> {
+        pack(input, output)?;
+        self.all_reduce(BufMut::F32(output), op)
+    }
+
+    /// Whether [`Communicator::all_reduce_from`] reads the input where it
+    /// lies, so that packing it beforehand would be a wasted copy.
+    fn reads_input_in_place(&self) -> bool {
+        false
+    }
+}
+
+/// Copies `segments` one after another into `output`, which they must fill.
+pub(crate) fn pack(segments: &[&[f32]], output: &mut [f32]) -> Result<()> {
+    let total: usize = segments.iter().map(|s| s.len()).sum();
+    if total != output.len() {
+        return Err(crate::CommError::invalid(
+            "all_reduce_from",
+            format!("the input segments hold {total} values but the output {}", output.len()),
+        ));
+    }
+    let mut at = 0;
+    for s in segments {
+        output[at..at + s.len()].copy_from_slice(s);
+        at += s.len();
+    }
+    Ok(())
 }
 
 /// A boxed communicator is one too, so that `Box<dyn Communicator>` can go
@@ -82,6 +115,12 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
     }
     fn barrier(&mut self) -> Result<()> {
         (**self).barrier()
+    }
+    fn all_reduce_from(&mut self, input: &[&[f32]], output: &mut [f32], op: ReduceOp) -> Result<()> {
+        (**self).all_reduce_from(input, output, op)
+    }
+    fn reads_input_in_place(&self) -> bool {
+        (**self).reads_input_in_place()
     }
 }
 

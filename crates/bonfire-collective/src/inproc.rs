@@ -37,6 +37,7 @@ pub struct InProcCommunicator {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
     AllReduce,
+    AllReduceFrom,
     Broadcast,
     AllGather,
     ReduceScatter,
@@ -54,6 +55,10 @@ struct Call {
     len: usize,
     /// Address of that buffer; peers read it between the join and final barriers.
     src: usize,
+    /// `all_reduce_from` only: how many segments `src` lists, and the output
+    /// buffer, which the peers write their parts of the result into.
+    parts: usize,
+    dst: usize,
 }
 
 struct Round {
@@ -226,6 +231,70 @@ impl InProcCommunicator {
         Ok(())
     }
 
+    /// The all-reduce with no copy in and none out: rank r reduces part r
+    /// reading every rank's input segments where they lie, and writes the
+    /// result straight into every rank's output. Per rank, one read of the
+    /// input's size and one write of it, against three reads and two writes
+    /// for packing and reducing in place.
+    fn all_reduce_from_f32(&self, input: &[&[f32]], output: &mut [f32], op: ReduceOp) -> Result<()> {
+        let world = self.shared.world;
+        let total: usize = input.iter().map(|s| s.len()).sum();
+        if total != output.len() {
+            return Err(CommError::invalid(
+                "all_reduce_from",
+                format!("the input segments hold {total} values but the output {}", output.len()),
+            ));
+        }
+        let published = Call {
+            parts: input.len(),
+            dst: output.as_mut_ptr() as usize,
+            ..call(Kind::AllReduceFrom, Some(DType::F32), Some(op), 0, total, input.as_ptr() as usize)
+        };
+        let round = self.join("all_reduce", published)?;
+        let mine = split(total, world, self.rank);
+        // SAFETY: every rank's segments and output hold `total` values (the
+        // verdict checked the lengths) and stay alive until the final sync.
+        // Rank r reads only part r of the inputs, which nobody writes, and
+        // writes only part r of the outputs; inputs and outputs are distinct
+        // memory (one rank's input cannot alias its own `&mut` output).
+        // Block by block, so that each partial sum is still in cache when
+        // the next rank's values are added to it and when it is copied out.
+        const BLOCK: usize = 16 << 10;
+        let mut start = mine.start;
+        while start < mine.end {
+            let block = start..(start + BLOCK).min(mine.end);
+            start = block.end;
+            // SAFETY: every rank's segments and output hold `total` values
+            // (the verdict checked the lengths) and stay alive until the
+            // final sync. Rank r reads only part r of the inputs, which
+            // nobody writes, and writes only part r of the outputs; inputs
+            // and outputs are distinct memory (a rank's input cannot alias
+            // its own `&mut` output).
+            unsafe {
+                let acc = std::slice::from_raw_parts_mut(output.as_mut_ptr().add(block.start), block.len());
+                pieces(input, block.clone(), |at, piece| acc[at..at + piece.len()].copy_from_slice(piece));
+                for (peer, c) in round.calls.iter().enumerate() {
+                    if peer != self.rank {
+                        let theirs = std::slice::from_raw_parts(c.src as *const &[f32], c.parts);
+                        pieces(theirs, block.clone(), |at, piece| {
+                            f32::combine(&mut acc[at..at + piece.len()], piece, op)
+                        });
+                    }
+                }
+                if op == ReduceOp::Mean {
+                    f32::scale(acc, 1.0 / world as f32);
+                }
+                for (peer, c) in round.calls.iter().enumerate() {
+                    if peer != self.rank {
+                        std::ptr::copy_nonoverlapping(acc.as_ptr(), (c.dst as *mut f32).add(block.start), block.len());
+                    }
+                }
+            }
+        }
+        self.sync();
+        Ok(())
+    }
+
     fn broadcast_typed<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()> {
         let world = self.shared.world;
         if root >= world {
@@ -282,7 +351,21 @@ impl InProcCommunicator {
 }
 
 fn call(kind: Kind, dtype: Option<DType>, op: Option<ReduceOp>, root: usize, len: usize, src: usize) -> Call {
-    Call { kind, dtype, op, root, len, src }
+    Call { kind, dtype, op, root, len, src, parts: 0, dst: 0 }
+}
+
+/// Calls `f(offset, piece)` for what of `segments`, laid one after another,
+/// falls in `range`; `offset` is where the piece starts within `range`.
+fn pieces<'a>(segments: &[&'a [f32]], range: std::ops::Range<usize>, mut f: impl FnMut(usize, &'a [f32])) {
+    let mut start = 0;
+    for segment in segments {
+        let end = start + segment.len();
+        let (lo, hi) = (start.max(range.start), end.min(range.end));
+        if lo < hi {
+            f(lo - range.start, &segment[lo - start..hi - start]);
+        }
+        start = end;
+    }
 }
 
 /// Rank 0's call is the reference; the first rank that differs is named.
@@ -326,6 +409,14 @@ impl Communicator for InProcCommunicator {
 
     fn all_reduce(&mut self, buf: BufMut<'_>, op: ReduceOp) -> Result<()> {
         with_slice!(buf, BufMut, |s| self.all_reduce_typed(s, op))
+    }
+
+    fn all_reduce_from(&mut self, input: &[&[f32]], output: &mut [f32], op: ReduceOp) -> Result<()> {
+        self.all_reduce_from_f32(input, output, op)
+    }
+
+    fn reads_input_in_place(&self) -> bool {
+        true
     }
 
     fn broadcast(&mut self, buf: BufMut<'_>, root: usize) -> Result<()> {

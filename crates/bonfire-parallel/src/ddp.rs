@@ -28,8 +28,12 @@ pub struct DdpConfig {
     /// Tolerate parameters that get no gradient in a step (their gradient
     /// counts as zero); without it such a step is an error on every rank.
     pub find_unused_parameters: bool,
-    /// All-reduce buckets while backward runs (true), or only after it.
-    pub overlap: bool,
+    /// All-reduce buckets while backward runs (`Some(true)`), or only after
+    /// it (`Some(false)`). `None` chooses by what was measured: after
+    /// backward where the workers are threads on the CPU backend (Flex with
+    /// the in-process group, whose all-reduce is memory work on the cores
+    /// that run backward), overlapping everywhere else.
+    pub overlap: Option<bool>,
     /// How a bucket is averaged.
     pub comm_hook: CommHook,
     /// Give every rank rank 0's buffers (batch norm's running statistics) at
@@ -46,7 +50,7 @@ impl Default for DdpConfig {
             bucket_cap_bytes: 25 << 20,
             first_bucket_cap_bytes: 1 << 20,
             find_unused_parameters: false,
-            overlap: true,
+            overlap: None,
             comm_hook: CommHook::Mean,
             broadcast_buffers: true,
         }
@@ -129,6 +133,12 @@ impl<B: HookBackend> DistributedDataParallel<B> {
 
     pub fn world_size(&self) -> usize {
         self.reducer.comm().world_size()
+    }
+
+    /// Whether buckets are all-reduced while backward runs (what
+    /// [`DdpConfig::overlap`] asked for, or chose).
+    pub fn overlaps(&self) -> bool {
+        self.reducer.overlaps()
     }
 
     /// The module's parameters, in the order the layout check compares them.

@@ -2,11 +2,14 @@
 //! Burn's Flex CPU backend with a host communicator (the in-process group,
 //! the TCP ring): PyTorch's `gradient_as_bucket_view` on the CPU.
 //!
-//! - A gradient is copied (or, after `no_sync` passes, added) into its slot
-//!   of the bucket on the thread where it arrives, straight from its storage:
-//!   no intermediate tensor and no concatenation.
-//! - The communication thread all-reduces the bucket in place; that is all
-//!   it does.
+//! - Where the ranks are threads that read each other's memory (the
+//!   in-process group), a gradient stays where backward left it: the
+//!   all-reduce reads every rank's gradients in place and writes the result
+//!   into every rank's bucket, so nothing is copied in.
+//! - Otherwise (the TCP ring) a gradient is copied (or, after `no_sync`
+//!   passes, added) into its slot of the bucket on the thread where it
+//!   arrives, straight from its storage: no intermediate tensor and no
+//!   concatenation; the communication thread all-reduces the bucket in place.
 //! - Every parameter's averaged gradient is a view of the bucket (Flex
 //!   slices share memory), so nothing is copied out.
 //!
@@ -17,11 +20,13 @@
 //! allocates memory for its buckets.
 
 use std::any::Any;
+use std::collections::BTreeMap;
 use std::ops::Range;
 
 use bonfire_collective::{BufMut, CommError, ReduceOp, TensorCollective};
 use burn::backend::flex::FlexTensor;
 use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensorOps;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use half::bf16;
 
@@ -39,24 +44,56 @@ fn same<T: 'static, U: 'static>(value: T) -> U {
     *boxed.downcast::<U>().unwrap_or_else(|_| unreachable!("only called where the types are one"))
 }
 
-/// One bucket: the memory being filled in this step, and the memory of
-/// earlier steps, free again once the optimizer lets go of its views.
+/// One bucket: the memory being filled in this step, the memory of earlier
+/// steps, free again once the optimizer lets go of its views, and (where
+/// the all-reduce reads gradients in place) this step's gradients by where
+/// they start in the bucket.
 #[derive(Default)]
 struct Bucket {
     filling: Option<FlexTensor>,
     spare: Vec<FlexTensor>,
+    kept: BTreeMap<usize, FlexTensor>,
 }
 
 pub struct HostBuckets {
     /// Values in each bucket (the last one carries one value more).
     lens: Vec<usize>,
     buckets: Vec<Bucket>,
+    /// Keep gradients where they are for an all-reduce that reads them in
+    /// place, instead of copying them into the bucket.
+    keep: bool,
+}
+
+/// A bucket ready to be reduced: the memory the result goes to, and the
+/// gradients it is the reduction of when they were kept where they lie
+/// (empty when they were copied into the memory).
+pub struct Filled {
+    memory: FlexTensor,
+    kept: Vec<FlexTensor>,
+}
+
+/// `grad` as a contiguous f32 Flex tensor, copied only if it is not one.
+fn contiguous_f32(grad: FlexTensor) -> FlexTensor {
+    if grad.dtype() == DType::F32 && grad.as_slice::<f32>().is_some() {
+        grad
+    } else {
+        FlexTensor::from_data(grad.into_data().convert::<f32>())
+    }
+}
+
+fn values(len: usize, value: f32) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(vec![value; len], [len]))
 }
 
 impl HostBuckets {
-    pub fn new(lens: Vec<usize>) -> Self {
+    pub fn new(lens: Vec<usize>, keep: bool) -> Self {
         let buckets = lens.iter().map(|_| Bucket::default()).collect();
-        HostBuckets { lens, buckets }
+        HostBuckets { lens, buckets, keep }
+    }
+
+    /// Whether the all-reduce reads the gradients where they lie.
+    pub fn reads_in_place(&self) -> bool {
+        self.keep
     }
 
     /// The memory bucket `b` is filled in this step: a spare one that no
@@ -68,7 +105,7 @@ impl HostBuckets {
             let free = bucket.spare.iter().position(FlexTensor::is_unique);
             let memory = match free {
                 Some(i) => bucket.spare.swap_remove(i),
-                None => FlexTensor::from_data(TensorData::new(vec![0.0f32; len], [len])),
+                None => values(len, 0.0),
             };
             bucket.filling = Some(memory);
         }
@@ -79,15 +116,19 @@ impl HostBuckets {
         self.filling(b).try_storage_mut::<f32>().expect("memory being filled is held only here")
     }
 
-    /// Writes `grad` (a Flex tensor of `B`) into `range` of bucket `b`, or
-    /// adds it to what is there.
+    /// Puts `grad` (a Flex tensor of `B`) in `range` of bucket `b`, or adds
+    /// it to what is there.
     pub fn write<B: Backend>(&mut self, b: usize, range: Range<usize>, grad: B::FloatTensorPrimitive, add: bool) {
-        let grad: FlexTensor = same(grad);
-        let grad = if grad.dtype() == DType::F32 && grad.as_slice::<f32>().is_some() {
-            grad
-        } else {
-            FlexTensor::from_data(grad.into_data().convert::<f32>())
-        };
+        let grad = contiguous_f32(same(grad));
+        if self.keep {
+            let kept = &mut self.buckets[b].kept;
+            let grad = match kept.remove(&range.start) {
+                Some(earlier) if add => burn::backend::Flex::float_add(earlier, grad),
+                _ => grad,
+            };
+            kept.insert(range.start, grad);
+            return;
+        }
         let src = grad.as_slice::<f32>().expect("contiguous f32");
         let dst = &mut self.values(b)[range];
         if add {
@@ -99,18 +140,32 @@ impl HostBuckets {
 
     /// Zeroes `range` of bucket `b` (a parameter without a gradient).
     pub fn zero(&mut self, b: usize, range: Range<usize>) {
-        self.values(b)[range].fill(0.0);
+        if self.keep {
+            self.buckets[b].kept.insert(range.start, values(range.len(), 0.0));
+        } else {
+            self.values(b)[range].fill(0.0);
+        }
     }
 
     /// Sets the last value of bucket `b`.
     pub fn set_last(&mut self, b: usize, value: f32) {
-        *self.values(b).last_mut().expect("the last bucket has its extra value") = value;
+        if self.keep {
+            self.buckets[b].kept.insert(self.lens[b] - 1, values(1, value));
+        } else {
+            *self.values(b).last_mut().expect("the last bucket has its extra value") = value;
+        }
     }
 
-    /// Takes bucket `b`'s memory to be reduced.
-    pub fn take(&mut self, b: usize) -> FlexTensor {
+    /// Takes bucket `b` to be reduced.
+    pub fn take(&mut self, b: usize) -> Filled {
         self.filling(b);
-        self.buckets[b].filling.take().expect("made above")
+        let memory = self.buckets[b].filling.take().expect("made above");
+        let kept: Vec<FlexTensor> = std::mem::take(&mut self.buckets[b].kept).into_values().collect();
+        debug_assert!(
+            !self.keep
+                || kept.iter().map(|t| t.as_slice::<f32>().map_or(0, <[f32]>::len)).sum::<usize>() == self.lens[b]
+        );
+        Filled { memory, kept }
     }
 
     /// Bucket `b`'s reduced memory, as the tensor whose slices are the
@@ -126,21 +181,29 @@ impl HostBuckets {
     }
 }
 
-/// Averages `memory` over every rank of `comm` in place, as `hook` says.
+/// Averages a bucket over every rank of `comm`, as `hook` says; returns the
+/// memory that holds the result.
 pub fn reduce<B: Backend>(
     comm: &mut dyn TensorCollective<B>,
     hook: CommHook,
-    mut memory: FlexTensor,
+    filled: Filled,
 ) -> Result<FlexTensor, CommError> {
     let host = comm.host().ok_or_else(|| CommError::Invalid {
         op: "all_reduce",
         detail: "host buckets need a host communicator".into(),
     })?;
+    let Filled { mut memory, kept } = filled;
+    let kept: Vec<&[f32]> = kept.iter().map(|t| t.as_slice::<f32>().expect("kept contiguous f32")).collect();
     let values = memory.try_storage_mut::<f32>().expect("taken memory is held only here");
     match hook {
-        CommHook::Mean => host.all_reduce(BufMut::F32(values), ReduceOp::Mean)?,
+        CommHook::Mean if kept.is_empty() => host.all_reduce(BufMut::F32(values), ReduceOp::Mean)?,
+        CommHook::Mean => host.all_reduce_from(&kept, values, ReduceOp::Mean)?,
         CommHook::Bf16Compress => {
-            let mut packed: Vec<bf16> = values.iter().map(|&v| bf16::from_f32(v)).collect();
+            let mut packed: Vec<bf16> = if kept.is_empty() {
+                values.iter().map(|&v| bf16::from_f32(v)).collect()
+            } else {
+                kept.iter().flat_map(|s| s.iter()).map(|&v| bf16::from_f32(v)).collect()
+            };
             host.all_reduce(BufMut::BF16(&mut packed), ReduceOp::Mean)?;
             values.iter_mut().zip(&packed).for_each(|(v, p)| *v = p.to_f32());
         }
@@ -163,13 +226,13 @@ mod tests {
 
     /// One step's end: the bucket's memory back as the reduced tensor.
     fn step(buckets: &mut HostBuckets) -> Tensor<Flex, 1> {
-        let memory = buckets.take(0);
-        buckets.reduced::<Flex>(0, memory)
+        let filled = buckets.take(0);
+        buckets.reduced::<Flex>(0, filled.memory)
     }
 
     #[test]
     fn buckets_reuse_their_memory_once_no_view_holds_it() {
-        let mut buckets = HostBuckets::new(vec![4]);
+        let mut buckets = HostBuckets::new(vec![4], false);
         buckets.write::<Flex>(0, 0..3, grad([1.0, 2.0, 3.0]), false);
         buckets.write::<Flex>(0, 0..3, grad([1.0, 1.0, 1.0]), true);
         buckets.set_last(0, 7.0);

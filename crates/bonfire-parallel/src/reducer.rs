@@ -83,19 +83,25 @@ impl<B: Backend> Reducer<B> {
         device: B::Device,
         comm: CommThread<B>,
         hook: CommHook,
-        overlap: bool,
+        overlap: Option<bool>,
         find_unused: bool,
     ) -> Self {
         // With no trainable parameter there is still one bucket, which
         // carries only the unused-parameter count.
         let buckets = plan.lens.len().max(1);
         let (done_tx, done_rx) = mpsc::channel();
-        let host = (host_bucket::is_flex::<B>() && comm.call(|c| c.host().is_some())).then(|| {
+        // For a host communicator: whether it reads gradients in place.
+        let host_comm = comm.call(|c| c.host().map(|h| h.reads_input_in_place()));
+        let host = host_comm.filter(|_| host_bucket::is_flex::<B>()).map(|keep| {
             // The last bucket carries the unused-parameter count too.
-            HostBuckets::new(
-                (0..buckets).map(|b| plan.lens.get(b).copied().unwrap_or(0) + usize::from(b + 1 == buckets)).collect(),
-            )
+            let lens = (0..buckets).map(|b| plan.lens.get(b).copied().unwrap_or(0) + usize::from(b + 1 == buckets));
+            HostBuckets::new(lens.collect(), keep)
         });
+        // Measured (`cargo xtask bench ddp`): where the ranks are threads
+        // reading each other's gradients, the all-reduce is memory work on
+        // the very cores that run backward, and overlapping it only makes
+        // the two compete; a network or a GPU has time of its own to hide.
+        let overlap = overlap.unwrap_or(!host.as_ref().is_some_and(HostBuckets::reads_in_place));
         Reducer {
             step: Mutex::new(Step {
                 grads: vec![None; names.len()],
@@ -118,6 +124,10 @@ impl<B: Backend> Reducer<B> {
             done_tx,
             done_rx: Mutex::new(done_rx),
         }
+    }
+
+    pub fn overlaps(&self) -> bool {
+        self.overlap
     }
 
     pub fn comm(&self) -> &CommThread<B> {
@@ -164,9 +174,9 @@ impl<B: Backend> Reducer<B> {
                 for &i in self.plan.members.get(bucket).map_or(&[][..], Vec::as_slice) {
                     st.filled[i] = false;
                 }
-                let memory = host.take(bucket);
+                let filled = host.take(bucket);
                 self.comm.submit(move |comm| {
-                    let result = host_bucket::reduce(comm, hook, memory).map(Reduced::Host);
+                    let result = host_bucket::reduce(comm, hook, filled).map(Reduced::Host);
                     let _ = done.send(Done { bucket, result });
                 });
                 continue;

@@ -148,7 +148,8 @@ fn tiny_and_default_bucket_caps_give_the_same_parameters() {
         assert!(diff <= 1e-6, "bucket caps changed the result by {diff}");
     }
     // Without overlap, and one bucket per parameter: the same again.
-    let late = DdpConfig { overlap: false, bucket_cap_bytes: 0, first_bucket_cap_bytes: 0, ..DdpConfig::default() };
+    let late =
+        DdpConfig { overlap: Some(false), bucket_cap_bytes: 0, first_bucket_cap_bytes: 0, ..DdpConfig::default() };
     let device = Default::default();
     let want = train_single::<Flex, _>(seeded::<Flex, _>(ConvNet::new(&device), 1), PER_RANK * 2, 64);
     for got in ddp_threads::<Flex, _>(2, |_, d| ConvNet::new(d), late, PER_RANK, 1, 64) {
