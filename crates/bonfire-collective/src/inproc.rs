@@ -8,7 +8,11 @@
 //! synchronised steps instead of two, and staging through a shared scratch
 //! buffer would add a full copy in and a full copy out. So the direct form is
 //! the fastest on shared memory; the README's performance table gives what it
-//! reaches against the machine's memcpy bandwidth.
+//! reaches against the machine's memcpy bandwidth. `all_reduce_from` goes
+//! one step further for DDP: the input stays where it lies (a bucket's
+//! gradients) and each rank writes its reduced slice into every rank's
+//! output, so a rank reads and writes the buffer's size once, one barrier
+//! after the join.
 //!
 //! Safety: a rank publishes a raw pointer to its buffer when it joins a call.
 //! Peers touch that buffer only between the join barrier and the final barrier
