@@ -2,6 +2,7 @@
 
 mod bench;
 mod gpu_check;
+mod test;
 mod train;
 
 use std::path::PathBuf;
@@ -28,6 +29,8 @@ enum Command {
     Bench(bench::Args),
     /// Prepare the CUDA check for a GPU machine: stripped binary, data subset, run.sh.
     GpuCheck(gpu_check::Args),
+    /// The whole test suite and every example; installs the Debian packages the tests need first (as root).
+    Test,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         Command::Train { args } => train::run(&args),
         Command::Bench(args) => bench::run(args),
         Command::GpuCheck(args) => gpu_check::run(args),
+        Command::Test => test::run(),
     }
 }
 

@@ -164,9 +164,12 @@ fn config(variant: &str) -> Option<DdpConfig> {
         "default" => Some(DdpConfig::default()),
         "overlap" => Some(DdpConfig { overlap: Some(true), ..DdpConfig::default() }),
         "no-overlap" => Some(DdpConfig { overlap: Some(false), ..DdpConfig::default() }),
-        "per-parameter" => {
-            Some(DdpConfig { overlap: Some(false), bucket_cap_bytes: 0, first_bucket_cap_bytes: 0, ..DdpConfig::default() })
-        }
+        "per-parameter" => Some(DdpConfig {
+            overlap: Some(false),
+            bucket_cap_bytes: 0,
+            first_bucket_cap_bytes: 0,
+            ..DdpConfig::default()
+        }),
         _ => None,
     }
 }

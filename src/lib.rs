@@ -1,0 +1,47 @@
+//! Bonfire: data-parallel training for [Burn](https://burn.dev) modules, on
+//! every Burn backend.
+//!
+//! - [`DistributedDataParallel`]: one worker per device, as threads of one
+//!   process or as processes on one or many hosts; gradients are averaged in
+//!   buckets while (or after) backward runs, as PyTorch's DDP does.
+//! - [`DataParallel`]: one process driving several devices, as PyTorch's
+//!   `DataParallel`.
+//! - Communicators underneath: [`InProcCommunicator`] (threads),
+//!   [`TcpCommunicator`] (processes, a pipelined TCP ring found through
+//!   torchrun's environment variables) and, with the `nccl` feature,
+//!   `NcclCommunicator` (CUDA).
+//!
+//! ```no_run
+//! use bonfire::prelude::*;
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // In each worker process started by `bonfire launch` or torchrun:
+//! let comm = TcpCommunicator::from_env(TcpConfig::default())?;
+//! # let _ = comm;
+//! # Ok(()) }
+//! ```
+//!
+//! `examples/` holds complete programs: `ddp_custom_loop` (threads),
+//! `ddp_processes` (processes over TCP), `data_parallel` and `wgpu`.
+
+pub use bonfire_collective as collective;
+pub use bonfire_parallel as parallel;
+
+#[cfg(feature = "nccl")]
+pub use bonfire_collective::NcclCommunicator;
+pub use bonfire_collective::{
+    CommError, Communicator, DistEnv, InProcCommunicator, ReduceOp, TcpCommunicator, TcpConfig, TensorCollective,
+};
+pub use bonfire_parallel::{CommHook, DataParallel, DdpConfig, DistributedDataParallel, HookBackend, ParallelError};
+
+/// `use bonfire::prelude::*;` gives the strategies, their configuration, the
+/// communicators and the errors. [`TensorCollective`] stays out: every
+/// communicator implements it beside [`Communicator`], and with both traits
+/// in scope `comm.rank()` would be ambiguous.
+pub mod prelude {
+    #[cfg(feature = "nccl")]
+    pub use crate::NcclCommunicator;
+    pub use crate::{
+        CommError, CommHook, Communicator, DataParallel, DdpConfig, DistEnv, DistributedDataParallel, HookBackend,
+        InProcCommunicator, ParallelError, ReduceOp, TcpCommunicator, TcpConfig,
+    };
+}

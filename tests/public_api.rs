@@ -1,0 +1,147 @@
+//! The public API as a user sees it, through `bonfire::prelude`: DDP over
+//! worker threads and DP over replicas each end where one worker does on
+//! the whole batch.
+
+use bonfire::prelude::*;
+use burn::backend::{Autodiff, Flex};
+use burn::module::{AutodiffModule, Module};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{GradientsParams, Optimizer, SgdConfig};
+use burn::tensor::backend::Backend;
+use burn::tensor::{activation::relu, Int, Tensor, TensorData};
+
+type B = Autodiff<Flex>;
+
+const STEPS: usize = 5;
+const BATCH: usize = 12;
+
+#[derive(Module, Debug)]
+struct Net<B: Backend> {
+    a: Linear<B>,
+    b: Linear<B>,
+}
+
+impl<B: Backend> Net<B> {
+    fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.b.forward(relu(self.a.forward(x)))
+    }
+}
+
+/// The same starting weights everywhere (a Burn seed is per device, so build
+/// the values by hand).
+fn net(device: &burn::tensor::Device<B>) -> Net<B> {
+    let mut net = Net { a: LinearConfig::new(6, 10).init(device), b: LinearConfig::new(10, 3).init(device) };
+    let values = |n: usize, k: f32| (0..n).map(|i| ((i as f32 + k) * 0.77).sin() * 0.4).collect::<Vec<f32>>();
+    let matrix = |shape: [usize; 2], k: f32| {
+        Tensor::<B, 2>::from_data(TensorData::new(values(shape[0] * shape[1], k), shape), device)
+    };
+    let vector = |n: usize, k: f32| Tensor::<B, 1>::from_data(TensorData::new(values(n, k), [n]), device);
+    net.a.weight = net.a.weight.map(|_| matrix([6, 10], 1.0).require_grad());
+    net.b.weight = net.b.weight.map(|_| matrix([10, 3], 2.0).require_grad());
+    net.a.bias = net.a.bias.map(|p| p.map(|_| vector(10, 3.0).require_grad()));
+    net.b.bias = net.b.bias.map(|p| p.map(|_| vector(3, 4.0).require_grad()));
+    net
+}
+
+/// Rows `rows` of step `step`'s global batch.
+fn rows(
+    step: usize,
+    rows: std::ops::Range<usize>,
+    device: &burn::tensor::Device<B>,
+) -> (Tensor<B, 2>, Tensor<B, 1, Int>) {
+    let n = rows.len();
+    let x: Vec<f32> =
+        rows.clone().flat_map(|r| (0..6).map(move |j| (((step * BATCH + r) * 6 + j) as f32 * 0.311).cos())).collect();
+    let y: Vec<i64> = rows.map(|r| ((step * BATCH + r) % 3) as i64).collect();
+    (Tensor::from_data(TensorData::new(x, [n, 6]), device), Tensor::from_data(TensorData::new(y, [n]), device))
+}
+
+fn loss(logits: Tensor<B, 2>, y: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    CrossEntropyLossConfig::new().init(&logits.device()).forward(logits, y)
+}
+
+fn sgd() -> impl Optimizer<Net<B>, B> {
+    SgdConfig::new().with_momentum(Some(MomentumConfig::new())).init()
+}
+
+fn values(net: &Net<B>) -> Vec<f32> {
+    let net = net.valid();
+    let biases = [&net.a.bias, &net.b.bias].map(|b| b.as_ref().unwrap().val().into_data().to_vec::<f32>().unwrap());
+    [net.a.weight.val(), net.b.weight.val()]
+        .into_iter()
+        .flat_map(|w| w.into_data().to_vec::<f32>().unwrap())
+        .chain(biases.into_iter().flatten())
+        .collect()
+}
+
+fn one_worker() -> Vec<f32> {
+    let device = Default::default();
+    let (mut model, mut opt) = (net(&device), sgd());
+    for step in 0..STEPS {
+        let (x, y) = rows(step, 0..BATCH, &device);
+        let grads = GradientsParams::from_grads(loss(model.logits(x), y).backward(), &model);
+        model = opt.step(0.1, model, grads);
+    }
+    let trained = values(&model);
+    // The oracle must have learned something, or every comparison is empty.
+    assert!(
+        max_diff(&trained, &values(&net(&device))) > 1e-2,
+        "one worker's training left the weights where they were"
+    );
+    trained
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn ddp_over_two_threads_equals_one_worker_on_the_whole_batch() {
+    let want = one_worker();
+    let comms = InProcCommunicator::group(2).unwrap();
+    let got: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let workers: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                s.spawn(move || {
+                    let device = Default::default();
+                    let rank = comm.rank();
+                    let (mut ddp, mut model) =
+                        DistributedDataParallel::new(net(&device), Box::new(comm), DdpConfig::default()).unwrap();
+                    let mut opt = sgd();
+                    let half = BATCH / 2;
+                    for step in 0..STEPS {
+                        let (x, y) = rows(step, rank * half..(rank + 1) * half, &device);
+                        let grads = ddp.backward(loss(ddp.forward_module(&model).logits(x), y)).unwrap();
+                        model = opt.step(0.1, model, grads);
+                    }
+                    values(&model)
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    for (rank, got) in got.iter().enumerate() {
+        let d = max_diff(got, &want);
+        assert!(d <= 1e-5, "rank {rank} is {d} away from one worker");
+    }
+}
+
+#[test]
+fn dp_over_two_replicas_equals_one_worker_on_the_whole_batch() {
+    let want = one_worker();
+    let device = Default::default();
+    let dp = DataParallel::<B>::new(vec![device; 2]).unwrap();
+    let (mut model, mut opt) = (net(&device), sgd());
+    for step in 0..STEPS {
+        let (x, y) = rows(step, 0..BATCH, &device);
+        let (logits, replicas) = dp.forward(&model, x, |m, x| m.logits(x)).unwrap();
+        let grads = dp.backward(loss(logits, y), &model, replicas).unwrap();
+        model = opt.step(0.1, model, grads);
+    }
+    let d = max_diff(&values(&model), &want);
+    assert!(d <= 1e-5, "DP is {d} away from one worker");
+}

@@ -1,0 +1,93 @@
+//! `cargo xtask test`: the whole test suite, on a machine that may not yet
+//! have what it needs. It installs Debian's packages the tests use (Mesa's
+//! lavapipe for the wgpu tests, the Fashion-MNIST files) when run as root
+//! with apt, or names the one command to run otherwise; then it runs the
+//! workspace's tests, every example, and the CUDA tests (which, without a
+//! GPU, check that the CUDA build fails cleanly).
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::root;
+
+/// Debian packages the tests need: Vulkan on the CPU (lavapipe) for the
+/// wgpu tests, and the real Fashion-MNIST files.
+const PACKAGES: [&str; 3] = ["mesa-vulkan-drivers", "libvulkan1", "dataset-fashion-mnist"];
+
+pub fn run() -> Result<()> {
+    install_packages()?;
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        // wgpu's Vulkan loader wants a runtime directory; containers often lack one.
+        let dir = std::env::temp_dir().join("bonfire-xdg");
+        std::fs::create_dir_all(&dir)?;
+        std::env::set_var("XDG_RUNTIME_DIR", &dir);
+    }
+    cargo(&["test", "--workspace"])?;
+    for example in examples(&root().join("examples"))? {
+        cargo(&["run", "-q", "--example", &example])?;
+    }
+    cargo(&["run", "-q", "-p", "bonfire-kernels", "--example", "conv_net"])?;
+    cargo(&["test", "-p", "bonfire-train", "--features", "cuda", "--test", "cuda"])?;
+    eprintln!("all tests and examples passed");
+    Ok(())
+}
+
+/// The examples' names, in order.
+fn examples(dir: &Path) -> Result<Vec<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".rs").map(str::to_string))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    eprintln!("+ cargo {}", args.join(" "));
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(root())
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("`cargo {}` failed", args.join(" "));
+    }
+    Ok(())
+}
+
+fn install_packages() -> Result<()> {
+    let Ok(probe) = Command::new("dpkg").arg("--version").output() else {
+        eprintln!("note: no dpkg here; make sure a Vulkan driver and Fashion-MNIST are installed");
+        return Ok(());
+    };
+    if !probe.status.success() {
+        return Ok(());
+    }
+    let missing: Vec<&str> = PACKAGES
+        .into_iter()
+        .filter(|p| !Command::new("dpkg").args(["-s", p]).output().is_ok_and(|o| o.status.success()))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let command = format!("apt-get install -y --no-install-recommends {}", missing.join(" "));
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root {
+        bail!("the tests need Debian packages that are missing; as root, run:\n    {command}");
+    }
+    eprintln!("+ apt-get update && {command}");
+    let apt = |args: &[&str]| {
+        Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive").status().context("running apt-get")
+    };
+    if !apt(&["update", "-qq"])?.success() {
+        bail!("apt-get update failed");
+    }
+    let install: Vec<&str> =
+        ["install", "-y", "-qq", "--no-install-recommends"].into_iter().chain(missing.iter().copied()).collect();
+    if !apt(&install)?.success() {
+        bail!("apt-get could not install {}", missing.join(" "));
+    }
+    Ok(())
+}
