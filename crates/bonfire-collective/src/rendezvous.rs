@@ -56,11 +56,9 @@ fn agree_on_group(store: &mut StoreClient, env: &DistEnv, deadline: Instant) -> 
     if env.rank == 0 {
         return store.set("world", &(env.world_size as u64).to_le_bytes());
     }
-    let theirs = store.get("world", remaining(deadline))?.ok_or(CommError::Timeout {
-        op: "rendezvous",
-        rank: 0,
-        waited: remaining(deadline),
-    })?;
+    let waiting = remaining(deadline);
+    let theirs =
+        store.get("world", waiting)?.ok_or(CommError::Timeout { op: "rendezvous", rank: 0, waited: waiting })?;
     let theirs = theirs
         .try_into()
         .map(u64::from_le_bytes)

@@ -253,6 +253,14 @@ impl<B: Backend> Reducer<B> {
         if let Some(m) = self.lock().misuse.take() {
             return Err(ParallelError::Invalid(m));
         }
+        let trainable = self.plan.slots.iter().filter(|s| s.is_some()).count();
+        if trainable > 0 && unused.len() == trainable {
+            return Err(ParallelError::Invalid(
+                "no parameter received a gradient in this step: compute the loss through the module that \
+                 `ddp.forward_module(&model)` returns, whose parameters hand their gradients to DDP"
+                    .into(),
+            ));
+        }
         let last = reduced.last().expect("at least one bucket");
         let n = last.dims()[0];
         let any_rank_unused = last.clone().slice([n - 1..n]).into_scalar().elem::<f32>() > 0.0;

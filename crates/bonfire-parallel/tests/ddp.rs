@@ -194,6 +194,34 @@ fn unused_parameters_are_an_error_unless_allowed() {
 }
 
 #[test]
+fn a_loss_not_computed_through_forward_module_is_named() {
+    let comms = InProcCommunicator::group(2).unwrap();
+    let errors: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                s.spawn(move || {
+                    let device = Default::default();
+                    let (mut ddp, model) = DistributedDataParallel::new(
+                        Mlp::<Flex>::new(&device, 16),
+                        Box::new(comm),
+                        DdpConfig::default(),
+                    )
+                    .unwrap();
+                    let (x, y) = batch::<Flex>(0..4, FEATURES, &device);
+                    // The model itself, not `ddp.forward_module(&model)`.
+                    ddp.backward(loss(&model, x, y)).unwrap_err().to_string()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for msg in errors {
+        assert!(msg.contains("forward_module"), "{msg}");
+    }
+}
+
+#[test]
 fn bf16_compression_stays_within_its_error_bound() {
     // The hook alone: rounding each value to bf16 (relative error 2^-9), the
     // pairwise sum and the scaling (2^-9 each) bound the error by
