@@ -189,9 +189,7 @@ fn main() -> ExitCode {
 
 fn train(args: TrainArgs) -> Result<()> {
     let launched = std::env::var_os("RANK").is_some();
-    if args.workers == 0 {
-        bail!("--workers must be at least 1");
-    }
+    check_flags(&args, launched)?;
     check_comm(&args)?;
     if args.backend == BackendKind::Cuda {
         // Fail once, before starting workers, when CUDA is not there.
@@ -267,6 +265,31 @@ fn run_cuda(_: &TrainArgs, _: &ImageDataset, _: &ImageDataset) -> Result<()> {
 }
 
 /// The communication each strategy accepts.
+/// Flags that can be checked before any worker starts, so that a mistake is
+/// reported once, by the launching process, not once per worker.
+fn check_flags(args: &TrainArgs, launched: bool) -> Result<()> {
+    if args.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let world = if args.strategy == StrategyKind::Ddp && !launched { args.workers } else { 1 };
+    if args.batch_size == 0 || args.batch_size % world != 0 {
+        bail!("--batch-size {} must be a positive multiple of the {world} workers", args.batch_size);
+    }
+    if !(args.lr.is_finite() && args.lr > 0.0) {
+        bail!("--lr {} must be a positive number", args.lr);
+    }
+    if !(args.momentum.is_finite() && args.momentum >= 0.0) {
+        bail!("--momentum {} must be a number of at least 0", args.momentum);
+    }
+    if args.epochs == 0 || args.steps == Some(0) {
+        bail!("--epochs and --steps must be at least 1");
+    }
+    if let Some(file) = &args.init {
+        std::fs::File::open(file).with_context(|| format!("--init {}: cannot read the weights", file.display()))?;
+    }
+    Ok(())
+}
+
 fn check_comm(args: &TrainArgs) -> Result<()> {
     let Some(comm) = args.comm else { return Ok(()) };
     if args.strategy != StrategyKind::Ddp {

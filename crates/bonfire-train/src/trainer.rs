@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use bonfire_collective::TensorCollective;
 use bonfire_data::{DistributedSampler, ImageDataset};
 use bonfire_parallel::{DataParallel, DdpConfig, DistributedDataParallel, HookBackend};
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer, SgdConfig};
@@ -209,6 +210,15 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
                     (value, ddp.backward(loss).context("synchronising gradients")?)
                 }
             };
+            if !loss.is_finite() {
+                // Stop before the optimizer spreads it into the weights, and
+                // before any checkpoint could be written from them.
+                bail!(
+                    "the loss is {loss} at step {} on rank {rank}; stopping (a learning rate too high, \
+                     or bad input data); the last checkpoint, if any, is left as it was",
+                    done_steps + 1
+                );
+            }
             model = opt.step(options.lr, model, grads);
             step_seconds.push(step_start.elapsed().as_secs_f64());
             loss_sum += loss;
@@ -225,6 +235,7 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
         }
         finish_epoch(&mut epochs, &bar, rank, &model, test, device, epoch, steps, loss_sum, images, start);
         if let (Some(dir), 0) = (&options.checkpoint_dir, rank) {
+            ensure_finite(&model, "checkpoint")?;
             let to_bytes = |e| anyhow::anyhow!("encoding the checkpoint: {e:?}");
             let ckpt = Checkpoint {
                 epochs_done: epoch as u64 + 1,
@@ -235,6 +246,7 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
         }
     }
     if let (Some(file), 0) = (&options.save, rank) {
+        ensure_finite(&model, "--save")?;
         crate::weights::save(&model, file)?;
     }
     Ok(Report { rank, epochs, step_losses, step_seconds })
@@ -291,6 +303,26 @@ fn progress_bar(show: bool, steps: u64, epoch: usize, epochs: usize) -> Progress
     );
     bar.set_prefix(format!("{}/{epochs}", epoch + 1));
     bar
+}
+
+/// Refuses to write `what` from weights that hold a NaN or an infinity.
+fn ensure_finite<B: Backend, M: Module<B>>(model: &M, what: &str) -> Result<()> {
+    struct Finite(Option<String>);
+    impl<B: Backend> ModuleVisitor<B> for Finite {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            // A NaN or an infinity anywhere makes the sum one.
+            let bad = !param.val().sum().into_scalar().elem::<f64>().is_finite();
+            if bad && self.0.is_none() {
+                self.0 = Some(format!("{:?}", param.id));
+            }
+        }
+    }
+    let mut check = Finite(None);
+    model.visit(&mut check);
+    match check.0 {
+        Some(id) => bail!("not writing the {what}: the weights hold a NaN or an infinity (parameter {id})"),
+        None => Ok(()),
+    }
 }
 
 fn loss_value<B: Backend>(loss: &Tensor<B, 1>) -> f64 {

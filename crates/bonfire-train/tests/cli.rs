@@ -117,8 +117,15 @@ fn resnet_trains_under_ddp() {
 
 #[test]
 fn bad_input_gets_clear_errors() {
-    let cases: [(&[&str], &str); 8] = [
+    // Each refused once, by the launching process, before any worker starts.
+    let cases: [(&[&str], &str); 11] = [
         (&["train", "--threads", "--batch-size", "101"], "multiple of the 2 workers"),
+        (&["train", "--batch-size", "0"], "--batch-size 0 must be a positive multiple of the 2 workers"),
+        (&["train", "--lr", "nan"], "--lr NaN must be a positive number"),
+        (
+            &["train", "--init", "/nonexistent/weights.safetensors"],
+            "--init /nonexistent/weights.safetensors: cannot read",
+        ),
         (&["train", "--comm", "nccl"], "--comm nccl needs --backend cuda"),
         (&["train", "--strategy", "dp", "--comm", "ring"], "--comm applies to --strategy ddp only"),
         (&["train", "--backend", "cuda", "--threads", "--comm", "nccl"], "leave out --threads"),
@@ -130,12 +137,39 @@ fn bad_input_gets_clear_errors() {
     for (args, want) in cases {
         let o = bonfire(args);
         assert!(!o.status.success(), "{args:?} succeeded");
-        assert!(text(&o).contains(want), "{args:?}: {}", text(&o));
+        assert_eq!(text(&o).matches(want).count(), 1, "{args:?}: {}", text(&o));
+        assert!(!text(&o).contains("rank"), "{args:?} started workers: {}", text(&o));
     }
     for args in [&["train", "--backend", "cuda"][..], &["nccl-check"]] {
         let o = bonfire(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
         assert!(text(&o).contains("not part of this build"), "{args:?}: {}", text(&o));
+    }
+}
+
+#[test]
+fn a_diverging_run_stops_at_its_first_non_finite_loss_without_writing_weights() {
+    let dir = out_dir("diverging");
+    let save = dir.join("final.safetensors");
+    for strategy in ["single", "ddp"] {
+        let o = bonfire(&[
+            "train",
+            "--strategy",
+            strategy,
+            "--lr",
+            "1e9",
+            "--steps",
+            "40",
+            "--batch-size",
+            "50",
+            "--save",
+            save.to_str().unwrap(),
+            "--out",
+            dir.to_str().unwrap(),
+        ]);
+        assert!(!o.status.success(), "{strategy}: a diverging run exited 0: {}", text(&o));
+        assert!(text(&o).contains("the loss is") && text(&o).contains("at step"), "{strategy}: {}", text(&o));
+        assert!(!save.exists(), "{strategy}: weights were written from a diverged model");
     }
 }
 
