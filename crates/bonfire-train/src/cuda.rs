@@ -69,7 +69,7 @@ pub fn nccl_check(sizes_mib: &[usize]) -> anyhow::Result<()> {
     use std::time::Instant;
 
     NcclCommunicator::libraries_present().map_err(Unavailable)?;
-    let env = if std::env::var_os("RANK").is_some() {
+    let env = if bonfire_collective::DistEnv::launched() {
         DistEnv::from_env()?
     } else {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();

@@ -188,7 +188,7 @@ fn main() -> ExitCode {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    let launched = std::env::var_os("RANK").is_some();
+    let launched = bonfire_collective::DistEnv::launched();
     check_flags(&args, launched)?;
     check_comm(&args)?;
     if args.backend == BackendKind::Cuda {
@@ -242,7 +242,8 @@ fn train(args: TrainArgs) -> Result<()> {
 #[cfg(feature = "cuda")]
 fn run_cuda(args: &TrainArgs, train_set: &ImageDataset, test_set: &ImageDataset) -> Result<()> {
     use burn::backend::Cuda;
-    let local: usize = std::env::var("LOCAL_RANK").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let local =
+        if bonfire_collective::DistEnv::launched() { bonfire_collective::DistEnv::from_env()?.local_rank } else { 0 };
     let nccl = comm_kind(args) == CommKind::Nccl;
     let devices = match args.strategy {
         StrategyKind::Dp => cuda_devices(args.workers)?,
@@ -464,7 +465,7 @@ fn run<B: HookBackend>(
             reports.into_iter().next().expect("at least one worker")
         }
         (StrategyKind::Ddp, false) => {
-            let comm = if std::env::var_os("RANK").is_some() {
+            let comm = if bonfire_collective::DistEnv::launched() {
                 join(&device)?
             } else {
                 Box::new(InProcCommunicator::group(1)?.remove(0))

@@ -173,6 +173,42 @@ fn a_diverging_run_stops_at_its_first_non_finite_loss_without_writing_weights() 
     }
 }
 
+/// Open MPI's `mpirun` starts the workers; they find their ranks in its
+/// variables, meet on one host without MASTER_ADDR, and train as one job:
+/// one report, and the weights of one worker on the whole batch.
+#[test]
+fn mpirun_starts_a_ddp_job_without_torchruns_variables() {
+    let dir = out_dir("mpirun");
+    let (ddp_weights, one_weights) = (dir.join("ddp.safetensors"), dir.join("one.safetensors"));
+    let common = ["--steps", "20", "--batch-size", "50", "--no-shuffle"];
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let o = Command::new("mpirun")
+        .args(["-np", "2", "--oversubscribe", "-x", &format!("MASTER_PORT={port}")])
+        .arg(env!("CARGO_BIN_EXE_bonfire"))
+        .args(["train", "--out", dir.to_str().unwrap(), "--save", ddp_weights.to_str().unwrap()])
+        .args(common)
+        // Containers and CI run as root, which mpirun refuses unless told.
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .expect("mpirun (Debian's openmpi-bin; `cargo xtask test` installs it)");
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(text(&o).matches("epoch 1:").count(), 1, "one report, from rank 0: {}", text(&o));
+    let single_out = dir.join("single");
+    let single = bonfire(
+        &[
+            &["train", "--strategy", "single", "--out", single_out.to_str().unwrap()][..],
+            &["--save", one_weights.to_str().unwrap()],
+            &common,
+        ]
+        .concat(),
+    );
+    assert!(single.status.success(), "{}", text(&single));
+    let same =
+        bonfire(&["diff-weights", ddp_weights.to_str().unwrap(), one_weights.to_str().unwrap(), "--tolerance", "1e-4"]);
+    assert!(same.status.success(), "mpirun's job against one worker: {}", text(&same));
+}
+
 #[test]
 fn the_launcher_stops_everyone_when_a_worker_fails() {
     let started = Instant::now();
