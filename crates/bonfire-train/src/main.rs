@@ -276,8 +276,8 @@ fn check_flags(args: &TrainArgs, launched: bool) -> Result<()> {
     if args.batch_size == 0 || args.batch_size % world != 0 {
         bail!("--batch-size {} must be a positive multiple of the {world} workers", args.batch_size);
     }
-    if !(args.lr.is_finite() && args.lr > 0.0) {
-        bail!("--lr {} must be a positive number", args.lr);
+    if !(args.lr.is_finite() && args.lr >= 0.0) {
+        bail!("--lr {} must be a number of at least 0", args.lr);
     }
     if !(args.momentum.is_finite() && args.momentum >= 0.0) {
         bail!("--momentum {} must be a number of at least 0", args.momentum);

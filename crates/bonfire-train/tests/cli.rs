@@ -121,7 +121,7 @@ fn bad_input_gets_clear_errors() {
     let cases: [(&[&str], &str); 11] = [
         (&["train", "--threads", "--batch-size", "101"], "multiple of the 2 workers"),
         (&["train", "--batch-size", "0"], "--batch-size 0 must be a positive multiple of the 2 workers"),
-        (&["train", "--lr", "nan"], "--lr NaN must be a positive number"),
+        (&["train", "--lr", "nan"], "--lr NaN must be a number of at least 0"),
         (
             &["train", "--init", "/nonexistent/weights.safetensors"],
             "--init /nonexistent/weights.safetensors: cannot read",
