@@ -1,6 +1,6 @@
 //! `cargo xtask test`: the whole test suite, on a machine that may not yet
 //! have what it needs. It installs Debian's packages the tests use (Mesa's
-//! lavapipe for the wgpu tests, the Fashion-MNIST files, Open MPI) when run as root
+//! lavapipe for the wgpu tests, the Fashion-MNIST files, Open MPI, Slurm) when run as root
 //! with apt, or names the one command to run otherwise; then it runs the
 //! workspace's tests, every example, and the CUDA tests (which, without a
 //! GPU, check that the CUDA build fails cleanly).
@@ -13,9 +13,11 @@ use anyhow::{bail, Context, Result};
 use crate::root;
 
 /// Debian packages the tests need: Vulkan on the CPU (lavapipe) for the
-/// wgpu tests, the real Fashion-MNIST files, and Open MPI's `mpirun`, which
-/// starts a DDP job in the tests.
-const PACKAGES: [&str; 4] = ["mesa-vulkan-drivers", "libvulkan1", "dataset-fashion-mnist", "openmpi-bin"];
+/// wgpu tests, the real Fashion-MNIST files, and Open MPI's `mpirun` and a
+/// one-node Slurm cluster (slurm-wlm, munge), which start DDP jobs in the
+/// tests.
+const PACKAGES: [&str; 6] =
+    ["mesa-vulkan-drivers", "libvulkan1", "dataset-fashion-mnist", "openmpi-bin", "slurm-wlm", "munge"];
 
 pub fn run() -> Result<()> {
     install_packages()?;
