@@ -323,7 +323,7 @@ fn a_run_stopped_after_epoch_1_and_resumed_ends_with_the_same_weights() {
 
     // Bad --init and --resume input is refused by name.
     let o = bonfire(&["train", "--dataset", "synthetic", "--init", "/nonexistent.safetensors"]);
-    assert!(!o.status.success() && text(&o).contains("no such file"), "{}", text(&o));
+    assert!(!o.status.success() && text(&o).contains("--init /nonexistent.safetensors: cannot read"), "{}", text(&o));
     let empty = out_dir("empty");
     let o = bonfire(&["train", "--dataset", "synthetic", "--resume", "--checkpoint-dir", empty.to_str().unwrap()]);
     assert!(!o.status.success() && text(&o).contains("there is no checkpoint"), "{}", text(&o));
