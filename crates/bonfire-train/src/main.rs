@@ -1,7 +1,6 @@
 //! `bonfire`: train a Burn model over several workers, or launch workers.
 
 mod checkpoint;
-#[cfg(feature = "cuda")]
 mod cuda;
 mod data;
 mod launch;
@@ -171,7 +170,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Train(args) => train(args),
         Cmd::Launch(args) => launch::launch(&args),
-        Cmd::NcclCheck { sizes_mib } => nccl_check(&sizes_mib),
+        Cmd::NcclCheck { sizes_mib } => cuda::nccl_check(&sizes_mib),
         Cmd::DiffWeights { a, b, tolerance } => diff_weights(&a, &b, tolerance),
     };
     match result {
@@ -193,9 +192,9 @@ fn train(args: TrainArgs) -> Result<()> {
     check_comm(&args)?;
     if args.backend == BackendKind::Cuda {
         // Fail once, before starting workers, when CUDA is not there.
-        cuda_devices(1)?;
+        cuda::devices(1)?;
         if comm_kind(&args) == CommKind::Nccl && !launched && args.workers > 1 {
-            nccl_preflight(args.workers)?;
+            cuda::nccl_preflight(args.workers)?;
         }
     }
     if args.strategy == StrategyKind::Ddp && !args.threads && !launched && args.workers > 1 {
@@ -232,40 +231,10 @@ fn train(args: TrainArgs) -> Result<()> {
             // replicas share the one device.
             run::<Autodiff<burn::backend::Wgpu>>(&args, vec![device; n], &train_set, &test_set, |_| join_ring(&args))
         }
-        BackendKind::Cuda => run_cuda(&args, &train_set, &test_set),
+        BackendKind::Cuda => cuda::run(&args, &train_set, &test_set),
     }
 }
 
-/// This worker's CUDA devices: for DP one per replica (0..workers), else the
-/// one of LOCAL_RANK. The ring lets workers share devices round-robin; NCCL
-/// needs a device of its own for each.
-#[cfg(feature = "cuda")]
-fn run_cuda(args: &TrainArgs, train_set: &ImageDataset, test_set: &ImageDataset) -> Result<()> {
-    use burn::backend::Cuda;
-    let local =
-        if bonfire_collective::DistEnv::launched() { bonfire_collective::DistEnv::from_env()?.local_rank } else { 0 };
-    let nccl = comm_kind(args) == CommKind::Nccl;
-    let devices = match args.strategy {
-        StrategyKind::Dp => cuda_devices(args.workers)?,
-        _ if nccl => vec![cuda::device(local).map_err(|e| Unavailable(format!("{e}; {}", cuda::SHARE_HINT)))?],
-        _ => vec![cuda::device(local % cuda::device_count()?)?],
-    };
-    let join = |device: &burn::backend::cuda::CudaDevice| -> Result<Box<dyn TensorCollective<Cuda>>> {
-        if !nccl {
-            return join_ring(args);
-        }
-        let env = bonfire_collective::DistEnv::from_env()?;
-        Ok(Box::new(cuda::nccl(&env, device, Duration::from_secs_f64(args.timeout))?))
-    };
-    run::<Autodiff<Cuda>>(args, devices, train_set, test_set, join)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn run_cuda(_: &TrainArgs, _: &ImageDataset, _: &ImageDataset) -> Result<()> {
-    Err(no_cuda().into())
-}
-
-/// The communication each strategy accepts.
 /// Flags that can be checked before any worker starts, so that a mistake is
 /// reported once, by the launching process, not once per worker.
 fn check_flags(args: &TrainArgs, launched: bool) -> Result<()> {
@@ -291,6 +260,7 @@ fn check_flags(args: &TrainArgs, launched: bool) -> Result<()> {
     Ok(())
 }
 
+/// The communication each strategy accepts.
 fn check_comm(args: &TrainArgs) -> Result<()> {
     let Some(comm) = args.comm else { return Ok(()) };
     if args.strategy != StrategyKind::Ddp {
@@ -308,26 +278,6 @@ fn check_comm(args: &TrainArgs) -> Result<()> {
 fn comm_kind(args: &TrainArgs) -> CommKind {
     let cuda_processes = args.strategy == StrategyKind::Ddp && args.backend == BackendKind::Cuda && !args.threads;
     args.comm.unwrap_or(if cuda_processes { CommKind::Nccl } else { CommKind::Ring })
-}
-
-/// Before starting NCCL workers: the library is there and each has a GPU.
-#[cfg(feature = "cuda")]
-fn nccl_preflight(workers: usize) -> Result<()> {
-    bonfire_collective::NcclCommunicator::libraries_present().map_err(Unavailable)?;
-    let count = cuda::device_count()?;
-    if workers > count {
-        return Err(Unavailable(format!(
-            "{workers} workers over NCCL need {workers} GPUs, and this machine has {count}; {}",
-            cuda::SHARE_HINT
-        ))
-        .into());
-    }
-    Ok(())
-}
-
-#[cfg(not(feature = "cuda"))]
-fn nccl_preflight(_: usize) -> Result<()> {
-    Err(no_cuda().into())
 }
 
 /// A launched worker joins the others in the TCP ring.
@@ -351,32 +301,6 @@ fn diff_weights(a: &std::path::Path, b: &std::path::Path, tolerance: f64) -> Res
         bail!("the weights differ by {worst:.3e}, more than {tolerance:.1e}");
     }
     Ok(())
-}
-
-#[cfg(feature = "cuda")]
-fn nccl_check(sizes_mib: &[usize]) -> Result<()> {
-    cuda::nccl_check(sizes_mib)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn nccl_check(_: &[usize]) -> Result<()> {
-    Err(no_cuda().into())
-}
-
-/// CUDA devices 0..n, each checked.
-#[cfg(feature = "cuda")]
-fn cuda_devices(n: usize) -> Result<Vec<burn::backend::cuda::CudaDevice>, Unavailable> {
-    (0..n).map(cuda::device).collect()
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_devices(_: usize) -> Result<Vec<()>, Unavailable> {
-    Err(no_cuda())
-}
-
-#[cfg(not(feature = "cuda"))]
-fn no_cuda() -> Unavailable {
-    Unavailable("the cuda backend is not part of this build; build bonfire with `--features cuda`".into())
 }
 
 /// Runs `f` with panics caught and not printed, returning a panic's message

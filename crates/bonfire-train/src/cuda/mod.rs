@@ -1,0 +1,94 @@
+//! The CUDA backend's entry points for the command. With the `cuda` feature
+//! they train on GPUs (`gpu.rs`); without it each is a clear
+//! [`Unavailable`] error (exit code 2), so that the rest of the command
+//! never needs to know which build it is.
+
+#[cfg(feature = "cuda")]
+mod gpu;
+
+use anyhow::Result;
+
+use bonfire_data::ImageDataset;
+
+use crate::{TrainArgs, Unavailable};
+
+/// Trains on CUDA: for DP one device per replica (0..workers), else the one
+/// of LOCAL_RANK. The ring lets workers share devices round-robin; NCCL needs
+/// a device of its own for each.
+#[cfg(feature = "cuda")]
+pub fn run(args: &TrainArgs, train_set: &ImageDataset, test_set: &ImageDataset) -> Result<()> {
+    use std::time::Duration;
+
+    use bonfire_collective::{DistEnv, TensorCollective};
+    use burn::backend::{Autodiff, Cuda};
+
+    use crate::{comm_kind, join_ring, CommKind, StrategyKind};
+
+    let local = if DistEnv::launched() { DistEnv::from_env()?.local_rank } else { 0 };
+    let nccl = comm_kind(args) == CommKind::Nccl;
+    let devices = match args.strategy {
+        StrategyKind::Dp => devices(args.workers)?,
+        _ if nccl => vec![gpu::device(local).map_err(|e| Unavailable(format!("{e}; {}", gpu::SHARE_HINT)))?],
+        _ => vec![gpu::device(local % gpu::device_count()?)?],
+    };
+    let join = |device: &burn::backend::cuda::CudaDevice| -> Result<Box<dyn TensorCollective<Cuda>>> {
+        if !nccl {
+            return join_ring(args);
+        }
+        let env = DistEnv::from_env()?;
+        Ok(Box::new(gpu::nccl(&env, device, Duration::from_secs_f64(args.timeout))?))
+    };
+    crate::run::<Autodiff<Cuda>>(args, devices, train_set, test_set, join)
+}
+
+/// Before starting NCCL workers: the library is there and each has a GPU.
+#[cfg(feature = "cuda")]
+pub fn nccl_preflight(workers: usize) -> Result<()> {
+    bonfire_collective::NcclCommunicator::libraries_present().map_err(Unavailable)?;
+    let count = gpu::device_count()?;
+    if workers > count {
+        return Err(Unavailable(format!(
+            "{workers} workers over NCCL need {workers} GPUs, and this machine has {count}; {}",
+            gpu::SHARE_HINT
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// `bonfire nccl-check`.
+#[cfg(feature = "cuda")]
+pub fn nccl_check(sizes_mib: &[usize]) -> Result<()> {
+    gpu::nccl_check(sizes_mib)
+}
+
+/// CUDA devices 0..n, each checked.
+#[cfg(feature = "cuda")]
+pub fn devices(n: usize) -> Result<Vec<burn::backend::cuda::CudaDevice>, Unavailable> {
+    (0..n).map(gpu::device).collect()
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn run(_: &TrainArgs, _: &ImageDataset, _: &ImageDataset) -> Result<()> {
+    Err(missing().into())
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn nccl_preflight(_: usize) -> Result<()> {
+    Err(missing().into())
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn nccl_check(_: &[usize]) -> Result<()> {
+    Err(missing().into())
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn devices(_: usize) -> Result<Vec<()>, Unavailable> {
+    Err(missing())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn missing() -> Unavailable {
+    Unavailable("the cuda backend is not part of this build; build bonfire with `--features cuda`".into())
+}
