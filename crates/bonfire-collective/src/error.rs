@@ -63,6 +63,16 @@ impl CommError {
         CommError::Io { context: context.into(), source }
     }
 
+    /// The peer this error blames for not answering: the rank waited for,
+    /// the first that never arrived, or the one lost.
+    pub fn silent_peer(&self) -> Option<usize> {
+        match self {
+            CommError::Timeout { rank, .. } | CommError::PeerLost { rank, .. } => Some(*rank),
+            CommError::Missing { ranks, .. } => ranks.first().copied(),
+            _ => None,
+        }
+    }
+
     pub(crate) fn invalid(op: &'static str, detail: impl Into<String>) -> Self {
         CommError::Invalid { op, detail: detail.into() }
     }

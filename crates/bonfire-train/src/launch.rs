@@ -8,13 +8,48 @@
 
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use bonfire_collective::JOB_TOKEN_VAR;
+use bonfire_collective::{CommError, JOB_TOKEN_VAR};
+use bonfire_parallel::ParallelError;
+
+/// The folder where a failing worker leaves a note naming the peer that
+/// stopped answering it, for the launcher's final message.
+const REPORT_DIR_VAR: &str = "BONFIRE_REPORT_DIR";
+
+/// Called by a failing worker: if `error` blames a silent peer and a
+/// launcher asked for reports, leaves `rank-R` in its folder: the peer's
+/// rank, then the error.
+pub fn report_failure(error: &anyhow::Error) {
+    let Some(dir) = std::env::var_os(REPORT_DIR_VAR) else { return };
+    let Ok(rank) = std::env::var("RANK") else { return };
+    let peer = error.chain().find_map(|cause| {
+        let comm = cause.downcast_ref::<CommError>().or_else(|| match cause.downcast_ref::<ParallelError>() {
+            Some(ParallelError::Comm(comm)) => Some(comm),
+            _ => None,
+        });
+        comm.and_then(CommError::silent_peer)
+    });
+    if let Some(peer) = peer {
+        let _ = std::fs::write(Path::new(&dir).join(format!("rank-{rank}")), format!("{peer}\n{error:#}"));
+    }
+}
+
+/// The rank that the failed workers' reports blame and that did not fail
+/// itself, with the first report that blames it.
+fn silent_rank(dir: &Path, failed: &[usize]) -> Option<(usize, String)> {
+    failed.iter().find_map(|rank| {
+        let report = std::fs::read_to_string(dir.join(format!("rank-{rank}"))).ok()?;
+        let (peer, message) = report.split_once('\n')?;
+        let peer: usize = peer.parse().ok()?;
+        (!failed.contains(&peer)).then(|| (peer, format!("rank {rank}: {message}")))
+    })
+}
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LaunchArgs {
@@ -68,6 +103,8 @@ pub fn launch(args: &LaunchArgs) -> Result<()> {
     let token = job_token(args.nnodes)?;
     let world = args.nproc_per_node * args.nnodes;
     let threads = worker_threads(args.nproc_per_node);
+    let reports = std::env::temp_dir().join(format!("bonfire-launch-{}", std::process::id()));
+    std::fs::create_dir_all(&reports).context("creating the folder for the workers' failure reports")?;
     let mut children: Vec<(usize, Child)> = Vec::new();
     for local in 0..args.nproc_per_node {
         let rank = args.node_rank * args.nproc_per_node + local;
@@ -84,6 +121,7 @@ pub fn launch(args: &LaunchArgs) -> Result<()> {
             .env("MASTER_ADDR", &args.master_addr)
             .env("MASTER_PORT", port.to_string())
             .env(JOB_TOKEN_VAR, &token)
+            .env(REPORT_DIR_VAR, &reports)
             .process_group(0)
             .spawn()
             .with_context(|| format!("starting rank {rank}: {}", args.command[0]));
@@ -100,7 +138,9 @@ pub fn launch(args: &LaunchArgs) -> Result<()> {
     // Only one handler per process; a second launch in the same process
     // keeps the first one, which sets the same kind of flag.
     let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
-    watch(children, &interrupted)
+    let result = watch(children, &interrupted, &reports);
+    let _ = std::fs::remove_dir_all(&reports);
+    result
 }
 
 /// The secret the workers present at the rendezvous: the user's
@@ -123,7 +163,7 @@ fn job_token(nnodes: usize) -> Result<String> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn watch(mut children: Vec<(usize, Child)>, interrupted: &AtomicBool) -> Result<()> {
+fn watch(mut children: Vec<(usize, Child)>, interrupted: &AtomicBool, reports: &Path) -> Result<()> {
     while !children.is_empty() {
         if interrupted.load(Ordering::SeqCst) {
             stop(&mut children);
@@ -150,8 +190,14 @@ fn watch(mut children: Vec<(usize, Child)>, interrupted: &AtomicBool) -> Result<
         // in the same instant most likely failed because they lost it.
         failed
             .sort_by_key(|(rank, _, status)| (std::os::unix::process::ExitStatusExt::signal(status).is_none(), *rank));
-        let what: Vec<String> =
+        let mut what: Vec<String> =
             failed.iter().map(|(rank, _, status)| format!("rank {rank} {}", describe(*status))).collect();
+        // A worker that froze fails nobody's exit status; those that waited
+        // for it name it in their reports.
+        let ranks: Vec<usize> = failed.iter().map(|(rank, _, _)| *rank).collect();
+        if let Some((silent, why)) = silent_rank(reports, &ranks) {
+            what.insert(0, format!("rank {silent} stopped answering ({why})"));
+        }
         // Whatever the failed workers started goes with them.
         let gone: Vec<(usize, Child)> = failed.into_iter().map(|(rank, child, _)| (rank, child)).collect();
         signal_groups(&gone, SIGKILL);

@@ -177,6 +177,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            launch::report_failure(&e);
             if e.downcast_ref::<Unavailable>().is_some() {
                 ExitCode::from(EXIT_UNAVAILABLE)
             } else {

@@ -107,6 +107,21 @@ fn a_worker_killed_mid_epoch_stops_the_job_and_resume_finishes_it() {
     assert!(metrics.lines().last().unwrap().starts_with("3,"), "the run finished epoch 3: {metrics}");
 }
 
+/// Rank 0 hosts the rendezvous store; frozen, it is still the one named.
+#[test]
+fn a_frozen_rank_0_is_named_as_the_cause() {
+    let dir = out_dir("sigstop0");
+    let mut job =
+        bonfire().args(training_args(&dir, "3")).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for_file(&dir.join("ckpt").join("checkpoint.bfck"), Duration::from_secs(120), &mut job);
+    signal(worker_pid(job.id(), 0, Duration::from_secs(5)), "STOP");
+    let (out, _) = finish(job, Duration::from_secs(30));
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    let last = log.lines().filter(|l| l.starts_with("error:")).last().unwrap_or_default();
+    assert!(last.contains("rank 0 stopped answering") && last.contains("waiting for rank 0"), "{log}");
+}
+
 #[test]
 fn a_frozen_worker_is_reported_by_the_stall_inspector_and_caught_by_the_timeout() {
     let dir = out_dir("sigstop");
@@ -123,6 +138,7 @@ fn a_frozen_worker_is_reported_by_the_stall_inspector_and_caught_by_the_timeout(
     assert!(log.contains("stall: rank 0 has waited") && log.contains("rank 1"), "{log}");
     assert!(log.contains("timed out after 3s") && log.contains("waiting for rank 1"), "{log}");
     assert!(log.contains("rank 0 exited with code 1"), "{log}");
+    assert!(log.contains("rank 1 stopped answering (rank 0: "), "the final line names the frozen rank: {log}");
     assert!(took < Duration::from_secs(3 + 10), "stopping took {took:?}");
     // The launcher took the frozen worker down with the rest.
     assert!(
