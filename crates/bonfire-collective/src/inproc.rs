@@ -7,7 +7,7 @@
 //! same bytes (at N = 2 it is this very schedule) but needs 2(N-1)
 //! synchronised steps instead of two, and staging through a shared scratch
 //! buffer would add a full copy in and a full copy out. So the direct form is
-//! the fastest on shared memory; the README's performance table gives what it
+//! the fastest on shared memory; docs/performance.md gives what it
 //! reaches against the machine's memcpy bandwidth. `all_reduce_from` goes
 //! one step further for DDP: the input stays where it lies (a bucket's
 //! gradients) and each rank writes its reduced slice into every rank's
