@@ -31,7 +31,9 @@ pub use bonfire_collective::NcclCommunicator;
 pub use bonfire_collective::{
     CommError, Communicator, DistEnv, InProcCommunicator, ReduceOp, TcpCommunicator, TcpConfig, TensorCollective,
 };
-pub use bonfire_parallel::{CommHook, DataParallel, DdpConfig, DistributedDataParallel, HookBackend, ParallelError};
+pub use bonfire_parallel::{
+    CommHook, DataParallel, DdpConfig, DistributedDataParallel, HookBackend, ParallelError, Strategy,
+};
 
 /// `use bonfire::prelude::*;` gives the strategies, their configuration, the
 /// communicators and the errors. [`TensorCollective`] stays out: every
@@ -42,6 +44,6 @@ pub mod prelude {
     pub use crate::NcclCommunicator;
     pub use crate::{
         CommError, CommHook, Communicator, DataParallel, DdpConfig, DistEnv, DistributedDataParallel, HookBackend,
-        InProcCommunicator, ParallelError, ReduceOp, TcpCommunicator, TcpConfig,
+        InProcCommunicator, ParallelError, ReduceOp, Strategy, TcpCommunicator, TcpConfig,
     };
 }

@@ -145,3 +145,54 @@ fn dp_over_two_replicas_equals_one_worker_on_the_whole_batch() {
     let d = max_diff(&values(&model), &want);
     assert!(d <= 1e-5, "DP is {d} away from one worker");
 }
+
+/// `Strategy::step`, the one call a training loop makes, gives one worker's
+/// weights under each strategy.
+#[test]
+fn every_strategy_step_equals_one_worker_on_the_whole_batch() {
+    let want = one_worker();
+    let train = |mut strategy: Strategy<B>, rows_of: &dyn Fn(usize) -> std::ops::Range<usize>| {
+        let device = Default::default();
+        let mut model = net(&device);
+        let mut opt = sgd();
+        for step in 0..STEPS {
+            let (x, y) = rows(step, rows_of(strategy.rank()), &device);
+            let (_, grads) = strategy.step(&model, x, y, |m, x| m.logits(x), loss).unwrap();
+            model = opt.step(0.1, model, grads);
+        }
+        values(&model)
+    };
+    let d = max_diff(&train(Strategy::Single, &|_| 0..BATCH), &want);
+    assert!(d <= 1e-5, "single is {d} away from one worker");
+    let dp = DataParallel::<B>::new(vec![Default::default(); 2]).unwrap();
+    let d = max_diff(&train(Strategy::Dp(dp), &|_| 0..BATCH), &want);
+    assert!(d <= 1e-5, "DP is {d} away from one worker");
+
+    let comms = InProcCommunicator::group(2).unwrap();
+    let got: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let workers: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                s.spawn(move || {
+                    let device = Default::default();
+                    let (ddp, mut model) =
+                        DistributedDataParallel::new(net(&device), Box::new(comm), DdpConfig::default()).unwrap();
+                    let mut strategy = Strategy::Ddp(Box::new(ddp));
+                    let (rank, half) = (strategy.rank(), BATCH / 2);
+                    let mut opt = sgd();
+                    for step in 0..STEPS {
+                        let (x, y) = rows(step, rank * half..(rank + 1) * half, &device);
+                        let (_, grads) = strategy.step(&model, x, y, |m, x| m.logits(x), loss).unwrap();
+                        model = opt.step(0.1, model, grads);
+                    }
+                    values(&model)
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    for (rank, got) in got.iter().enumerate() {
+        let d = max_diff(got, &want);
+        assert!(d <= 1e-5, "DDP rank {rank} through Strategy is {d} away from one worker");
+    }
+}

@@ -3,6 +3,7 @@
 //! - [`DistributedDataParallel`]: one worker per device (threads or
 //!   processes), gradients averaged in buckets while backward runs.
 //! - [`DataParallel`]: one process driving several devices.
+//! - [`Strategy`]: one step call over both and a single device.
 
 mod bucket;
 mod buffers;
@@ -15,6 +16,7 @@ mod hook;
 mod host_bucket;
 mod params;
 mod reducer;
+mod strategy;
 
 pub use buffers::settle as settle_buffers;
 pub use comm_hook::CommHook;
@@ -23,3 +25,4 @@ pub use dp::{DataParallel, Replicas};
 pub use error::{ParallelError, Result};
 pub use hook::{GradientSink, HookBackend};
 pub use params::{param_infos, values_from_host, values_to_host, ParamInfo};
+pub use strategy::Strategy;

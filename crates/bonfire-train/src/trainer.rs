@@ -6,11 +6,11 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use bonfire_collective::TensorCollective;
 use bonfire_data::{DistributedSampler, ImageDataset};
-use bonfire_parallel::{DataParallel, DdpConfig, DistributedDataParallel, HookBackend};
+use bonfire_parallel::{DataParallel, DdpConfig, DistributedDataParallel, HookBackend, Strategy};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::momentum::MomentumConfig;
-use burn::optim::{AdamConfig, GradientsParams, Optimizer, SgdConfig};
+use burn::optim::{AdamConfig, Optimizer, SgdConfig};
 use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
@@ -126,13 +126,6 @@ fn with_optimizer<B: HookBackend, M: TrainableClassifier<B>>(
     }
 }
 
-/// The per-step work of each strategy.
-enum Strategy<B: HookBackend> {
-    Single,
-    Dp(DataParallel<B>),
-    Ddp(Box<DistributedDataParallel<B>>),
-}
-
 fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
     device: &B::Device,
     train: &ImageDataset,
@@ -158,19 +151,16 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
         opt = opt.load_record(opt_record);
         start_epoch = ckpt.epochs_done as usize;
     }
-    let (mut strategy, rank, world) = match parallel {
-        Parallel::Single => (Strategy::Single, 0, 1),
-        Parallel::Dp { devices } => {
-            let dp = DataParallel::<B>::new(devices)?;
-            (Strategy::Dp(dp), 0, 1)
-        }
+    let mut strategy = match parallel {
+        Parallel::Single => Strategy::Single,
+        Parallel::Dp { devices } => Strategy::Dp(DataParallel::<B>::new(devices)?),
         Parallel::Ddp { comm } => {
-            let (rank, world) = (comm.rank(), comm.world_size());
             let (ddp, m) = DistributedDataParallel::new(model, comm, DdpConfig::default())?;
             model = m;
-            (Strategy::Ddp(Box::new(ddp)), rank, world)
+            Strategy::Ddp(Box::new(ddp))
         }
     };
+    let (rank, world) = (strategy.rank(), strategy.world_size());
     if options.global_batch == 0 || options.global_batch % world != 0 {
         bail!("--batch-size {} must be a positive multiple of the {world} workers", options.global_batch);
     }
@@ -192,24 +182,10 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
         for indices in sampler.indices(epoch as u64).chunks(per_rank) {
             let step_start = Instant::now();
             let (x, y) = to_tensors::<B>(train, indices, device);
-            let (loss, grads) = match &mut strategy {
-                Strategy::Single => {
-                    let loss = loss_fn.forward(model.forward(x), y);
-                    let grads = GradientsParams::from_grads(loss.backward(), &model);
-                    (loss_value(&loss), grads)
-                }
-                Strategy::Dp(dp) => {
-                    let (logits, replicas) = dp.forward(&model, x, |m, x| m.forward(x))?;
-                    let loss = loss_fn.forward(logits, y);
-                    let value = loss_value(&loss);
-                    (value, dp.backward(loss, &model, replicas)?)
-                }
-                Strategy::Ddp(ddp) => {
-                    let loss = loss_fn.forward(ddp.forward_module(&model).forward(x), y);
-                    let value = loss_value(&loss);
-                    (value, ddp.backward(loss).context("synchronising gradients")?)
-                }
-            };
+            let (loss, grads) = strategy
+                .step(&model, x, y, |m, x| m.forward(x), |logits, y| loss_fn.forward(logits, y))
+                .context("the training step")?;
+            let loss = loss_value(&loss);
             if !loss.is_finite() {
                 // Stop before the optimizer spreads it into the weights, and
                 // before any checkpoint could be written from them.
