@@ -66,7 +66,8 @@ type BufferSync<B> = Box<dyn FnOnce(&CommThread<Inner<B>>) -> Result<()> + Send>
 /// Registers a parameter's gradient from its averaged values (flattened, f32).
 type Registrar<B> = Box<dyn Fn(Tensor<Inner<B>, 1>, &mut GradientsParams) + Send + Sync>;
 
-/// Data-parallel training over the ranks of a [`Communicator`].
+/// Data-parallel training over the ranks of a [`TensorCollective`] (any
+/// [`Communicator`](bonfire_collective::Communicator), or NCCL).
 ///
 /// ```ignore
 /// let (mut ddp, mut model) = DistributedDataParallel::new(model, comm, DdpConfig::default())?;
