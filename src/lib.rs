@@ -20,8 +20,9 @@
 //! # Ok(()) }
 //! ```
 //!
-//! `examples/` holds complete programs: `ddp_custom_loop` (threads),
-//! `ddp_processes` (processes over TCP), `data_parallel` and `wgpu`.
+//! `examples/` holds complete programs: `quickstart` (the README's),
+//! `ddp_custom_loop` (threads), `ddp_processes` (processes over TCP),
+//! `data_parallel` and `wgpu`.
 
 pub use bonfire_collective as collective;
 pub use bonfire_parallel as parallel;

@@ -196,3 +196,16 @@ fn every_strategy_step_equals_one_worker_on_the_whole_batch() {
         assert!(d <= 1e-5, "DDP rank {rank} through Strategy is {d} away from one worker");
     }
 }
+
+/// The README's example is `examples/quickstart.rs` word for word, so that
+/// what readers copy is what the tests build and run.
+#[test]
+fn the_readmes_example_is_the_quickstart_example() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let example = std::fs::read_to_string(root.join("examples/quickstart.rs")).unwrap();
+    assert!(
+        readme.contains(&format!("```rust\n{example}```")),
+        "README.md's example differs from examples/quickstart.rs"
+    );
+}
