@@ -89,7 +89,7 @@ impl NcclCommunicator {
         } else {
             let bytes = rendezvous
                 .store
-                .get("nccl/id", crate::tcp::remaining(deadline))?
+                .get("nccl/id", crate::rendezvous::remaining(deadline))?
                 .ok_or(CommError::Timeout { op: "NCCL rendezvous", rank: 0, waited: timeout })?;
             let mut id = nccl_sys::ncclUniqueId { internal: [0; 128] };
             if bytes.len() != id.internal.len() {

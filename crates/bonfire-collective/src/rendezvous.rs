@@ -8,7 +8,12 @@ use std::time::{Duration, Instant};
 use crate::env::DistEnv;
 use crate::error::{CommError, Result};
 use crate::store::{StoreClient, StoreServer};
-use crate::tcp::remaining;
+
+/// The time left until `deadline`: every wait of joining a job (here, in
+/// the ring's and NCCL's own setup) counts against one deadline.
+pub(crate) fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
 
 /// This worker's place at the rendezvous.
 pub(crate) struct Rendezvous {

@@ -13,7 +13,7 @@ use crate::communicator::{check_blocks, Communicator, DEFAULT_TIMEOUT};
 use crate::element::{with_pair, with_slice, BufMut, BufRef, DType, Element, ReduceOp};
 use crate::env::DistEnv;
 use crate::error::{CommError, Result};
-use crate::rendezvous::Rendezvous;
+use crate::rendezvous::{remaining, Rendezvous};
 use crate::store::StoreServer;
 use pipeline::{io_error, Link, Watch};
 use plan::Phases;
@@ -357,10 +357,6 @@ fn exchange_header(watch: &Watch, link: &Link, mine: Header) -> Result<()> {
         None => Ok(()),
         Some(detail) => Err(CommError::Mismatch { op: name, rank: link.prev_rank, detail }),
     }
-}
-
-pub(crate) fn remaining(deadline: Instant) -> Duration {
-    deadline.saturating_duration_since(Instant::now())
 }
 
 fn tune(socket: &SockRef<'_>, buffer: usize) -> Result<()> {
