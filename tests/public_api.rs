@@ -93,6 +93,33 @@ fn one_worker() -> Vec<f32> {
     trained
 }
 
+/// Runs `worker(comm, rank's rows of a step's batch)` on each rank of a
+/// group of two threads and asserts each rank ends at `want`.
+fn on_two_threads(
+    want: &[f32],
+    worker: impl Fn(InProcCommunicator, &dyn Fn(usize) -> std::ops::Range<usize>) -> Vec<f32> + Sync,
+) {
+    let comms = InProcCommunicator::group(2).unwrap();
+    let got: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let workers: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                let worker = &worker;
+                s.spawn(move || {
+                    let half = BATCH / 2;
+                    let rank = comm.rank();
+                    worker(comm, &move |_| rank * half..(rank + 1) * half)
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    for (rank, got) in got.iter().enumerate() {
+        let d = max_diff(got, want);
+        assert!(d <= 1e-5, "rank {rank} is {d} away from one worker");
+    }
+}
+
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
@@ -100,34 +127,18 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn ddp_over_two_threads_equals_one_worker_on_the_whole_batch() {
-    let want = one_worker();
-    let comms = InProcCommunicator::group(2).unwrap();
-    let got: Vec<Vec<f32>> = std::thread::scope(|s| {
-        let workers: Vec<_> = comms
-            .into_iter()
-            .map(|comm| {
-                s.spawn(move || {
-                    let device = Default::default();
-                    let rank = comm.rank();
-                    let (mut ddp, mut model) =
-                        DistributedDataParallel::new(net(&device), Box::new(comm), DdpConfig::default()).unwrap();
-                    let mut opt = sgd();
-                    let half = BATCH / 2;
-                    for step in 0..STEPS {
-                        let (x, y) = rows(step, rank * half..(rank + 1) * half, &device);
-                        let grads = ddp.backward(loss(ddp.forward_module(&model).logits(x), y)).unwrap();
-                        model = opt.step(0.1, model, grads);
-                    }
-                    values(&model)
-                })
-            })
-            .collect();
-        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    on_two_threads(&one_worker(), |comm, my_rows| {
+        let device = Default::default();
+        let (mut ddp, mut model) =
+            DistributedDataParallel::new(net(&device), Box::new(comm), DdpConfig::default()).unwrap();
+        let mut opt = sgd();
+        for step in 0..STEPS {
+            let (x, y) = rows(step, my_rows(step), &device);
+            let grads = ddp.backward(loss(ddp.forward_module(&model).logits(x), y)).unwrap();
+            model = opt.step(0.1, model, grads);
+        }
+        values(&model)
     });
-    for (rank, got) in got.iter().enumerate() {
-        let d = max_diff(got, &want);
-        assert!(d <= 1e-5, "rank {rank} is {d} away from one worker");
-    }
 }
 
 #[test]
@@ -146,55 +157,40 @@ fn dp_over_two_replicas_equals_one_worker_on_the_whole_batch() {
     assert!(d <= 1e-5, "DP is {d} away from one worker");
 }
 
+/// Trains `model` for the test's steps through `strategy.step`, on rows
+/// `my_rows(step)` of each step's batch.
+fn train_from(
+    mut strategy: Strategy<B>,
+    mut model: Net<B>,
+    my_rows: &dyn Fn(usize) -> std::ops::Range<usize>,
+) -> Vec<f32> {
+    let device = Default::default();
+    let mut opt = sgd();
+    for step in 0..STEPS {
+        let (x, y) = rows(step, my_rows(step), &device);
+        let (_, grads) = strategy.step(&model, x, y, |m, x| m.logits(x), loss).unwrap();
+        model = opt.step(0.1, model, grads);
+    }
+    values(&model)
+}
+
 /// `Strategy::step`, the one call a training loop makes, gives one worker's
 /// weights under each strategy.
 #[test]
 fn every_strategy_step_equals_one_worker_on_the_whole_batch() {
     let want = one_worker();
-    let train = |mut strategy: Strategy<B>, rows_of: &dyn Fn(usize) -> std::ops::Range<usize>| {
-        let device = Default::default();
-        let mut model = net(&device);
-        let mut opt = sgd();
-        for step in 0..STEPS {
-            let (x, y) = rows(step, rows_of(strategy.rank()), &device);
-            let (_, grads) = strategy.step(&model, x, y, |m, x| m.logits(x), loss).unwrap();
-            model = opt.step(0.1, model, grads);
-        }
-        values(&model)
-    };
-    let d = max_diff(&train(Strategy::Single, &|_| 0..BATCH), &want);
+    let device = Default::default();
+    let d = max_diff(&train_from(Strategy::Single, net(&device), &|_| 0..BATCH), &want);
     assert!(d <= 1e-5, "single is {d} away from one worker");
-    let dp = DataParallel::<B>::new(vec![Default::default(); 2]).unwrap();
-    let d = max_diff(&train(Strategy::Dp(dp), &|_| 0..BATCH), &want);
+    let dp = DataParallel::<B>::new(vec![device; 2]).unwrap();
+    let d = max_diff(&train_from(Strategy::Dp(dp), net(&device), &|_| 0..BATCH), &want);
     assert!(d <= 1e-5, "DP is {d} away from one worker");
 
-    let comms = InProcCommunicator::group(2).unwrap();
-    let got: Vec<Vec<f32>> = std::thread::scope(|s| {
-        let workers: Vec<_> = comms
-            .into_iter()
-            .map(|comm| {
-                s.spawn(move || {
-                    let device = Default::default();
-                    let (ddp, mut model) =
-                        DistributedDataParallel::new(net(&device), Box::new(comm), DdpConfig::default()).unwrap();
-                    let mut strategy = Strategy::Ddp(Box::new(ddp));
-                    let (rank, half) = (strategy.rank(), BATCH / 2);
-                    let mut opt = sgd();
-                    for step in 0..STEPS {
-                        let (x, y) = rows(step, rank * half..(rank + 1) * half, &device);
-                        let (_, grads) = strategy.step(&model, x, y, |m, x| m.logits(x), loss).unwrap();
-                        model = opt.step(0.1, model, grads);
-                    }
-                    values(&model)
-                })
-            })
-            .collect();
-        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    on_two_threads(&want, |comm, my_rows| {
+        let device = Default::default();
+        let (ddp, model) = DistributedDataParallel::new(net(&device), Box::new(comm), DdpConfig::default()).unwrap();
+        train_from(Strategy::Ddp(Box::new(ddp)), model, my_rows)
     });
-    for (rank, got) in got.iter().enumerate() {
-        let d = max_diff(got, &want);
-        assert!(d <= 1e-5, "DDP rank {rank} through Strategy is {d} away from one worker");
-    }
 }
 
 /// The README's example is `examples/quickstart.rs` word for word, so that

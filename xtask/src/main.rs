@@ -45,15 +45,19 @@ fn main() -> anyhow::Result<()> {
 /// Runs `cargo build ARGS` in the workspace with extra environment `env`;
 /// `what` names the build in the error.
 pub fn cargo_build(args: &[&str], env: &[(&str, &str)], what: &str) -> anyhow::Result<()> {
+    cargo(&[&["build"], args].concat(), env).map_err(|_| anyhow::anyhow!("building {what} failed"))
+}
+
+/// Runs `cargo ARGS` in the workspace with extra environment `env`.
+pub fn cargo(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
     let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .arg("build")
         .args(args)
         .envs(env.iter().copied())
         .current_dir(root())
         .status()
         .map_err(|e| anyhow::anyhow!("running cargo: {e}"))?;
     if !status.success() {
-        anyhow::bail!("building {what} failed");
+        anyhow::bail!("`cargo {}` failed", args.join(" "));
     }
     Ok(())
 }

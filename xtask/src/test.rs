@@ -49,15 +49,7 @@ fn examples(dir: &Path) -> Result<Vec<String>> {
 
 fn cargo(args: &[&str]) -> Result<()> {
     eprintln!("+ cargo {}", args.join(" "));
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(args)
-        .current_dir(root())
-        .status()
-        .context("running cargo")?;
-    if !status.success() {
-        bail!("`cargo {}` failed", args.join(" "));
-    }
-    Ok(())
+    crate::cargo(args, &[])
 }
 
 fn install_packages() -> Result<()> {

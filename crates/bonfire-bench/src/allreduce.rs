@@ -3,7 +3,7 @@
 //! per call on rank 0. busbw = bytes / time * 2(n-1)/n (nccl-tests).
 
 use std::net::TcpListener;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -89,22 +89,15 @@ fn inproc(args: &Args) -> Result<()> {
 
 fn tcp(args: &Args) -> Result<()> {
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let exe = std::env::current_exe()?;
     let sizes: Vec<String> = args.sizes_mib.iter().map(|s| s.to_string()).collect();
     let children = (0..args.world)
         .map(|rank| {
-            let mut cmd = Command::new(&exe);
+            let mut cmd = crate::local_rank_command(rank, args.world, port)?;
             cmd.arg("allreduce-worker").arg("--sizes-mib").arg(sizes.join(","));
             if let Some(c) = args.chunk_bytes {
                 cmd.arg("--chunk-bytes").arg(c.to_string());
             }
-            cmd.env("RANK", rank.to_string())
-                .env("WORLD_SIZE", args.world.to_string())
-                .env("LOCAL_RANK", rank.to_string())
-                .env("LOCAL_WORLD_SIZE", args.world.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", port.to_string())
-                .stdout(if rank == 0 { Stdio::inherit() } else { Stdio::null() })
+            cmd.stdout(if rank == 0 { Stdio::inherit() } else { Stdio::null() })
                 .spawn()
                 .context("starting a benchmark worker")
         })

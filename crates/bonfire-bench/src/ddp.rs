@@ -9,7 +9,7 @@
 //! Each row also carries the page faults per worker and step, the cost of
 //! memory that is made anew every step.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -213,19 +213,12 @@ fn local(args: &Args) -> Result<Timing> {
 /// `variant` as two processes of this program over the TCP ring; rank 0's
 /// timing.
 fn on_two_processes(args: &Args, variant: &str) -> Result<Timing> {
-    let exe = std::env::current_exe()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let children = (0..2)
         .map(|rank| {
-            Command::new(&exe)
+            crate::local_rank_command(rank, 2, port)?
                 .args(["ddp-worker", "--variant", variant])
                 .args(["--steps", &args.steps.to_string(), "--batch", &args.batch.to_string()])
-                .env("RANK", rank.to_string())
-                .env("WORLD_SIZE", "2")
-                .env("LOCAL_RANK", rank.to_string())
-                .env("LOCAL_WORLD_SIZE", "2")
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", port.to_string())
                 // Each process gets one of the cores, as the threads do.
                 .env("RAYON_NUM_THREADS", "1")
                 .stdout(Stdio::piped())

@@ -7,6 +7,20 @@ mod kernels;
 
 use clap::{Parser, Subcommand};
 
+/// This program again, as rank `rank` of a `world`-process job on this host
+/// whose rendezvous is at 127.0.0.1:`port` (torchrun's variables).
+pub fn local_rank_command(rank: usize, world: usize, port: u16) -> std::io::Result<std::process::Command> {
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    command
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("LOCAL_WORLD_SIZE", world.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string());
+    Ok(command)
+}
+
 #[derive(Parser)]
 #[command(about = "Bonfire benchmarks (run through `cargo xtask bench`)")]
 struct Cli {

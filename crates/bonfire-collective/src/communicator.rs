@@ -69,8 +69,8 @@ pub trait Communicator: Send {
     }
 }
 
-/// Copies `segments` one after another into `output`, which they must fill.
-pub(crate) fn pack(segments: &[&[f32]], output: &mut [f32]) -> Result<()> {
+/// Checks that `segments`, one after another, exactly fill `output`.
+pub(crate) fn check_segments(segments: &[&[f32]], output: &[f32]) -> Result<()> {
     let total: usize = segments.iter().map(|s| s.len()).sum();
     if total != output.len() {
         return Err(crate::CommError::invalid(
@@ -78,6 +78,12 @@ pub(crate) fn pack(segments: &[&[f32]], output: &mut [f32]) -> Result<()> {
             format!("the input segments hold {total} values but the output {}", output.len()),
         ));
     }
+    Ok(())
+}
+
+/// Copies `segments` one after another into `output`, which they must fill.
+fn pack(segments: &[&[f32]], output: &mut [f32]) -> Result<()> {
+    check_segments(segments, output)?;
     let mut at = 0;
     for s in segments {
         output[at..at + s.len()].copy_from_slice(s);

@@ -24,7 +24,7 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::communicator::{check_blocks, split, Communicator, DEFAULT_TIMEOUT};
+use crate::communicator::{check_blocks, check_segments, split, Communicator, DEFAULT_TIMEOUT};
 use crate::element::{with_pair, with_slice, BufMut, BufRef, DType, Element, ReduceOp};
 use crate::error::{CommError, Result};
 
@@ -242,13 +242,8 @@ impl InProcCommunicator {
     /// for packing and reducing in place.
     fn all_reduce_from_f32(&self, input: &[&[f32]], output: &mut [f32], op: ReduceOp) -> Result<()> {
         let world = self.shared.world;
-        let total: usize = input.iter().map(|s| s.len()).sum();
-        if total != output.len() {
-            return Err(CommError::invalid(
-                "all_reduce_from",
-                format!("the input segments hold {total} values but the output {}", output.len()),
-            ));
-        }
+        check_segments(input, output)?;
+        let total = output.len();
         let published = Call {
             parts: input.len(),
             dst: output.as_mut_ptr() as usize,

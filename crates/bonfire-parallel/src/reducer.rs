@@ -294,24 +294,19 @@ impl<B: Backend> GradientSink<B> for Reducer<B> {
             return;
         }
         st.arrived[index] = true;
+        // A gradient left by no_sync passes is added to; otherwise this is the first.
         if let Some(host) = st.host.as_mut() {
             host.write::<B>(bucket, range, grad, st.filled[index]);
             st.filled[index] = true;
-            st.pending[bucket] -= 1;
-            if st.sync && self.overlap {
-                self.launch_ready(st);
-            }
-            return;
+        } else {
+            let flat = B::float_reshape(grad, Shape::new([range.len()]));
+            let grad = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(flat)).cast(DType::F32);
+            let sum = match st.grads[index].take() {
+                Some(accumulated) => accumulated + grad,
+                None => grad,
+            };
+            st.grads[index] = Some(sum);
         }
-        let grad =
-            Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(B::float_reshape(grad, Shape::new([range.len()]))))
-                .cast(DType::F32);
-        // A gradient left by no_sync passes is added to; otherwise this is the first.
-        let sum = match st.grads[index].take() {
-            Some(accumulated) => accumulated + grad,
-            None => grad,
-        };
-        st.grads[index] = Some(sum);
         st.pending[bucket] -= 1;
         if st.sync && self.overlap {
             self.launch_ready(st);

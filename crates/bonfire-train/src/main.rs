@@ -243,9 +243,7 @@ fn check_flags(args: &TrainArgs, launched: bool) -> Result<()> {
         bail!("--workers must be at least 1");
     }
     let world = if args.strategy == StrategyKind::Ddp && !launched { args.workers } else { 1 };
-    if args.batch_size == 0 || args.batch_size % world != 0 {
-        bail!("--batch-size {} must be a positive multiple of the {world} workers", args.batch_size);
-    }
+    trainer::check_batch(args.batch_size, world)?;
     if !(args.lr.is_finite() && args.lr >= 0.0) {
         bail!("--lr {} must be a number of at least 0", args.lr);
     }

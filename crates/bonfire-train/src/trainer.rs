@@ -161,9 +161,7 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
         }
     };
     let (rank, world) = (strategy.rank(), strategy.world_size());
-    if options.global_batch == 0 || options.global_batch % world != 0 {
-        bail!("--batch-size {} must be a positive multiple of the {world} workers", options.global_batch);
-    }
+    check_batch(options.global_batch, world)?;
     let per_rank = options.global_batch / world;
     let sampler = DistributedSampler::new(train.len(), rank, world, options.shuffle, options.seed, false)?;
     let steps_per_epoch = sampler.per_rank().div_ceil(per_rank);
@@ -279,6 +277,14 @@ fn progress_bar(show: bool, steps: u64, epoch: usize, epochs: usize) -> Progress
     );
     bar.set_prefix(format!("{}/{epochs}", epoch + 1));
     bar
+}
+
+/// The global batch is split evenly over the `world` workers.
+pub fn check_batch(global_batch: usize, world: usize) -> Result<()> {
+    if global_batch == 0 || global_batch % world != 0 {
+        bail!("--batch-size {global_batch} must be a positive multiple of the {world} workers");
+    }
+    Ok(())
 }
 
 /// Refuses to write `what` from weights that hold a NaN or an infinity.
