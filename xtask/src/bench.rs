@@ -62,6 +62,21 @@ enum What {
         #[arg(long, default_value = "lenet,resnet")]
         models: String,
     },
+    /// DP step time over two distinct wgpu devices against two replicas on one device and one device alone.
+    DpWgpu {
+        /// Timed steps per run (after 5 warm-up steps).
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        /// Global batch (split over the 2 replicas).
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+        /// Models to measure.
+        #[arg(long, default_value = "lenet")]
+        models: String,
+        /// The two devices (`bonfire train --devices`); lavapipe's two by default.
+        #[arg(long, default_value = "default,cpu")]
+        devices: String,
+    },
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -70,6 +85,7 @@ pub fn run(args: Args) -> Result<()> {
         What::Ddp { steps, batch } => ddp(steps, batch, args.json),
         What::Kernels { batch, reps, threads } => kernels(batch, reps, threads, args.json),
         What::Train { steps, batch, models } => train(steps, batch, &models, args.json),
+        What::DpWgpu { steps, batch, models, devices } => dp_wgpu(steps, batch, &models, &devices, args.json),
     }
 }
 
@@ -293,15 +309,22 @@ struct TrainRun<'a> {
     /// Compute threads of each process.
     threads: usize,
     global_batch: usize,
+    backend: &'a str,
+    /// `bonfire train --devices`, where given.
+    devices: Option<&'a str>,
 }
 
-impl TrainRun<'_> {
+impl<'a> TrainRun<'a> {
     fn label(&self) -> String {
         match self.strategy {
             "ddp" => format!("DDP, {} processes x {} thread", self.workers, self.threads),
             "dp" => format!("DP, 1 process, {} replicas, {} threads", self.workers, self.threads),
             _ => format!("alone, 1 process, {} thread(s)", self.threads),
         }
+    }
+
+    fn cpu(model: &'a str, strategy: &'a str, workers: usize, threads: usize, global_batch: usize) -> Self {
+        TrainRun { model, strategy, workers, threads, global_batch, backend: "cpu", devices: None }
     }
 }
 
@@ -315,10 +338,10 @@ fn train(steps: usize, batch: usize, models: &str, json: bool) -> Result<()> {
     let mut rows = Vec::new();
     let mut runs = Vec::new();
     for &model in &models {
-        runs.push(TrainRun { model, strategy: "ddp", workers: 2, threads: 1, global_batch: batch });
-        runs.push(TrainRun { model, strategy: "dp", workers: 2, threads: cores, global_batch: batch });
-        runs.push(TrainRun { model, strategy: "single", workers: 1, threads: 1, global_batch: batch / 2 });
-        runs.push(TrainRun { model, strategy: "single", workers: 1, threads: cores, global_batch: batch / 2 });
+        runs.push(TrainRun::cpu(model, "ddp", 2, 1, batch));
+        runs.push(TrainRun::cpu(model, "dp", 2, cores, batch));
+        runs.push(TrainRun::cpu(model, "single", 1, 1, batch / 2));
+        runs.push(TrainRun::cpu(model, "single", 1, cores, batch / 2));
     }
     for run in &runs {
         eprintln!("bonfire: {}, {}, batch {}...", run.model, run.label(), run.global_batch);
@@ -379,6 +402,59 @@ fn train(steps: usize, batch: usize, models: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// DP over two wgpu devices, where every move between them is staged
+/// through host memory, against its two replicas on one device and one
+/// device alone on the whole batch: what the staging costs.
+fn dp_wgpu(steps: usize, batch: usize, models: &str, devices: &str, json: bool) -> Result<()> {
+    eprintln!("building bonfire (release)...");
+    cargo_build(&["--release", "--quiet", "-p", "bonfire-train", "--bin", "bonfire"], &[], "bonfire")?;
+    let bonfire = release_dir().join("bonfire");
+    let Some((first, _)) = devices.split_once(',') else { bail!("--devices {devices:?}: name two devices") };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut rows = Vec::new();
+    for model in models.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+        let run = |strategy, workers, devices| TrainRun {
+            model,
+            strategy,
+            workers,
+            threads: cores,
+            global_batch: batch,
+            backend: "wgpu",
+            devices: Some(devices),
+        };
+        let runs = [
+            ("two devices", run("dp", 2, devices)),
+            ("one device", run("dp", 2, first)),
+            ("alone", run("single", 1, first)),
+        ];
+        let mut times = Vec::new();
+        for (label, run) in runs {
+            eprintln!("bonfire: {model}, wgpu, {label} ({})...", run.devices.unwrap_or_default());
+            let ms = 1e3 * batch as f64 / bonfire_images_per_sec(&bonfire, &run, steps)?;
+            rows.push(serde_json::json!({
+                "model": model, "devices": run.devices, "strategy": run.strategy, "replicas": run.workers,
+                "global_batch": batch, "step_ms": ms,
+            }));
+            times.push((label, run, ms));
+        }
+        if !json {
+            println!("DP step time on wgpu, {model}, global batch {batch}, {steps} steps after {WARMUP_STEPS} warm-up");
+            println!("| configuration | devices | ms/step | vs two devices |");
+            println!("|---|---|---:|---:|");
+            let two = times[0].2;
+            for (label, run, ms) in &times {
+                println!("| {label} | {} | {ms:.1} | {:.2}x |", run.devices.unwrap_or_default(), two / ms);
+            }
+        }
+    }
+    if json {
+        for r in &rows {
+            println!("{r}");
+        }
+    }
+    Ok(())
+}
+
 fn row(imp: &str, run: &TrainRun, images_per_sec: f64) -> Value {
     serde_json::json!({
         "impl": imp,
@@ -398,16 +474,25 @@ fn row(imp: &str, run: &TrainRun, images_per_sec: f64) -> Value {
 /// from rank 0's `steps.csv`.
 fn bonfire_images_per_sec(bonfire: &std::path::Path, run: &TrainRun, steps: usize) -> Result<f64> {
     let out = std::env::temp_dir().join(format!(
-        "bonfire-bench-train-{}-{}-{}-{}-{}",
+        "bonfire-bench-train-{}-{}-{}-{}-{}-{}",
         std::process::id(),
         run.model,
         run.strategy,
         run.workers,
-        run.threads
+        run.threads,
+        run.devices.unwrap_or(run.backend).replace(',', "+")
     ));
-    let output = Command::new(bonfire)
-        .args(["train", "--strategy", run.strategy, "--workers", &run.workers.to_string()])
-        .args(["--backend", "cpu", "--model", run.model])
+    let mut command = Command::new(bonfire);
+    command.args(["train", "--strategy", run.strategy, "--workers", &run.workers.to_string()]).args([
+        "--backend",
+        run.backend,
+        "--model",
+        run.model,
+    ]);
+    if let Some(devices) = run.devices {
+        command.args(["--devices", devices]);
+    }
+    let output = command
         .args(["--steps", &(WARMUP_STEPS + steps).to_string(), "--batch-size", &run.global_batch.to_string()])
         .arg("--out")
         .arg(&out)

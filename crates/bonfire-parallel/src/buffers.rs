@@ -8,12 +8,15 @@
 //! visiting a module reads the unsettled value: [`settle`] settles them
 //! first. And clones of a module share their `RunningState`s, so writing the
 //! broadcast values into any clone writes them into the caller's module.
+//! DataParallel's replicas, which own their buffers, hand theirs back
+//! through [`average_into`].
 
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor};
 
 use crate::comm_thread::CommThread;
+use crate::device_move::to_device;
 use crate::error::Result;
 
 /// Folds every pending `RunningState` update of `module` into its value
@@ -41,6 +44,29 @@ pub fn broadcast_from_rank0<B: AutodiffBackend, M: AutodiffModule<B>>(
     let values = comm.call(move |c| c.broadcast(Tensor::cat(parts, 0), 0))?;
     drop(module.clone().map(&mut Scatter::<B> { values, offset: 0 }));
     Ok(())
+}
+
+/// Sets every buffer of `module` to the mean of the `replicas`' values
+/// (replicas of `module`, possibly on other devices).
+pub fn average_into<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M, replicas: &[M]) {
+    let mut sum: Option<Tensor<B::InnerBackend, 1>> = None;
+    for replica in replicas {
+        settle::<B, M>(replica);
+        let mut gather = Gather::<B>(Vec::new());
+        replica.visit(&mut gather);
+        if gather.0.is_empty() {
+            return;
+        }
+        let values = Tensor::cat(gather.0, 0);
+        sum = Some(match sum {
+            Some(sum) => to_device(values, &sum.device()) + sum,
+            None => values,
+        });
+    }
+    if let Some(sum) = sum {
+        let values = sum / replicas.len() as f32;
+        drop(module.clone().map(&mut Scatter::<B> { values, offset: 0 }));
+    }
 }
 
 fn is_buffer<B: Backend, const D: usize>(tensor: &Tensor<B, D>) -> bool {
@@ -76,7 +102,7 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Scatter<B> {
             let n = tensor.shape().num_elements();
             let part = self.values.clone().slice([self.offset..self.offset + n]);
             self.offset += n;
-            Tensor::from_inner(part.reshape(shape).cast(dtype)).to_device(&device)
+            Tensor::from_inner(to_device(part, &device).reshape(shape).cast(dtype))
         })
     }
 }

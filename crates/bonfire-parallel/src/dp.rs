@@ -3,15 +3,24 @@
 //! replicas run in parallel threads, the outputs gathered on the first
 //! device, and after backward the replicas' gradients are summed back onto
 //! the original module's parameters.
+//!
+//! Every move between devices goes through [`crate::device_move`], so DP
+//! runs over distinct devices of backends that cannot copy between them
+//! (wgpu). Each replica owns its buffers: Burn's clones of a module share
+//! their batch-norm statistics in one place, which cannot be on two devices
+//! at once, so a replica is rebuilt from the module's values
+//! (`from_inner(valid())`, new statistics objects) and the replicas'
+//! statistics are folded back into the module after the forward pass.
 
-use burn::module::{AutodiffModule, ModuleVisitor, Param};
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::Tensor;
+use burn::tensor::{Bool, Int, Tensor};
 
+use crate::device_move::{move_differentiable, to_device, MoveBackend};
 use crate::error::{ParallelError, Result};
 
-pub struct DataParallel<B: AutodiffBackend> {
+pub struct DataParallel<B: MoveBackend> {
     devices: Vec<B::Device>,
 }
 
@@ -21,7 +30,7 @@ pub struct Replicas<M> {
     modules: Vec<M>,
 }
 
-impl<B: AutodiffBackend> DataParallel<B> {
+impl<B: MoveBackend> DataParallel<B> {
     /// The first device gathers the outputs. A device may appear more than
     /// once (replicas then share it, each in its own thread).
     pub fn new(devices: Vec<B::Device>) -> Result<Self> {
@@ -62,9 +71,9 @@ impl<B: AutodiffBackend> DataParallel<B> {
             .enumerate()
             .map(|(i, device)| {
                 let len = batch / n + usize::from(i < batch % n);
-                let chunk = input.clone().narrow(0, start, len).to_device(device);
+                let chunk = move_differentiable(input.clone().narrow(0, start, len), device);
                 start += len;
-                (module.clone().fork(device), chunk)
+                (replicate(module, device), chunk)
             })
             .collect();
         let forward = &forward;
@@ -80,13 +89,11 @@ impl<B: AutodiffBackend> DataParallel<B> {
                 .collect();
             handles.into_iter().map(|h| h.join().expect("a replica's forward pass panicked")).collect()
         });
-        // The replicas share `module`'s buffers, and each thread's batch-norm
-        // update waits apart until something settles it; the replicas'
-        // threads end here, so settle now (the updates' mean) rather than
-        // let them pile up unread.
-        crate::buffers::settle::<B, M>(module);
         let (modules, outputs): (Vec<M>, Vec<Tensor<B, DO>>) = results.into_iter().unzip();
-        let gathered = Tensor::cat(outputs.into_iter().map(|o| o.to_device(&self.devices[0])).collect(), 0);
+        // The statistics' mean, as one module updated from every replica's
+        // thread would hold it.
+        crate::buffers::average_into::<B, M>(module, &modules);
+        let gathered = Tensor::cat(outputs.into_iter().map(|o| move_differentiable(o, &self.devices[0])).collect(), 0);
         Ok((gathered, Replicas { modules }))
     }
 
@@ -107,6 +114,43 @@ impl<B: AutodiffBackend> DataParallel<B> {
     }
 }
 
+/// `module` on `device`, sharing nothing with it: parameters are new leaves
+/// (gradients come back by parameter id), buffers new objects.
+fn replicate<B: MoveBackend, M: AutodiffModule<B>>(module: &M, device: &B::Device) -> M {
+    M::from_inner(module.valid()).map(&mut MoveTo::<B> { device })
+}
+
+/// Moves every tensor of a module to one device, keeping which ones require
+/// a gradient.
+struct MoveTo<'a, B: AutodiffBackend> {
+    device: &'a B::Device,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for MoveTo<'_, B> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        param.map(|tensor| {
+            if tensor.device() == *self.device {
+                return tensor;
+            }
+            let require_grad = tensor.is_require_grad();
+            let moved = to_device(tensor.detach(), self.device);
+            if require_grad {
+                moved.require_grad()
+            } else {
+                moved
+            }
+        })
+    }
+
+    fn map_int<const D: usize>(&mut self, param: Param<Tensor<B, D, Int>>) -> Param<Tensor<B, D, Int>> {
+        param.map(|tensor| to_device(tensor, self.device))
+    }
+
+    fn map_bool<const D: usize>(&mut self, param: Param<Tensor<B, D, Bool>>) -> Param<Tensor<B, D, Bool>> {
+        param.map(|tensor| to_device(tensor, self.device))
+    }
+}
+
 struct SumOnto<B: AutodiffBackend> {
     per_replica: Vec<GradientsParams>,
     out: GradientsParams,
@@ -120,7 +164,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for SumOnto<B> {
             .per_replica
             .iter_mut()
             .filter_map(|g| g.remove::<B::InnerBackend, D>(param.id))
-            .map(|g| g.to_device(&device))
+            .map(|g| to_device(g, &device))
             .reduce(|a, b| a + b);
         if let Some(total) = total {
             self.out.register::<B::InnerBackend, D>(param.id, total);

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -17,15 +17,18 @@ use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn_autodiff::Autodiff;
 
+use crate::device_move::MoveBackend;
+
 /// Receives each hooked parameter's gradient once it is final.
 pub trait GradientSink<B: Backend>: Send + Sync {
     /// `index` is the parameter's position in module visiting order.
     fn ready(&self, index: usize, grad: B::FloatTensorPrimitive);
 }
 
-/// An autodiff backend that can hook parameter gradients: every
+/// An autodiff backend Bonfire trains on: it can hook parameter gradients
+/// and move tensors between its devices ([`MoveBackend`]). Every
 /// `Autodiff<B, C>`.
-pub trait HookBackend: AutodiffBackend {
+pub trait HookBackend: MoveBackend {
     /// Returns `tensor` unchanged; in backward, its gradient goes to `sink`.
     fn gradient_hook(
         tensor: FloatTensor<Self>,

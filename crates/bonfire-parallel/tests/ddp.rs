@@ -17,8 +17,7 @@ type Wgpu = Autodiff<burn::backend::Wgpu>;
 
 const PER_RANK: usize = 6;
 
-/// Runs `world` DDP ranks as threads. Rank 0 starts from seed 1, the others
-/// from other values, which the initial broadcast must replace.
+/// Runs `world` DDP ranks as threads on the default device.
 fn ddp_threads<B, M>(
     world: usize,
     make: impl Fn(usize, &B::Device) -> M + Sync,
@@ -31,23 +30,7 @@ where
     B: HookBackend,
     M: AutodiffModule<B> + Net<B> + 'static,
 {
-    let comms = InProcCommunicator::group(world).unwrap();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .enumerate()
-            .map(|(rank, comm)| {
-                let (make, config) = (&make, config.clone());
-                s.spawn(move || {
-                    let device = Default::default();
-                    let model = seeded::<B, M>(make(rank, &device), if rank == 0 { 1 } else { 100 + rank as u64 });
-                    let (mut ddp, model) = DistributedDataParallel::new(model, Box::new(comm), config)?;
-                    train_ddp(&mut ddp, model, per_rank, micro, width)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
+    ddp_threads_on::<B, M>(vec![Default::default(); world], make, config, per_rank, micro, width)
 }
 
 fn assert_matches_single<B, M>(world: usize, make: impl Fn(usize, &B::Device) -> M + Sync, width: usize, tol: f32)

@@ -2,7 +2,7 @@
 
 mod common;
 
-use bonfire_parallel::{values_to_host, DataParallel, ParallelError};
+use bonfire_parallel::{values_to_host, DataParallel, MoveBackend, ParallelError};
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::optim::Optimizer;
@@ -13,7 +13,7 @@ type Wgpu = Autodiff<burn::backend::Wgpu>;
 
 fn train_dp<B, M>(mut model: M, devices: Vec<B::Device>, global: usize, width: usize) -> Vec<f32>
 where
-    B: burn::tensor::backend::AutodiffBackend,
+    B: MoveBackend,
     M: AutodiffModule<B> + Net<B>,
 {
     let dp = DataParallel::<B>::new(devices).unwrap();
@@ -62,8 +62,7 @@ fn dp_keeps_every_steps_running_statistics() {
 
 #[test]
 fn dp_with_two_wgpu_replicas_equals_one() {
-    // Two replicas on the one lavapipe device: Burn 0.21 (cubecl 0.10) cannot
-    // move tensors between two distinct wgpu devices ("not implemented").
+    // Two replicas on one wgpu device (distinct devices: distinct_devices.rs).
     let devices = vec![burn::backend::wgpu::WgpuDevice::DefaultDevice; 2];
     let want = train_single::<Wgpu, _>(seeded::<Wgpu, _>(Mlp::new(&devices[0], 16), 1), 12, FEATURES);
     let got = train_dp::<Wgpu, _>(seeded::<Wgpu, _>(Mlp::new(&devices[0], 16), 1), devices, 12, FEATURES);

@@ -1,6 +1,8 @@
 //! `bonfire launch`: starts one process per worker with torchrun's
 //! environment variables and watches them; when one fails, the others are
-//! stopped and the launcher exits non-zero naming the rank and how it ended.
+//! stopped, and either all are started again (`--max-restarts`, with a new
+//! rendezvous port and token; `bonfire train` then continues from its last
+//! checkpoint) or the launcher exits non-zero naming the rank and how it ended.
 //!
 //! Each worker runs in a process group of its own, so that stopping it also
 //! stops whatever it started; Ctrl-C or SIGTERM to the launcher stops every
@@ -21,6 +23,15 @@ use bonfire_parallel::ParallelError;
 /// The folder where a failing worker leaves a note naming the peer that
 /// stopped answering it, for the launcher's final message.
 const REPORT_DIR_VAR: &str = "BONFIRE_REPORT_DIR";
+
+/// How many times the launcher has restarted the workers (torchrun's
+/// `TORCHELASTIC_RESTART_COUNT`): 0 on the first start.
+const RESTART_VAR: &str = "BONFIRE_RESTART_COUNT";
+
+/// This worker's [`RESTART_VAR`].
+pub fn restart_count() -> usize {
+    std::env::var(RESTART_VAR).ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+}
 
 /// Called by a failing worker: if `error` blames a silent peer and a
 /// launcher asked for reports, leaves `rank-R` in its folder: the peer's
@@ -68,6 +79,9 @@ pub struct LaunchArgs {
     /// Port of the rendezvous store; 0 picks a free one (single host only).
     #[arg(long, default_value_t = 0)]
     pub master_port: u16,
+    /// When a worker dies or times out, stop the others and start them all again, up to this many times.
+    #[arg(long, default_value_t = 0)]
+    pub max_restarts: usize,
     /// The worker command and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -87,7 +101,7 @@ fn worker_threads(workers: usize) -> Option<String> {
 }
 
 /// Runs the job; returns when every worker succeeded, or with an error naming
-/// the first one that failed after stopping the rest.
+/// the rank that failed last, once the restarts are spent.
 pub fn launch(args: &LaunchArgs) -> Result<()> {
     if args.nproc_per_node == 0 || args.nnodes == 0 {
         bail!("--nproc-per-node and --nnodes must be at least 1");
@@ -95,15 +109,48 @@ pub fn launch(args: &LaunchArgs) -> Result<()> {
     if args.node_rank >= args.nnodes {
         bail!("--node-rank {} is not below --nnodes {}", args.node_rank, args.nnodes);
     }
+    if args.master_port == 0 && args.nnodes > 1 {
+        bail!("--master-port is required when --nnodes > 1");
+    }
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let flag = interrupted.clone();
+    // Only one handler per process; a second launch in the same process
+    // keeps the first one, which sets the same kind of flag.
+    let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    for restart in 0.. {
+        let failure = match start_and_watch(args, restart, &interrupted)? {
+            Ok(()) => return Ok(()),
+            Err(failure) => failure,
+        };
+        if interrupted.load(Ordering::SeqCst) || restart >= args.max_restarts {
+            return Err(match restart {
+                0 => failure,
+                n => failure.context(format!("the last of {n} restart(s) failed too")),
+            });
+        }
+        eprintln!(
+            "bonfire launch: {failure:#}; restarting every worker (restart {} of {})",
+            restart + 1,
+            args.max_restarts
+        );
+    }
+    unreachable!("the restarts are counted")
+}
+
+/// Starts every worker of this host and watches them. The outer error is
+/// the launcher's own (a worker that cannot start), the inner one a
+/// worker's failure, which a restart may cure.
+fn start_and_watch(args: &LaunchArgs, restart: usize, interrupted: &AtomicBool) -> Result<Result<()>> {
+    // A fresh rendezvous for every start: the old store may still hold the
+    // port, and the old workers' token must not be accepted.
     let port = match args.master_port {
-        0 if args.nnodes > 1 => bail!("--master-port is required when --nnodes > 1"),
         0 => TcpListener::bind("127.0.0.1:0")?.local_addr()?.port(),
         p => p,
     };
     let token = job_token(args.nnodes)?;
     let world = args.nproc_per_node * args.nnodes;
     let threads = worker_threads(args.nproc_per_node);
-    let reports = std::env::temp_dir().join(format!("bonfire-launch-{}", std::process::id()));
+    let reports = std::env::temp_dir().join(format!("bonfire-launch-{}-{restart}", std::process::id()));
     std::fs::create_dir_all(&reports).context("creating the folder for the workers' failure reports")?;
     let mut children: Vec<(usize, Child)> = Vec::new();
     for local in 0..args.nproc_per_node {
@@ -122,6 +169,7 @@ pub fn launch(args: &LaunchArgs) -> Result<()> {
             .env("MASTER_PORT", port.to_string())
             .env(JOB_TOKEN_VAR, &token)
             .env(REPORT_DIR_VAR, &reports)
+            .env(RESTART_VAR, restart.to_string())
             .process_group(0)
             .spawn()
             .with_context(|| format!("starting rank {rank}: {}", args.command[0]));
@@ -133,14 +181,9 @@ pub fn launch(args: &LaunchArgs) -> Result<()> {
             }
         }
     }
-    let interrupted = Arc::new(AtomicBool::new(false));
-    let flag = interrupted.clone();
-    // Only one handler per process; a second launch in the same process
-    // keeps the first one, which sets the same kind of flag.
-    let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
-    let result = watch(children, &interrupted, &reports);
+    let result = watch(children, interrupted, &reports);
     let _ = std::fs::remove_dir_all(&reports);
-    result
+    Ok(result)
 }
 
 /// The secret the workers present at the rendezvous: the user's

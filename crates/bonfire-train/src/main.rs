@@ -8,6 +8,7 @@ mod model;
 mod plot;
 mod trainer;
 mod weights;
+mod wgpu_devices;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,7 +24,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use launch::LaunchArgs;
 use model::ModelKind;
-use trainer::{OptimizerKind, Parallel, Report, TrainOptions};
+use trainer::{OptimizerKind, Parallel, Report, Resume, TrainOptions};
 
 #[derive(Parser)]
 #[command(name = "bonfire", about = "Data-parallel training for Burn", version)]
@@ -94,6 +95,11 @@ struct TrainArgs {
     /// Run DDP workers as threads of this process instead of processes.
     #[arg(long)]
     threads: bool,
+    /// wgpu devices, comma-separated; worker or DP replica i runs on device i mod n: default, cpu,
+    /// discrete:N, integrated:N, virtual:N [default: every GPU adapter where there are several,
+    /// else the default device]
+    #[arg(long, value_delimiter = ',', value_parser = wgpu_devices::parse)]
+    devices: Vec<burn::backend::wgpu::WgpuDevice>,
     /// How DDP workers exchange gradients [default: nccl with --backend cuda, else ring].
     #[arg(long, value_enum)]
     comm: Option<CommKind>,
@@ -132,9 +138,16 @@ struct TrainArgs {
     /// Folder where rank 0 writes a checkpoint after every epoch.
     #[arg(long)]
     checkpoint_dir: Option<PathBuf>,
-    /// Continue from the checkpoint in --checkpoint-dir.
+    /// Also write a checkpoint every this many steps (the last two checkpoints are kept).
+    #[arg(long, requires = "checkpoint_dir", value_parser = clap::value_parser!(u64).range(1..))]
+    checkpoint_every: Option<u64>,
+    /// Continue from the newest checkpoint in --checkpoint-dir.
     #[arg(long, requires = "checkpoint_dir")]
     resume: bool,
+    /// DDP over processes: when a worker dies or times out, restart every worker from the last
+    /// checkpoint, up to this many times.
+    #[arg(long, default_value_t = 0)]
+    max_restarts: usize,
     /// Seconds a DDP worker waits for a silent peer before failing.
     #[arg(long, default_value_t = 300.0, value_parser = positive_seconds)]
     timeout: f64,
@@ -209,28 +222,29 @@ fn train(args: TrainArgs) -> Result<()> {
             node_rank: 0,
             master_addr: "127.0.0.1".into(),
             master_port: 0,
+            max_restarts: args.max_restarts,
             command,
         });
     }
     let (train_set, test_set) = data::load(args.dataset, args.data_dir.as_deref(), !launched)?;
-    let n = args.workers;
     match args.backend {
         BackendKind::Cpu => {
-            run::<Autodiff<burn::backend::Flex>>(&args, vec![Default::default(); n], &train_set, &test_set, |_| {
+            run::<Autodiff<burn::backend::Flex>>(&args, vec![Default::default()], &train_set, &test_set, |_| {
                 join_ring(&args)
             })
         }
         BackendKind::Ndarray => {
-            run::<Autodiff<burn::backend::NdArray>>(&args, vec![Default::default(); n], &train_set, &test_set, |_| {
+            run::<Autodiff<burn::backend::NdArray>>(&args, vec![Default::default()], &train_set, &test_set, |_| {
                 join_ring(&args)
             })
         }
         BackendKind::Wgpu => {
-            let device = burn::backend::wgpu::WgpuDevice::default();
-            check_wgpu(&device)?;
-            // Burn 0.21 cannot copy tensors between two wgpu devices, so DP
-            // replicas share the one device.
-            run::<Autodiff<burn::backend::Wgpu>>(&args, vec![device; n], &train_set, &test_set, |_| join_ring(&args))
+            let devices = wgpu_devices::choose(&args.devices)?;
+            if devices.len() > 1 && !launched {
+                let used: Vec<_> = devices.iter().take(args.workers).collect();
+                tracing::info!("workers on the wgpu devices {used:?} (worker i on device i mod {})", devices.len());
+            }
+            run::<Autodiff<burn::backend::Wgpu>>(&args, devices, &train_set, &test_set, |_| join_ring(&args))
         }
         BackendKind::Cuda => cuda::run(&args, &train_set, &test_set),
     }
@@ -252,6 +266,9 @@ fn check_flags(args: &TrainArgs, launched: bool) -> Result<()> {
     }
     if args.epochs == 0 || args.steps == Some(0) {
         bail!("--epochs and --steps must be at least 1");
+    }
+    if !args.devices.is_empty() && args.backend != BackendKind::Wgpu {
+        bail!("--devices applies to --backend wgpu");
     }
     if let Some(file) = &args.init {
         std::fs::File::open(file).with_context(|| format!("--init {}: cannot read the weights", file.display()))?;
@@ -318,21 +335,6 @@ fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
     })
 }
 
-/// wgpu panics when there is no adapter; turn that into a clear error.
-fn check_wgpu(device: &burn::backend::wgpu::WgpuDevice) -> Result<()> {
-    catch_panic(|| {
-        burn::tensor::Tensor::<burn::backend::Wgpu, 1>::zeros([1], device).into_data();
-    })
-    .map_err(|_| {
-        Unavailable(
-            "the wgpu backend found no usable GPU adapter; on Linux without a GPU install Mesa's lavapipe \
-             (apt-get install mesa-vulkan-drivers libvulkan1)"
-                .into(),
-        )
-        .into()
-    })
-}
-
 fn options(args: &TrainArgs) -> TrainOptions {
     TrainOptions {
         model: args.model,
@@ -346,14 +348,22 @@ fn options(args: &TrainArgs) -> TrainOptions {
         shuffle: !args.no_shuffle,
         progress: true,
         checkpoint_dir: args.checkpoint_dir.clone(),
-        resume: args.resume,
+        checkpoint_every: args.checkpoint_every.map(|n| n as usize),
+        resume: if args.resume {
+            Resume::Required
+        } else if launch::restart_count() > 0 {
+            Resume::IfAny
+        } else {
+            Resume::Never
+        },
         init: args.init.clone(),
         save: args.save.clone(),
     }
 }
 
-/// Trains on `devices`: DP uses them all as replicas, every other strategy
-/// the first. A DDP worker started by the launcher joins the others with `join`.
+/// Trains with worker (or DP replica) `i` on `devices[i % devices.len()]`;
+/// a process started by the launcher is worker LOCAL_RANK of its node, and
+/// joins the others with `join`.
 fn run<B: HookBackend>(
     args: &TrainArgs,
     devices: Vec<B::Device>,
@@ -362,10 +372,13 @@ fn run<B: HookBackend>(
     join: impl FnOnce(&B::Device) -> Result<Box<dyn TensorCollective<<B as AutodiffBackend>::InnerBackend>>>,
 ) -> Result<()> {
     let opts = options(args);
-    let device = devices[0].clone();
+    let worker_device = |i: usize| devices[i % devices.len()].clone();
     let report = match (args.strategy, args.threads) {
-        (StrategyKind::Single, _) => trainer::train::<B>(&device, train_set, test_set, &opts, Parallel::Single)?,
-        (StrategyKind::Dp, _) => trainer::train::<B>(&device, train_set, test_set, &opts, Parallel::Dp { devices })?,
+        (StrategyKind::Single, _) => trainer::train::<B>(&devices[0], train_set, test_set, &opts, Parallel::Single)?,
+        (StrategyKind::Dp, _) => {
+            let replicas = (0..args.workers).map(worker_device).collect();
+            trainer::train::<B>(&devices[0], train_set, test_set, &opts, Parallel::Dp { devices: replicas })?
+        }
         (StrategyKind::Ddp, true) => {
             let mut comms = InProcCommunicator::group(args.workers)?;
             for c in &mut comms {
@@ -375,8 +388,9 @@ fn run<B: HookBackend>(
             let reports = std::thread::scope(|s| {
                 let handles: Vec<_> = comms
                     .into_iter()
-                    .map(|comm| {
-                        let (device, opts) = (device.clone(), opts.clone());
+                    .enumerate()
+                    .map(|(i, comm)| {
+                        let (device, opts) = (worker_device(i), opts.clone());
                         s.spawn(move || {
                             let comm = Box::new(comm);
                             trainer::train::<B>(&device, train_set, test_set, &opts, Parallel::Ddp { comm })
@@ -388,11 +402,10 @@ fn run<B: HookBackend>(
             reports.into_iter().next().expect("at least one worker")
         }
         (StrategyKind::Ddp, false) => {
-            let comm = if bonfire_collective::DistEnv::launched() {
-                join(&device)?
-            } else {
-                Box::new(InProcCommunicator::group(1)?.remove(0))
-            };
+            let launched = bonfire_collective::DistEnv::launched();
+            let local_rank = if launched { bonfire_collective::DistEnv::from_env()?.local_rank } else { 0 };
+            let device = worker_device(local_rank);
+            let comm = if launched { join(&device)? } else { Box::new(InProcCommunicator::group(1)?.remove(0)) };
             trainer::train::<B>(&device, train_set, test_set, &opts, Parallel::Ddp { comm })?
         }
     };

@@ -17,7 +17,7 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::checkpoint::{self, Checkpoint};
+use crate::checkpoint::{self, Checkpoint, Position};
 use crate::model::{Classifier, LeNet, ModelKind, ResNet, TrainableClassifier};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -42,12 +42,24 @@ pub struct TrainOptions {
     pub progress: bool,
     /// Where rank 0 writes a checkpoint after every epoch.
     pub checkpoint_dir: Option<PathBuf>,
-    /// Continue from the checkpoint in `checkpoint_dir`.
-    pub resume: bool,
+    /// Also write one every this many steps.
+    pub checkpoint_every: Option<usize>,
+    /// Whether to continue from the newest checkpoint in `checkpoint_dir`.
+    pub resume: Resume,
     /// Start from these weights (safetensors, PyTorch names).
     pub init: Option<PathBuf>,
     /// Write the final weights here (rank 0).
     pub save: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// Start from the beginning.
+    Never,
+    /// From the newest checkpoint if there is one (a restarted job).
+    IfAny,
+    /// From the newest checkpoint, which must exist (`--resume`).
+    Required,
 }
 
 /// How the work is spread.
@@ -136,20 +148,28 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
     mut opt: O,
 ) -> Result<Report> {
     let recorder = NamedMpkBytesRecorder::<FullPrecisionSettings>::default();
-    let mut start_epoch = 0;
-    if options.resume {
+    let mut position = Position { epoch: 0, step_in_epoch: 0, steps_done: 0 };
+    let mut resumed_from = None;
+    if options.resume != Resume::Never {
         let dir = options.checkpoint_dir.as_deref().context("--resume needs --checkpoint-dir")?;
-        let ckpt =
-            checkpoint::load(dir)?.with_context(|| format!("--resume: there is no checkpoint in {}", dir.display()))?;
-        let model_record = recorder.load(ckpt.model, device).map_err(|e| {
-            anyhow::anyhow!("the checkpoint in {} does not hold a {}: {e:?}", dir.display(), options.model)
-        })?;
-        model = model.load_record(model_record);
-        let opt_record = recorder.load(ckpt.optimizer, device).map_err(|e| {
-            anyhow::anyhow!("the checkpoint in {} does not hold this optimizer's state: {e:?}", dir.display())
-        })?;
-        opt = opt.load_record(opt_record);
-        start_epoch = ckpt.epochs_done as usize;
+        match checkpoint::load(dir)? {
+            Some((ckpt, file)) => {
+                let model_record = recorder.load(ckpt.model, device).map_err(|e| {
+                    anyhow::anyhow!("the checkpoint {} does not hold a {}: {e:?}", file.display(), options.model)
+                })?;
+                model = model.load_record(model_record);
+                let opt_record = recorder.load(ckpt.optimizer, device).map_err(|e| {
+                    anyhow::anyhow!("the checkpoint {} does not hold this optimizer's state: {e:?}", file.display())
+                })?;
+                opt = opt.load_record(opt_record);
+                position = ckpt.position;
+                resumed_from = Some(file);
+            }
+            None if options.resume == Resume::Required => {
+                bail!("--resume: there is no checkpoint in {}", dir.display())
+            }
+            None => {}
+        }
     }
     let mut strategy = match parallel {
         Parallel::Single => Strategy::Single,
@@ -166,18 +186,32 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
     let sampler = DistributedSampler::new(train.len(), rank, world, options.shuffle, options.seed, false)?;
     let steps_per_epoch = sampler.per_rank().div_ceil(per_rank);
     let loss_fn = CrossEntropyLossConfig::new().init(device);
-    let mut done_steps = 0usize;
+    let mut done_steps = position.steps_done as usize;
     let mut epochs = Vec::new();
     let mut step_losses = Vec::new();
     let mut step_seconds = Vec::new();
-    if start_epoch > 0 && rank == 0 {
-        eprintln!("resuming after epoch {start_epoch}");
+    if let (Some(file), 0) = (&resumed_from, rank) {
+        let Position { epoch, step_in_epoch, steps_done } = position;
+        if step_in_epoch == 0 {
+            eprintln!("resuming after epoch {epoch} from {}", file.display());
+        } else {
+            eprintln!(
+                "resuming in epoch {} after its step {step_in_epoch} ({steps_done} steps done) from {}",
+                epoch + 1,
+                file.display()
+            );
+        }
     }
-    'epochs: for epoch in start_epoch..options.epochs {
+    'epochs: for epoch in position.epoch as usize..options.epochs {
         let bar = progress_bar(options.progress && rank == 0, steps_per_epoch as u64, epoch, options.epochs);
         let start = Instant::now();
         let (mut loss_sum, mut steps, mut images) = (0.0f64, 0usize, 0usize);
-        for indices in sampler.indices(epoch as u64).chunks(per_rank) {
+        // Resumed inside this epoch: the sampler's order is the same, so
+        // skipping the steps done continues it.
+        let skip = if epoch == position.epoch as usize { position.step_in_epoch as usize } else { 0 };
+        bar.inc(skip as u64);
+        let mut step_in_epoch = skip;
+        for indices in sampler.indices(epoch as u64).chunks(per_rank).skip(skip) {
             let step_start = Instant::now();
             let (x, y) = to_tensors::<B>(train, indices, device);
             let (loss, grads) = strategy
@@ -197,11 +231,22 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
             step_seconds.push(step_start.elapsed().as_secs_f64());
             loss_sum += loss;
             steps += 1;
-            step_losses.push((epoch * steps_per_epoch + steps, loss));
+            step_in_epoch += 1;
+            step_losses.push((epoch * steps_per_epoch + step_in_epoch, loss));
             images += indices.len() * world;
             done_steps += 1;
             bar.inc(1);
             bar.set_message(format!("loss {:.4}", loss_sum / steps as f64));
+            let every = options.checkpoint_every.is_some_and(|n| done_steps.is_multiple_of(n));
+            // The last step of an epoch gets the epoch's checkpoint below.
+            if let (true, Some(dir), 0) = (every && step_in_epoch < steps_per_epoch, &options.checkpoint_dir, rank) {
+                let at = Position {
+                    epoch: epoch as u64,
+                    step_in_epoch: step_in_epoch as u64,
+                    steps_done: done_steps as u64,
+                };
+                save_checkpoint(dir, at, &model, &opt, &recorder)?;
+            }
             if options.max_steps.is_some_and(|m| done_steps >= m) {
                 finish_epoch(&mut epochs, &bar, rank, &model, test, device, epoch, steps, loss_sum, images, start);
                 break 'epochs;
@@ -209,14 +254,8 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
         }
         finish_epoch(&mut epochs, &bar, rank, &model, test, device, epoch, steps, loss_sum, images, start);
         if let (Some(dir), 0) = (&options.checkpoint_dir, rank) {
-            ensure_finite(&model, "checkpoint")?;
-            let to_bytes = |e| anyhow::anyhow!("encoding the checkpoint: {e:?}");
-            let ckpt = Checkpoint {
-                epochs_done: epoch as u64 + 1,
-                model: recorder.record(model.clone().into_record(), ()).map_err(to_bytes)?,
-                optimizer: recorder.record(opt.to_record(), ()).map_err(to_bytes)?,
-            };
-            checkpoint::save(dir, &ckpt)?;
+            let at = Position { epoch: epoch as u64 + 1, step_in_epoch: 0, steps_done: done_steps as u64 };
+            save_checkpoint(dir, at, &model, &opt, &recorder)?;
         }
     }
     if let (Some(file), 0) = (&options.save, rank) {
@@ -224,6 +263,26 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
         crate::weights::save(&model, file)?;
     }
     Ok(Report { rank, epochs, step_losses, step_seconds })
+}
+
+/// Rank 0's checkpoint of `model` and `opt` at `position`, refused when the
+/// weights hold a non-finite number (the previous checkpoints stay).
+fn save_checkpoint<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
+    dir: &std::path::Path,
+    position: Position,
+    model: &M,
+    opt: &O,
+    recorder: &NamedMpkBytesRecorder<FullPrecisionSettings>,
+) -> Result<()> {
+    ensure_finite(model, "checkpoint")?;
+    let to_bytes = |e| anyhow::anyhow!("encoding the checkpoint: {e:?}");
+    let ckpt = Checkpoint {
+        position,
+        model: recorder.record(model.clone().into_record(), ()).map_err(to_bytes)?,
+        optimizer: recorder.record(opt.to_record(), ()).map_err(to_bytes)?,
+    };
+    checkpoint::save(dir, &ckpt)?;
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]

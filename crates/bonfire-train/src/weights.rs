@@ -178,11 +178,18 @@ pub fn diff(a: &Path, b: &Path) -> Result<Vec<(String, f64)>> {
     if names != other {
         bail!("{} and {} hold different tensors: {names:?} and {other:?}", a.display(), b.display());
     }
-    let floats = |t: &safetensors::tensor::TensorView<'_>, name: &str| -> Result<Vec<f32>> {
-        if t.dtype() != safetensors::Dtype::F32 {
-            bail!("{name} is {:?}, not F32", t.dtype());
-        }
-        Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
+    // The weights are F32; batch norm's `num_batches_tracked` is I64.
+    let values = |t: &safetensors::tensor::TensorView<'_>, name: &str| -> Result<Vec<f64>> {
+        let data = t.data();
+        Ok(match t.dtype() {
+            safetensors::Dtype::F32 => {
+                data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")) as f64).collect()
+            }
+            safetensors::Dtype::I64 => {
+                data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f64).collect()
+            }
+            other => bail!("{name} is {other:?}, not F32 or I64"),
+        })
     };
     names
         .into_iter()
@@ -191,8 +198,10 @@ pub fn diff(a: &Path, b: &Path) -> Result<Vec<(String, f64)>> {
             if x.shape() != y.shape() {
                 bail!("{name} has shape {:?} in one file and {:?} in the other", x.shape(), y.shape());
             }
-            let worst =
-                floats(&x, name)?.iter().zip(floats(&y, name)?).map(|(p, q)| (p - q).abs() as f64).fold(0.0, f64::max);
+            if x.dtype() != y.dtype() {
+                bail!("{name} is {:?} in one file and {:?} in the other", x.dtype(), y.dtype());
+            }
+            let worst = values(&x, name)?.iter().zip(values(&y, name)?).map(|(p, q)| (p - q).abs()).fold(0.0, f64::max);
             Ok((name.to_string(), worst))
         })
         .collect()

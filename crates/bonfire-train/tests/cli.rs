@@ -65,6 +65,49 @@ fn wgpu_trains_a_few_steps() {
     assert!(text(&o).contains("epoch 1: 5 steps"), "{}", text(&o));
 }
 
+/// DP with its replicas on lavapipe's two wgpu devices (every move between
+/// them staged through the host) trains the real LeNet and ResNet (batch
+/// norm) to the weights of the same split on one device.
+#[test]
+fn dp_over_two_wgpu_devices_equals_one_device() {
+    let dir = out_dir("dp-wgpu");
+    for model in ["lenet", "resnet"] {
+        let weights = |devices: &str| {
+            let file = dir.join(format!("{model}-{devices}.safetensors"));
+            let o = bonfire(&[
+                "train",
+                "--backend",
+                "wgpu",
+                "--strategy",
+                "dp",
+                "--workers",
+                "2",
+                "--devices",
+                devices,
+                "--model",
+                model,
+                "--steps",
+                "3",
+                "--batch-size",
+                "16",
+                "--dataset",
+                "synthetic",
+                "--out",
+                dir.to_str().unwrap(),
+                "--save",
+                file.to_str().unwrap(),
+            ]);
+            assert!(o.status.success(), "{model} on {devices}: {}", text(&o));
+            assert!(!text(&o).contains("panicked"), "{model} on {devices}: {}", text(&o));
+            (file, text(&o))
+        };
+        let ((two, log), (one, _)) = (weights("default,cpu"), weights("default"));
+        assert!(log.contains("workers on the wgpu devices [DefaultDevice, Cpu]"), "{log}");
+        let o = bonfire(&["diff-weights", two.to_str().unwrap(), one.to_str().unwrap(), "--tolerance", "1e-4"]);
+        assert!(o.status.success(), "{model}: {}", text(&o));
+    }
+}
+
 #[test]
 fn single_and_dp_strategies_train() {
     for strategy in ["single", "dp"] {
@@ -118,7 +161,7 @@ fn resnet_trains_under_ddp() {
 #[test]
 fn bad_input_gets_clear_errors() {
     // Each refused once, by the launching process, before any worker starts.
-    let cases: [(&[&str], &str); 11] = [
+    let cases: [(&[&str], &str); 13] = [
         (&["train", "--threads", "--batch-size", "101"], "multiple of the 2 workers"),
         (&["train", "--batch-size", "0"], "--batch-size 0 must be a positive multiple of the 2 workers"),
         (&["train", "--lr", "nan"], "--lr NaN must be a number of at least 0"),
@@ -133,6 +176,8 @@ fn bad_input_gets_clear_errors() {
         (&["train", "--data-dir", "/nonexistent/fm", "--strategy", "single"], "not found in /nonexistent/fm"),
         (&["train", "--workers", "0"], "at least 1"),
         (&["train", "--backend", "tpu"], "invalid value 'tpu'"),
+        (&["train", "--devices", "cpu"], "--devices applies to --backend wgpu"),
+        (&["train", "--backend", "wgpu", "--devices", "default,gpu1"], "\"gpu1\" is not a wgpu device"),
     ];
     for (args, want) in cases {
         let o = bonfire(args);
@@ -289,7 +334,7 @@ fn a_run_stopped_after_epoch_1_and_resumed_ends_with_the_same_weights() {
     };
     run([common(&a, "2"), vec!["--save".into(), s(&a, "final.safetensors")]].concat());
     run(common(&b, "1"));
-    assert!(b.join("ckpt").join("checkpoint.bfck").is_file());
+    assert!(b.join("ckpt").join("checkpoint-000000060.safetensors").is_file());
     let o = run([common(&b, "2"), vec!["--resume".into(), "--save".into(), s(&b, "final.safetensors")]].concat());
     assert!(text(&o).contains("resuming after epoch 1"), "{}", text(&o));
     assert_eq!(tensors(&a.join("final.safetensors")), tensors(&b.join("final.safetensors")));

@@ -1,8 +1,9 @@
 //! Models, data and training loops shared by the equivalence tests.
 #![allow(dead_code)]
 
+use bonfire_collective::InProcCommunicator;
 use bonfire_parallel::{
-    settle_buffers, values_from_host, values_to_host, DistributedDataParallel, HookBackend, ParallelError,
+    settle_buffers, values_from_host, values_to_host, DdpConfig, DistributedDataParallel, HookBackend, ParallelError,
 };
 use burn::module::{AutodiffModule, Module};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -182,13 +183,18 @@ pub fn sgd<B: AutodiffBackend, M: AutodiffModule<B>>() -> impl Optimizer<M, B> {
     SgdConfig::new().with_momentum(Some(MomentumConfig::new().with_dampening(0.0))).init()
 }
 
+/// The device `model` lives on (its first parameter's).
+pub fn device_of<B: Backend, M: Module<B>>(model: &M) -> B::Device {
+    model.devices().into_iter().next().expect("a model with parameters")
+}
+
 /// One worker on the whole global batch of every step.
 pub fn train_single<B: AutodiffBackend, M: AutodiffModule<B> + Net<B>>(
     mut model: M,
     global: usize,
     width: usize,
 ) -> Vec<f32> {
-    let device = Default::default();
+    let device = device_of(&model);
     let mut opt = sgd::<B, M>();
     for step in 0..STEPS {
         let (x, y) = batch::<B>(step * global..(step + 1) * global, width, &device);
@@ -208,7 +214,7 @@ pub fn train_ddp<B: HookBackend, M: AutodiffModule<B> + Net<B> + 'static>(
     micro: usize,
     width: usize,
 ) -> Result<Vec<f32>, ParallelError> {
-    let device = Default::default();
+    let device = device_of(&model);
     let (rank, world) = (ddp.rank(), ddp.world_size());
     let global = per_rank * world;
     let mut opt = sgd::<B, M>();
@@ -240,7 +246,7 @@ pub fn train_ddp_same_rows<B: HookBackend, M: AutodiffModule<B> + Net<B> + 'stat
     per_rank: usize,
     width: usize,
 ) -> Result<Vec<f32>, ParallelError> {
-    let device = Default::default();
+    let device = device_of(&model);
     let mut opt = sgd::<B, M>();
     for step in 0..STEPS {
         let (x, y) = batch::<B>(step * per_rank..(step + 1) * per_rank, width, &device);
@@ -249,6 +255,40 @@ pub fn train_ddp_same_rows<B: HookBackend, M: AutodiffModule<B> + Net<B> + 'stat
     }
     settle_buffers::<B, M>(&model);
     Ok(values_to_host::<B, M>(&model))
+}
+
+/// Runs one DDP rank per device as threads (rank r on `devices[r]`). Rank 0
+/// starts from seed 1, the others from other values, which the initial
+/// broadcast must replace.
+pub fn ddp_threads_on<B, M>(
+    devices: Vec<B::Device>,
+    make: impl Fn(usize, &B::Device) -> M + Sync,
+    config: DdpConfig,
+    per_rank: usize,
+    micro: usize,
+    width: usize,
+) -> Vec<Result<Vec<f32>, ParallelError>>
+where
+    B: HookBackend,
+    M: AutodiffModule<B> + Net<B> + 'static,
+{
+    let comms = InProcCommunicator::group(devices.len()).unwrap();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .zip(devices)
+            .enumerate()
+            .map(|(rank, (comm, device))| {
+                let (make, config) = (&make, config.clone());
+                s.spawn(move || {
+                    let model = seeded::<B, M>(make(rank, &device), if rank == 0 { 1 } else { 100 + rank as u64 });
+                    let (mut ddp, model) = DistributedDataParallel::new(model, Box::new(comm), config)?;
+                    train_ddp(&mut ddp, model, per_rank, micro, width)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
