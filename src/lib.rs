@@ -20,11 +20,16 @@
 //! # Ok(()) }
 //! ```
 //!
+//! - [`learner::DdpLearning`]: burn-train's `Learner` trained with DDP.
+//!
 //! `examples/` holds complete programs: `quickstart` (the README's),
 //! `ddp_custom_loop` (threads), `ddp_processes` (processes over TCP),
-//! `data_parallel` and `wgpu`.
+//! `data_parallel`, `learner` (burn-train's Learner) and `wgpu`.
 
 pub use bonfire_collective as collective;
+/// burn-train's `Learner` with Bonfire's DDP (feature `learner`, on by default).
+#[cfg(feature = "learner")]
+pub use bonfire_learner as learner;
 pub use bonfire_parallel as parallel;
 
 #[cfg(feature = "nccl")]

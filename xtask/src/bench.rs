@@ -439,7 +439,7 @@ fn dp_wgpu(steps: usize, batch: usize, models: &str, devices: &str, json: bool) 
         }
         if !json {
             println!("DP step time on wgpu, {model}, global batch {batch}, {steps} steps after {WARMUP_STEPS} warm-up");
-            println!("| configuration | devices | ms/step | vs two devices |");
+            println!("| configuration | devices | ms/step | two devices' time / this |");
             println!("|---|---|---:|---:|");
             let two = times[0].2;
             for (label, run, ms) in &times {

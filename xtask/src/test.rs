@@ -27,11 +27,13 @@ pub fn run() -> Result<()> {
         std::fs::create_dir_all(&dir)?;
         std::env::set_var("XDG_RUNTIME_DIR", &dir);
     }
+    // Builds every example too, with the workspace's feature set: running
+    // them from here avoids `cargo run`'s rebuild under the root package's.
     cargo(&["test", "--workspace"])?;
     for example in examples(&root().join("examples"))? {
-        cargo(&["run", "-q", "--example", &example])?;
+        run_example(&example)?;
     }
-    cargo(&["run", "-q", "-p", "bonfire-kernels", "--example", "conv_net"])?;
+    run_example("conv_net")?;
     cargo(&["test", "-p", "bonfire-train", "--features", "cuda", "--test", "cuda"])?;
     eprintln!("all tests and examples passed");
     Ok(())
@@ -45,6 +47,20 @@ fn examples(dir: &Path) -> Result<Vec<String>> {
         .collect();
     names.sort();
     Ok(names)
+}
+
+/// Runs an example that `cargo test --workspace` built.
+fn run_example(name: &str) -> Result<()> {
+    let binary = crate::target_dir().join("debug").join("examples").join(name);
+    eprintln!("+ {}", binary.display());
+    let status = Command::new(&binary)
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("running the example {name} ({})", binary.display()))?;
+    if !status.success() {
+        bail!("the example {name} failed ({status})");
+    }
+    Ok(())
 }
 
 fn cargo(args: &[&str]) -> Result<()> {

@@ -84,6 +84,8 @@ pub struct DistributedDataParallel<B: HookBackend> {
     broadcast_buffers: bool,
     /// Set by [`forward_module`](Self::forward_module), run by [`backward`](Self::backward).
     buffer_sync: Mutex<Option<BufferSync<B>>>,
+    /// The module's device, where small collectives ([`any_rank`](Self::any_rank)) run.
+    device: B::Device,
 }
 
 impl<B: HookBackend> DistributedDataParallel<B> {
@@ -115,8 +117,15 @@ impl<B: HookBackend> DistributedDataParallel<B> {
         let plan = BucketPlan::new(&numels, config.first_bucket_cap_bytes, config.bucket_cap_bytes);
         tracing::debug!("DDP: {} parameters in {} buckets of {:?} values", infos.len(), plan.lens.len(), plan.lens);
         let names = infos.iter().map(|p| p.name.clone()).collect();
-        let reducer =
-            Reducer::new(plan, names, device, comm, config.comm_hook, config.overlap, config.find_unused_parameters);
+        let reducer = Reducer::new(
+            plan,
+            names,
+            device.clone(),
+            comm,
+            config.comm_hook,
+            config.overlap,
+            config.find_unused_parameters,
+        );
         let registrars = registrars::<B, M>(&module);
         let ddp = DistributedDataParallel {
             reducer: Arc::new(reducer),
@@ -124,6 +133,7 @@ impl<B: HookBackend> DistributedDataParallel<B> {
             registrars,
             broadcast_buffers: config.broadcast_buffers,
             buffer_sync: Mutex::new(None),
+            device,
         };
         Ok((ddp, module))
     }
@@ -164,8 +174,17 @@ impl<B: HookBackend> DistributedDataParallel<B> {
     /// returns the gradients averaged over all ranks (plus whatever earlier
     /// [`backward_no_sync`](Self::backward_no_sync) calls accumulated).
     pub fn backward(&mut self, loss: Tensor<B, 1>) -> Result<GradientsParams> {
+        self.backward_with(|| drop(loss.backward()))
+    }
+
+    /// [`backward`](Self::backward) for a loop that runs the backward pass
+    /// itself, such as burn-train's `TrainStep::step`: `run` must run the
+    /// forward pass on [`forward_module`](Self::forward_module)'s module and
+    /// the backward pass (whatever gradients it returns besides are this
+    /// rank's alone). Returns the averaged gradients.
+    pub fn backward_with(&mut self, run: impl FnOnce()) -> Result<GradientsParams> {
         self.reducer.begin(true);
-        drop(loss.backward());
+        run();
         let buckets = self.reducer.finish()?;
         if let Some(sync) = self.buffer_sync.lock().expect("not poisoned").take() {
             sync(self.reducer.comm())?;
@@ -184,9 +203,25 @@ impl<B: HookBackend> DistributedDataParallel<B> {
     /// accumulation). Scale each micro-batch loss as the accumulated sum
     /// requires (for example by 1 / micro-steps for a mean).
     pub fn backward_no_sync(&mut self, loss: Tensor<B, 1>) -> Result<()> {
+        self.backward_no_sync_with(|| drop(loss.backward()))
+    }
+
+    /// [`backward_no_sync`](Self::backward_no_sync) for a loop that runs the
+    /// backward pass itself, as [`backward_with`](Self::backward_with).
+    pub fn backward_no_sync_with(&mut self, run: impl FnOnce()) -> Result<()> {
         self.reducer.begin(false);
-        drop(loss.backward());
+        run();
         Ok(())
+    }
+
+    /// Whether `flag` holds on any rank: a collective that every rank calls
+    /// at the same point, so that all ranks stop together (an interrupted
+    /// or early-stopped run) rather than some waiting for the others.
+    pub fn any_rank(&self, flag: bool) -> Result<bool> {
+        let max = host_call(self.reducer.comm(), &self.device, vec![f32::from(u8::from(flag))], |c, t| {
+            c.all_reduce(t, bonfire_collective::ReduceOp::Max)
+        })?;
+        Ok(max[0] > 0.0)
     }
 }
 
