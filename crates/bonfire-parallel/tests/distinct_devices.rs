@@ -9,11 +9,9 @@ mod common;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Once;
 
-use bonfire_parallel::{values_to_host, DataParallel, DdpConfig, MoveBackend};
+use bonfire_parallel::DdpConfig;
 use burn::backend::wgpu::WgpuDevice;
 use burn::backend::Autodiff;
-use burn::module::AutodiffModule;
-use burn::optim::Optimizer;
 use common::*;
 
 type Wgpu = Autodiff<burn::backend::Wgpu>;
@@ -39,25 +37,6 @@ fn count_panics() {
 fn assert_no_panic() {
     let n = PANICS.load(Ordering::SeqCst);
     assert_eq!(n, 0, "{n} panic(s) on some thread (see the output above)");
-}
-
-fn train_dp<B: MoveBackend, M: AutodiffModule<B> + Net<B>>(
-    mut model: M,
-    devices: Vec<B::Device>,
-    global: usize,
-    width: usize,
-) -> Vec<f32> {
-    let dp = DataParallel::<B>::new(devices).unwrap();
-    let mut opt = sgd::<B, M>();
-    for step in 0..STEPS {
-        let (x, y) = batch::<B>(step * global..(step + 1) * global, width, &dp.devices()[0]);
-        let (logits, replicas) = dp.forward(&model, x, |m, x| m.logits(x)).unwrap();
-        let loss = burn::nn::loss::CrossEntropyLossConfig::new().init(&logits.device()).forward(logits, y);
-        let grads = dp.backward(loss, &model, replicas).unwrap();
-        model = opt.step(LR, model, grads);
-    }
-    bonfire_parallel::settle_buffers::<B, M>(&model);
-    values_to_host::<B, M>(&model)
 }
 
 #[test]

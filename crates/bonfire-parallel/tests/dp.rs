@@ -2,31 +2,13 @@
 
 mod common;
 
-use bonfire_parallel::{values_to_host, DataParallel, MoveBackend, ParallelError};
+use bonfire_parallel::{DataParallel, ParallelError};
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
-use burn::optim::Optimizer;
 use common::*;
 
 type Flex = Autodiff<burn::backend::Flex>;
 type Wgpu = Autodiff<burn::backend::Wgpu>;
-
-fn train_dp<B, M>(mut model: M, devices: Vec<B::Device>, global: usize, width: usize) -> Vec<f32>
-where
-    B: MoveBackend,
-    M: AutodiffModule<B> + Net<B>,
-{
-    let dp = DataParallel::<B>::new(devices).unwrap();
-    let mut opt = sgd::<B, M>();
-    for step in 0..STEPS {
-        let (x, y) = batch::<B>(step * global..(step + 1) * global, width, &dp.devices()[0]);
-        let (logits, replicas) = dp.forward(&model, x, |m, x| m.logits(x)).unwrap();
-        let loss = burn::nn::loss::CrossEntropyLossConfig::new().init(&logits.device()).forward(logits, y);
-        let grads = dp.backward(loss, &model, replicas).unwrap();
-        model = opt.step(LR, model, grads);
-    }
-    values_to_host::<B, M>(&model)
-}
 
 #[test]
 fn dp_over_two_devices_equals_one_device() {

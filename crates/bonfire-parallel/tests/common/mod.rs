@@ -257,6 +257,26 @@ pub fn train_ddp_same_rows<B: HookBackend, M: AutodiffModule<B> + Net<B> + 'stat
     Ok(values_to_host::<B, M>(&model))
 }
 
+/// DataParallel over `devices`, `global` rows a step.
+pub fn train_dp<B: bonfire_parallel::MoveBackend, M: AutodiffModule<B> + Net<B>>(
+    mut model: M,
+    devices: Vec<B::Device>,
+    global: usize,
+    width: usize,
+) -> Vec<f32> {
+    let dp = bonfire_parallel::DataParallel::<B>::new(devices).unwrap();
+    let mut opt = sgd::<B, M>();
+    for step in 0..STEPS {
+        let (x, y) = batch::<B>(step * global..(step + 1) * global, width, &dp.devices()[0]);
+        let (logits, replicas) = dp.forward(&model, x, |m, x| m.logits(x)).unwrap();
+        let loss = burn::nn::loss::CrossEntropyLossConfig::new().init(&logits.device()).forward(logits, y);
+        let grads = dp.backward(loss, &model, replicas).unwrap();
+        model = opt.step(LR, model, grads);
+    }
+    settle_buffers::<B, M>(&model);
+    values_to_host::<B, M>(&model)
+}
+
 /// Runs one DDP rank per device as threads (rank r on `devices[r]`). Rank 0
 /// starts from seed 1, the others from other values, which the initial
 /// broadcast must replace.
