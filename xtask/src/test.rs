@@ -1,6 +1,7 @@
 //! `cargo xtask test`: the whole test suite, on a machine that may not yet
 //! have what it needs. It installs Debian's packages the tests use (Mesa's
-//! lavapipe for the wgpu tests, the Fashion-MNIST files, Open MPI, Slurm) when run as root
+//! lavapipe for the wgpu tests, the Fashion-MNIST files, Open MPI with its
+//! headers, libclang, Slurm) when run as root
 //! with apt, or names the one command to run otherwise; then it runs the
 //! workspace's tests, every example, and the CUDA tests (which, without a
 //! GPU, check that the CUDA build fails cleanly).
@@ -13,11 +14,26 @@ use anyhow::{bail, Context, Result};
 use crate::root;
 
 /// Debian packages the tests need: Vulkan on the CPU (lavapipe) for the
-/// wgpu tests, the real Fashion-MNIST files, and Open MPI's `mpirun` and a
+/// wgpu tests, the real Fashion-MNIST files, Open MPI's `mpirun` and a
 /// one-node Slurm cluster (slurm-wlm, munge), which start DDP jobs in the
-/// tests.
-const PACKAGES: [&str; 6] =
-    ["mesa-vulkan-drivers", "libvulkan1", "dataset-fashion-mnist", "openmpi-bin", "slurm-wlm", "munge"];
+/// tests, and what the `mpi` feature builds against (Open MPI's headers,
+/// and libclang for the bindings).
+const PACKAGES: [&str; 8] = [
+    "mesa-vulkan-drivers",
+    "libvulkan1",
+    "dataset-fashion-mnist",
+    "openmpi-bin",
+    "libopenmpi-dev",
+    "libclang-dev",
+    "slurm-wlm",
+    "munge",
+];
+
+/// Features the workspace's tests are built with: MPI, so that its
+/// communicator and `--comm mpi` are tested. Pass the same to run one test
+/// file (`cargo test --workspace --features ... --test NAME`), or the build
+/// cache is thrown away.
+pub const FEATURES: &str = "bonfire-collective/mpi,bonfire-train/mpi";
 
 pub fn run() -> Result<()> {
     install_packages()?;
@@ -29,7 +45,7 @@ pub fn run() -> Result<()> {
     }
     // Builds every example too, with the workspace's feature set: running
     // them from here avoids `cargo run`'s rebuild under the root package's.
-    cargo(&["test", "--workspace"])?;
+    cargo(&["test", "--workspace", "--features", FEATURES])?;
     for example in examples(&root().join("examples"))? {
         run_example(&example)?;
     }

@@ -80,6 +80,14 @@ const LAUNCHERS: [Launcher; 4] = [
     },
 ];
 
+/// The value of `var`, which a launcher must set.
+fn required(lookup: &impl Fn(&str) -> Option<String>, var: &'static str) -> Result<String> {
+    lookup(var).ok_or_else(|| CommError::Env {
+        var,
+        detail: "is not set (a launcher such as `bonfire launch`, torchrun, mpirun or srun sets it)".into(),
+    })
+}
+
 /// The ports a Slurm job's rendezvous is put on, by job id, when
 /// `MASTER_PORT` is not set.
 const SLURM_PORTS: std::ops::Range<u64> = 20_000..40_000;
@@ -136,60 +144,9 @@ impl DistEnv {
     /// Reads the variables through `lookup`, so that a caller (or a test) can
     /// supply them without touching the process environment.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
-        let launcher = Self::launched_by(&lookup).unwrap_or(&LAUNCHERS[0]);
-        let required = |var: &'static str| {
-            lookup(var).ok_or_else(|| CommError::Env {
-                var,
-                detail: "is not set (a launcher such as `bonfire launch`, torchrun, mpirun or srun sets it)".into(),
-            })
-        };
-        let number = |var: &'static str, value: String| {
-            value
-                .trim()
-                .parse::<usize>()
-                .map_err(|_| CommError::Env { var, detail: format!("{value:?} is not a non-negative integer") })
-        };
-        let first = |vars: &[&'static str]| vars.iter().find_map(|&v| lookup(v).map(|value| (v, value)));
-        let (rank_var, size_var) = (launcher.rank, launcher.size);
-        let rank = number(rank_var, required(rank_var)?)?;
-        let world_size = number(size_var, required(size_var)?)?;
-        if world_size == 0 {
-            return Err(CommError::Env { var: size_var, detail: "must be at least 1".into() });
-        }
-        if rank >= world_size {
-            return Err(CommError::Env {
-                var: rank_var,
-                detail: format!("{rank} is not below {size_var}={world_size}"),
-            });
-        }
-        let (local_rank_var, local_rank) = match first(launcher.local_rank) {
-            Some((var, v)) => (var, number(var, v)?),
-            None => ("LOCAL_RANK", rank),
-        };
-        let (local_size_var, local_world_size) = match first(launcher.local_size) {
-            Some(("SLURM_STEP_TASKS_PER_NODE", v)) => {
-                let node = lookup("SLURM_NODEID").and_then(|n| n.trim().parse().ok()).unwrap_or(0);
-                let tasks = slurm_tasks_on_node(&v, node).ok_or_else(|| CommError::Env {
-                    var: "SLURM_STEP_TASKS_PER_NODE",
-                    detail: format!("{v:?} does not give node {node}'s task count"),
-                })?;
-                ("SLURM_STEP_TASKS_PER_NODE", tasks)
-            }
-            Some((var, v)) => (var, number(var, v)?),
-            None => ("LOCAL_WORLD_SIZE", world_size),
-        };
-        if local_world_size == 0 || local_world_size > world_size {
-            return Err(CommError::Env {
-                var: local_size_var,
-                detail: format!("{local_world_size} must be between 1 and {size_var}={world_size}"),
-            });
-        }
-        if local_rank >= local_world_size {
-            return Err(CommError::Env {
-                var: local_rank_var,
-                detail: format!("{local_rank} is not below {local_size_var}={local_world_size}"),
-            });
-        }
+        let (launcher, place) = Placement::read(&lookup)?;
+        let Placement { rank, world_size, local_rank, local_world_size } = place;
+        let required = |var: &'static str| required(&lookup, var);
         let master_addr = match lookup("MASTER_ADDR") {
             Some(addr) => addr,
             // Slurm names the step's hosts; rank 0 runs on the first.
@@ -256,6 +213,78 @@ impl DistEnv {
         } else {
             format!("{}:{}", self.master_addr, self.master_port)
         }
+    }
+}
+
+/// Where this worker sits in the job: a [`DistEnv`] without the rendezvous
+/// address, which a communicator that finds its peers itself (MPI) does not
+/// need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub rank: usize,
+    pub world_size: usize,
+    pub local_rank: usize,
+    pub local_world_size: usize,
+}
+
+impl Placement {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self> {
+        Self::read(|name| std::env::var(name).ok()).map(|(_, place)| place)
+    }
+
+    /// The launcher whose variables are read, and what they say.
+    fn read(lookup: impl Fn(&str) -> Option<String>) -> Result<(&'static Launcher, Self)> {
+        let launcher = DistEnv::launched_by(&lookup).unwrap_or(&LAUNCHERS[0]);
+        let required = |var: &'static str| required(&lookup, var);
+        let number = |var: &'static str, value: String| {
+            value
+                .trim()
+                .parse::<usize>()
+                .map_err(|_| CommError::Env { var, detail: format!("{value:?} is not a non-negative integer") })
+        };
+        let first = |vars: &[&'static str]| vars.iter().find_map(|&v| lookup(v).map(|value| (v, value)));
+        let (rank_var, size_var) = (launcher.rank, launcher.size);
+        let rank = number(rank_var, required(rank_var)?)?;
+        let world_size = number(size_var, required(size_var)?)?;
+        if world_size == 0 {
+            return Err(CommError::Env { var: size_var, detail: "must be at least 1".into() });
+        }
+        if rank >= world_size {
+            return Err(CommError::Env {
+                var: rank_var,
+                detail: format!("{rank} is not below {size_var}={world_size}"),
+            });
+        }
+        let (local_rank_var, local_rank) = match first(launcher.local_rank) {
+            Some((var, v)) => (var, number(var, v)?),
+            None => ("LOCAL_RANK", rank),
+        };
+        let (local_size_var, local_world_size) = match first(launcher.local_size) {
+            Some(("SLURM_STEP_TASKS_PER_NODE", v)) => {
+                let node = lookup("SLURM_NODEID").and_then(|n| n.trim().parse().ok()).unwrap_or(0);
+                let tasks = slurm_tasks_on_node(&v, node).ok_or_else(|| CommError::Env {
+                    var: "SLURM_STEP_TASKS_PER_NODE",
+                    detail: format!("{v:?} does not give node {node}'s task count"),
+                })?;
+                ("SLURM_STEP_TASKS_PER_NODE", tasks)
+            }
+            Some((var, v)) => (var, number(var, v)?),
+            None => ("LOCAL_WORLD_SIZE", world_size),
+        };
+        if local_world_size == 0 || local_world_size > world_size {
+            return Err(CommError::Env {
+                var: local_size_var,
+                detail: format!("{local_world_size} must be between 1 and {size_var}={world_size}"),
+            });
+        }
+        if local_rank >= local_world_size {
+            return Err(CommError::Env {
+                var: local_rank_var,
+                detail: format!("{local_rank} is not below {local_size_var}={local_world_size}"),
+            });
+        }
+        Ok((launcher, Placement { rank, world_size, local_rank, local_world_size }))
     }
 }
 

@@ -14,6 +14,10 @@ pub enum CommError {
     /// A peer did not answer within the timeout.
     #[error("timed out after {waited:?} in {op} waiting for rank {rank}")]
     Timeout { op: &'static str, rank: usize, waited: Duration },
+    /// A call did not finish within the timeout, and the library that runs
+    /// it (MPI) does not say which rank is missing.
+    #[error("timed out after {waited:?} in {op}: a rank did not join (MPI does not tell which; the other ranks' logs show who stopped)")]
+    Stalled { op: &'static str, waited: Duration },
     /// Several peers did not join within the timeout.
     #[error("timed out after {waited:?} in {op}: rank(s) {ranks:?} never arrived")]
     Missing { op: &'static str, ranks: Vec<usize>, waited: Duration },
@@ -53,6 +57,9 @@ pub enum CommError {
     /// The CUDA driver or NCCL failed.
     #[error("{op} failed on the device: {detail}")]
     Device { op: &'static str, detail: String },
+    /// The MPI library returned an error.
+    #[error("{op} failed in MPI: {detail}")]
+    Mpi { op: &'static str, detail: String },
     /// An earlier collective failed; the group cannot be used any more.
     #[error("communicator is unusable after an earlier failure: {0}")]
     Aborted(String),

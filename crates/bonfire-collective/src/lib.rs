@@ -8,14 +8,19 @@
 //!   variables ([`DistEnv`]).
 //! - [`TensorCollective`]: collectives on Burn tensors, what DDP uses;
 //!   every communicator provides it by staging tensors through the host.
+//! - `MpiCommunicator` (feature `mpi`): the processes of an `mpirun` or
+//!   `srun` job, through the system's MPI library.
 //! - `NcclCommunicator` (feature `nccl`): NCCL between processes, on
 //!   burn-cuda tensor memory.
 
+mod call;
 mod communicator;
 mod element;
 mod env;
 mod error;
 mod inproc;
+#[cfg(feature = "mpi")]
+mod mpi;
 #[cfg(feature = "nccl")]
 mod nccl;
 mod rendezvous;
@@ -26,9 +31,11 @@ pub mod tensor;
 
 pub use communicator::{Communicator, DEFAULT_TIMEOUT};
 pub use element::{BufMut, BufRef, DType, Element, ReduceOp};
-pub use env::{DistEnv, JOB_TOKEN_VAR};
+pub use env::{DistEnv, Placement, JOB_TOKEN_VAR};
 pub use error::{CommError, Result};
 pub use inproc::InProcCommunicator;
+#[cfg(feature = "mpi")]
+pub use mpi::MpiCommunicator;
 #[cfg(feature = "nccl")]
 pub use nccl::{CudaTensor, NcclCommunicator};
 pub use tcp::{TcpCommunicator, TcpConfig};

@@ -74,6 +74,9 @@ enum CommKind {
     Ring,
     /// NCCL in GPU memory: --backend cuda, one GPU per worker.
     Nccl,
+    /// MPI through host memory: any backend, processes started by mpirun or srun (a build
+    /// with the `mpi` feature).
+    Mpi,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -211,6 +214,14 @@ fn train(args: TrainArgs) -> Result<()> {
             cuda::nccl_preflight(args.workers)?;
         }
     }
+    if comm_kind(&args) == CommKind::Mpi && !launched && args.workers > 1 {
+        bail!(
+            "--comm mpi: start the workers with mpirun or srun (for example `mpirun -np {0} bonfire train \
+             --comm mpi` or `srun -n {0} bonfire train --comm mpi`); bonfire starts workers itself only for \
+             the ring and NCCL",
+            args.workers
+        );
+    }
     if args.strategy == StrategyKind::Ddp && !args.threads && !launched && args.workers > 1 {
         // Make sure the data is there once, then start the workers.
         data::load(args.dataset, args.data_dir.as_deref(), true)?;
@@ -230,12 +241,12 @@ fn train(args: TrainArgs) -> Result<()> {
     match args.backend {
         BackendKind::Cpu => {
             run::<Autodiff<burn::backend::Flex>>(&args, vec![Default::default()], &train_set, &test_set, |_| {
-                join_ring(&args)
+                join_host(&args)
             })
         }
         BackendKind::Ndarray => {
             run::<Autodiff<burn::backend::NdArray>>(&args, vec![Default::default()], &train_set, &test_set, |_| {
-                join_ring(&args)
+                join_host(&args)
             })
         }
         BackendKind::Wgpu => {
@@ -244,7 +255,7 @@ fn train(args: TrainArgs) -> Result<()> {
                 let used: Vec<_> = devices.iter().take(args.workers).collect();
                 tracing::info!("workers on the wgpu devices {used:?} (worker i on device i mod {})", devices.len());
             }
-            run::<Autodiff<burn::backend::Wgpu>>(&args, devices, &train_set, &test_set, |_| join_ring(&args))
+            run::<Autodiff<burn::backend::Wgpu>>(&args, devices, &train_set, &test_set, |_| join_host(&args))
         }
         BackendKind::Cuda => cuda::run(&args, &train_set, &test_set),
     }
@@ -288,6 +299,15 @@ fn check_comm(args: &TrainArgs) -> Result<()> {
     if comm == CommKind::Nccl && args.threads {
         bail!("--comm nccl runs one process per GPU; leave out --threads, or use --comm ring");
     }
+    if comm == CommKind::Mpi {
+        if !cfg!(feature = "mpi") {
+            bail!("--comm mpi: this bonfire was built without MPI; build it with the `mpi` feature \
+                   (it needs an MPI library's headers and libclang, e.g. Debian's libopenmpi-dev and libclang-dev)");
+        }
+        if args.threads {
+            bail!("--comm mpi runs one process per worker, started by mpirun or srun; leave out --threads");
+        }
+    }
     Ok(())
 }
 
@@ -296,14 +316,44 @@ fn comm_kind(args: &TrainArgs) -> CommKind {
     args.comm.unwrap_or(if cuda_processes { CommKind::Nccl } else { CommKind::Ring })
 }
 
-/// A launched worker joins the others in the TCP ring.
-fn join_ring<B: burn::tensor::backend::Backend>(args: &TrainArgs) -> Result<Box<dyn TensorCollective<B>>> {
-    let config = TcpConfig {
-        timeout: Duration::from_secs_f64(args.timeout),
-        stall_warning: Duration::from_secs_f64(args.stall_warning),
-        ..TcpConfig::default()
-    };
+/// A launched worker joins the others through host memory: in the TCP ring,
+/// or in MPI with `--comm mpi`.
+fn join_host<B: burn::tensor::backend::Backend>(args: &TrainArgs) -> Result<Box<dyn TensorCollective<B>>> {
+    let timeout = Duration::from_secs_f64(args.timeout);
+    if comm_kind(args) == CommKind::Mpi {
+        return join_mpi(timeout);
+    }
+    let config =
+        TcpConfig { timeout, stall_warning: Duration::from_secs_f64(args.stall_warning), ..TcpConfig::default() };
     Ok(Box::new(TcpCommunicator::from_env(config).context("joining the workers")?))
+}
+
+/// Joins the MPI job this process belongs to, which must be the job its
+/// launcher's variables describe (`bonfire launch` starts no MPI job).
+#[cfg(feature = "mpi")]
+fn join_mpi<B: burn::tensor::backend::Backend>(timeout: Duration) -> Result<Box<dyn TensorCollective<B>>> {
+    use bonfire_collective::{Communicator, MpiCommunicator, Placement};
+    let comm = MpiCommunicator::world(timeout).context("joining the MPI job")?;
+    let place = Placement::from_env()?;
+    // (Communicator's, not TensorCollective's: the same numbers.)
+    let (rank, world) = (Communicator::rank(&comm), Communicator::world_size(&comm));
+    if (rank, world) != (place.rank, place.world_size) {
+        bail!(
+            "MPI makes this process rank {rank} of {world}, but the launcher's variables say rank {} of {}: \
+             with --comm mpi, start the workers with mpirun or srun",
+            place.rank,
+            place.world_size
+        );
+    }
+    if rank == 0 {
+        tracing::info!("MPI: {}", MpiCommunicator::library_version().lines().next().unwrap_or_default());
+    }
+    Ok(Box::new(comm))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn join_mpi<B: burn::tensor::backend::Backend>(_: Duration) -> Result<Box<dyn TensorCollective<B>>> {
+    unreachable!("check_comm refuses --comm mpi without the mpi feature")
 }
 
 fn diff_weights(a: &std::path::Path, b: &std::path::Path, tolerance: f64) -> Result<()> {
@@ -403,7 +453,7 @@ fn run<B: HookBackend>(
         }
         (StrategyKind::Ddp, false) => {
             let launched = bonfire_collective::DistEnv::launched();
-            let local_rank = if launched { bonfire_collective::DistEnv::from_env()?.local_rank } else { 0 };
+            let local_rank = if launched { bonfire_collective::Placement::from_env()?.local_rank } else { 0 };
             let device = worker_device(local_rank);
             let comm = if launched { join(&device)? } else { Box::new(InProcCommunicator::group(1)?.remove(0)) };
             trainer::train::<B>(&device, train_set, test_set, &opts, Parallel::Ddp { comm })?

@@ -169,7 +169,9 @@ fn resnet_trains_under_ddp() {
 #[test]
 fn bad_input_gets_clear_errors() {
     // Each refused once, by the launching process, before any worker starts.
-    let cases: [(&[&str], &str); 13] = [
+    let without_mpi = "built without MPI";
+    let mpi = |with: &'static str| if cfg!(feature = "mpi") { with } else { without_mpi };
+    let cases: [(&[&str], &str); 15] = [
         (&["train", "--threads", "--batch-size", "101"], "multiple of the 2 workers"),
         (&["train", "--batch-size", "0"], "--batch-size 0 must be a positive multiple of the 2 workers"),
         (&["train", "--lr", "nan"], "--lr NaN must be a number of at least 0"),
@@ -180,6 +182,8 @@ fn bad_input_gets_clear_errors() {
         (&["train", "--comm", "nccl"], "--comm nccl needs --backend cuda"),
         (&["train", "--strategy", "dp", "--comm", "ring"], "--comm applies to --strategy ddp only"),
         (&["train", "--backend", "cuda", "--threads", "--comm", "nccl"], "leave out --threads"),
+        (&["train", "--comm", "mpi"], mpi("start the workers with mpirun or srun")),
+        (&["train", "--comm", "mpi", "--threads"], mpi("runs one process per worker, started by mpirun or srun")),
         (&["train", "--dataset", "cifar10"], "needs --data-dir"),
         (&["train", "--data-dir", "/nonexistent/fm", "--strategy", "single"], "not found in /nonexistent/fm"),
         (&["train", "--workers", "0"], "at least 1"),
@@ -231,18 +235,38 @@ fn a_diverging_run_stops_at_its_first_non_finite_loss_without_writing_weights() 
 /// one report, and the weights of one worker on the whole batch.
 #[test]
 fn mpirun_starts_a_ddp_job_without_torchruns_variables() {
-    let dir = out_dir("mpirun");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    mpirun_trains_like_one_worker("mpirun", &[], port);
+}
+
+/// `--comm mpi`: the gradients go through MPI itself (no rendezvous store,
+/// no MASTER_PORT), with the same result.
+#[cfg(feature = "mpi")]
+#[test]
+fn ddp_over_mpi_equals_one_worker() {
+    mpirun_trains_like_one_worker("mpi-comm", &["--comm", "mpi"], 0);
+}
+
+/// Trains 20 steps under `mpirun -np 2` (with `--comm` from `train_args`,
+/// MASTER_PORT set when `port` is not 0) and compares with one worker.
+fn mpirun_trains_like_one_worker(name: &str, train_args: &[&str], port: u16) {
+    let dir = out_dir(name);
     let (ddp_weights, one_weights) = (dir.join("ddp.safetensors"), dir.join("one.safetensors"));
     let common = ["--steps", "20", "--batch-size", "50", "--no-shuffle"];
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let o = Command::new("mpirun")
-        .args(["-np", "2", "--oversubscribe", "-x", &format!("MASTER_PORT={port}")])
+    let mut mpirun = Command::new("mpirun");
+    mpirun.args(["-np", "2", "--oversubscribe"]);
+    if port != 0 {
+        mpirun.args(["-x", &format!("MASTER_PORT={port}")]);
+    }
+    let o = mpirun
         .arg(env!("CARGO_BIN_EXE_bonfire"))
         .args(["train", "--out", dir.to_str().unwrap(), "--save", ddp_weights.to_str().unwrap()])
         .args(common)
+        .args(train_args)
         // Containers and CI run as root, which mpirun refuses unless told.
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env_remove("MASTER_PORT")
         .output()
         .expect("mpirun (Debian's openmpi-bin; `cargo xtask test` installs it)");
     assert!(o.status.success(), "{}", text(&o));

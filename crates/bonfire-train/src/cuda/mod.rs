@@ -22,9 +22,9 @@ pub fn run(args: &TrainArgs, train_set: &ImageDataset, test_set: &ImageDataset) 
     use bonfire_collective::{DistEnv, TensorCollective};
     use burn::backend::{Autodiff, Cuda};
 
-    use crate::{comm_kind, join_ring, CommKind, StrategyKind};
+    use crate::{comm_kind, join_host, CommKind, StrategyKind};
 
-    let local = if DistEnv::launched() { DistEnv::from_env()?.local_rank } else { 0 };
+    let local = if DistEnv::launched() { bonfire_collective::Placement::from_env()?.local_rank } else { 0 };
     let nccl = comm_kind(args) == CommKind::Nccl;
     let devices = match args.strategy {
         StrategyKind::Dp => devices(args.workers)?,
@@ -33,7 +33,7 @@ pub fn run(args: &TrainArgs, train_set: &ImageDataset, test_set: &ImageDataset) 
     };
     let join = |device: &burn::backend::cuda::CudaDevice| -> Result<Box<dyn TensorCollective<Cuda>>> {
         if !nccl {
-            return join_ring(args);
+            return join_host(args);
         }
         let env = DistEnv::from_env()?;
         Ok(Box::new(gpu::nccl(&env, device, Duration::from_secs_f64(args.timeout))?))
