@@ -12,12 +12,6 @@ pub enum ReduceOp {
     Min,
 }
 
-impl ReduceOp {
-    pub(crate) fn code(self) -> u8 {
-        self as u8
-    }
-}
-
 /// The element type of a buffer, checked between ranks before any data moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {

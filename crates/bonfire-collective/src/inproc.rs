@@ -24,6 +24,7 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::call::{verdict, Call, Kind};
 use crate::communicator::{check_blocks, check_segments, split, Communicator, DEFAULT_TIMEOUT};
 use crate::element::{with_pair, with_slice, BufMut, BufRef, DType, Element, ReduceOp};
 use crate::error::{CommError, Result};
@@ -38,26 +39,12 @@ pub struct InProcCommunicator {
     stall_warning: Duration,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Kind {
-    AllReduce,
-    AllReduceFrom,
-    Broadcast,
-    AllGather,
-    ReduceScatter,
-    Barrier,
-}
-
-/// What one rank asked for when it joined a call.
+/// What one rank published when it joined a call: the call, and where
+/// its buffers lie for the peers.
 #[derive(Clone, Copy, Debug)]
-struct Call {
-    kind: Kind,
-    dtype: Option<DType>,
-    op: Option<ReduceOp>,
-    root: usize,
-    /// Elements of the buffer that peers read (the input).
-    len: usize,
-    /// Address of that buffer; peers read it between the join and final barriers.
+struct Joined {
+    call: Call,
+    /// Address of the input buffer; peers read it between the join and final barriers.
     src: usize,
     /// `all_reduce_from` only: how many segments `src` lists, and the output
     /// buffer, which the peers write their parts of the result into.
@@ -66,7 +53,7 @@ struct Call {
 }
 
 struct Round {
-    calls: Vec<Call>,
+    calls: Vec<Joined>,
     /// The same verdict for every rank, so they all fail or all proceed.
     verdict: Result<(), (usize, String)>,
 }
@@ -79,7 +66,7 @@ struct Shared {
 
 struct State {
     generation: u64,
-    arrived: Vec<Option<Call>>,
+    arrived: Vec<Option<Joined>>,
     count: usize,
     round: Option<Arc<Round>>,
     failed: Option<String>,
@@ -120,7 +107,7 @@ impl InProcCommunicator {
 
     /// The barrier every call starts with: publishes `call`, waits at most the
     /// timeout for all ranks, and checks that they all asked for the same thing.
-    fn join(&self, name: &'static str, call: Call) -> Result<Arc<Round>> {
+    fn join(&self, name: &'static str, call: Joined) -> Result<Arc<Round>> {
         let world = self.shared.world;
         let started = Instant::now();
         let deadline = started + self.timeout;
@@ -133,8 +120,8 @@ impl InProcCommunicator {
         st.arrived[self.rank] = Some(call);
         st.count += 1;
         if st.count == world {
-            let calls: Vec<Call> = st.arrived.iter_mut().map(|c| c.take().unwrap()).collect();
-            let verdict = verdict(&calls);
+            let calls: Vec<Joined> = st.arrived.iter_mut().map(|c| c.take().unwrap()).collect();
+            let verdict = verdict(&calls.iter().map(|j| j.call).collect::<Vec<_>>());
             st.round = Some(Arc::new(Round { calls, verdict }));
             st.count = 0;
             st.generation += 1;
@@ -244,7 +231,7 @@ impl InProcCommunicator {
         let world = self.shared.world;
         check_segments(input, output)?;
         let total = output.len();
-        let published = Call {
+        let published = Joined {
             parts: input.len(),
             dst: output.as_mut_ptr() as usize,
             ..call(Kind::AllReduceFrom, Some(DType::F32), Some(op), 0, total, input.as_ptr() as usize)
@@ -349,8 +336,8 @@ impl InProcCommunicator {
     }
 }
 
-fn call(kind: Kind, dtype: Option<DType>, op: Option<ReduceOp>, root: usize, len: usize, src: usize) -> Call {
-    Call { kind, dtype, op, root, len, src, parts: 0, dst: 0 }
+fn call(kind: Kind, dtype: Option<DType>, op: Option<ReduceOp>, root: usize, len: usize, src: usize) -> Joined {
+    Joined { call: Call::new(kind, dtype, op, root, len), src, parts: 0, dst: 0 }
 }
 
 /// Calls `f(offset, piece)` for what of `segments`, laid one after another,
@@ -365,28 +352,6 @@ fn pieces<'a>(segments: &[&'a [f32]], range: std::ops::Range<usize>, mut f: impl
         }
         start = end;
     }
-}
-
-/// Rank 0's call is the reference; the first rank that differs is named.
-fn verdict(calls: &[Call]) -> Result<(), (usize, String)> {
-    let first = &calls[0];
-    for (rank, c) in calls.iter().enumerate().skip(1) {
-        let detail = if c.kind != first.kind {
-            format!("it called {:?} while rank 0 called {:?}", c.kind, first.kind)
-        } else if c.dtype != first.dtype {
-            format!("its buffer is {:?}, rank 0's is {:?}", c.dtype, first.dtype)
-        } else if c.len != first.len {
-            format!("its buffer has {} elements, rank 0's has {}", c.len, first.len)
-        } else if c.op != first.op {
-            format!("it asked for {:?}, rank 0 for {:?}", c.op, first.op)
-        } else if c.root != first.root {
-            format!("its root is {}, rank 0's is {}", c.root, first.root)
-        } else {
-            continue;
-        };
-        return Err((rank, detail));
-    }
-    Ok(())
 }
 
 impl Communicator for InProcCommunicator {

@@ -117,7 +117,7 @@ fn threads_mismatched_calls_are_named() {
     for (rank, err) in results.into_iter().enumerate() {
         let other = 1 - rank;
         assert!(
-            matches!(&err, CommError::Mismatch { rank: r, detail, .. } if *r == other && detail.contains("buffer length")),
+            matches!(&err, CommError::Mismatch { rank: r, detail, .. } if *r == other && detail.contains("its buffer has")),
             "{err}"
         );
     }

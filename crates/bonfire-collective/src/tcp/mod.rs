@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, SockRef, Socket, Type};
 
+use crate::call::{Call, Kind};
 use crate::communicator::{check_blocks, Communicator, DEFAULT_TIMEOUT};
 use crate::element::{with_pair, with_slice, BufMut, BufRef, DType, Element, ReduceOp};
 use crate::env::DistEnv;
@@ -267,80 +268,44 @@ impl Communicator for TcpCommunicator {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-enum Kind {
-    AllReduce = 1,
-    Broadcast,
-    AllGather,
-    ReduceScatter,
-    Barrier,
-}
-
-/// Sent to the next rank before every call's data.
+/// Sent to the next rank before every call's data: the call and its number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Header {
-    kind: u8,
-    dtype: u8,
-    op: u8,
-    root: u32,
-    len: u64,
+    call: Call,
     seq: u64,
 }
 
 impl Header {
-    const BYTES: usize = 28;
+    const BYTES: usize = 4 + 6 * 8;
 
     fn new(kind: Kind, dtype: DType, op: Option<ReduceOp>, root: usize, len: usize) -> Self {
-        Header {
-            kind: kind as u8,
-            dtype: dtype as u8,
-            op: op.map_or(0xff, ReduceOp::code),
-            root: root as u32,
-            len: len as u64,
-            seq: 0,
-        }
+        Header { call: Call::new(kind, Some(dtype), op, root, len), seq: 0 }
     }
 
     fn encode(&self) -> [u8; Self::BYTES] {
         let mut out = [0u8; Self::BYTES];
         out[0..4].copy_from_slice(&CALL.to_le_bytes());
-        out[4] = self.kind;
-        out[5] = self.dtype;
-        out[6] = self.op;
-        out[8..12].copy_from_slice(&self.root.to_le_bytes());
-        out[12..20].copy_from_slice(&self.len.to_le_bytes());
-        out[20..28].copy_from_slice(&self.seq.to_le_bytes());
+        let words = self.call.to_words().into_iter().chain([self.seq]);
+        for (i, w) in words.enumerate() {
+            out[4 + 8 * i..12 + 8 * i].copy_from_slice(&w.to_le_bytes());
+        }
         out
     }
 
     fn decode(b: &[u8; Self::BYTES]) -> Option<Self> {
-        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
-        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
-        (u32_at(0) == CALL).then(|| Header {
-            kind: b[4],
-            dtype: b[5],
-            op: b[6],
-            root: u32_at(8),
-            len: u64_at(12),
-            seq: u64_at(20),
-        })
+        let word = |i: usize| u64::from_le_bytes(b[4 + 8 * i..12 + 8 * i].try_into().unwrap());
+        if b[0..4] != CALL.to_le_bytes() {
+            return None;
+        }
+        Some(Header { call: Call::from_words(std::array::from_fn(word))?, seq: word(5) })
     }
 
-    /// What differs between two calls, in words.
+    /// What the previous rank's call does differently, in words.
     fn difference(&self, theirs: &Header) -> Option<String> {
-        let fields = [
-            ("call number", self.seq, theirs.seq),
-            ("collective", self.kind as u64, theirs.kind as u64),
-            ("element type", self.dtype as u64, theirs.dtype as u64),
-            ("buffer length", self.len, theirs.len),
-            ("reduce op", self.op as u64, theirs.op as u64),
-            ("root", self.root as u64, theirs.root as u64),
-        ];
-        fields
-            .iter()
-            .find(|(_, mine, other)| mine != other)
-            .map(|(what, mine, other)| format!("its {what} is {other}, this rank's is {mine}"))
+        if theirs.seq != self.seq {
+            return Some(format!("it is at call number {}, this rank at {}", theirs.seq, self.seq));
+        }
+        self.call.difference(&theirs.call, "this rank")
     }
 }
 
