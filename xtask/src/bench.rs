@@ -21,7 +21,7 @@ pub struct Args {
 
 #[derive(clap::Subcommand)]
 enum What {
-    /// All-reduce bus bandwidth: in-process and TCP ring against PyTorch Gloo.
+    /// All-reduce bus bandwidth: in-process, TCP ring and MPI (where installed) against PyTorch Gloo.
     Allreduce {
         #[arg(long, default_value_t = 2)]
         world: usize,
@@ -89,12 +89,19 @@ pub fn run(args: Args) -> Result<()> {
     }
 }
 
-/// Builds `bonfire-bench` in release. The feature set is always the same, so
+/// Builds `bonfire-bench` in release. The feature set is always the same on
+/// a machine (MPI is in it where an MPI library and its headers are), so
 /// that each benchmark reuses the others' build.
 fn build_bench() -> Result<std::path::PathBuf> {
     eprintln!("building the benchmarks (release)...");
-    cargo_build(&["--release", "--quiet", "-p", "bonfire-bench", "--features", "burn-baseline"], &[], "bonfire-bench")?;
+    let features = if mpi_installed() { "burn-baseline,mpi" } else { "burn-baseline" };
+    cargo_build(&["--release", "--quiet", "-p", "bonfire-bench", "--features", features], &[], "bonfire-bench")?;
     Ok(release_dir().join("bonfire-bench"))
+}
+
+/// Whether MPI's compiler wrapper and launcher are on the PATH.
+fn mpi_installed() -> bool {
+    ["mpicc", "mpirun"].iter().all(|tool| Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success()))
 }
 
 /// Runs `cmd` and parses each stdout line that is a JSON object.
@@ -122,7 +129,10 @@ fn torch_python() -> Option<String> {
 fn allreduce(world: usize, sizes: &str, json: bool) -> Result<()> {
     let bench = build_bench()?;
     let mut rows = json_lines(
-        Command::new(&bench).args(["allreduce", "--world", &world.to_string(), "--sizes-mib", sizes]),
+        Command::new(&bench).args(["allreduce", "--world", &world.to_string(), "--sizes-mib", sizes]).args([
+            "--impl",
+            if mpi_installed() { "inproc,tcp,mpi" } else { "inproc,tcp" },
+        ]),
         "the all-reduce benchmark",
     )?;
     if let Some(py) = torch_python() {
@@ -158,8 +168,8 @@ fn allreduce(world: usize, sizes: &str, json: bool) -> Result<()> {
     if let Some(m) = memcpy {
         println!("machine memcpy, 1 thread, 256 MiB: {m:.2} GB/s");
     }
-    println!("| size | in-process | TCP ring | PyTorch Gloo | in-process / Gloo | TCP / Gloo |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("| size | in-process | TCP ring | MPI | PyTorch Gloo | in-process / Gloo | TCP / Gloo | MPI / Gloo |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (bytes, by_impl) in &table {
         let cell = |k: &str| by_impl.get(k).map_or("-".to_string(), |v| format!("{v:.2}"));
         let ratio = |k: &str| match (by_impl.get(k), by_impl.get("gloo")) {
@@ -167,13 +177,15 @@ fn allreduce(world: usize, sizes: &str, json: bool) -> Result<()> {
             _ => "-".to_string(),
         };
         println!(
-            "| {} MiB | {} | {} | {} | {} | {} |",
+            "| {} MiB | {} | {} | {} | {} | {} | {} | {} |",
             bytes >> 20,
             cell("inproc"),
             cell("tcp"),
+            cell("mpi"),
             cell("gloo"),
             ratio("inproc"),
-            ratio("tcp")
+            ratio("tcp"),
+            ratio("mpi")
         );
     }
     Ok(())

@@ -20,7 +20,8 @@ pub struct Args {
     /// Buffer sizes in MiB of f32.
     #[arg(long, value_delimiter = ',', default_value = "1,4,25,100")]
     sizes_mib: Vec<usize>,
-    /// Which communicators to measure.
+    /// Which communicators to measure: inproc, tcp, mpi (a build with the
+    /// `mpi` feature; ranks started by mpirun).
     #[arg(long, value_delimiter = ',', default_value = "inproc,tcp")]
     r#impl: Vec<String>,
     /// Bytes per pipelined chunk of the TCP ring.
@@ -34,6 +35,9 @@ pub struct WorkerArgs {
     sizes_mib: Vec<usize>,
     #[arg(long)]
     chunk_bytes: Option<usize>,
+    /// Join through MPI (this process is a rank of an mpirun job) instead of the TCP ring.
+    #[arg(long)]
+    mpi: bool,
 }
 
 /// Seconds per all-reduce of `bytes` of f32 on this rank.
@@ -68,7 +72,8 @@ pub fn run(args: Args) -> Result<()> {
         match kind.as_str() {
             "inproc" => inproc(&args)?,
             "tcp" => tcp(&args)?,
-            other => bail!("unknown --impl {other:?}; expected inproc or tcp"),
+            "mpi" => mpi(&args)?,
+            other => bail!("unknown --impl {other:?}; expected inproc, tcp or mpi"),
         }
     }
     Ok(())
@@ -111,19 +116,54 @@ fn tcp(args: &Args) -> Result<()> {
     Ok(())
 }
 
-pub fn worker(args: WorkerArgs) -> Result<()> {
-    let mut config = TcpConfig::default();
-    if let Some(c) = args.chunk_bytes {
-        config.chunk_bytes = c;
+/// The ranks as an `mpirun` job over the system's MPI.
+fn mpi(args: &Args) -> Result<()> {
+    if !cfg!(feature = "mpi") {
+        bail!("--impl mpi needs a build with the `mpi` feature");
     }
-    let mut comm = TcpCommunicator::from_env(config)?;
+    let sizes: Vec<String> = args.sizes_mib.iter().map(|s| s.to_string()).collect();
+    let status = std::process::Command::new("mpirun")
+        .args(["-np", &args.world.to_string(), "--oversubscribe"])
+        .arg(std::env::current_exe()?)
+        .args(["allreduce-worker", "--mpi", "--sizes-mib", &sizes.join(",")])
+        // Containers run as root, which mpirun refuses unless told.
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .status()
+        .context("starting mpirun")?;
+    if !status.success() {
+        bail!("the MPI benchmark failed: {status}");
+    }
+    Ok(())
+}
+
+pub fn worker(args: WorkerArgs) -> Result<()> {
+    let (kind, mut comm): (_, Box<dyn Communicator>) = if args.mpi {
+        ("mpi", join_mpi()?)
+    } else {
+        let mut config = TcpConfig::default();
+        if let Some(c) = args.chunk_bytes {
+            config.chunk_bytes = c;
+        }
+        ("tcp", Box::new(TcpCommunicator::from_env(config)?))
+    };
     for &mib in &args.sizes_mib {
-        let seconds = time_all_reduce(&mut comm, bytes_of(mib))?;
+        let seconds = time_all_reduce(comm.as_mut(), bytes_of(mib))?;
         if comm.rank() == 0 {
-            report("tcp", comm.world_size(), bytes_of(mib), seconds);
+            report(kind, comm.world_size(), bytes_of(mib), seconds);
         }
     }
     Ok(())
+}
+
+#[cfg(feature = "mpi")]
+fn join_mpi() -> Result<Box<dyn Communicator>> {
+    Ok(Box::new(bonfire_collective::MpiCommunicator::world(bonfire_collective::DEFAULT_TIMEOUT)?))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn join_mpi() -> Result<Box<dyn Communicator>> {
+    bail!("this benchmark was built without the `mpi` feature")
 }
 
 /// Best of five single-thread copies of 256 MiB, as the anchor's membw.c.

@@ -1,0 +1,123 @@
+//! Several hosts, simulated on this machine: three network namespaces, each
+//! with its own address on a rate-limited link (`tests/cluster/hosts.sh`),
+//! and one DDP worker per "host", started the way a multi-node job is (one
+//! `bonfire launch --nnodes 3 --node-rank I` per host), meeting at host 0's
+//! address, not at loopback. The job must end with the weights of one
+//! worker on the whole batch. It needs root (`ip netns`), as CI has.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const HOSTS: usize = 3;
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/cluster/hosts.sh")
+}
+
+/// The simulated hosts; dropping them removes the namespaces.
+struct Hosts {
+    name: String,
+    subnet: u8,
+}
+
+impl Hosts {
+    fn up(rate: &str) -> Hosts {
+        // Short names (interface names are at most 15 bytes), distinct per run.
+        let pid = std::process::id();
+        let hosts = Hosts { name: format!("bfc{}", pid % 10_000), subnet: 100 + (pid % 100) as u8 };
+        let o = Command::new("bash")
+            .arg(script())
+            .args(["up", &hosts.name, &HOSTS.to_string(), &hosts.subnet.to_string(), rate])
+            .output()
+            .expect("bash");
+        assert!(o.status.success(), "making the hosts (needs root and iproute2): {}", text(&o));
+        hosts
+    }
+
+    fn address(&self, host: usize) -> String {
+        format!("10.{}.0.{}", self.subnet, host + 1)
+    }
+
+    /// `args` run on host `host`, with `env` set.
+    fn command(&self, host: usize, env: &[(&str, &str)], args: &[&str]) -> Command {
+        let mut cmd = Command::new("bash");
+        cmd.arg(script()).args(["exec", &self.name, &host.to_string(), "env"]);
+        cmd.args(env.iter().map(|(k, v)| format!("{k}={v}"))).args(args);
+        cmd
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        let _ = Command::new("bash").arg(script()).args(["down", &self.name, &HOSTS.to_string()]).output();
+    }
+}
+
+#[test]
+fn a_ddp_job_over_three_hosts_equals_one_worker() {
+    let hosts = Hosts::up("1gbit");
+    let dir = std::env::temp_dir().join(format!("bonfire-cluster-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let bonfire = env!("CARGO_BIN_EXE_bonfire");
+    let weights = dir.join("ddp.safetensors");
+    let common = ["--steps", "20", "--batch-size", "48", "--no-shuffle"];
+    let master = hosts.address(0);
+    let nodes = HOSTS.to_string();
+    let workers: Vec<_> = (0..HOSTS)
+        .map(|host| {
+            let out = dir.join(format!("out{host}"));
+            let rank = host.to_string();
+            let launch = [
+                bonfire,
+                "launch",
+                "--nnodes",
+                &nodes,
+                "--node-rank",
+                &rank,
+                "--nproc-per-node",
+                "1",
+                "--master-addr",
+                &master,
+                "--master-port",
+                "29400",
+                "--",
+                bonfire,
+                "train",
+                "--out",
+                out.to_str().unwrap(),
+                "--save",
+                weights.to_str().unwrap(),
+            ];
+            hosts
+                .command(host, &[("BONFIRE_JOB_TOKEN", "cluster-test")], &[&launch[..], &common].concat())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<Output> = workers.into_iter().map(|w| w.wait_with_output().unwrap()).collect();
+    for (host, o) in outputs.iter().enumerate() {
+        assert!(o.status.success(), "host {host}: {}", text(o));
+    }
+    assert_eq!(text(&outputs[0]).matches("epoch 1:").count(), 1, "rank 0 reports: {}", text(&outputs[0]));
+
+    let one = dir.join("one.safetensors");
+    let single = Command::new(bonfire)
+        .args(["train", "--strategy", "single", "--out", dir.join("single").to_str().unwrap()])
+        .args(["--save", one.to_str().unwrap()])
+        .args(common)
+        .output()
+        .unwrap();
+    assert!(single.status.success(), "{}", text(&single));
+    let same = Command::new(bonfire)
+        .args(["diff-weights", weights.to_str().unwrap(), one.to_str().unwrap(), "--tolerance", "1e-4"])
+        .output()
+        .unwrap();
+    assert!(same.status.success(), "three hosts against one worker: {}", text(&same));
+}
