@@ -10,6 +10,8 @@
 #   hosts.sh up NAME N SUBNET RATE     (RATE as tc takes it: 10gbit, 1gbit)
 #   hosts.sh down NAME N
 #   hosts.sh exec NAME I CMD ARGS...   (runs CMD on host I)
+#   hosts.sh rsh NAME-hI CMD...        (the same, as mpirun's remote shell:
+#                                       --mca plm_rsh_agent "bash hosts.sh rsh")
 #
 # Needs root (ip netns). Names must be short: interfaces are NAME-b, NAME-vI.
 set -euo pipefail
@@ -46,6 +48,12 @@ case "${1:-}" in
         host="$2-h$3"
         shift 3
         exec ip netns exec "$host" "$@"
+        ;;
+    rsh)
+        # mpirun passes its remote command as words of one shell line.
+        host="$2"
+        shift 2
+        exec ip netns exec "$host" sh -c "$*"
         ;;
     *)
         echo "usage: $0 up NAME N SUBNET RATE | down NAME N | exec NAME I CMD..." >&2

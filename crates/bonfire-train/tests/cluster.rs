@@ -2,8 +2,10 @@
 //! with its own address on a rate-limited link (`tests/cluster/hosts.sh`),
 //! and one DDP worker per "host", started the way a multi-node job is (one
 //! `bonfire launch --nnodes 3 --node-rank I` per host), meeting at host 0's
-//! address, not at loopback. The job must end with the weights of one
-//! worker on the whole batch. It needs root (`ip netns`), as CI has.
+//! address, not at loopback; and, with the `mpi` feature, one MPI rank per
+//! host started by one `mpirun` whose remote shell enters the namespaces,
+//! with `--comm mpi`. Each job must end with the weights of one worker on
+//! the whole batch. It needs root (`ip netns`), as CI has.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -25,10 +27,11 @@ struct Hosts {
 }
 
 impl Hosts {
-    fn up(rate: &str) -> Hosts {
+    /// Test `test` of this run gets its own names and addresses.
+    fn up(test: u32, rate: &str) -> Hosts {
         // Short names (interface names are at most 15 bytes), distinct per run.
         let pid = std::process::id();
-        let hosts = Hosts { name: format!("bfc{}", pid % 10_000), subnet: 100 + (pid % 100) as u8 };
+        let hosts = Hosts { name: format!("bf{test}c{}", pid % 10_000), subnet: (100 + test * 60 + pid % 50) as u8 };
         let o = Command::new("bash")
             .arg(script())
             .args(["up", &hosts.name, &HOSTS.to_string(), &hosts.subnet.to_string(), rate])
@@ -59,7 +62,7 @@ impl Drop for Hosts {
 
 #[test]
 fn a_ddp_job_over_three_hosts_equals_one_worker() {
-    let hosts = Hosts::up("1gbit");
+    let hosts = Hosts::up(0, "1gbit");
     let dir = std::env::temp_dir().join(format!("bonfire-cluster-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -106,7 +109,64 @@ fn a_ddp_job_over_three_hosts_equals_one_worker() {
         assert!(o.status.success(), "host {host}: {}", text(o));
     }
     assert_eq!(text(&outputs[0]).matches("epoch 1:").count(), 1, "rank 0 reports: {}", text(&outputs[0]));
+    assert_like_one_worker(&dir, &weights, &common);
+}
 
+/// `mpirun` on host 0 starts one rank on each host through the namespaces
+/// (Open MPI's TCP transport between them, as between nodes).
+#[cfg(feature = "mpi")]
+#[test]
+fn ddp_over_mpi_across_three_hosts_equals_one_worker() {
+    let hosts = Hosts::up(1, "1gbit");
+    let dir = std::env::temp_dir().join(format!("bonfire-cluster-mpi-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let hostfile = dir.join("hosts");
+    let lines: String = (0..HOSTS).map(|h| format!("{}-h{h} slots=1\n", hosts.name)).collect();
+    std::fs::write(&hostfile, lines).unwrap();
+    let weights = dir.join("ddp.safetensors");
+    let common = ["--steps", "20", "--batch-size", "48", "--no-shuffle"];
+    let agent = format!("bash {} rsh", script().display());
+    let out = dir.join("out");
+    let mpirun = [
+        "mpirun",
+        "--hostfile",
+        hostfile.to_str().unwrap(),
+        "--mca",
+        "plm_rsh_agent",
+        &agent,
+        "--mca",
+        "btl_tcp_if_include",
+        "eth0",
+        "--mca",
+        "oob_tcp_if_include",
+        "eth0",
+        "-x",
+        "OMPI_ALLOW_RUN_AS_ROOT",
+        "-x",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM",
+        "-np",
+        "3",
+        env!("CARGO_BIN_EXE_bonfire"),
+        "train",
+        "--comm",
+        "mpi",
+        "--out",
+        out.to_str().unwrap(),
+        "--save",
+        weights.to_str().unwrap(),
+    ];
+    // Containers and CI run as root, which mpirun refuses unless told.
+    let root = [("OMPI_ALLOW_RUN_AS_ROOT", "1"), ("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")];
+    let o = hosts.command(0, &root, &[&mpirun[..], &common].concat()).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(text(&o).matches("epoch 1:").count(), 1, "one report: {}", text(&o));
+    assert_like_one_worker(&dir, &weights, &common);
+}
+
+/// Trains one worker on the whole batch and compares with `weights`.
+fn assert_like_one_worker(dir: &Path, weights: &Path, common: &[&str]) {
+    let bonfire = env!("CARGO_BIN_EXE_bonfire");
     let one = dir.join("one.safetensors");
     let single = Command::new(bonfire)
         .args(["train", "--strategy", "single", "--out", dir.join("single").to_str().unwrap()])
