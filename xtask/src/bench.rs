@@ -62,6 +62,16 @@ enum What {
         #[arg(long, default_value = "lenet,resnet")]
         models: String,
     },
+    /// All-reduce over simulated hosts (network namespaces on rate-limited links; root only), TCP ring
+    /// and MPI (where installed), beside the alpha-beta model and its extrapolation to larger worlds.
+    Cluster {
+        /// Simulated hosts, one rank on each.
+        #[arg(long, default_value_t = 4)]
+        hosts: usize,
+        /// Link rates to measure, as tc writes them.
+        #[arg(long, default_value = "10gbit,1gbit")]
+        rates: String,
+    },
     /// DP step time over two distinct wgpu devices against two replicas on one device and one device alone.
     DpWgpu {
         /// Timed steps per run (after 5 warm-up steps).
@@ -86,6 +96,7 @@ pub fn run(args: Args) -> Result<()> {
         What::Kernels { batch, reps, threads } => kernels(batch, reps, threads, args.json),
         What::Train { steps, batch, models } => train(steps, batch, &models, args.json),
         What::DpWgpu { steps, batch, models, devices } => dp_wgpu(steps, batch, &models, &devices, args.json),
+        What::Cluster { hosts, rates } => crate::cluster::run(&build_bench()?, hosts, &rates, mpi_installed(), args.json),
     }
 }
 

@@ -32,7 +32,7 @@ pub struct Args {
 #[derive(clap::Args)]
 pub struct WorkerArgs {
     #[arg(long, value_delimiter = ',')]
-    sizes_mib: Vec<usize>,
+    sizes_bytes: Vec<usize>,
     #[arg(long)]
     chunk_bytes: Option<usize>,
     /// Join through MPI (this process is a rank of an mpirun job) instead of the TCP ring.
@@ -57,7 +57,7 @@ fn time_all_reduce(comm: &mut dyn Communicator, bytes: usize) -> Result<f64> {
 
 fn report(kind: &str, world: usize, bytes: usize, seconds: f64) {
     let busbw = bytes as f64 / seconds / 1e9 * 2.0 * (world - 1) as f64 / world as f64;
-    println!(r#"{{"impl": "{kind}", "world": {world}, "bytes": {bytes}, "busbw_gbs": {busbw:.3}}}"#);
+    println!(r#"{{"impl": "{kind}", "world": {world}, "bytes": {bytes}, "seconds": {seconds:.9}, "busbw_gbs": {busbw:.3}}}"#);
 }
 
 fn bytes_of(mib: usize) -> usize {
@@ -94,11 +94,11 @@ fn inproc(args: &Args) -> Result<()> {
 
 fn tcp(args: &Args) -> Result<()> {
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let sizes: Vec<String> = args.sizes_mib.iter().map(|s| s.to_string()).collect();
+    let sizes: Vec<String> = args.sizes_mib.iter().map(|&s| bytes_of(s).to_string()).collect();
     let children = (0..args.world)
         .map(|rank| {
             let mut cmd = crate::local_rank_command(rank, args.world, port)?;
-            cmd.arg("allreduce-worker").arg("--sizes-mib").arg(sizes.join(","));
+            cmd.arg("allreduce-worker").arg("--sizes-bytes").arg(sizes.join(","));
             if let Some(c) = args.chunk_bytes {
                 cmd.arg("--chunk-bytes").arg(c.to_string());
             }
@@ -121,11 +121,11 @@ fn mpi(args: &Args) -> Result<()> {
     if !cfg!(feature = "mpi") {
         bail!("--impl mpi needs a build with the `mpi` feature");
     }
-    let sizes: Vec<String> = args.sizes_mib.iter().map(|s| s.to_string()).collect();
+    let sizes: Vec<String> = args.sizes_mib.iter().map(|&s| bytes_of(s).to_string()).collect();
     let status = std::process::Command::new("mpirun")
         .args(["-np", &args.world.to_string(), "--oversubscribe"])
         .arg(std::env::current_exe()?)
-        .args(["allreduce-worker", "--mpi", "--sizes-mib", &sizes.join(",")])
+        .args(["allreduce-worker", "--mpi", "--sizes-bytes", &sizes.join(",")])
         // Containers run as root, which mpirun refuses unless told.
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
@@ -147,10 +147,10 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         }
         ("tcp", Box::new(TcpCommunicator::from_env(config)?))
     };
-    for &mib in &args.sizes_mib {
-        let seconds = time_all_reduce(comm.as_mut(), bytes_of(mib))?;
+    for &bytes in &args.sizes_bytes {
+        let seconds = time_all_reduce(comm.as_mut(), bytes)?;
         if comm.rank() == 0 {
-            report(kind, comm.world_size(), bytes_of(mib), seconds);
+            report(kind, comm.world_size(), bytes, seconds);
         }
     }
     Ok(())

@@ -141,6 +141,10 @@ fn ddp_over_mpi_across_three_hosts_equals_one_worker() {
         "--mca",
         "oob_tcp_if_include",
         "eth0",
+        // The hosts share this machine's cores: wait without spinning.
+        "--mca",
+        "mpi_yield_when_idle",
+        "1",
         "-x",
         "OMPI_ALLOW_RUN_AS_ROOT",
         "-x",
