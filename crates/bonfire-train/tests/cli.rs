@@ -243,13 +243,43 @@ fn mpirun_starts_a_ddp_job_without_torchruns_variables() {
 /// no MASTER_PORT), with the same result.
 #[cfg(feature = "mpi")]
 #[test]
-fn ddp_over_mpi_equals_one_worker() {
-    mpirun_trains_like_one_worker("mpi-comm", &["--comm", "mpi"], 0);
+fn ddp_over_mpi_equals_one_worker_and_the_ring() {
+    let mpi = mpirun_trains_like_one_worker("mpi-comm", &["--comm", "mpi"], 0);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let ring = mpirun_trains_like_one_worker("mpi-ring", &["--comm", "ring"], port);
+    let same = bonfire(&["diff-weights", mpi.to_str().unwrap(), ring.to_str().unwrap(), "--tolerance", "1e-5"]);
+    assert!(same.status.success(), "MPI against the ring: {}", text(&same));
+}
+
+/// A rank killed in the middle of a `--comm mpi` job ends it with a
+/// non-zero exit well within the timeout, and `mpirun` names the rank.
+#[cfg(feature = "mpi")]
+#[test]
+fn a_killed_mpi_rank_ends_the_job_naming_it() {
+    let dir = out_dir("mpi-killed");
+    let started = Instant::now();
+    let o = Command::new("mpirun")
+        .args(["-np", "2", "--oversubscribe", "sh", "-c"])
+        // Rank 1 kills itself once training is under way.
+        .arg(format!(
+            "if [ \"$OMPI_COMM_WORLD_RANK\" = 1 ]; then (sleep 3; kill -9 $$) & fi; exec {} train --comm mpi \
+             --steps 100000 --timeout 60 --out {}",
+            env!("CARGO_BIN_EXE_bonfire"),
+            dir.display()
+        ))
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .unwrap();
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(out.contains("rank 1") && out.contains("signal 9"), "{out}");
+    assert!(started.elapsed() < Duration::from_secs(45), "took {:?}: {out}", started.elapsed());
 }
 
 /// Trains 20 steps under `mpirun -np 2` (with `--comm` from `train_args`,
 /// MASTER_PORT set when `port` is not 0) and compares with one worker.
-fn mpirun_trains_like_one_worker(name: &str, train_args: &[&str], port: u16) {
+fn mpirun_trains_like_one_worker(name: &str, train_args: &[&str], port: u16) -> PathBuf {
     let dir = out_dir(name);
     let (ddp_weights, one_weights) = (dir.join("ddp.safetensors"), dir.join("one.safetensors"));
     let common = ["--steps", "20", "--batch-size", "50", "--no-shuffle"];
@@ -284,6 +314,7 @@ fn mpirun_trains_like_one_worker(name: &str, train_args: &[&str], port: u16) {
     let same =
         bonfire(&["diff-weights", ddp_weights.to_str().unwrap(), one_weights.to_str().unwrap(), "--tolerance", "1e-4"]);
     assert!(same.status.success(), "mpirun's job against one worker: {}", text(&same));
+    ddp_weights
 }
 
 #[test]
