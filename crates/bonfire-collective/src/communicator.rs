@@ -9,6 +9,10 @@ use crate::error::Result;
 /// The same default as `torch.distributed` (its NCCL and Gloo timeouts).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// How long a call waits for its peers before the stall inspector logs which
+/// ranks have not started it (the timeout still applies).
+pub const DEFAULT_STALL_WARNING: Duration = Duration::from_secs(60);
+
 /// A group of `world_size` workers that run collectives together.
 ///
 /// Every rank must call the same collectives in the same order with buffers of

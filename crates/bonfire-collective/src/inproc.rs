@@ -25,7 +25,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::call::{verdict, Call, Kind};
-use crate::communicator::{check_blocks, check_segments, split, Communicator, DEFAULT_TIMEOUT};
+use crate::communicator::{check_blocks, check_segments, split, Communicator, DEFAULT_STALL_WARNING, DEFAULT_TIMEOUT};
 use crate::element::{with_pair, with_slice, BufMut, BufRef, DType, Element, ReduceOp};
 use crate::error::{CommError, Result};
 
@@ -88,7 +88,7 @@ impl InProcCommunicator {
                 rank,
                 shared: shared.clone(),
                 timeout: DEFAULT_TIMEOUT,
-                stall_warning: Duration::from_secs(60),
+                stall_warning: DEFAULT_STALL_WARNING,
             })
             .collect())
     }

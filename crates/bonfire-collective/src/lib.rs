@@ -11,13 +11,15 @@
 //! - `MpiCommunicator` (feature `mpi`): the processes of an `mpirun` or
 //!   `srun` job, through the system's MPI library.
 //! - `NcclCommunicator` (feature `nccl`): NCCL between processes, on
-//!   burn-cuda tensor memory.
+//!   burn-cuda tensor memory; its stalls are named through the
+//!   [`heartbeat`] each rank publishes in the rendezvous store.
 
 mod call;
 mod communicator;
 mod element;
 mod env;
 mod error;
+pub mod heartbeat;
 mod inproc;
 #[cfg(feature = "mpi")]
 mod mpi;
@@ -29,7 +31,7 @@ mod tcp;
 #[cfg(feature = "tensor")]
 pub mod tensor;
 
-pub use communicator::{Communicator, DEFAULT_TIMEOUT};
+pub use communicator::{Communicator, DEFAULT_STALL_WARNING, DEFAULT_TIMEOUT};
 pub use element::{BufMut, BufRef, DType, Element, ReduceOp};
 pub use env::{DistEnv, Placement, JOB_TOKEN_VAR};
 pub use error::{CommError, Result};

@@ -17,7 +17,9 @@
 //! NCCL itself has no timeout: a call whose peers never come blocks inside
 //! the GPU. Step 3 therefore polls the stream and, past the timeout, aborts
 //! the communicator (`ncclCommAbort`), which makes the call return; the
-//! communicator is unusable afterwards, as after any failure.
+//! communicator is unusable afterwards, as after any failure. Nor does NCCL
+//! say which rank it waits for: each rank's [`Heartbeat`] publishes its
+//! progress in the store, and past the stall interval names the ranks behind.
 
 use std::time::{Duration, Instant};
 
@@ -36,7 +38,10 @@ use cudarc::nccl::{result as nccl, sys as nccl_sys};
 use crate::element::ReduceOp;
 use crate::env::DistEnv;
 use crate::error::{CommError, Result};
+use crate::communicator::DEFAULT_STALL_WARNING;
+use crate::heartbeat::Heartbeat;
 use crate::rendezvous::Rendezvous;
+use crate::store::StoreClient;
 use crate::tensor::TensorCollective;
 
 /// A 1-D float tensor on a CUDA device.
@@ -52,6 +57,8 @@ pub struct NcclCommunicator {
     stream: cu_sys::CUstream,
     timeout: Duration,
     failed: Option<String>,
+    /// Publishes this rank's progress, and names the ranks behind a stall.
+    heartbeat: Heartbeat,
     /// Rank 0 hosts the rendezvous store for as long as the group lives.
     _rendezvous: Rendezvous,
 }
@@ -110,6 +117,8 @@ impl NcclCommunicator {
                 .map_err(|e| nccl_error("ncclCommInitRank", e))?;
             comm.assume_init()
         };
+        let beat_store = StoreClient::connect(&env.store_addr(), &env.job_token, crate::rendezvous::remaining(deadline))?;
+        let heartbeat = Heartbeat::start(beat_store, env.rank, env.world_size, DEFAULT_STALL_WARNING);
         Ok(NcclCommunicator {
             rank: env.rank,
             world: env.world_size,
@@ -119,6 +128,7 @@ impl NcclCommunicator {
             stream,
             timeout,
             failed: None,
+            heartbeat,
             _rendezvous: rendezvous,
         })
     }
@@ -142,6 +152,7 @@ impl NcclCommunicator {
         if let Some(why) = &self.failed {
             return Err(CommError::Aborted(why.clone()));
         }
+        let _in_call = self.heartbeat.enter(op);
         let dtype = match input.dtype() {
             DType::F32 => nccl_sys::ncclDataType_t::ncclFloat32,
             DType::F16 => nccl_sys::ncclDataType_t::ncclFloat16,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, SockRef, Socket, Type};
 
 use crate::call::{Call, Kind};
-use crate::communicator::{check_blocks, Communicator, DEFAULT_TIMEOUT};
+use crate::communicator::{check_blocks, Communicator, DEFAULT_STALL_WARNING, DEFAULT_TIMEOUT};
 use crate::element::{with_pair, with_slice, BufMut, BufRef, DType, Element, ReduceOp};
 use crate::env::DistEnv;
 use crate::error::{CommError, Result};
@@ -47,7 +47,7 @@ impl Default for TcpConfig {
             timeout: DEFAULT_TIMEOUT,
             chunk_bytes: 1 << 20,
             socket_buffer: 4 << 20,
-            stall_warning: Duration::from_secs(60),
+            stall_warning: DEFAULT_STALL_WARNING,
         }
     }
 }
