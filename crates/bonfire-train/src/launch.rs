@@ -3,6 +3,9 @@
 //! stopped, and either all are started again (`--max-restarts`, with a new
 //! rendezvous port and token; `bonfire train` then continues from its last
 //! checkpoint) or the launcher exits non-zero naming the rank and how it ended.
+//! With `--min-workers`, a failure that outlasts the restarts costs a worker
+//! instead of the job: the others start again, one fewer, from the last
+//! checkpoint, with a fresh restart budget.
 //!
 //! Each worker runs in a process group of its own, so that stopping it also
 //! stops whatever it started; Ctrl-C or SIGTERM to the launcher stops every
@@ -82,6 +85,10 @@ pub struct LaunchArgs {
     /// When a worker dies or times out, stop the others and start them all again, up to this many times.
     #[arg(long, default_value_t = 0)]
     pub max_restarts: usize,
+    /// When the workers still fail after the restarts, continue with one worker fewer (from the
+    /// last checkpoint, the same global batch shared by fewer), down to this many; one host only.
+    #[arg(long)]
+    pub min_workers: Option<usize>,
     /// The worker command and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -112,35 +119,57 @@ pub fn launch(args: &LaunchArgs) -> Result<()> {
     if args.master_port == 0 && args.nnodes > 1 {
         bail!("--master-port is required when --nnodes > 1");
     }
+    if let Some(min) = args.min_workers {
+        if min == 0 || min > args.nproc_per_node {
+            bail!("--min-workers {min} must be between 1 and --nproc-per-node {}", args.nproc_per_node);
+        }
+        if args.nnodes > 1 {
+            bail!("--min-workers works on one host: the launchers of several hosts would have to agree on the new world");
+        }
+    }
     let interrupted = Arc::new(AtomicBool::new(false));
     let flag = interrupted.clone();
     // Only one handler per process; a second launch in the same process
     // keeps the first one, which sets the same kind of flag.
     let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
-    for restart in 0.. {
-        let failure = match start_and_watch(args, restart, &interrupted)? {
+    let mut workers = args.nproc_per_node;
+    // Restarts at the current number of workers.
+    let mut restarts = 0;
+    for start in 0.. {
+        let failure = match start_and_watch(args, workers, start, &interrupted)? {
             Ok(()) => return Ok(()),
             Err(failure) => failure,
         };
-        if interrupted.load(Ordering::SeqCst) || restart >= args.max_restarts {
-            return Err(match restart {
+        if interrupted.load(Ordering::SeqCst) {
+            return Err(failure);
+        }
+        if restarts < args.max_restarts {
+            restarts += 1;
+            eprintln!(
+                "bonfire launch: {failure:#}; restarting every worker (restart {restarts} of {})",
+                args.max_restarts
+            );
+        } else if let Some(min) = args.min_workers.filter(|&min| workers > min) {
+            workers -= 1;
+            restarts = 0;
+            eprintln!(
+                "bonfire launch: {failure:#}; the restarts are spent: continuing with {workers} worker(s) \
+                 (world size {workers}) from the last checkpoint (--min-workers {min})"
+            );
+        } else {
+            return Err(match restarts {
                 0 => failure,
                 n => failure.context(format!("the last of {n} restart(s) failed too")),
             });
         }
-        eprintln!(
-            "bonfire launch: {failure:#}; restarting every worker (restart {} of {})",
-            restart + 1,
-            args.max_restarts
-        );
     }
-    unreachable!("the restarts are counted")
+    unreachable!("the starts are counted")
 }
 
 /// Starts every worker of this host and watches them. The outer error is
 /// the launcher's own (a worker that cannot start), the inner one a
 /// worker's failure, which a restart may cure.
-fn start_and_watch(args: &LaunchArgs, restart: usize, interrupted: &AtomicBool) -> Result<Result<()>> {
+fn start_and_watch(args: &LaunchArgs, workers: usize, restart: usize, interrupted: &AtomicBool) -> Result<Result<()>> {
     // A fresh rendezvous for every start: the old store may still hold the
     // port, and the old workers' token must not be accepted.
     let port = match args.master_port {
@@ -148,13 +177,13 @@ fn start_and_watch(args: &LaunchArgs, restart: usize, interrupted: &AtomicBool) 
         p => p,
     };
     let token = job_token(args.nnodes)?;
-    let world = args.nproc_per_node * args.nnodes;
-    let threads = worker_threads(args.nproc_per_node);
+    let world = workers * args.nnodes;
+    let threads = worker_threads(workers);
     let reports = std::env::temp_dir().join(format!("bonfire-launch-{}-{restart}", std::process::id()));
     std::fs::create_dir_all(&reports).context("creating the folder for the workers' failure reports")?;
     let mut children: Vec<(usize, Child)> = Vec::new();
-    for local in 0..args.nproc_per_node {
-        let rank = args.node_rank * args.nproc_per_node + local;
+    for local in 0..workers {
+        let rank = args.node_rank * workers + local;
         let mut command = Command::new(&args.command[0]);
         if let Some(threads) = &threads {
             command.env("RAYON_NUM_THREADS", threads);
@@ -164,7 +193,7 @@ fn start_and_watch(args: &LaunchArgs, restart: usize, interrupted: &AtomicBool) 
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", world.to_string())
             .env("LOCAL_RANK", local.to_string())
-            .env("LOCAL_WORLD_SIZE", args.nproc_per_node.to_string())
+            .env("LOCAL_WORLD_SIZE", workers.to_string())
             .env("MASTER_ADDR", &args.master_addr)
             .env("MASTER_PORT", port.to_string())
             .env(JOB_TOKEN_VAR, &token)

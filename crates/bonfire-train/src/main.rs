@@ -151,6 +151,11 @@ struct TrainArgs {
     /// checkpoint, up to this many times.
     #[arg(long, default_value_t = 0)]
     max_restarts: usize,
+    /// DDP over processes: when the workers still fail after the restarts, continue from the last
+    /// checkpoint with one worker fewer (the same global batch, a larger share each), down to
+    /// this many.
+    #[arg(long, requires = "checkpoint_dir")]
+    min_workers: Option<usize>,
     /// Seconds a DDP worker waits for a silent peer before failing.
     #[arg(long, default_value_t = 300.0, value_parser = positive_seconds)]
     timeout: f64,
@@ -234,6 +239,7 @@ fn train(args: TrainArgs) -> Result<()> {
             master_addr: "127.0.0.1".into(),
             master_port: 0,
             max_restarts: args.max_restarts,
+            min_workers: args.min_workers,
             command,
         });
     }
@@ -269,6 +275,16 @@ fn check_flags(args: &TrainArgs, launched: bool) -> Result<()> {
     }
     let world = if args.strategy == StrategyKind::Ddp && !launched { args.workers } else { 1 };
     trainer::check_batch(args.batch_size, world)?;
+    if let Some(min) = args.min_workers.filter(|_| world > 1) {
+        if min == 0 || min > world {
+            bail!("--min-workers {min} must be between 1 and --workers {world}");
+        }
+        // Every world the job may shrink to shares the same global batch.
+        for fewer in min..world {
+            trainer::check_batch(args.batch_size, fewer)
+                .with_context(|| format!("--min-workers {min} may leave {fewer} worker(s)"))?;
+        }
+    }
     if !(args.lr.is_finite() && args.lr >= 0.0) {
         bail!("--lr {} must be a number of at least 0", args.lr);
     }

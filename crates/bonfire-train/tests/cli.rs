@@ -171,7 +171,7 @@ fn bad_input_gets_clear_errors() {
     // Each refused once, by the launching process, before any worker starts.
     let without_mpi = "built without MPI";
     let mpi = |with: &'static str| if cfg!(feature = "mpi") { with } else { without_mpi };
-    let cases: [(&[&str], &str); 15] = [
+    let cases: [(&[&str], &str); 17] = [
         (&["train", "--threads", "--batch-size", "101"], "multiple of the 2 workers"),
         (&["train", "--batch-size", "0"], "--batch-size 0 must be a positive multiple of the 2 workers"),
         (&["train", "--lr", "nan"], "--lr NaN must be a number of at least 0"),
@@ -187,6 +187,11 @@ fn bad_input_gets_clear_errors() {
         (&["train", "--dataset", "cifar10"], "needs --data-dir"),
         (&["train", "--data-dir", "/nonexistent/fm", "--strategy", "single"], "not found in /nonexistent/fm"),
         (&["train", "--workers", "0"], "at least 1"),
+        (&["train", "--min-workers", "3", "--checkpoint-dir", "/tmp/c"], "--min-workers 3 must be between 1 and --workers 2"),
+        (
+            &["train", "--workers", "3", "--batch-size", "99", "--min-workers", "2", "--checkpoint-dir", "/tmp/c"],
+            "--min-workers 2 may leave 2 worker(s)",
+        ),
         (&["train", "--backend", "tpu"], "invalid value 'tpu'"),
         (&["train", "--devices", "cpu"], "--devices applies to --backend wgpu"),
         (&["train", "--backend", "wgpu", "--devices", "default,gpu1"], "\"gpu1\" is not a wgpu device"),

@@ -246,3 +246,45 @@ fn a_killed_or_frozen_worker_is_restarted_from_the_last_checkpoint_with_nothing_
     assert!(!out.status.success() && log.contains("rank 1 was killed by signal 9"), "{log}");
     assert!(!log.contains("restarting"), "{log}");
 }
+
+/// `--min-workers 1`: rank 1 is killed in the middle of epoch 1 and then
+/// cannot be started again (it fails at once whenever the launcher restarts
+/// it), so once the restart is spent the job continues on one worker from
+/// the last step checkpoint, with the same global batch. Since the union of
+/// the workers' batches at each step does not depend on how many share it,
+/// the job ends with the weights of the uninterrupted two-worker run.
+#[test]
+fn a_worker_lost_for_good_leaves_the_job_to_the_others() {
+    let train = |dir: &Path| -> Vec<String> {
+        let mut args = training_args(dir, "2");
+        args.extend(["--checkpoint-every", "100", "--save"].iter().map(|s| s.to_string()));
+        args.push(dir.join("final.safetensors").to_string_lossy().into_owned());
+        args
+    };
+    let reference = out_dir("shrink-reference");
+    let o = bonfire().args(train(&reference)).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+
+    let dir = out_dir("shrink");
+    let worker = format!(
+        "if [ \"$RANK\" = 1 ] && [ \"$BONFIRE_RESTART_COUNT\" != 0 ]; then echo rank 1 cannot start >&2; exit 9; fi; \
+         exec {} {}",
+        env!("CARGO_BIN_EXE_bonfire"),
+        train(&dir).join(" ")
+    );
+    let launch = ["launch", "--nproc-per-node", "2", "--max-restarts", "1", "--min-workers", "1", "--", "sh", "-c"];
+    let mut job = bonfire().args(launch).arg(&worker).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for_file(&dir.join("ckpt").join("checkpoint-000000100.safetensors"), Duration::from_secs(120), &mut job);
+    signal(worker_pid(job.id(), 1, Duration::from_secs(5)), "KILL");
+    let (out, _) = finish(job, Duration::from_secs(180));
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("rank 1 was killed by signal 9") && log.contains("restart 1 of 1"), "{log}");
+    assert!(log.contains("rank 1 exited with code 9"), "{log}");
+    assert!(log.contains("continuing with 1 worker(s) (world size 1) from the last checkpoint"), "{log}");
+    assert!(log.contains("resuming in epoch 1 after its step "), "{log}");
+    let (want, got) = (reference.join("final.safetensors"), dir.join("final.safetensors"));
+    let same = run(&["diff-weights", &want.to_string_lossy(), &got.to_string_lossy(), "--tolerance", "1e-4"]);
+    assert!(same.status.success(), "{}", text(&same));
+    eprintln!("one worker from the checkpoint against two throughout: {}", text(&same).lines().last().unwrap_or(""));
+}
