@@ -96,6 +96,13 @@ pub fn save(dir: &Path, ckpt: &Checkpoint) -> Result<PathBuf> {
     for old in &all[..all.len().saturating_sub(KEEP)] {
         std::fs::remove_file(old).with_context(|| format!("removing the old checkpoint {}", old.display()))?;
     }
+    // What a write cut short by a crash left behind (only rank 0 writes).
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&format!(".{PREFIX}")) && name.ends_with(".tmp") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
     Ok(target)
 }
 

@@ -288,3 +288,72 @@ fn a_worker_lost_for_good_leaves_the_job_to_the_others() {
     assert!(same.status.success(), "{}", text(&same));
     eprintln!("one worker from the checkpoint against two throughout: {}", text(&same).lines().last().unwrap_or(""));
 }
+
+/// SIGKILL at a random moment of a run that writes a checkpoint every two
+/// steps (so that some kills land in the middle of a write: the count is
+/// printed), twenty times in a row: every time, the next run resumes from a
+/// checkpoint that passes its check, and skips none.
+#[test]
+fn checkpoints_survive_sigkill_at_random_moments() {
+    use std::io::{BufRead, BufReader};
+
+    let dir = out_dir("random-kills");
+    let d = |rest: &str| dir.join(rest).to_string_lossy().into_owned();
+    let args = [
+        "train",
+        "--strategy",
+        "single",
+        "--dataset",
+        "synthetic",
+        "--batch-size",
+        "20",
+        "--epochs",
+        "1000",
+        "--checkpoint-every",
+        "2",
+    ];
+    let mut state = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let (mut delays, mut mid_write) = (Vec::new(), 0);
+    for round in 0..21 {
+        let mut job = bonfire()
+            .args(args)
+            .args(["--checkpoint-dir", &d("ckpt"), "--out", &d("out")])
+            .args(if round > 0 { &["--resume"][..] } else { &[] })
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(job.stderr.take().unwrap()).lines();
+        if round == 0 {
+            wait_for_file(&dir.join("ckpt").join("checkpoint-000000002.safetensors"), Duration::from_secs(60), &mut job);
+        } else {
+            let mut seen = Vec::new();
+            for line in lines.map_while(Result::ok) {
+                seen.push(line);
+                let last = seen.last().unwrap();
+                assert!(!last.contains("skipping"), "round {round}: {seen:?}");
+                if last.contains("resuming") {
+                    break;
+                }
+            }
+            assert!(seen.last().is_some_and(|l| l.contains("resuming")), "round {round} did not resume: {seen:?}");
+        }
+        if round == 20 {
+            let _ = job.kill();
+            let _ = job.wait();
+            break;
+        }
+        // The next pseudo-random delay, 0 to 400 ms (xorshift).
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let delay = Duration::from_millis(state % 400);
+        delays.push(delay);
+        std::thread::sleep(delay);
+        signal(job.id(), "KILL");
+        let _ = job.wait();
+        let files = std::fs::read_dir(dir.join("ckpt")).unwrap();
+        mid_write += files.flatten().any(|f| f.file_name().to_string_lossy().ends_with(".tmp")) as usize;
+    }
+    eprintln!("killed after {delays:?}; {mid_write} of the kills left a checkpoint half written");
+}
