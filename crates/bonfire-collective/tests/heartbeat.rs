@@ -3,6 +3,7 @@
 //! blocks (a sleep inside `enter`), since the libraries that need the
 //! heartbeat (NCCL) do not run here.
 
+#[allow(dead_code)] // this file uses only the log capture
 mod common;
 
 use std::time::{Duration, Instant};

@@ -1,35 +1,15 @@
-//! The rendezvous store: a small TCP key-value store hosted by rank 0.
-//!
-//! Workers use it once, at start-up, to find each other (ring peer addresses,
-//! the NCCL unique id). Every message is a frame: a little-endian `u32` length,
-//! then that many bytes; lengths are checked against [`MAX_FRAME`] before
-//! anything is allocated, and a malformed frame closes only its connection.
-//!
-//! The first frame of every connection must carry the job token (the
-//! launcher's `BONFIRE_JOB_TOKEN`); a connection without it, or with another,
-//! is refused, logged and closed before it can read or write a key.
+//! The store's server: rank 0 runs it for as long as the group lives.
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::wire::{invalid, read_frame, same_token, write_frame, Request, MAX_TOKEN};
 use crate::error::{CommError, Result};
-
-/// The largest frame either side accepts.
-pub const MAX_FRAME: usize = 1 << 20;
-
-const SET: u8 = 1;
-const GET: u8 = 2;
-const WAIT: u8 = 3;
-const ADD: u8 = 4;
-const JOIN: u8 = 5;
-
-/// The longest job token accepted.
-pub const MAX_TOKEN: usize = 256;
 
 /// The store's server side. It serves until dropped.
 pub struct StoreServer {
@@ -138,9 +118,9 @@ fn admit(mut stream: &TcpStream, token: &[u8]) -> io::Result<()> {
     let mut frame = Vec::new();
     read_frame(&mut stream, &mut frame)?;
     let _ = stream.set_read_timeout(None);
-    let refusal = match frame.split_first() {
-        Some((&JOIN, presented)) if same_token(presented, token) => None,
-        Some((&JOIN, _)) => Some("wrong job token"),
+    let refusal = match Request::decode(&frame) {
+        Ok(Request::Join { token: presented }) if same_token(&presented, token) => None,
+        Ok(Request::Join { .. }) => Some("wrong job token"),
         _ => Some("no job token"),
     };
     match refusal {
@@ -150,11 +130,6 @@ fn admit(mut stream: &TcpStream, token: &[u8]) -> io::Result<()> {
             Err(invalid(format!("refused: {why}")))
         }
     }
-}
-
-/// Compares in time independent of where the tokens differ.
-pub(crate) fn same_token(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Serves one connection until the peer closes it or sends something invalid.
@@ -171,58 +146,10 @@ fn serve(mut stream: &TcpStream, table: &Table) -> io::Result<()> {
     }
 }
 
-/// One decoded request.
-#[derive(Debug, PartialEq, Eq)]
-enum Request {
-    Set { key: String, value: Vec<u8> },
-    Get { key: String, timeout: Duration },
-    Wait { keys: Vec<String>, timeout: Duration },
-    Add { key: String, delta: i64 },
-}
-
-impl Request {
-    fn decode(frame: &[u8]) -> io::Result<Self> {
-        let mut r = Reader(frame);
-        let request = match r.u8()? {
-            SET => Request::Set { key: r.key()?, value: r.rest().to_vec() },
-            GET => {
-                let timeout = Duration::from_millis(r.u32()? as u64);
-                Request::Get { key: r.key()?, timeout }
-            }
-            WAIT => {
-                let timeout = Duration::from_millis(r.u32()? as u64);
-                let n = r.u16()? as usize;
-                Request::Wait { keys: (0..n).map(|_| r.key()).collect::<io::Result<_>>()?, timeout }
-            }
-            ADD => {
-                let delta = r.i64()?;
-                Request::Add { key: r.key()?, delta }
-            }
-            other => return Err(invalid(format!("unknown request type {other}"))),
-        };
-        if !r.0.is_empty() {
-            return Err(invalid(format!("{} stray bytes after the request", r.0.len())));
-        }
-        Ok(request)
-    }
-}
-
-/// Decodes `bytes` exactly as the server reads a connection: frames, each
-/// one request, until the bytes end or something is invalid. Returns how
-/// many requests were valid. The entry point of the store's fuzz target.
-#[doc(hidden)]
-pub fn decode_connection(mut bytes: &[u8]) -> usize {
-    let mut frame = Vec::new();
-    let mut valid = 0;
-    while read_frame(&mut bytes, &mut frame).is_ok() && Request::decode(&frame).is_ok() {
-        valid += 1;
-    }
-    valid
-}
-
 fn handle(table: &Table, frame: &[u8]) -> io::Result<Vec<u8>> {
     let lock = || table.map.lock().unwrap_or_else(|e| e.into_inner());
     Ok(match Request::decode(frame)? {
+        Request::Join { .. } => return Err(invalid("a second job token".into())),
         Request::Set { key, value } => {
             lock().insert(key, value);
             table.changed.notify_all();
@@ -274,194 +201,14 @@ fn wait_until<'a>(
     map
 }
 
-/// A worker's connection to the store.
-pub struct StoreClient {
-    stream: TcpStream,
-    server: String,
-    frame: Vec<u8>,
-}
-
-impl StoreClient {
-    /// Connects to the store at `addr` ("host:port") and presents `token`,
-    /// retrying until `timeout` because rank 0 may not be listening yet.
-    pub fn connect(addr: &str, token: &str, timeout: Duration) -> Result<Self> {
-        let deadline = Instant::now() + timeout;
-        let last_error = loop {
-            let attempt = addr
-                .to_socket_addrs()
-                .and_then(|mut a| a.next().ok_or_else(|| invalid(format!("{addr} resolves to no address"))))
-                .and_then(|a| TcpStream::connect_timeout(&a, Duration::from_secs(1)));
-            match attempt {
-                Ok(stream) => {
-                    stream.set_nodelay(true).map_err(|e| CommError::io("rendezvous socket", e))?;
-                    let mut client = StoreClient { stream, server: addr.to_string(), frame: Vec::new() };
-                    client.join(token)?;
-                    return Ok(client);
-                }
-                Err(e) if Instant::now() < deadline => {
-                    tracing::debug!("rendezvous store at {addr} not reachable yet: {e}");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => break e,
-            }
-        };
-        Err(CommError::Timeout { op: "rendezvous (the store is hosted by rank 0)", rank: 0, waited: timeout })
-            .inspect_err(|_| tracing::error!("rendezvous store at {addr}: {last_error}"))
-    }
-
-    fn join(&mut self, token: &str) -> Result<()> {
-        let reply = self.request(&[&[JOIN][..], token.as_bytes()].concat(), Duration::ZERO)?;
-        if reply != [1] {
-            return Err(CommError::Refused {
-                peer: format!("the rendezvous store at {}", self.server),
-                detail: "its job token differs from this worker's BONFIRE_JOB_TOKEN".into(),
-            });
-        }
-        Ok(())
-    }
-
-    /// The local address of this connection: the interface that reaches rank 0,
-    /// which is where this worker's ring listener binds.
-    pub fn local_ip(&self) -> Result<std::net::IpAddr> {
-        self.stream.local_addr().map(|a| a.ip()).map_err(|e| CommError::io("rendezvous socket", e))
-    }
-
-    pub fn set(&mut self, key: &str, value: &[u8]) -> Result<()> {
-        let mut req = vec![SET];
-        put_key(&mut req, key)?;
-        req.extend_from_slice(value);
-        self.request(&req, Duration::from_secs(30))?;
-        Ok(())
-    }
-
-    /// The value of `key`, waiting up to `timeout` for some worker to set it.
-    pub fn get(&mut self, key: &str, timeout: Duration) -> Result<Option<Vec<u8>>> {
-        let mut req = vec![GET];
-        req.extend(millis(timeout).to_le_bytes());
-        put_key(&mut req, key)?;
-        let reply = self.request(&req, timeout)?;
-        Ok(match reply.split_first() {
-            Some((1, value)) => Some(value.to_vec()),
-            _ => None,
-        })
-    }
-
-    /// Waits up to `timeout` until all `keys` are set; returns the indices of
-    /// those still missing then (empty when all arrived).
-    pub fn wait(&mut self, keys: &[String], timeout: Duration) -> Result<Vec<usize>> {
-        let mut req = vec![WAIT];
-        req.extend(millis(timeout).to_le_bytes());
-        req.extend((keys.len() as u16).to_le_bytes());
-        for k in keys {
-            put_key(&mut req, k)?;
-        }
-        let reply = self.request(&req, timeout)?;
-        let mut r = Reader(&reply);
-        let proto = |e: io::Error| CommError::Protocol { peer: self.server.clone(), detail: e.to_string() };
-        r.u8().map_err(proto)?;
-        let n = r.u16().map_err(proto)?;
-        (0..n).map(|_| r.u16().map(usize::from).map_err(proto)).collect()
-    }
-
-    /// Adds `delta` to the counter at `key` (0 when unset) and returns the new value.
-    pub fn add(&mut self, key: &str, delta: i64) -> Result<i64> {
-        let mut req = vec![ADD];
-        req.extend(delta.to_le_bytes());
-        put_key(&mut req, key)?;
-        let reply = self.request(&req, Duration::from_secs(30))?;
-        let bytes: [u8; 8] = reply.as_slice().try_into().map_err(|_| CommError::Protocol {
-            peer: self.server.clone(),
-            detail: "counter reply is not 8 bytes".into(),
-        })?;
-        Ok(i64::from_le_bytes(bytes))
-    }
-
-    fn request(&mut self, req: &[u8], wait: Duration) -> Result<Vec<u8>> {
-        let lost = |e: io::Error| CommError::PeerLost { op: "rendezvous", rank: 0, source: e };
-        // The server answers a waiting request only after `wait`; allow for that.
-        self.stream.set_read_timeout(Some(wait + Duration::from_secs(30))).map_err(lost)?;
-        write_frame(&mut self.stream, req).map_err(lost)?;
-        let mut frame = std::mem::take(&mut self.frame);
-        read_frame(&mut self.stream, &mut frame).map_err(lost)?;
-        let reply = frame.clone();
-        self.frame = frame;
-        Ok(reply)
-    }
-}
-
-fn millis(d: Duration) -> u32 {
-    d.as_millis().min(u32::MAX as u128) as u32
-}
-
-fn put_key(out: &mut Vec<u8>, key: &str) -> Result<()> {
-    let len = u16::try_from(key.len()).map_err(|_| CommError::invalid("rendezvous", "key longer than 65535 bytes"))?;
-    out.extend(len.to_le_bytes());
-    out.extend_from_slice(key.as_bytes());
-    Ok(())
-}
-
-/// Reads one frame into `buf`, refusing lengths above [`MAX_FRAME`] before allocating.
-pub(crate) fn read_frame(stream: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<()> {
-    let mut len = [0u8; 4];
-    stream.read_exact(&mut len)?;
-    let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(invalid(format!("frame of {len} bytes exceeds the limit of {MAX_FRAME}")));
-    }
-    buf.resize(len, 0);
-    stream.read_exact(buf)
-}
-
-pub(crate) fn write_frame(stream: &mut impl Write, body: &[u8]) -> io::Result<()> {
-    if body.len() > MAX_FRAME {
-        return Err(invalid(format!("frame of {} bytes exceeds the limit of {MAX_FRAME}", body.len())));
-    }
-    let mut out = Vec::with_capacity(4 + body.len());
-    out.extend((body.len() as u32).to_le_bytes());
-    out.extend_from_slice(body);
-    stream.write_all(&out)
-}
-
-fn invalid(msg: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg)
-}
-
-/// A bounds-checked cursor over a frame.
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> io::Result<&'a [u8]> {
-        if self.0.len() < n {
-            return Err(invalid(format!("frame ends early: wanted {n} more bytes, {} left", self.0.len())));
-        }
-        let (head, tail) = self.0.split_at(n);
-        self.0 = tail;
-        Ok(head)
-    }
-    fn u8(&mut self) -> io::Result<u8> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> io::Result<u16> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap()))
-    }
-    fn u32(&mut self) -> io::Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
-    }
-    fn i64(&mut self) -> io::Result<i64> {
-        Ok(i64::from_le_bytes(self.take(8)?.try_into().unwrap()))
-    }
-    fn key(&mut self) -> io::Result<String> {
-        let n = self.u16()? as usize;
-        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| invalid("key is not UTF-8".into()))
-    }
-    fn rest(&mut self) -> &'a [u8] {
-        std::mem::take(&mut self.0)
-    }
-}
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Write};
+
     use super::*;
+    use crate::error::CommError;
+    use crate::store::StoreClient;
 
     #[test]
     fn set_get_wait_add() {
@@ -503,7 +250,7 @@ mod tests {
         raw.write_all(&u32::MAX.to_le_bytes()).unwrap();
         assert_closed(&mut raw, "an oversized frame after joining");
         let mut raw = joined(&addr);
-        write_frame(&mut raw, &[GET, 1]).unwrap();
+        write_frame(&mut raw, &Request::Get { key: "k".into(), timeout: Duration::ZERO }.encode().unwrap()[..3]).unwrap();
         assert_closed(&mut raw, "a truncated request");
         let mut raw = joined(&addr);
         write_frame(&mut raw, &[99]).unwrap();
@@ -516,7 +263,7 @@ mod tests {
     /// A raw connection that has presented the right token.
     fn joined(addr: &str) -> TcpStream {
         let mut raw = TcpStream::connect(addr).unwrap();
-        write_frame(&mut raw, &[&[JOIN][..], b"secret"].concat()).unwrap();
+        write_frame(&mut raw, &Request::Join { token: b"secret".to_vec() }.encode().unwrap()).unwrap();
         let mut reply = Vec::new();
         read_frame(&mut raw, &mut reply).unwrap();
         assert_eq!(reply, [1]);
@@ -533,8 +280,7 @@ mod tests {
         assert!(StoreClient::connect(&addr, "", Duration::from_secs(5)).is_err(), "an empty token is refused");
         // A request sent without joining first is refused and closed.
         let mut raw = TcpStream::connect(&addr).unwrap();
-        let mut set = vec![SET];
-        put_key(&mut set, "stolen").unwrap();
+        let set = Request::Set { key: "stolen".into(), value: vec![] }.encode().unwrap();
         write_frame(&mut raw, &set).unwrap();
         let mut reply = Vec::new();
         read_frame(&mut raw, &mut reply).unwrap();
