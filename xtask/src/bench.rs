@@ -96,7 +96,9 @@ pub fn run(args: Args) -> Result<()> {
         What::Kernels { batch, reps, threads } => kernels(batch, reps, threads, args.json),
         What::Train { steps, batch, models } => train(steps, batch, &models, args.json),
         What::DpWgpu { steps, batch, models, devices } => dp_wgpu(steps, batch, &models, &devices, args.json),
-        What::Cluster { hosts, rates } => crate::cluster::run(&build_bench()?, hosts, &rates, mpi_installed(), args.json),
+        What::Cluster { hosts, rates } => {
+            crate::cluster::run(&build_bench()?, hosts, &rates, mpi_installed(), args.json)
+        }
     }
 }
 
@@ -112,7 +114,9 @@ fn build_bench() -> Result<std::path::PathBuf> {
 
 /// Whether MPI's compiler wrapper and launcher are on the PATH.
 fn mpi_installed() -> bool {
-    ["mpicc", "mpirun"].iter().all(|tool| Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success()))
+    ["mpicc", "mpirun"]
+        .iter()
+        .all(|tool| Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success()))
 }
 
 /// Runs `cmd` and parses each stdout line that is a JSON object.
@@ -140,10 +144,9 @@ fn torch_python() -> Option<String> {
 fn allreduce(world: usize, sizes: &str, json: bool) -> Result<()> {
     let bench = build_bench()?;
     let mut rows = json_lines(
-        Command::new(&bench).args(["allreduce", "--world", &world.to_string(), "--sizes-mib", sizes]).args([
-            "--impl",
-            if mpi_installed() { "inproc,tcp,mpi" } else { "inproc,tcp" },
-        ]),
+        Command::new(&bench)
+            .args(["allreduce", "--world", &world.to_string(), "--sizes-mib", sizes])
+            .args(["--impl", if mpi_installed() { "inproc,tcp,mpi" } else { "inproc,tcp" }]),
         "the all-reduce benchmark",
     )?;
     if let Some(py) = torch_python() {

@@ -68,7 +68,14 @@ pub fn run(bench: &Path, hosts: usize, rates: &str, with_mpi: bool, json: bool) 
             (Some(a), Some(b)) => format!("{:.2}", a / b),
             _ => "-".into(),
         };
-        println!("| {} | {} | {} | {} | {ratio} | {} |", r["rate"].as_str().unwrap(), size(r["bytes"].as_u64().unwrap() as usize), s("ring_s"), s("model_s"), s("mpi_s"));
+        println!(
+            "| {} | {} | {} | {} | {ratio} | {} |",
+            r["rate"].as_str().unwrap(),
+            size(r["bytes"].as_u64().unwrap() as usize),
+            s("ring_s"),
+            s("model_s"),
+            s("mpi_s")
+        );
     }
     println!();
     println!("the model extrapolated (α measured above, β the link rate); seconds per all-reduce");

@@ -57,7 +57,9 @@ fn time_all_reduce(comm: &mut dyn Communicator, bytes: usize) -> Result<f64> {
 
 fn report(kind: &str, world: usize, bytes: usize, seconds: f64) {
     let busbw = bytes as f64 / seconds / 1e9 * 2.0 * (world - 1) as f64 / world as f64;
-    println!(r#"{{"impl": "{kind}", "world": {world}, "bytes": {bytes}, "seconds": {seconds:.9}, "busbw_gbs": {busbw:.3}}}"#);
+    println!(
+        r#"{{"impl": "{kind}", "world": {world}, "bytes": {bytes}, "seconds": {seconds:.9}, "busbw_gbs": {busbw:.3}}}"#
+    );
 }
 
 fn bytes_of(mib: usize) -> usize {

@@ -65,10 +65,18 @@ impl Call {
     }
 
     pub fn from_words(w: [u64; 5]) -> Option<Self> {
-        let kind = [Kind::AllReduce, Kind::AllReduceFrom, Kind::Broadcast, Kind::AllGather, Kind::ReduceScatter, Kind::Barrier]
-            .into_iter()
-            .find(|k| *k as u64 == w[0])?;
-        let optional = |v: u64, all: &[u64]| if v == u64::MAX { Some(None) } else { all.contains(&v).then_some(Some(v)) };
+        let kind = [
+            Kind::AllReduce,
+            Kind::AllReduceFrom,
+            Kind::Broadcast,
+            Kind::AllGather,
+            Kind::ReduceScatter,
+            Kind::Barrier,
+        ]
+        .into_iter()
+        .find(|k| *k as u64 == w[0])?;
+        let optional =
+            |v: u64, all: &[u64]| if v == u64::MAX { Some(None) } else { all.contains(&v).then_some(Some(v)) };
         let dtype = optional(w[1], &[0, 1, 2])?.map(|d| [DType::F32, DType::F16, DType::BF16][d as usize]);
         let op = optional(w[2], &[0, 1, 2, 3])?
             .map(|o| [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max, ReduceOp::Min][o as usize]);

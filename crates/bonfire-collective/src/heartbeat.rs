@@ -75,7 +75,8 @@ impl Heartbeat {
     /// its own), warning after `stall_warning` in one call.
     pub fn start(mut store: StoreClient, rank: usize, world: usize, stall_warning: Duration) -> Self {
         let progress = Progress { seq: 0, in_call: false, op: String::new() };
-        let shared = Arc::new(Shared { progress: Mutex::new((progress, Instant::now())), stop: AtomicBool::new(false) });
+        let shared =
+            Arc::new(Shared { progress: Mutex::new((progress, Instant::now())), stop: AtomicBool::new(false) });
         let thread = {
             let shared = shared.clone();
             std::thread::Builder::new()

@@ -35,10 +35,10 @@ use burn_cubecl::tensor::CubeTensor;
 use cudarc::driver::{result as cu, sys as cu_sys};
 use cudarc::nccl::{result as nccl, sys as nccl_sys};
 
+use crate::communicator::DEFAULT_STALL_WARNING;
 use crate::element::ReduceOp;
 use crate::env::DistEnv;
 use crate::error::{CommError, Result};
-use crate::communicator::DEFAULT_STALL_WARNING;
 use crate::heartbeat::Heartbeat;
 use crate::rendezvous::Rendezvous;
 use crate::store::StoreClient;
@@ -117,7 +117,8 @@ impl NcclCommunicator {
                 .map_err(|e| nccl_error("ncclCommInitRank", e))?;
             comm.assume_init()
         };
-        let beat_store = StoreClient::connect(&env.store_addr(), &env.job_token, crate::rendezvous::remaining(deadline))?;
+        let beat_store =
+            StoreClient::connect(&env.store_addr(), &env.job_token, crate::rendezvous::remaining(deadline))?;
         let heartbeat = Heartbeat::start(beat_store, env.rank, env.world_size, DEFAULT_STALL_WARNING);
         Ok(NcclCommunicator {
             rank: env.rank,

@@ -78,6 +78,7 @@ fn the_ranks_in_a_stalled_call_name_the_rank_that_is_behind_or_silent() {
         }
     });
     let text = log.text();
-    let silent = text.lines().filter(|l| l.contains("in broadcast (call 1)") && l.contains("stopped beating: rank 2")).count();
+    let silent =
+        text.lines().filter(|l| l.contains("in broadcast (call 1)") && l.contains("stopped beating: rank 2")).count();
     assert_eq!(silent, 2, "both waiting ranks name rank 2 as silent: {text}");
 }

@@ -25,13 +25,15 @@ fn mpi_rank() {
         }
     };
     let code = match case.as_str() {
-        "conformance" => match common::check_all(&mut comm, std::env::var("OMPI_COMM_WORLD_SIZE").as_deref() == Ok("2")) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("rank {} check failed: {e}", comm.rank());
-                4
+        "conformance" => {
+            match common::check_all(&mut comm, std::env::var("OMPI_COMM_WORLD_SIZE").as_deref() == Ok("2")) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("rank {} check failed: {e}", comm.rank());
+                    4
+                }
             }
-        },
+        }
         "mismatch" => {
             let mut buf = vec![1.0f32; 10 + comm.rank()];
             let e = comm.all_reduce(buf.as_mut_slice().into(), ReduceOp::Sum).unwrap_err();
@@ -98,7 +100,11 @@ fn ranks_that_disagree_are_told_which_rank_and_how() {
     let o = mpirun(2, "mismatch");
     assert!(o.status.success(), "{}", text(&o));
     let out = text(&o);
-    assert_eq!(out.matches("rank 1 disagrees in all_reduce: its buffer has 11 elements, rank 0's has 10").count(), 2, "{out}");
+    assert_eq!(
+        out.matches("rank 1 disagrees in all_reduce: its buffer has 11 elements, rank 0's has 10").count(),
+        2,
+        "{out}"
+    );
 }
 
 #[test]

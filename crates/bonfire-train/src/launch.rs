@@ -124,7 +124,9 @@ pub fn launch(args: &LaunchArgs) -> Result<()> {
             bail!("--min-workers {min} must be between 1 and --nproc-per-node {}", args.nproc_per_node);
         }
         if args.nnodes > 1 {
-            bail!("--min-workers works on one host: the launchers of several hosts would have to agree on the new world");
+            bail!(
+                "--min-workers works on one host: the launchers of several hosts would have to agree on the new world"
+            );
         }
     }
     let interrupted = Arc::new(AtomicBool::new(false));

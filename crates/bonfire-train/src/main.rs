@@ -1,171 +1,34 @@
 //! `bonfire`: train a Burn model over several workers, or launch workers.
 
+mod args;
 mod checkpoint;
 mod cuda;
 mod data;
+mod join;
 mod launch;
+mod metrics;
 mod model;
 mod plot;
 mod trainer;
 mod weights;
 mod wgpu_devices;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use bonfire_collective::{Communicator, InProcCommunicator, TcpCommunicator, TcpConfig, TensorCollective};
+use anyhow::{bail, Result};
+use bonfire_collective::{Communicator, InProcCommunicator, TensorCollective};
 use bonfire_data::ImageDataset;
 use bonfire_parallel::HookBackend;
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::Parser;
 
+use args::{check_comm, check_flags, comm_kind, BackendKind, Cli, Cmd, CommKind, StrategyKind, TrainArgs};
+use join::join_host;
 use launch::LaunchArgs;
-use model::ModelKind;
-use trainer::{OptimizerKind, Parallel, Report, Resume, TrainOptions};
-
-#[derive(Parser)]
-#[command(name = "bonfire", about = "Data-parallel training for Burn", version)]
-struct Cli {
-    #[command(subcommand)]
-    command: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Train a model on a data set, on one device or several workers.
-    Train(TrainArgs),
-    /// Start one process per worker with torchrun's environment variables.
-    Launch(LaunchArgs),
-    /// Compare two weight files (safetensors): the largest difference of each tensor.
-    DiffWeights {
-        a: PathBuf,
-        b: PathBuf,
-        /// Fail when any element differs by more than this.
-        #[arg(long, default_value_t = 1e-3)]
-        tolerance: f64,
-    },
-    /// Check NCCL on this GPU: all-reduce correctness and bandwidth (needs the `cuda` feature).
-    NcclCheck {
-        /// Buffer sizes in MiB of f32.
-        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
-        sizes_mib: Vec<usize>,
-    },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum BackendKind {
-    /// The CPU, through Burn's Flex backend (measured faster here than NdArray).
-    Cpu,
-    /// The CPU through Burn's NdArray backend, for comparison.
-    Ndarray,
-    /// wgpu (Vulkan, Metal, DX12; lavapipe on machines without a GPU).
-    Wgpu,
-    /// CUDA (a build with the `cuda` feature; DDP workers take device LOCAL_RANK, shared round-robin).
-    Cuda,
-}
-
-/// How DDP workers exchange gradients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum CommKind {
-    /// The host-staged TCP ring: any backend, and workers may share a GPU.
-    Ring,
-    /// NCCL in GPU memory: --backend cuda, one GPU per worker.
-    Nccl,
-    /// MPI through host memory: any backend, processes started by mpirun or srun (a build
-    /// with the `mpi` feature).
-    Mpi,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum StrategyKind {
-    Single,
-    Dp,
-    Ddp,
-}
-
-#[derive(Debug, Clone, clap::Args)]
-struct TrainArgs {
-    #[arg(long, value_enum, default_value = "cpu")]
-    backend: BackendKind,
-    #[arg(long, value_enum, default_value = "ddp")]
-    strategy: StrategyKind,
-    /// Workers: DDP processes (or threads with --threads), or DP replicas.
-    #[arg(long, default_value_t = 2)]
-    workers: usize,
-    /// Run DDP workers as threads of this process instead of processes.
-    #[arg(long)]
-    threads: bool,
-    /// wgpu devices, comma-separated; worker or DP replica i runs on device i mod n: default, cpu,
-    /// discrete:N, integrated:N, virtual:N [default: every GPU adapter where there are several,
-    /// else the default device]
-    #[arg(long, value_delimiter = ',', value_parser = wgpu_devices::parse)]
-    devices: Vec<burn::backend::wgpu::WgpuDevice>,
-    /// How DDP workers exchange gradients [default: nccl with --backend cuda, else ring].
-    #[arg(long, value_enum)]
-    comm: Option<CommKind>,
-    #[arg(long, value_enum, default_value = "fashion-mnist")]
-    dataset: data::DatasetKind,
-    /// Folder of the data set files (Fashion-MNIST defaults to Debian's).
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "lenet")]
-    model: ModelKind,
-    #[arg(long, default_value_t = 1)]
-    epochs: usize,
-    /// Stop after this many steps in all.
-    #[arg(long)]
-    steps: Option<usize>,
-    /// Samples per step over all workers.
-    #[arg(long, default_value_t = 100)]
-    batch_size: usize,
-    #[arg(long, value_enum, default_value = "sgd")]
-    optimizer: OptimizerKind,
-    #[arg(long, default_value_t = 0.01)]
-    lr: f64,
-    #[arg(long, default_value_t = 0.9)]
-    momentum: f64,
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-    /// Visit samples in order (rank r takes every world-th sample).
-    #[arg(long)]
-    no_shuffle: bool,
-    /// Start from these weights (safetensors with PyTorch's names and layouts).
-    #[arg(long)]
-    init: Option<PathBuf>,
-    /// Write the final weights here (safetensors with PyTorch's names and layouts).
-    #[arg(long)]
-    save: Option<PathBuf>,
-    /// Folder where rank 0 writes a checkpoint after every epoch.
-    #[arg(long)]
-    checkpoint_dir: Option<PathBuf>,
-    /// Also write a checkpoint every this many steps (the last two checkpoints are kept).
-    #[arg(long, requires = "checkpoint_dir", value_parser = clap::value_parser!(u64).range(1..))]
-    checkpoint_every: Option<u64>,
-    /// Continue from the newest checkpoint in --checkpoint-dir.
-    #[arg(long, requires = "checkpoint_dir")]
-    resume: bool,
-    /// DDP over processes: when a worker dies or times out, restart every worker from the last
-    /// checkpoint, up to this many times.
-    #[arg(long, default_value_t = 0)]
-    max_restarts: usize,
-    /// DDP over processes: when the workers still fail after the restarts, continue from the last
-    /// checkpoint with one worker fewer (the same global batch, a larger share each), down to
-    /// this many.
-    #[arg(long, requires = "checkpoint_dir")]
-    min_workers: Option<usize>,
-    /// Seconds a DDP worker waits for a silent peer before failing.
-    #[arg(long, default_value_t = 300.0, value_parser = positive_seconds)]
-    timeout: f64,
-    /// Seconds of waiting in a collective after which a worker logs which rank and call it waits for.
-    #[arg(long, default_value_t = 60.0, value_parser = positive_seconds)]
-    stall_warning: f64,
-    /// Folder for metrics (metrics.csv, metrics.json, steps.csv) and the plot (loss.png).
-    #[arg(long, default_value = "runs/latest")]
-    out: PathBuf,
-}
+use metrics::write_metrics;
+use trainer::{Parallel, Resume, TrainOptions};
 
 /// Exit code for a backend that cannot run here.
 const EXIT_UNAVAILABLE: u8 = 2;
@@ -173,13 +36,6 @@ const EXIT_UNAVAILABLE: u8 = 2;
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct Unavailable(String);
-
-fn positive_seconds(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
-        _ => Err(format!("{s:?} is not a positive number of seconds")),
-    }
-}
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -265,111 +121,6 @@ fn train(args: TrainArgs) -> Result<()> {
         }
         BackendKind::Cuda => cuda::run(&args, &train_set, &test_set),
     }
-}
-
-/// Flags that can be checked before any worker starts, so that a mistake is
-/// reported once, by the launching process, not once per worker.
-fn check_flags(args: &TrainArgs, launched: bool) -> Result<()> {
-    if args.workers == 0 {
-        bail!("--workers must be at least 1");
-    }
-    let world = if args.strategy == StrategyKind::Ddp && !launched { args.workers } else { 1 };
-    trainer::check_batch(args.batch_size, world)?;
-    if let Some(min) = args.min_workers.filter(|_| world > 1) {
-        if min == 0 || min > world {
-            bail!("--min-workers {min} must be between 1 and --workers {world}");
-        }
-        // Every world the job may shrink to shares the same global batch.
-        for fewer in min..world {
-            trainer::check_batch(args.batch_size, fewer)
-                .with_context(|| format!("--min-workers {min} may leave {fewer} worker(s)"))?;
-        }
-    }
-    if !(args.lr.is_finite() && args.lr >= 0.0) {
-        bail!("--lr {} must be a number of at least 0", args.lr);
-    }
-    if !(args.momentum.is_finite() && args.momentum >= 0.0) {
-        bail!("--momentum {} must be a number of at least 0", args.momentum);
-    }
-    if args.epochs == 0 || args.steps == Some(0) {
-        bail!("--epochs and --steps must be at least 1");
-    }
-    if !args.devices.is_empty() && args.backend != BackendKind::Wgpu {
-        bail!("--devices applies to --backend wgpu");
-    }
-    if let Some(file) = &args.init {
-        std::fs::File::open(file).with_context(|| format!("--init {}: cannot read the weights", file.display()))?;
-    }
-    Ok(())
-}
-
-/// The communication each strategy accepts.
-fn check_comm(args: &TrainArgs) -> Result<()> {
-    let Some(comm) = args.comm else { return Ok(()) };
-    if args.strategy != StrategyKind::Ddp {
-        bail!("--comm applies to --strategy ddp only");
-    }
-    if comm == CommKind::Nccl && args.backend != BackendKind::Cuda {
-        bail!("--comm nccl needs --backend cuda; the other backends use the ring");
-    }
-    if comm == CommKind::Nccl && args.threads {
-        bail!("--comm nccl runs one process per GPU; leave out --threads, or use --comm ring");
-    }
-    if comm == CommKind::Mpi {
-        if !cfg!(feature = "mpi") {
-            bail!("--comm mpi: this bonfire was built without MPI; build it with the `mpi` feature \
-                   (it needs an MPI library's headers and libclang, e.g. Debian's libopenmpi-dev and libclang-dev)");
-        }
-        if args.threads {
-            bail!("--comm mpi runs one process per worker, started by mpirun or srun; leave out --threads");
-        }
-    }
-    Ok(())
-}
-
-fn comm_kind(args: &TrainArgs) -> CommKind {
-    let cuda_processes = args.strategy == StrategyKind::Ddp && args.backend == BackendKind::Cuda && !args.threads;
-    args.comm.unwrap_or(if cuda_processes { CommKind::Nccl } else { CommKind::Ring })
-}
-
-/// A launched worker joins the others through host memory: in the TCP ring,
-/// or in MPI with `--comm mpi`.
-fn join_host<B: burn::tensor::backend::Backend>(args: &TrainArgs) -> Result<Box<dyn TensorCollective<B>>> {
-    let timeout = Duration::from_secs_f64(args.timeout);
-    if comm_kind(args) == CommKind::Mpi {
-        return join_mpi(timeout);
-    }
-    let config =
-        TcpConfig { timeout, stall_warning: Duration::from_secs_f64(args.stall_warning), ..TcpConfig::default() };
-    Ok(Box::new(TcpCommunicator::from_env(config).context("joining the workers")?))
-}
-
-/// Joins the MPI job this process belongs to, which must be the job its
-/// launcher's variables describe (`bonfire launch` starts no MPI job).
-#[cfg(feature = "mpi")]
-fn join_mpi<B: burn::tensor::backend::Backend>(timeout: Duration) -> Result<Box<dyn TensorCollective<B>>> {
-    use bonfire_collective::{Communicator, MpiCommunicator, Placement};
-    let comm = MpiCommunicator::world(timeout).context("joining the MPI job")?;
-    let place = Placement::from_env()?;
-    // (Communicator's, not TensorCollective's: the same numbers.)
-    let (rank, world) = (Communicator::rank(&comm), Communicator::world_size(&comm));
-    if (rank, world) != (place.rank, place.world_size) {
-        bail!(
-            "MPI makes this process rank {rank} of {world}, but the launcher's variables say rank {} of {}: \
-             with --comm mpi, start the workers with mpirun or srun",
-            place.rank,
-            place.world_size
-        );
-    }
-    if rank == 0 {
-        tracing::info!("MPI: {}", MpiCommunicator::library_version().lines().next().unwrap_or_default());
-    }
-    Ok(Box::new(comm))
-}
-
-#[cfg(not(feature = "mpi"))]
-fn join_mpi<B: burn::tensor::backend::Backend>(_: Duration) -> Result<Box<dyn TensorCollective<B>>> {
-    unreachable!("check_comm refuses --comm mpi without the mpi feature")
 }
 
 fn diff_weights(a: &std::path::Path, b: &std::path::Path, tolerance: f64) -> Result<()> {
@@ -481,30 +232,5 @@ fn run<B: HookBackend>(
             println!("test accuracy: {acc:.4}");
         }
     }
-    Ok(())
-}
-
-fn write_metrics(dir: &std::path::Path, report: &Report) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut csv = String::from("epoch,steps,train_loss,test_accuracy,images_per_sec,seconds\n");
-    for e in &report.epochs {
-        csv += &format!(
-            "{},{},{:.6},{},{:.1},{:.3}\n",
-            e.epoch,
-            e.steps,
-            e.train_loss,
-            e.test_accuracy.map_or(String::new(), |a| format!("{a:.6}")),
-            e.images_per_sec,
-            e.seconds
-        );
-    }
-    std::fs::write(dir.join("metrics.csv"), csv)?;
-    let mut steps = String::from("step,loss,seconds\n");
-    for ((step, loss), seconds) in report.step_losses.iter().zip(&report.step_seconds) {
-        steps += &format!("{step},{loss:.6},{seconds:.6}\n");
-    }
-    std::fs::write(dir.join("steps.csv"), steps)?;
-    std::fs::write(dir.join("metrics.json"), serde_json::to_string_pretty(&report.epochs)?)?;
-    plot::write(&dir.join("loss.png"), report)?;
     Ok(())
 }

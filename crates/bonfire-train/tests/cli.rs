@@ -187,7 +187,10 @@ fn bad_input_gets_clear_errors() {
         (&["train", "--dataset", "cifar10"], "needs --data-dir"),
         (&["train", "--data-dir", "/nonexistent/fm", "--strategy", "single"], "not found in /nonexistent/fm"),
         (&["train", "--workers", "0"], "at least 1"),
-        (&["train", "--min-workers", "3", "--checkpoint-dir", "/tmp/c"], "--min-workers 3 must be between 1 and --workers 2"),
+        (
+            &["train", "--min-workers", "3", "--checkpoint-dir", "/tmp/c"],
+            "--min-workers 3 must be between 1 and --workers 2",
+        ),
         (
             &["train", "--workers", "3", "--batch-size", "99", "--min-workers", "2", "--checkpoint-dir", "/tmp/c"],
             "--min-workers 2 may leave 2 worker(s)",

@@ -325,7 +325,11 @@ fn checkpoints_survive_sigkill_at_random_moments() {
             .unwrap();
         let lines = BufReader::new(job.stderr.take().unwrap()).lines();
         if round == 0 {
-            wait_for_file(&dir.join("ckpt").join("checkpoint-000000002.safetensors"), Duration::from_secs(60), &mut job);
+            wait_for_file(
+                &dir.join("ckpt").join("checkpoint-000000002.safetensors"),
+                Duration::from_secs(60),
+                &mut job,
+            );
         } else {
             let mut seen = Vec::new();
             for line in lines.map_while(Result::ok) {

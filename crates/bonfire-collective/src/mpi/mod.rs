@@ -115,10 +115,11 @@ impl MpiCommunicator {
         let (tx, rx) = mpsc::channel();
         self.thread.run(Box::new(move || {
             let handle = comm;
-            let outcome = agree(handle.0, world, call).and_then(|()| match collective(handle.0, &mut send, &mut recv) {
-                0 => Ok(()),
-                code => Err(Verdict::Failed(error_text(code))),
-            });
+            let outcome =
+                agree(handle.0, world, call).and_then(|()| match collective(handle.0, &mut send, &mut recv) {
+                    0 => Ok(()),
+                    code => Err(Verdict::Failed(error_text(code))),
+                });
             let _ = tx.send((outcome, send, recv));
         }))?;
         let failure = match rx.recv_timeout(self.timeout) {
@@ -134,7 +135,9 @@ impl MpiCommunicator {
                 self.thread.stuck.store(true, Ordering::SeqCst);
                 CommError::Stalled { op: name, waited: self.timeout }
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => CommError::Mpi { op: name, detail: "the MPI thread stopped".into() },
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                CommError::Mpi { op: name, detail: "the MPI thread stopped".into() }
+            }
         };
         self.failed = Some(failure.to_string());
         Err(failure)
@@ -173,8 +176,9 @@ fn agree(comm: ffi::MPI_Comm, world: usize, call: Call) -> std::result::Result<(
 
 /// `len` as an MPI count, which is a C int.
 fn count(op: &'static str, len: usize) -> Result<c_int> {
-    c_int::try_from(len)
-        .map_err(|_| CommError::invalid(op, format!("{len} elements are more than one MPI call can take ({})", c_int::MAX)))
+    c_int::try_from(len).map_err(|_| {
+        CommError::invalid(op, format!("{len} elements are more than one MPI call can take ({})", c_int::MAX))
+    })
 }
 
 fn mpi_op(op: ReduceOp) -> ffi::MPI_Op {
@@ -236,7 +240,16 @@ impl Communicator for MpiCommunicator {
         self.run("all_reduce", call, move |comm, send, recv| {
             recv.resize(send.len(), 0.0);
             // SAFETY: both buffers hold n f32 values.
-            unsafe { ffi::MPI_Allreduce(send.as_ptr().cast(), recv.as_mut_ptr().cast(), n, ffi::RSMPI_FLOAT, mpi_op(op), comm) }
+            unsafe {
+                ffi::MPI_Allreduce(
+                    send.as_ptr().cast(),
+                    recv.as_mut_ptr().cast(),
+                    n,
+                    ffi::RSMPI_FLOAT,
+                    mpi_op(op),
+                    comm,
+                )
+            }
         })?;
         let factor = if op == ReduceOp::Mean { 1.0 / self.world as f32 } else { 1.0 };
         stage_out(&self.staging.1, buf, factor);
@@ -254,7 +267,16 @@ impl Communicator for MpiCommunicator {
         self.run("all_reduce_from", call, move |comm, send, recv| {
             recv.resize(send.len(), 0.0);
             // SAFETY: both buffers hold n f32 values.
-            unsafe { ffi::MPI_Allreduce(send.as_ptr().cast(), recv.as_mut_ptr().cast(), n, ffi::RSMPI_FLOAT, mpi_op(op), comm) }
+            unsafe {
+                ffi::MPI_Allreduce(
+                    send.as_ptr().cast(),
+                    recv.as_mut_ptr().cast(),
+                    n,
+                    ffi::RSMPI_FLOAT,
+                    mpi_op(op),
+                    comm,
+                )
+            }
         })?;
         let factor = if op == ReduceOp::Mean { 1.0 / self.world as f32 } else { 1.0 };
         stage_out(&self.staging.1, BufMut::F32(output), factor);
@@ -289,7 +311,15 @@ impl Communicator for MpiCommunicator {
             recv.resize(whole, 0.0);
             // SAFETY: send holds n and recv world * n f32 values.
             unsafe {
-                ffi::MPI_Allgather(send.as_ptr().cast(), n, ffi::RSMPI_FLOAT, recv.as_mut_ptr().cast(), n, ffi::RSMPI_FLOAT, comm)
+                ffi::MPI_Allgather(
+                    send.as_ptr().cast(),
+                    n,
+                    ffi::RSMPI_FLOAT,
+                    recv.as_mut_ptr().cast(),
+                    n,
+                    ffi::RSMPI_FLOAT,
+                    comm,
+                )
             }
         })?;
         stage_out(&self.staging.1, output, 1.0);
@@ -308,7 +338,14 @@ impl Communicator for MpiCommunicator {
             recv.resize(n as usize, 0.0);
             // SAFETY: send holds world * n and recv n f32 values.
             unsafe {
-                ffi::MPI_Reduce_scatter_block(send.as_ptr().cast(), recv.as_mut_ptr().cast(), n, ffi::RSMPI_FLOAT, mpi_op(op), comm)
+                ffi::MPI_Reduce_scatter_block(
+                    send.as_ptr().cast(),
+                    recv.as_mut_ptr().cast(),
+                    n,
+                    ffi::RSMPI_FLOAT,
+                    mpi_op(op),
+                    comm,
+                )
             }
         })?;
         let factor = if op == ReduceOp::Mean { 1.0 / self.world as f32 } else { 1.0 };

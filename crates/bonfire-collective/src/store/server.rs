@@ -201,7 +201,6 @@ fn wait_until<'a>(
     map
 }
 
-
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
@@ -250,7 +249,8 @@ mod tests {
         raw.write_all(&u32::MAX.to_le_bytes()).unwrap();
         assert_closed(&mut raw, "an oversized frame after joining");
         let mut raw = joined(&addr);
-        write_frame(&mut raw, &Request::Get { key: "k".into(), timeout: Duration::ZERO }.encode().unwrap()[..3]).unwrap();
+        write_frame(&mut raw, &Request::Get { key: "k".into(), timeout: Duration::ZERO }.encode().unwrap()[..3])
+            .unwrap();
         assert_closed(&mut raw, "a truncated request");
         let mut raw = joined(&addr);
         write_frame(&mut raw, &[99]).unwrap();

@@ -1,0 +1,227 @@
+//! The command line: `bonfire train | launch | diff-weights | nccl-check`
+//! and their flags, and the checks of the flags that need no worker.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::launch::LaunchArgs;
+use crate::model::ModelKind;
+use crate::trainer::{self, OptimizerKind};
+use crate::{data, wgpu_devices};
+
+#[derive(Parser)]
+#[command(name = "bonfire", about = "Data-parallel training for Burn", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Train a model on a data set, on one device or several workers.
+    Train(TrainArgs),
+    /// Start one process per worker with torchrun's environment variables.
+    Launch(LaunchArgs),
+    /// Compare two weight files (safetensors): the largest difference of each tensor.
+    DiffWeights {
+        a: PathBuf,
+        b: PathBuf,
+        /// Fail when any element differs by more than this.
+        #[arg(long, default_value_t = 1e-3)]
+        tolerance: f64,
+    },
+    /// Check NCCL on this GPU: all-reduce correctness and bandwidth (needs the `cuda` feature).
+    NcclCheck {
+        /// Buffer sizes in MiB of f32.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        sizes_mib: Vec<usize>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// The CPU, through Burn's Flex backend (measured faster here than NdArray).
+    Cpu,
+    /// The CPU through Burn's NdArray backend, for comparison.
+    Ndarray,
+    /// wgpu (Vulkan, Metal, DX12; lavapipe on machines without a GPU).
+    Wgpu,
+    /// CUDA (a build with the `cuda` feature; DDP workers take device LOCAL_RANK, shared round-robin).
+    Cuda,
+}
+
+/// How DDP workers exchange gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CommKind {
+    /// The host-staged TCP ring: any backend, and workers may share a GPU.
+    Ring,
+    /// NCCL in GPU memory: --backend cuda, one GPU per worker.
+    Nccl,
+    /// MPI through host memory: any backend, processes started by mpirun or srun (a build
+    /// with the `mpi` feature).
+    Mpi,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StrategyKind {
+    Single,
+    Dp,
+    Ddp,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainArgs {
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub backend: BackendKind,
+    #[arg(long, value_enum, default_value = "ddp")]
+    pub strategy: StrategyKind,
+    /// Workers: DDP processes (or threads with --threads), or DP replicas.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Run DDP workers as threads of this process instead of processes.
+    #[arg(long)]
+    pub threads: bool,
+    /// wgpu devices, comma-separated; worker or DP replica i runs on device i mod n: default, cpu,
+    /// discrete:N, integrated:N, virtual:N [default: every GPU adapter where there are several,
+    /// else the default device]
+    #[arg(long, value_delimiter = ',', value_parser = wgpu_devices::parse)]
+    pub devices: Vec<burn::backend::wgpu::WgpuDevice>,
+    /// How DDP workers exchange gradients [default: nccl with --backend cuda, else ring].
+    #[arg(long, value_enum)]
+    pub comm: Option<CommKind>,
+    #[arg(long, value_enum, default_value = "fashion-mnist")]
+    pub dataset: data::DatasetKind,
+    /// Folder of the data set files (Fashion-MNIST defaults to Debian's).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "lenet")]
+    pub model: ModelKind,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Stop after this many steps in all.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Samples per step over all workers.
+    #[arg(long, default_value_t = 100)]
+    pub batch_size: usize,
+    #[arg(long, value_enum, default_value = "sgd")]
+    pub optimizer: OptimizerKind,
+    #[arg(long, default_value_t = 0.01)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Visit samples in order (rank r takes every world-th sample).
+    #[arg(long)]
+    pub no_shuffle: bool,
+    /// Start from these weights (safetensors with PyTorch's names and layouts).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Write the final weights here (safetensors with PyTorch's names and layouts).
+    #[arg(long)]
+    pub save: Option<PathBuf>,
+    /// Folder where rank 0 writes a checkpoint after every epoch.
+    #[arg(long)]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Also write a checkpoint every this many steps (the last two checkpoints are kept).
+    #[arg(long, requires = "checkpoint_dir", value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_every: Option<u64>,
+    /// Continue from the newest checkpoint in --checkpoint-dir.
+    #[arg(long, requires = "checkpoint_dir")]
+    pub resume: bool,
+    /// DDP over processes: when a worker dies or times out, restart every worker from the last
+    /// checkpoint, up to this many times.
+    #[arg(long, default_value_t = 0)]
+    pub max_restarts: usize,
+    /// DDP over processes: when the workers still fail after the restarts, continue from the last
+    /// checkpoint with one worker fewer (the same global batch, a larger share each), down to
+    /// this many.
+    #[arg(long, requires = "checkpoint_dir")]
+    pub min_workers: Option<usize>,
+    /// Seconds a DDP worker waits for a silent peer before failing.
+    #[arg(long, default_value_t = 300.0, value_parser = positive_seconds)]
+    pub timeout: f64,
+    /// Seconds of waiting in a collective after which a worker logs which rank and call it waits for.
+    #[arg(long, default_value_t = 60.0, value_parser = positive_seconds)]
+    pub stall_warning: f64,
+    /// Folder for metrics (metrics.csv, metrics.json, steps.csv) and the plot (loss.png).
+    #[arg(long, default_value = "runs/latest")]
+    pub out: PathBuf,
+}
+
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("{s:?} is not a positive number of seconds")),
+    }
+}
+
+/// Flags that can be checked before any worker starts, so that a mistake is
+/// reported once, by the launching process, not once per worker.
+pub fn check_flags(args: &TrainArgs, launched: bool) -> Result<()> {
+    if args.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let world = if args.strategy == StrategyKind::Ddp && !launched { args.workers } else { 1 };
+    trainer::check_batch(args.batch_size, world)?;
+    if let Some(min) = args.min_workers.filter(|_| world > 1) {
+        if min == 0 || min > world {
+            bail!("--min-workers {min} must be between 1 and --workers {world}");
+        }
+        // Every world the job may shrink to shares the same global batch.
+        for fewer in min..world {
+            trainer::check_batch(args.batch_size, fewer)
+                .with_context(|| format!("--min-workers {min} may leave {fewer} worker(s)"))?;
+        }
+    }
+    if !(args.lr.is_finite() && args.lr >= 0.0) {
+        bail!("--lr {} must be a number of at least 0", args.lr);
+    }
+    if !(args.momentum.is_finite() && args.momentum >= 0.0) {
+        bail!("--momentum {} must be a number of at least 0", args.momentum);
+    }
+    if args.epochs == 0 || args.steps == Some(0) {
+        bail!("--epochs and --steps must be at least 1");
+    }
+    if !args.devices.is_empty() && args.backend != BackendKind::Wgpu {
+        bail!("--devices applies to --backend wgpu");
+    }
+    if let Some(file) = &args.init {
+        std::fs::File::open(file).with_context(|| format!("--init {}: cannot read the weights", file.display()))?;
+    }
+    Ok(())
+}
+
+/// The communication each strategy accepts.
+pub fn check_comm(args: &TrainArgs) -> Result<()> {
+    let Some(comm) = args.comm else { return Ok(()) };
+    if args.strategy != StrategyKind::Ddp {
+        bail!("--comm applies to --strategy ddp only");
+    }
+    if comm == CommKind::Nccl && args.backend != BackendKind::Cuda {
+        bail!("--comm nccl needs --backend cuda; the other backends use the ring");
+    }
+    if comm == CommKind::Nccl && args.threads {
+        bail!("--comm nccl runs one process per GPU; leave out --threads, or use --comm ring");
+    }
+    if comm == CommKind::Mpi {
+        if !cfg!(feature = "mpi") {
+            bail!(
+                "--comm mpi: this bonfire was built without MPI; build it with the `mpi` feature \
+                   (it needs an MPI library's headers and libclang, e.g. Debian's libopenmpi-dev and libclang-dev)"
+            );
+        }
+        if args.threads {
+            bail!("--comm mpi runs one process per worker, started by mpirun or srun; leave out --threads");
+        }
+    }
+    Ok(())
+}
+
+pub fn comm_kind(args: &TrainArgs) -> CommKind {
+    let cuda_processes = args.strategy == StrategyKind::Ddp && args.backend == BackendKind::Cuda && !args.threads;
+    args.comm.unwrap_or(if cuda_processes { CommKind::Nccl } else { CommKind::Ring })
+}

@@ -1,0 +1,32 @@
+//! What a run leaves in `--out`: metrics.csv (per epoch), steps.csv (per
+//! step), metrics.json and the loss plot.
+
+use anyhow::{Context, Result};
+
+use crate::plot;
+use crate::trainer::Report;
+
+pub fn write_metrics(dir: &std::path::Path, report: &Report) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut csv = String::from("epoch,steps,train_loss,test_accuracy,images_per_sec,seconds\n");
+    for e in &report.epochs {
+        csv += &format!(
+            "{},{},{:.6},{},{:.1},{:.3}\n",
+            e.epoch,
+            e.steps,
+            e.train_loss,
+            e.test_accuracy.map_or(String::new(), |a| format!("{a:.6}")),
+            e.images_per_sec,
+            e.seconds
+        );
+    }
+    std::fs::write(dir.join("metrics.csv"), csv)?;
+    let mut steps = String::from("step,loss,seconds\n");
+    for ((step, loss), seconds) in report.step_losses.iter().zip(&report.step_seconds) {
+        steps += &format!("{step},{loss:.6},{seconds:.6}\n");
+    }
+    std::fs::write(dir.join("steps.csv"), steps)?;
+    std::fs::write(dir.join("metrics.json"), serde_json::to_string_pretty(&report.epochs)?)?;
+    plot::write(&dir.join("loss.png"), report)?;
+    Ok(())
+}
