@@ -132,6 +132,15 @@ impl BufMut<'_> {
         self.len() == 0
     }
 
+    /// The same buffer, read-only.
+    pub fn as_buf_ref(&self) -> BufRef<'_> {
+        match self {
+            BufMut::F32(s) => BufRef::F32(s),
+            BufMut::F16(s) => BufRef::F16(s),
+            BufMut::BF16(s) => BufRef::BF16(s),
+        }
+    }
+
     pub fn dtype(&self) -> DType {
         match self {
             BufMut::F32(_) => DType::F32,

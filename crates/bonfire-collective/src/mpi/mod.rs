@@ -99,6 +99,35 @@ impl MpiCommunicator {
         String::from_utf8_lossy(&text).trim().to_string()
     }
 
+    /// All-reduces the send staging buffer, which the caller filled, into
+    /// the receive one.
+    fn all_reduce_staged(&mut self, name: &'static str, call: Call, op: ReduceOp) -> Result<()> {
+        let n = count(name, self.staging.0.len())?;
+        self.run(name, call, move |comm, send, recv| {
+            recv.resize(send.len(), 0.0);
+            // SAFETY: both buffers hold n f32 values.
+            unsafe {
+                ffi::MPI_Allreduce(
+                    send.as_ptr().cast(),
+                    recv.as_mut_ptr().cast(),
+                    n,
+                    ffi::RSMPI_FLOAT,
+                    mpi_op(op),
+                    comm,
+                )
+            }
+        })
+    }
+
+    /// The factor that finishes `op` on summed values: 1 / world for Mean.
+    fn finish(&self, op: ReduceOp) -> f32 {
+        if op == ReduceOp::Mean {
+            1.0 / self.world as f32
+        } else {
+            1.0
+        }
+    }
+
     /// Runs `collective` on the MPI thread with the staging buffers after
     /// every rank agreed on `call`, waiting at most the timeout.
     fn run(
@@ -208,14 +237,6 @@ fn stage_out(staging: &[f32], buf: BufMut<'_>, factor: f32) {
     with_slice!(buf, BufMut, |s| out(staging, s, factor));
 }
 
-fn as_ref<'a>(buf: &'a BufMut<'_>) -> BufRef<'a> {
-    match buf {
-        BufMut::F32(s) => BufRef::F32(s),
-        BufMut::F16(s) => BufRef::F16(s),
-        BufMut::BF16(s) => BufRef::BF16(s),
-    }
-}
-
 impl Communicator for MpiCommunicator {
     fn rank(&self) -> usize {
         self.rank
@@ -234,52 +255,22 @@ impl Communicator for MpiCommunicator {
     }
 
     fn all_reduce(&mut self, buf: BufMut<'_>, op: ReduceOp) -> Result<()> {
-        let n = count("all_reduce", buf.len())?;
-        stage_in(as_ref(&buf), &mut self.staging.0);
+        stage_in(buf.as_buf_ref(), &mut self.staging.0);
         let call = Call::new(Kind::AllReduce, Some(buf.dtype()), Some(op), 0, buf.len());
-        self.run("all_reduce", call, move |comm, send, recv| {
-            recv.resize(send.len(), 0.0);
-            // SAFETY: both buffers hold n f32 values.
-            unsafe {
-                ffi::MPI_Allreduce(
-                    send.as_ptr().cast(),
-                    recv.as_mut_ptr().cast(),
-                    n,
-                    ffi::RSMPI_FLOAT,
-                    mpi_op(op),
-                    comm,
-                )
-            }
-        })?;
-        let factor = if op == ReduceOp::Mean { 1.0 / self.world as f32 } else { 1.0 };
-        stage_out(&self.staging.1, buf, factor);
+        self.all_reduce_staged("all_reduce", call, op)?;
+        stage_out(&self.staging.1, buf, self.finish(op));
         Ok(())
     }
 
     /// Packs the segments straight into the send staging buffer.
     fn all_reduce_from(&mut self, input: &[&[f32]], output: &mut [f32], op: ReduceOp) -> Result<()> {
         crate::communicator::check_segments(input, output)?;
-        let n = count("all_reduce_from", output.len())?;
         let send = &mut self.staging.0;
         send.clear();
         input.iter().for_each(|s| send.extend_from_slice(s));
         let call = Call::new(Kind::AllReduce, Some(crate::DType::F32), Some(op), 0, output.len());
-        self.run("all_reduce_from", call, move |comm, send, recv| {
-            recv.resize(send.len(), 0.0);
-            // SAFETY: both buffers hold n f32 values.
-            unsafe {
-                ffi::MPI_Allreduce(
-                    send.as_ptr().cast(),
-                    recv.as_mut_ptr().cast(),
-                    n,
-                    ffi::RSMPI_FLOAT,
-                    mpi_op(op),
-                    comm,
-                )
-            }
-        })?;
-        let factor = if op == ReduceOp::Mean { 1.0 / self.world as f32 } else { 1.0 };
-        stage_out(&self.staging.1, BufMut::F32(output), factor);
+        self.all_reduce_staged("all_reduce_from", call, op)?;
+        stage_out(&self.staging.1, BufMut::F32(output), self.finish(op));
         Ok(())
     }
 
@@ -288,7 +279,7 @@ impl Communicator for MpiCommunicator {
             return Err(CommError::invalid("broadcast", format!("root {root} is not a rank of {}", self.world)));
         }
         let n = count("broadcast", buf.len())?;
-        stage_in(as_ref(&buf), &mut self.staging.0);
+        stage_in(buf.as_buf_ref(), &mut self.staging.0);
         let call = Call::new(Kind::Broadcast, Some(buf.dtype()), None, root, buf.len());
         self.run("broadcast", call, move |comm, send, _| {
             // SAFETY: the buffer holds n f32 values; root is a rank of comm.
@@ -303,7 +294,9 @@ impl Communicator for MpiCommunicator {
         if input.dtype() != output.dtype() {
             return Err(CommError::invalid("all_gather", "input and output element types differ"));
         }
-        let (n, _) = (count("all_gather", input.len())?, count("all_gather", output.len())?);
+        // The whole output must fit one MPI count too.
+        count("all_gather", output.len())?;
+        let n = count("all_gather", input.len())?;
         stage_in(input, &mut self.staging.0);
         let call = Call::new(Kind::AllGather, Some(output.dtype()), None, 0, n as usize);
         let whole = output.len();
@@ -331,7 +324,8 @@ impl Communicator for MpiCommunicator {
         if input.dtype() != output.dtype() {
             return Err(CommError::invalid("reduce_scatter", "input and output element types differ"));
         }
-        let (n, _) = (count("reduce_scatter", output.len())?, count("reduce_scatter", input.len())?);
+        count("reduce_scatter", input.len())?;
+        let n = count("reduce_scatter", output.len())?;
         let call = Call::new(Kind::ReduceScatter, Some(input.dtype()), Some(op), 0, input.len());
         stage_in(input, &mut self.staging.0);
         self.run("reduce_scatter", call, move |comm, send, recv| {
@@ -348,8 +342,7 @@ impl Communicator for MpiCommunicator {
                 )
             }
         })?;
-        let factor = if op == ReduceOp::Mean { 1.0 / self.world as f32 } else { 1.0 };
-        stage_out(&self.staging.1, output, factor);
+        stage_out(&self.staging.1, output, self.finish(op));
         Ok(())
     }
 
