@@ -14,9 +14,9 @@ fn out_dir(name: &str) -> PathBuf {
     dir
 }
 
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
+mod common;
+
+use common::{assert_like_one_worker, text};
 
 fn final_accuracy(o: &Output) -> f64 {
     let stdout = String::from_utf8_lossy(&o.stdout);
@@ -289,7 +289,7 @@ fn a_killed_mpi_rank_ends_the_job_naming_it() {
 /// MASTER_PORT set when `port` is not 0) and compares with one worker.
 fn mpirun_trains_like_one_worker(name: &str, train_args: &[&str], port: u16) -> PathBuf {
     let dir = out_dir(name);
-    let (ddp_weights, one_weights) = (dir.join("ddp.safetensors"), dir.join("one.safetensors"));
+    let ddp_weights = dir.join("ddp.safetensors");
     let common = ["--steps", "20", "--batch-size", "50", "--no-shuffle"];
     let mut mpirun = Command::new("mpirun");
     mpirun.args(["-np", "2", "--oversubscribe"]);
@@ -309,19 +309,7 @@ fn mpirun_trains_like_one_worker(name: &str, train_args: &[&str], port: u16) -> 
         .expect("mpirun (Debian's openmpi-bin; `cargo xtask test` installs it)");
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(text(&o).matches("epoch 1:").count(), 1, "one report, from rank 0: {}", text(&o));
-    let single_out = dir.join("single");
-    let single = bonfire(
-        &[
-            &["train", "--strategy", "single", "--out", single_out.to_str().unwrap()][..],
-            &["--save", one_weights.to_str().unwrap()],
-            &common,
-        ]
-        .concat(),
-    );
-    assert!(single.status.success(), "{}", text(&single));
-    let same =
-        bonfire(&["diff-weights", ddp_weights.to_str().unwrap(), one_weights.to_str().unwrap(), "--tolerance", "1e-4"]);
-    assert!(same.status.success(), "mpirun's job against one worker: {}", text(&same));
+    assert_like_one_worker("mpirun's job", &dir, &ddp_weights, &common);
     ddp_weights
 }
 

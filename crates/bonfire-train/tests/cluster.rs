@@ -12,9 +12,9 @@ use std::process::{Command, Output};
 
 const HOSTS: usize = 3;
 
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
+mod common;
+
+use common::{assert_like_one_worker, text};
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/cluster/hosts.sh")
@@ -109,7 +109,7 @@ fn a_ddp_job_over_three_hosts_equals_one_worker() {
         assert!(o.status.success(), "host {host}: {}", text(o));
     }
     assert_eq!(text(&outputs[0]).matches("epoch 1:").count(), 1, "rank 0 reports: {}", text(&outputs[0]));
-    assert_like_one_worker(&dir, &weights, &common);
+    assert_like_one_worker("the job over three hosts", &dir, &weights, &common);
 }
 
 /// `mpirun` on host 0 starts one rank on each host through the namespaces
@@ -165,23 +165,5 @@ fn ddp_over_mpi_across_three_hosts_equals_one_worker() {
     let o = hosts.command(0, &root, &[&mpirun[..], &common].concat()).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(text(&o).matches("epoch 1:").count(), 1, "one report: {}", text(&o));
-    assert_like_one_worker(&dir, &weights, &common);
-}
-
-/// Trains one worker on the whole batch and compares with `weights`.
-fn assert_like_one_worker(dir: &Path, weights: &Path, common: &[&str]) {
-    let bonfire = env!("CARGO_BIN_EXE_bonfire");
-    let one = dir.join("one.safetensors");
-    let single = Command::new(bonfire)
-        .args(["train", "--strategy", "single", "--out", dir.join("single").to_str().unwrap()])
-        .args(["--save", one.to_str().unwrap()])
-        .args(common)
-        .output()
-        .unwrap();
-    assert!(single.status.success(), "{}", text(&single));
-    let same = Command::new(bonfire)
-        .args(["diff-weights", weights.to_str().unwrap(), one.to_str().unwrap(), "--tolerance", "1e-4"])
-        .output()
-        .unwrap();
-    assert!(same.status.success(), "three hosts against one worker: {}", text(&same));
+    assert_like_one_worker("the MPI job over three hosts", &dir, &weights, &common);
 }

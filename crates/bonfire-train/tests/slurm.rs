@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
+mod common;
+
+use common::{assert_like_one_worker, text};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -154,7 +154,7 @@ impl Drop for Cluster {
 fn srun_runs_a_ddp_job_that_equals_one_worker() {
     let cluster = Cluster::start();
     let out = cluster.dir.join("runs");
-    let (ddp, one) = (out.join("ddp.safetensors"), out.join("one.safetensors"));
+    let ddp = out.join("ddp.safetensors");
     let common = ["--steps", "20", "--batch-size", "50", "--no-shuffle"];
     let bonfire = env!("CARGO_BIN_EXE_bonfire");
     let job = Command::new("srun")
@@ -176,16 +176,5 @@ fn srun_runs_a_ddp_job_that_equals_one_worker() {
         .unwrap();
     assert!(job.status.success(), "{}\n{}", text(&job), cluster.logs());
     assert_eq!(text(&job).matches("epoch 1:").count(), 1, "one report, from rank 0: {}", text(&job));
-    let single = Command::new(bonfire)
-        .args(["train", "--strategy", "single", "--out", out.join("one").to_str().unwrap()])
-        .args(["--save", one.to_str().unwrap()])
-        .args(common)
-        .output()
-        .unwrap();
-    assert!(single.status.success(), "{}", text(&single));
-    let same = Command::new(bonfire)
-        .args(["diff-weights", ddp.to_str().unwrap(), one.to_str().unwrap(), "--tolerance", "1e-4"])
-        .output()
-        .unwrap();
-    assert!(same.status.success(), "srun's job against one worker: {}", text(&same));
+    assert_like_one_worker("srun's job", &out, &ddp, &common);
 }
