@@ -125,11 +125,16 @@ fn json_lines(cmd: &mut Command, what: &str) -> Result<Vec<Value>> {
     if !out.status.success() {
         bail!("{what} failed: {}", out.status);
     }
-    Ok(String::from_utf8_lossy(&out.stdout)
+    Ok(json_objects(&out.stdout))
+}
+
+/// The lines of a benchmark's stdout that are JSON objects (its results).
+pub fn json_objects(stdout: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(Value::is_object)
-        .collect())
+        .collect()
 }
 
 /// The PyTorch interpreter for anchors, if the user named one.

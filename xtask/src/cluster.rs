@@ -15,6 +15,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
+use crate::bench::json_objects;
 use crate::root;
 
 /// Message sizes: the smallest gives α, the others the bandwidth regime.
@@ -124,11 +125,6 @@ fn rate_bits(rate: &str) -> Result<f64> {
     Ok(number.parse::<f64>().with_context(|| format!("rate {rate:?}"))? * scale)
 }
 
-/// The rank-0 result lines of one run.
-fn rank0_rows(stdout: &[u8]) -> Vec<Value> {
-    String::from_utf8_lossy(stdout).lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).collect()
-}
-
 fn sizes_arg() -> String {
     SIZES.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",")
 }
@@ -162,7 +158,7 @@ fn ring(bench: &Path, name: &str, hosts: usize, subnet: usize) -> Result<Vec<Val
         if !out.status.success() {
             bail!("rank {i} of the ring failed: {}", out.status);
         }
-        rows.extend(rank0_rows(&out.stdout));
+        rows.extend(json_objects(&out.stdout));
     }
     Ok(rows)
 }
@@ -187,7 +183,7 @@ fn mpi(bench: &Path, name: &str, hosts: usize) -> Result<Vec<Value>> {
     if !out.status.success() {
         bail!("mpirun over the hosts failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    Ok(rank0_rows(&out.stdout))
+    Ok(json_objects(&out.stdout))
 }
 
 fn script() -> Command {
