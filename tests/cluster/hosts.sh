@@ -37,6 +37,7 @@ down() {
     local name=$1 n=$2
     for ((i = 0; i < n; i++)); do
         ip netns del "$name-h$i" 2>/dev/null || true
+        rm -rf "/tmp/$name-h$i-mpi"
     done
     ip link del "$name-b" 2>/dev/null || true
 }
@@ -50,10 +51,13 @@ case "${1:-}" in
         exec ip netns exec "$host" "$@"
         ;;
     rsh)
-        # mpirun passes its remote command as words of one shell line.
+        # mpirun passes its remote command as words of one shell line. The
+        # hosts share this machine's /tmp and host name, so each gets its
+        # own TMPDIR: Open MPI's session folders would otherwise collide.
         host="$2"
         shift 2
-        exec ip netns exec "$host" sh -c "$*"
+        mkdir -p "/tmp/$host-mpi"
+        exec ip netns exec "$host" env TMPDIR="/tmp/$host-mpi" sh -c "$*"
         ;;
     *)
         echo "usage: $0 up NAME N SUBNET RATE | down NAME N | exec NAME I CMD..." >&2
