@@ -35,21 +35,21 @@ pub use bonfire_parallel as parallel;
 #[cfg(feature = "nccl")]
 pub use bonfire_collective::NcclCommunicator;
 pub use bonfire_collective::{
-    CommError, Communicator, DistEnv, InProcCommunicator, ReduceOp, TcpCommunicator, TcpConfig, TensorCollective,
+    CommError, Communicator, DistEnv, Group, InProcCommunicator, ReduceOp, TcpCommunicator, TcpConfig, TensorCollective,
 };
 pub use bonfire_parallel::{
     CommHook, DataParallel, DdpConfig, DistributedDataParallel, HookBackend, ParallelError, Strategy,
 };
 
 /// `use bonfire::prelude::*;` gives the strategies, their configuration, the
-/// communicators and the errors. [`TensorCollective`] stays out: every
-/// communicator implements it beside [`Communicator`], and with both traits
-/// in scope `comm.rank()` would be ambiguous.
+/// communicators, their traits and the errors. `rank()` and `world_size()`
+/// come from [`Group`], which both collective traits extend.
 pub mod prelude {
     #[cfg(feature = "nccl")]
     pub use crate::NcclCommunicator;
     pub use crate::{
-        CommError, CommHook, Communicator, DataParallel, DdpConfig, DistEnv, DistributedDataParallel, HookBackend,
-        InProcCommunicator, ParallelError, ReduceOp, Strategy, TcpCommunicator, TcpConfig,
+        CommError, CommHook, Communicator, DataParallel, DdpConfig, DistEnv, DistributedDataParallel, Group,
+        HookBackend, InProcCommunicator, ParallelError, ReduceOp, Strategy, TcpCommunicator, TcpConfig,
+        TensorCollective,
     };
 }

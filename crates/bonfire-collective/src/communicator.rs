@@ -13,6 +13,18 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 /// ranks have not started it (the timeout still applies).
 pub const DEFAULT_STALL_WARNING: Duration = Duration::from_secs(60);
 
+/// A worker's place in its group of `world_size` workers: what every
+/// communicator has, whether it works on host buffers ([`Communicator`]) or
+/// on tensors ([`TensorCollective`](crate::TensorCollective)). One trait, so
+/// `comm.rank()` means one thing on any communicator.
+pub trait Group {
+    /// This worker's rank, in `0..world_size()`.
+    fn rank(&self) -> usize;
+
+    /// The number of workers in the group.
+    fn world_size(&self) -> usize;
+}
+
 /// A group of `world_size` workers that run collectives together.
 ///
 /// Every rank must call the same collectives in the same order with buffers of
@@ -26,13 +38,7 @@ pub const DEFAULT_STALL_WARNING: Duration = Duration::from_secs(60);
 /// Buffers live in host memory. The methods take [`BufMut`]/[`BufRef`] rather
 /// than generic slices so that the trait stays object-safe; `slice.into()`
 /// makes one from `&mut [f32]`, `&mut [f16]` or `&mut [bf16]`.
-pub trait Communicator: Send {
-    /// This worker's rank, in `0..world_size()`.
-    fn rank(&self) -> usize;
-
-    /// The number of workers in the group.
-    fn world_size(&self) -> usize;
-
+pub trait Communicator: Group + Send {
     /// How long a call waits for a peer.
     fn timeout(&self) -> Duration;
 
@@ -96,15 +102,18 @@ fn pack(segments: &[&[f32]], output: &mut [f32]) -> Result<()> {
     Ok(())
 }
 
-/// A boxed communicator is one too, so that `Box<dyn Communicator>` can go
-/// wherever a communicator is asked for.
-impl<C: Communicator + ?Sized> Communicator for Box<C> {
+impl<G: Group + ?Sized> Group for Box<G> {
     fn rank(&self) -> usize {
         (**self).rank()
     }
     fn world_size(&self) -> usize {
         (**self).world_size()
     }
+}
+
+/// A boxed communicator is one too, so that `Box<dyn Communicator>` can go
+/// wherever a communicator is asked for.
+impl<C: Communicator + ?Sized> Communicator for Box<C> {
     fn timeout(&self) -> Duration {
         (**self).timeout()
     }

@@ -25,7 +25,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::call::{verdict, Call, Kind};
-use crate::communicator::{check_blocks, check_segments, split, Communicator, DEFAULT_STALL_WARNING, DEFAULT_TIMEOUT};
+use crate::communicator::{
+    check_blocks, check_segments, split, Communicator, Group, DEFAULT_STALL_WARNING, DEFAULT_TIMEOUT,
+};
 use crate::element::{with_pair, with_slice, BufMut, BufRef, DType, Element, ReduceOp};
 use crate::error::{CommError, Result};
 
@@ -354,7 +356,7 @@ fn pieces<'a>(segments: &[&'a [f32]], range: std::ops::Range<usize>, mut f: impl
     }
 }
 
-impl Communicator for InProcCommunicator {
+impl Group for InProcCommunicator {
     fn rank(&self) -> usize {
         self.rank
     }
@@ -362,7 +364,9 @@ impl Communicator for InProcCommunicator {
     fn world_size(&self) -> usize {
         self.shared.world
     }
+}
 
+impl Communicator for InProcCommunicator {
     fn timeout(&self) -> Duration {
         self.timeout
     }

@@ -31,7 +31,7 @@ mod tcp;
 #[cfg(feature = "tensor")]
 pub mod tensor;
 
-pub use communicator::{Communicator, DEFAULT_STALL_WARNING, DEFAULT_TIMEOUT};
+pub use communicator::{Communicator, Group, DEFAULT_STALL_WARNING, DEFAULT_TIMEOUT};
 pub use element::{BufMut, BufRef, DType, Element, ReduceOp};
 pub use env::{DistEnv, Placement, JOB_TOKEN_VAR};
 pub use error::{CommError, Result};

@@ -35,7 +35,7 @@ use burn_cubecl::tensor::CubeTensor;
 use cudarc::driver::{result as cu, sys as cu_sys};
 use cudarc::nccl::{result as nccl, sys as nccl_sys};
 
-use crate::communicator::DEFAULT_STALL_WARNING;
+use crate::communicator::{Group, DEFAULT_STALL_WARNING};
 use crate::element::ReduceOp;
 use crate::env::DistEnv;
 use crate::error::{CommError, Result};
@@ -218,7 +218,7 @@ impl NcclCommunicator {
     }
 }
 
-impl TensorCollective<Cuda> for NcclCommunicator {
+impl Group for NcclCommunicator {
     fn rank(&self) -> usize {
         self.rank
     }
@@ -226,7 +226,9 @@ impl TensorCollective<Cuda> for NcclCommunicator {
     fn world_size(&self) -> usize {
         self.world
     }
+}
 
+impl TensorCollective<Cuda> for NcclCommunicator {
     fn all_reduce(&mut self, tensor: CudaTensor, op: ReduceOp) -> Result<CudaTensor> {
         let n = tensor.dims()[0];
         let out = CudaTensor::empty([n], &self.device).cast(tensor.dtype());

@@ -12,7 +12,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType as BurnDType, Tensor, TensorData};
 use half::{bf16, f16};
 
-use crate::communicator::Communicator;
+use crate::communicator::{Communicator, Group};
 use crate::element::{BufMut, BufRef, ReduceOp};
 use crate::error::{CommError, Result};
 
@@ -20,13 +20,7 @@ use crate::error::{CommError, Result};
 /// process group. The rules of [`Communicator`] hold: every rank makes the
 /// same calls in the same order, with tensors of the same length and element
 /// type, and a failed call leaves the group unusable.
-pub trait TensorCollective<B: Backend>: Send {
-    /// This worker's rank, in `0..world_size()`.
-    fn rank(&self) -> usize;
-
-    /// The number of workers in the group.
-    fn world_size(&self) -> usize;
-
+pub trait TensorCollective<B: Backend>: Group + Send {
     /// The element-wise combination of every rank's `tensor`.
     fn all_reduce(&mut self, tensor: Tensor<B, 1>, op: ReduceOp) -> Result<Tensor<B, 1>>;
 
@@ -47,14 +41,6 @@ pub trait TensorCollective<B: Backend>: Send {
 /// Every host-memory communicator (the in-process group, the TCP ring) works
 /// on tensors of any backend by staging them through the host.
 impl<B: Backend, C: Communicator> TensorCollective<B> for C {
-    fn rank(&self) -> usize {
-        Communicator::rank(self)
-    }
-
-    fn world_size(&self) -> usize {
-        Communicator::world_size(self)
-    }
-
     fn all_reduce(&mut self, tensor: Tensor<B, 1>, op: ReduceOp) -> Result<Tensor<B, 1>> {
         in_place("all_reduce", tensor, |buf| Communicator::all_reduce(self, buf, op))
     }
@@ -70,7 +56,7 @@ impl<B: Backend, C: Communicator> TensorCollective<B> for C {
     fn all_gather(&mut self, tensor: Tensor<B, 1>) -> Result<Tensor<B, 1>> {
         let device = tensor.device();
         let input = tensor.into_data();
-        let len = input.num_elements() * Communicator::world_size(self);
+        let len = input.num_elements() * self.world_size();
         let mut output = match input.dtype {
             BurnDType::F32 => TensorData::new(vec![0f32; len], [len]),
             BurnDType::F16 => TensorData::new(vec![f16::ZERO; len], [len]),

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use bonfire_collective::{CommError, Communicator, InProcCommunicator, ReduceOp};
+use bonfire_collective::{CommError, Communicator, Group, InProcCommunicator, ReduceOp};
 
 fn run_group<R: Send>(world: usize, f: impl Fn(InProcCommunicator) -> R + Sync) -> Vec<R> {
     let comms = InProcCommunicator::group(world).unwrap();

@@ -7,7 +7,7 @@ mod common;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use bonfire_collective::{CommError, Communicator, MpiCommunicator, ReduceOp};
+use bonfire_collective::{CommError, Communicator, Group, MpiCommunicator, ReduceOp};
 
 const CASE: &str = "BONFIRE_MPI_CASE";
 

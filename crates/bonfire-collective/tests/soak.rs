@@ -9,7 +9,7 @@ use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bonfire_collective::{Communicator, ReduceOp, TcpCommunicator, TcpConfig};
+use bonfire_collective::{Communicator, Group, ReduceOp, TcpCommunicator, TcpConfig};
 
 const WORKER: &str = "BONFIRE_SOAK_WORKER";
 const WORLD: usize = 3;

@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use bonfire_collective::{CommError, Communicator, DistEnv, ReduceOp, TcpCommunicator, TcpConfig};
+use bonfire_collective::{CommError, Communicator, DistEnv, Group, ReduceOp, TcpCommunicator, TcpConfig};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

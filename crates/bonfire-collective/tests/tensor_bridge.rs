@@ -3,7 +3,7 @@
 //! its own tensor; the result must come back with the right length, element
 //! type and device.
 
-use bonfire_collective::{Communicator, InProcCommunicator, ReduceOp, TensorCollective};
+use bonfire_collective::{Communicator, Group, InProcCommunicator, ReduceOp, TensorCollective};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
@@ -21,7 +21,7 @@ fn check_backend<B: Backend>(device: B::Device) {
             .map(|comm| {
                 let device = device.clone();
                 s.spawn(move || {
-                    let rank = Communicator::rank(&comm);
+                    let rank = comm.rank();
                     let mut comm: Box<dyn TensorCollective<B>> = Box::new(comm);
                     let mine = rank_tensor::<B>(rank, &device);
                     let summed = comm.all_reduce(mine.clone(), ReduceOp::Sum).unwrap();

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use bonfire_collective::{Communicator, InProcCommunicator, ReduceOp, TcpCommunicator, TcpConfig, TensorCollective};
+use bonfire_collective::{Group, InProcCommunicator, ReduceOp, TcpCommunicator, TcpConfig, TensorCollective};
 use bonfire_parallel::{CommHook, DdpConfig, DistributedDataParallel, HookBackend, ParallelError};
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
@@ -257,13 +257,16 @@ struct Recording<C> {
     all_reduces: std::sync::Arc<std::sync::Mutex<Vec<(usize, burn::tensor::DType)>>>,
 }
 
-impl<B: burn::tensor::backend::Backend, C: TensorCollective<B>> TensorCollective<B> for Recording<C> {
+impl<C: Group> Group for Recording<C> {
     fn rank(&self) -> usize {
         self.inner.rank()
     }
     fn world_size(&self) -> usize {
         self.inner.world_size()
     }
+}
+
+impl<B: burn::tensor::backend::Backend, C: TensorCollective<B>> TensorCollective<B> for Recording<C> {
     fn all_reduce(&mut self, t: Tensor<B, 1>, op: ReduceOp) -> bonfire_collective::Result<Tensor<B, 1>> {
         self.all_reduces.lock().unwrap().push((t.dims()[0], t.dtype()));
         self.inner.all_reduce(t, op)
@@ -327,7 +330,7 @@ fn ddp_worker_process() {
     let Ok(out) = std::env::var(WORKER) else { return };
     let comm =
         TcpCommunicator::from_env(TcpConfig { timeout: Duration::from_secs(60), ..TcpConfig::default() }).unwrap();
-    let rank = Communicator::rank(&comm);
+    let rank = comm.rank();
     let device = Default::default();
     let model = seeded::<Flex, _>(ConvNet::new(&device), if rank == 0 { 1 } else { 50 });
     let (mut ddp, model) = DistributedDataParallel::new(model, Box::new(comm), DdpConfig::default()).unwrap();

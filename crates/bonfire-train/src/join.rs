@@ -23,11 +23,10 @@ pub fn join_host<B: burn::tensor::backend::Backend>(args: &TrainArgs) -> Result<
 /// launcher's variables describe (`bonfire launch` starts no MPI job).
 #[cfg(feature = "mpi")]
 fn join_mpi<B: burn::tensor::backend::Backend>(timeout: Duration) -> Result<Box<dyn TensorCollective<B>>> {
-    use bonfire_collective::{Communicator, MpiCommunicator, Placement};
+    use bonfire_collective::{Group, MpiCommunicator, Placement};
     let comm = MpiCommunicator::world(timeout).context("joining the MPI job")?;
     let place = Placement::from_env()?;
-    // (Communicator's, not TensorCollective's: the same numbers.)
-    let (rank, world) = (Communicator::rank(&comm), Communicator::world_size(&comm));
+    let (rank, world) = (comm.rank(), comm.world_size());
     if (rank, world) != (place.rank, place.world_size) {
         anyhow::bail!(
             "MPI makes this process rank {rank} of {world}, but the launcher's variables say rank {} of {}: \

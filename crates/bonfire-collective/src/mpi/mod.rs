@@ -42,7 +42,7 @@ use mpi_sys as ffi;
 use thread::{error_text, MpiThread};
 
 use crate::call::{verdict, Call, Kind};
-use crate::communicator::{check_blocks, Communicator};
+use crate::communicator::{check_blocks, Communicator, Group};
 use crate::element::{with_slice, BufMut, BufRef, Element, ReduceOp};
 use crate::error::{CommError, Result};
 
@@ -237,7 +237,7 @@ fn stage_out(staging: &[f32], buf: BufMut<'_>, factor: f32) {
     with_slice!(buf, BufMut, |s| out(staging, s, factor));
 }
 
-impl Communicator for MpiCommunicator {
+impl Group for MpiCommunicator {
     fn rank(&self) -> usize {
         self.rank
     }
@@ -245,7 +245,9 @@ impl Communicator for MpiCommunicator {
     fn world_size(&self) -> usize {
         self.world
     }
+}
 
+impl Communicator for MpiCommunicator {
     fn timeout(&self) -> Duration {
         self.timeout
     }

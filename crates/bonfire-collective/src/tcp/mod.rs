@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, SockRef, Socket, Type};
 
 use crate::call::{Call, Kind};
-use crate::communicator::{check_blocks, Communicator, DEFAULT_STALL_WARNING, DEFAULT_TIMEOUT};
+use crate::communicator::{check_blocks, Communicator, Group, DEFAULT_STALL_WARNING, DEFAULT_TIMEOUT};
 use crate::element::{with_pair, with_slice, BufMut, BufRef, DType, Element, ReduceOp};
 use crate::env::DistEnv;
 use crate::error::{CommError, Result};
@@ -222,7 +222,7 @@ impl TcpCommunicator {
     }
 }
 
-impl Communicator for TcpCommunicator {
+impl Group for TcpCommunicator {
     fn rank(&self) -> usize {
         self.rank
     }
@@ -230,7 +230,9 @@ impl Communicator for TcpCommunicator {
     fn world_size(&self) -> usize {
         self.world
     }
+}
 
+impl Communicator for TcpCommunicator {
     fn timeout(&self) -> Duration {
         self.config.timeout
     }

@@ -64,7 +64,7 @@ pub fn nccl(env: &DistEnv, device: &CudaDevice, timeout: Duration) -> anyhow::Re
 /// the plain sum, with its time and bandwidth. Alone it is a group of one;
 /// under `bonfire launch` (one process per GPU) it is the launcher's group.
 pub fn nccl_check(sizes_mib: &[usize]) -> anyhow::Result<()> {
-    use bonfire_collective::{ReduceOp, TensorCollective};
+    use bonfire_collective::{Group, ReduceOp, TensorCollective};
     use burn::tensor::{Tensor, TensorData};
     use std::time::Instant;
 
