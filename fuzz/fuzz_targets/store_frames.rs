@@ -4,5 +4,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    bonfire_collective::store::decode_connection(data);
+    bonfire_collective::decode_connection(data);
 });

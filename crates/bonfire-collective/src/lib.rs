@@ -4,32 +4,33 @@
 //! - [`InProcCommunicator`]: workers are threads of one process.
 //! - [`TcpCommunicator`]: workers are processes on one or many hosts, joined
 //!   by a chunked, pipelined TCP ring after meeting at a rendezvous store
-//!   ([`store`]) that rank 0 hosts, found through torchrun's environment
-//!   variables ([`DistEnv`]).
+//!   that rank 0 hosts, found through torchrun's environment variables
+//!   ([`DistEnv`]).
 //! - [`TensorCollective`]: collectives on Burn tensors, what DDP uses;
 //!   every communicator provides it by staging tensors through the host.
 //! - `MpiCommunicator` (feature `mpi`): the processes of an `mpirun` or
 //!   `srun` job, through the system's MPI library.
 //! - `NcclCommunicator` (feature `nccl`): NCCL between processes, on
-//!   burn-cuda tensor memory; its stalls are named through the
-//!   [`heartbeat`] each rank publishes in the rendezvous store.
+//!   burn-cuda tensor memory; its stalls are named through a heartbeat
+//!   each rank publishes in the rendezvous store.
 
 mod call;
 mod communicator;
 mod element;
 mod env;
 mod error;
-pub mod heartbeat;
+#[cfg_attr(not(feature = "nccl"), allow(dead_code))] // NCCL's alone
+mod heartbeat;
 mod inproc;
 #[cfg(feature = "mpi")]
 mod mpi;
 #[cfg(feature = "nccl")]
 mod nccl;
 mod rendezvous;
-pub mod store;
+mod store;
 mod tcp;
 #[cfg(feature = "tensor")]
-pub mod tensor;
+mod tensor;
 
 pub use communicator::{Communicator, Group, DEFAULT_STALL_WARNING, DEFAULT_TIMEOUT};
 pub use element::{BufMut, BufRef, DType, Element, ReduceOp};
@@ -43,3 +44,8 @@ pub use nccl::{CudaTensor, NcclCommunicator};
 pub use tcp::{TcpCommunicator, TcpConfig};
 #[cfg(feature = "tensor")]
 pub use tensor::TensorCollective;
+
+/// The rendezvous store's decoder of a connection's bytes, for the fuzz
+/// target (cargo-fuzz builds with `--cfg fuzzing`).
+#[cfg(fuzzing)]
+pub use store::decode_connection;

@@ -33,7 +33,7 @@ impl Rendezvous {
 
 /// Rank 0's store, listening only on `MASTER_ADDR`.
 fn host_store(env: &DistEnv) -> Result<StoreServer> {
-    StoreServer::bind(env.store_addr(), &env.job_token).map_err(|e| match e {
+    let server = StoreServer::bind(env.store_addr(), &env.job_token).map_err(|e| match e {
         CommError::Io { source, .. } => CommError::io(
             format!(
                 "rank 0 cannot host the rendezvous store at {} (MASTER_ADDR:MASTER_PORT){}",
@@ -47,7 +47,9 @@ fn host_store(env: &DistEnv) -> Result<StoreServer> {
             source,
         ),
         other => other,
-    })
+    })?;
+    tracing::debug!("rank 0 hosts the rendezvous store on {}", server.addr());
+    Ok(server)
 }
 
 /// Makes sure this worker may join: its rank is not taken by another process

@@ -83,7 +83,7 @@ fn in_place<B: Backend>(
 }
 
 /// Runs `collective` on the values of `data` in place.
-pub fn host_buffer(
+fn host_buffer(
     op: &'static str,
     data: &mut TensorData,
     collective: impl FnOnce(BufMut<'_>) -> Result<()>,
@@ -110,4 +110,20 @@ fn host_ref<'a>(op: &'static str, data: &'a TensorData) -> Result<BufRef<'a>> {
 
 fn unsupported(op: &'static str, dtype: BurnDType) -> CommError {
     CommError::invalid(op, format!("tensors of {dtype:?} are not supported; use f32, f16 or bf16"))
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Int, Tensor};
+
+    use crate::{Communicator, InProcCommunicator, ReduceOp};
+
+    #[test]
+    fn unsupported_element_types_are_refused() {
+        let mut comm = InProcCommunicator::group(1).unwrap().remove(0);
+        let ints = Tensor::<burn::backend::Flex, 1, Int>::arange(0..4, &Default::default());
+        let mut data = ints.into_data();
+        let err = super::host_buffer("all_reduce", &mut data, |buf| comm.all_reduce(buf, ReduceOp::Sum)).unwrap_err();
+        assert!(err.to_string().contains("not supported"), "{err}");
+    }
 }

@@ -57,7 +57,7 @@ fn a_rank_that_never_joins_is_named() {
 fn the_stall_inspector_names_the_ranks_that_have_not_started_the_call() {
     let logs = run_group(3, |mut c| {
         c.set_stall_warning(Duration::from_millis(200));
-        let log = common::Captured::default();
+        let log = bonfire_testkit::Captured::default();
         tracing::subscriber::with_default(log.subscriber(), || {
             if c.rank() == 2 {
                 std::thread::sleep(Duration::from_millis(600)); // behind, within the timeout

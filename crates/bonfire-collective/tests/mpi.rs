@@ -8,6 +8,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use bonfire_collective::{CommError, Communicator, Group, MpiCommunicator, ReduceOp};
+use bonfire_testkit::text;
 
 const CASE: &str = "BONFIRE_MPI_CASE";
 
@@ -81,10 +82,6 @@ fn mpirun(np: usize, case: &str) -> Output {
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .output()
         .expect("mpirun (Debian's openmpi-bin; `cargo xtask test` installs it)")
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
 #[test]

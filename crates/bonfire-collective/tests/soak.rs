@@ -5,13 +5,14 @@
 //! the full 2 000 and runs with `cargo test -p bonfire-collective --test soak
 //! -- --ignored`.
 
-use std::net::TcpListener;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bonfire_collective::{Communicator, Group, ReduceOp, TcpCommunicator, TcpConfig};
+use bonfire_testkit::{free_port, SelfWorkers};
 
-const WORKER: &str = "BONFIRE_SOAK_WORKER";
+/// A worker's role is the number of calls it makes.
+const WORKERS: SelfWorkers = SelfWorkers::new("soak_worker", "BONFIRE_SOAK_WORKER");
 const WORLD: usize = 3;
 const MAX_BYTES: usize = 4 << 20;
 
@@ -43,10 +44,8 @@ fn resident_kib() -> u64 {
 #[test]
 #[ignore = "run as a worker process by the soak tests"]
 fn soak_worker() {
-    if std::env::var_os(WORKER).is_none() {
-        return;
-    }
-    let calls: usize = std::env::var("BONFIRE_SOAK_CALLS").unwrap().parse().unwrap();
+    let Some(calls) = WORKERS.role() else { return };
+    let calls: usize = calls.parse().unwrap();
     let config = TcpConfig { timeout: Duration::from_secs(30), ..TcpConfig::default() };
     let mut comm = TcpCommunicator::from_env(config).unwrap();
     let rank = comm.rank();
@@ -70,18 +69,12 @@ fn soak_worker() {
 }
 
 fn soak(calls: usize, limit: Duration) {
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let started = Instant::now();
     let children: Vec<_> = (0..WORLD)
         .map(|rank| {
-            Command::new(std::env::current_exe().unwrap())
-                .args(["soak_worker", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
-                .env(WORKER, "1")
-                .env("BONFIRE_SOAK_CALLS", calls.to_string())
-                .env("RANK", rank.to_string())
-                .env("WORLD_SIZE", WORLD.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", port.to_string())
+            WORKERS
+                .rank(calls.to_string(), rank, WORLD, port)
                 .env("BONFIRE_JOB_TOKEN", "soak")
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())

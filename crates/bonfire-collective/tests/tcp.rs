@@ -4,14 +4,11 @@
 mod common;
 
 use std::net::TcpListener;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use bonfire_collective::{CommError, Communicator, DistEnv, Group, ReduceOp, TcpCommunicator, TcpConfig};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use bonfire_testkit::{free_port, torchrun_vars, SelfWorkers};
 
 fn env(rank: usize, world: usize, port: u16) -> DistEnv {
     DistEnv {
@@ -201,40 +198,6 @@ fn threads_a_store_port_in_use_is_named() {
     assert!(text.contains("cannot host the rendezvous store") && text.contains("holds that port"), "{text}");
 }
 
-#[test]
-fn threads_a_silent_stranger_on_a_ring_port_does_not_stall_the_rendezvous() {
-    let port = free_port();
-    let timeout = Duration::from_secs(10);
-    let results: Vec<(bool, Duration)> = std::thread::scope(|s| {
-        let timed = |rank: usize| {
-            let started = std::time::Instant::now();
-            (TcpCommunicator::connect(&env(rank, 2, port), config(timeout)).is_ok(), started.elapsed())
-        };
-        let rank0 = s.spawn(move || timed(0));
-        // Rank 0 publishes its ring address and waits for rank 1; a stranger
-        // who learnt the address connects before rank 1 and says nothing.
-        let stranger = s.spawn(|| {
-            let addr = format!("127.0.0.1:{port}");
-            let mut store = bonfire_collective::store::StoreClient::connect(&addr, "test-job", timeout).unwrap();
-            let ring0 = store.get("ring/0", timeout).unwrap().unwrap();
-            let silent = std::net::TcpStream::connect(String::from_utf8(ring0).unwrap()).unwrap();
-            std::thread::sleep(Duration::from_secs(7));
-            drop(silent);
-        });
-        let rank1 = s.spawn(move || {
-            std::thread::sleep(Duration::from_millis(1000));
-            timed(1)
-        });
-        let out = vec![rank0.join().unwrap(), rank1.join().unwrap()];
-        stranger.join().unwrap();
-        out
-    });
-    assert!(results.iter().all(|(ok, _)| *ok), "both ranks join despite the stranger: {results:?}");
-    // Rank 1 came after 1 s; the stranger cost rank 0 at most 2 s more, not
-    // the whole timeout.
-    assert!(results[0].1 < Duration::from_secs(6), "rank 0 took {:?}", results[0].1);
-}
-
 /// This machine's address on its outward interface, if it has one (a UDP
 /// "connect" sends nothing; it only picks the route).
 fn outward_ip() -> Option<std::net::IpAddr> {
@@ -260,7 +223,7 @@ fn the_store_listens_on_loopback_when_master_addr_is_loopback() {
 fn threads_the_stall_inspector_names_the_rank_that_is_behind_and_the_call() {
     let results = run_ranks(3, &[0, 1, 2], Duration::from_secs(10), |c| {
         let mut c = c.unwrap();
-        let log = common::Captured::default();
+        let log = bonfire_testkit::Captured::default();
         tracing::subscriber::with_default(log.subscriber(), || {
             let mut buf = vec![1f32; 1 << 12];
             c.all_reduce(buf.as_mut_slice().into(), ReduceOp::Sum).unwrap();
@@ -282,17 +245,16 @@ fn threads_the_stall_inspector_names_the_rank_that_is_behind_and_the_call() {
 
 // ---- real processes ----------------------------------------------------------
 
-const WORKER: &str = "BONFIRE_TEST_WORKER";
+/// A worker's role is its timeout in milliseconds.
+const WORKERS: SelfWorkers = SelfWorkers::new("worker_process", "BONFIRE_TEST_WORKER");
 
 /// Not a test of its own: the body of a worker process started by the tests
-/// below (they run this binary with `--exact worker_process --ignored`).
+/// below.
 #[test]
 #[ignore = "run as a worker process by the process tests"]
 fn worker_process() {
-    if std::env::var_os(WORKER).is_none() {
-        return;
-    }
-    let timeout = Duration::from_millis(std::env::var("BONFIRE_TEST_TIMEOUT_MS").unwrap().parse().unwrap());
+    let Some(timeout_ms) = WORKERS.role() else { return };
+    let timeout = Duration::from_millis(timeout_ms.parse().unwrap());
     let code = match TcpCommunicator::from_env(config(timeout)) {
         Err(e) => {
             eprintln!("worker error: {e}");
@@ -310,33 +272,9 @@ fn worker_process() {
 }
 
 fn spawn_worker(vars: &[(&str, String)], timeout_ms: u64) -> std::process::Child {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["worker_process", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
-        .env(WORKER, "1")
-        .env("BONFIRE_TEST_TIMEOUT_MS", timeout_ms.to_string())
-        .env_remove("RANK")
-        .env_remove("WORLD_SIZE")
-        .env_remove("LOCAL_RANK")
-        .env_remove("LOCAL_WORLD_SIZE")
-        .env_remove("MASTER_ADDR")
-        .env_remove("MASTER_PORT")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (k, v) in vars {
-        cmd.env(k, v);
-    }
+    let mut cmd = WORKERS.command(timeout_ms.to_string());
+    cmd.envs(vars.iter().map(|(k, v)| (k, v))).stderr(Stdio::piped());
     cmd.spawn().unwrap()
-}
-
-fn torchrun_vars(rank: usize, world: usize, port: u16) -> Vec<(&'static str, String)> {
-    vec![
-        ("RANK", rank.to_string()),
-        ("WORLD_SIZE", world.to_string()),
-        ("LOCAL_RANK", rank.to_string()),
-        ("LOCAL_WORLD_SIZE", world.to_string()),
-        ("MASTER_ADDR", "127.0.0.1".into()),
-        ("MASTER_PORT", port.to_string()),
-    ]
 }
 
 /// Starts `ranks` of a `world`-rank job; returns (exit code, stderr) of each.

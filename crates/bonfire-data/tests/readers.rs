@@ -7,10 +7,7 @@ use std::path::{Path, PathBuf};
 use bonfire_data::{cifar, fashion_mnist, DataError, Split};
 
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("bonfire-data-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    bonfire_testkit::scratch_dir(&format!("data-{name}"))
 }
 
 fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {

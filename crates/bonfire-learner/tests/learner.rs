@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use bonfire_collective::{TcpCommunicator, TcpConfig};
 use bonfire_learner::DdpLearning;
+use bonfire_testkit::{free_port, max_abs_diff, read_values, scratch_dir, write_values, SelfWorkers};
 use burn::backend::{Autodiff, Flex};
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
@@ -161,7 +162,7 @@ fn train(dir: &std::path::Path, rows: Vec<Row>, batch: usize, workers: Workers) 
 
 #[test]
 fn ddp_learner_over_2_threads_equals_one_device_and_logs_metrics() {
-    let dir = temp_dir("threads");
+    let dir = scratch_dir("learner-threads");
     let want = one_device(&dir);
     let got = train(&dir.join("ddp"), rows(), PER_WORKER, Workers::Threads(vec![Default::default(); 2]));
     let diff = max_abs_diff(&got, &want);
@@ -173,17 +174,6 @@ fn ddp_learner_over_2_threads_equals_one_device_and_logs_metrics() {
         assert!(!text.trim().is_empty(), "{} is empty", log.display());
     }
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn temp_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("bonfire-learner-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 /// The Learner on one device, whose step k takes the rows both workers take
@@ -202,47 +192,30 @@ fn one_device(dir: &std::path::Path) -> Vec<f32> {
     train(&dir.join("single"), order, 2 * PER_WORKER, Workers::One)
 }
 
-const WORKER: &str = "BONFIRE_TEST_LEARNER_WORKER";
+/// A worker's role is the file it writes its weights to.
+const WORKERS: SelfWorkers = SelfWorkers::new("learner_worker_process", "BONFIRE_TEST_LEARNER_WORKER");
 
 #[test]
 #[ignore = "run as a worker process by the process test"]
 fn learner_worker_process() {
-    let Ok(out) = std::env::var(WORKER) else { return };
+    let Some(out) = WORKERS.role() else { return };
     let comm = TcpCommunicator::from_env(TcpConfig::default()).unwrap();
-    let weights =
-        train(&std::path::PathBuf::from(&out).with_extension("run"), rows(), PER_WORKER, Workers::Process(comm));
-    std::fs::write(out, weights.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+    let out = std::path::PathBuf::from(out);
+    write_values(&out, &train(&out.with_extension("run"), rows(), PER_WORKER, Workers::Process(comm)));
 }
 
 #[test]
 fn ddp_learner_over_2_processes_equals_one_device() {
-    let dir = temp_dir("processes");
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("learner-processes");
     let want = one_device(&dir);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let children: Vec<_> = (0..2)
-        .map(|rank| {
-            std::process::Command::new(std::env::current_exe().unwrap())
-                .args(["learner_worker_process", "--exact", "--ignored", "--test-threads=1"])
-                .env(WORKER, dir.join(format!("rank{rank}")))
-                .env("RANK", rank.to_string())
-                .env("WORLD_SIZE", "2")
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", port.to_string())
-                .env_remove("LOCAL_RANK")
-                .env_remove("LOCAL_WORLD_SIZE")
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let port = free_port();
+    let children: Vec<_> =
+        (0..2).map(|rank| WORKERS.rank(dir.join(format!("rank{rank}")), rank, 2, port).spawn().unwrap()).collect();
     for mut child in children {
         assert!(child.wait().unwrap().success());
     }
     for rank in 0..2 {
-        let bytes = std::fs::read(dir.join(format!("rank{rank}"))).unwrap();
-        let got: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
-        let diff = max_abs_diff(&got, &want);
+        let diff = max_abs_diff(&read_values(&dir.join(format!("rank{rank}"))), &want);
         assert!(diff <= 1e-5, "rank {rank}: DDP through the Learner over processes differs by {diff}");
     }
     // Rank 0 logged burn-train's metrics.

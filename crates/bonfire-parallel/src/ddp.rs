@@ -79,7 +79,6 @@ type Registrar<B> = Box<dyn Fn(Tensor<Inner<B>, 1>, &mut GradientsParams) + Send
 /// ```
 pub struct DistributedDataParallel<B: HookBackend> {
     reducer: Arc<Reducer<B::InnerBackend>>,
-    infos: Vec<ParamInfo>,
     registrars: Vec<Registrar<B>>,
     broadcast_buffers: bool,
     /// Set by [`forward_module`](Self::forward_module), run by [`backward`](Self::backward).
@@ -129,7 +128,6 @@ impl<B: HookBackend> DistributedDataParallel<B> {
         let registrars = registrars::<B, M>(&module);
         let ddp = DistributedDataParallel {
             reducer: Arc::new(reducer),
-            infos,
             registrars,
             broadcast_buffers: config.broadcast_buffers,
             buffer_sync: Mutex::new(None),
@@ -138,10 +136,12 @@ impl<B: HookBackend> DistributedDataParallel<B> {
         Ok((ddp, module))
     }
 
+    /// This worker's rank in its group.
     pub fn rank(&self) -> usize {
         self.reducer.comm().rank()
     }
 
+    /// The number of workers in the group.
     pub fn world_size(&self) -> usize {
         self.reducer.comm().world_size()
     }
@@ -150,11 +150,6 @@ impl<B: HookBackend> DistributedDataParallel<B> {
     /// [`DdpConfig::overlap`] asked for, or chose).
     pub fn overlaps(&self) -> bool {
         self.reducer.overlaps()
-    }
-
-    /// The module's parameters, in the order the layout check compares them.
-    pub fn params(&self) -> &[ParamInfo] {
-        &self.infos
     }
 
     /// The module to run the forward pass with: `module` with a gradient hook
@@ -364,7 +359,7 @@ mod tests {
     use super::*;
 
     fn info(shape: &[usize]) -> ParamInfo {
-        ParamInfo { name: String::new(), id: ParamId::new(), shape: shape.to_vec(), trainable: true }
+        ParamInfo { name: String::new(), shape: shape.to_vec(), trainable: true }
     }
 
     #[test]

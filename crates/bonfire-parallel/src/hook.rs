@@ -27,14 +27,23 @@ pub trait GradientSink<B: Backend>: Send + Sync {
 
 /// An autodiff backend Bonfire trains on: it can hook parameter gradients
 /// and move tensors between its devices ([`MoveBackend`]). Every
-/// `Autodiff<B, C>`.
-pub trait HookBackend: MoveBackend {
-    /// Returns `tensor` unchanged; in backward, its gradient goes to `sink`.
-    fn gradient_hook(
-        tensor: FloatTensor<Self>,
-        sink: Arc<dyn GradientSink<Self::InnerBackend>>,
-        index: usize,
-    ) -> FloatTensor<Self>;
+/// `Autodiff<B, C>`; the hook itself is Bonfire's own business (sealed).
+pub trait HookBackend: MoveBackend + sealed::GradientHook {}
+
+impl<B: Backend, C: CheckpointStrategy> HookBackend for Autodiff<B, C> {}
+
+pub(crate) mod sealed {
+    use super::*;
+
+    /// The hook behind [`HookBackend`]; out of reach outside this crate.
+    pub trait GradientHook: burn::tensor::backend::AutodiffBackend {
+        /// Returns `tensor` unchanged; in backward, its gradient goes to `sink`.
+        fn gradient_hook(
+            tensor: FloatTensor<Self>,
+            sink: Arc<dyn GradientSink<Self::InnerBackend>>,
+            index: usize,
+        ) -> FloatTensor<Self>;
+    }
 }
 
 /// The backward op's state: where the gradient goes.
@@ -70,7 +79,7 @@ impl<B: Backend> Backward<B, 1> for GradientReady {
     }
 }
 
-impl<B: Backend, C: CheckpointStrategy> HookBackend for Autodiff<B, C> {
+impl<B: Backend, C: CheckpointStrategy> sealed::GradientHook for Autodiff<B, C> {
     fn gradient_hook(tensor: FloatTensor<Self>, sink: Arc<dyn GradientSink<B>>, index: usize) -> FloatTensor<Self> {
         match GradientReady.prepare::<C>([tensor.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish(Target { sink, index }, tensor.primitive.clone()),

@@ -25,6 +25,5 @@ pub use ddp::{DdpConfig, DistributedDataParallel};
 pub use device_move::{copies_directly, move_differentiable, to_device, MoveBackend};
 pub use dp::{DataParallel, Replicas};
 pub use error::{ParallelError, Result};
-pub use hook::{GradientSink, HookBackend};
-pub use params::{param_infos, values_from_host, values_to_host, ParamInfo};
+pub use hook::HookBackend;
 pub use strategy::Strategy;

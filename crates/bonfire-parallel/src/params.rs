@@ -1,6 +1,6 @@
 //! A module's parameters as Bonfire sees them: names, shapes, values on the host.
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
@@ -9,7 +9,6 @@ use burn::tensor::{Tensor, TensorData};
 pub struct ParamInfo {
     /// Its path in the module, e.g. `conv1.weight`.
     pub name: String,
-    pub id: ParamId,
     pub shape: Vec<usize>,
     /// False for frozen parameters, which get no gradient.
     pub trainable: bool,
@@ -38,7 +37,6 @@ pub fn param_infos<B: Backend, M: Module<B>>(module: &M) -> Vec<ParamInfo> {
             let value = param.val();
             self.out.push(ParamInfo {
                 name: self.path.join("."),
-                id: param.id,
                 shape: value.dims().to_vec(),
                 trainable: value.is_require_grad(),
             });

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bonfire_collective::{Group, InProcCommunicator, ReduceOp, TcpCommunicator, TcpConfig, TensorCollective};
 use bonfire_parallel::{CommHook, DdpConfig, DistributedDataParallel, HookBackend, ParallelError};
+use bonfire_testkit::{free_port, max_abs_diff, read_values, scratch_dir, write_values, SelfWorkers};
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::tensor::Tensor;
@@ -322,21 +323,20 @@ fn each_bucket_is_one_f32_tensor_collective_in_bucket_order() {
 
 // ---- real processes over TCP ----------------------------------------------
 
-const WORKER: &str = "BONFIRE_TEST_DDP_WORKER";
+/// A worker's role is the file it writes its weights to.
+const WORKERS: SelfWorkers = SelfWorkers::new("ddp_worker_process", "BONFIRE_TEST_DDP_WORKER");
 
 #[test]
 #[ignore = "run as a worker process by the process tests"]
 fn ddp_worker_process() {
-    let Ok(out) = std::env::var(WORKER) else { return };
+    let Some(out) = WORKERS.role() else { return };
     let comm =
         TcpCommunicator::from_env(TcpConfig { timeout: Duration::from_secs(60), ..TcpConfig::default() }).unwrap();
     let rank = comm.rank();
     let device = Default::default();
     let model = seeded::<Flex, _>(ConvNet::new(&device), if rank == 0 { 1 } else { 50 });
     let (mut ddp, model) = DistributedDataParallel::new(model, Box::new(comm), DdpConfig::default()).unwrap();
-    let values = train_ddp(&mut ddp, model, PER_RANK, 1, 64).unwrap();
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    std::fs::write(out, bytes).unwrap();
+    write_values(out.as_ref(), &train_ddp(&mut ddp, model, PER_RANK, 1, 64).unwrap());
 }
 
 #[test]
@@ -344,32 +344,15 @@ fn conv_over_2_and_3_processes_equals_one_worker() {
     let device = Default::default();
     for world in [2usize, 3] {
         let want = train_single::<Flex, _>(seeded::<Flex, _>(ConvNet::new(&device), 1), PER_RANK * world, 64);
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let dir = std::env::temp_dir().join(format!("bonfire-ddp-{}-{world}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let (port, dir) = (free_port(), scratch_dir(&format!("ddp-{world}")));
         let children: Vec<_> = (0..world)
-            .map(|rank| {
-                std::process::Command::new(std::env::current_exe().unwrap())
-                    .args(["ddp_worker_process", "--exact", "--ignored", "--test-threads=1"])
-                    .env(WORKER, dir.join(format!("rank{rank}")))
-                    .env("RANK", rank.to_string())
-                    .env("WORLD_SIZE", world.to_string())
-                    .env("MASTER_ADDR", "127.0.0.1")
-                    .env("MASTER_PORT", port.to_string())
-                    .env_remove("LOCAL_RANK")
-                    .env_remove("LOCAL_WORLD_SIZE")
-                    .stdout(std::process::Stdio::null())
-                    .spawn()
-                    .unwrap()
-            })
+            .map(|rank| WORKERS.rank(dir.join(format!("rank{rank}")), rank, world, port).spawn().unwrap())
             .collect();
         for mut c in children {
             assert!(c.wait().unwrap().success());
         }
         for rank in 0..world {
-            let bytes = std::fs::read(dir.join(format!("rank{rank}"))).unwrap();
-            let got: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
-            let diff = max_abs_diff(&got, &want);
+            let diff = max_abs_diff(&read_values(&dir.join(format!("rank{rank}"))), &want);
             assert!(diff <= 1e-5, "world {world} rank {rank}: {diff}");
         }
         let _ = std::fs::remove_dir_all(&dir);

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Once;
 
 use bonfire_parallel::DdpConfig;
+use bonfire_testkit::max_abs_diff;
 use burn::backend::wgpu::WgpuDevice;
 use burn::backend::Autodiff;
 use common::*;

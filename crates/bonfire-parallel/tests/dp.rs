@@ -3,6 +3,7 @@
 mod common;
 
 use bonfire_parallel::{DataParallel, ParallelError};
+use bonfire_testkit::max_abs_diff;
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use common::*;

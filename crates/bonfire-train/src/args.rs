@@ -4,12 +4,13 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use bonfire_train::data;
+use bonfire_train::launch::LaunchArgs;
+use bonfire_train::model::ModelKind;
+use bonfire_train::trainer::{self, OptimizerKind};
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::launch::LaunchArgs;
-use crate::model::ModelKind;
-use crate::trainer::{self, OptimizerKind};
-use crate::{data, wgpu_devices};
+use crate::wgpu_devices;
 
 #[derive(Parser)]
 #[command(name = "bonfire", about = "Data-parallel training for Burn", version)]

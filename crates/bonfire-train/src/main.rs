@@ -1,16 +1,8 @@
 //! `bonfire`: train a Burn model over several workers, or launch workers.
 
 mod args;
-mod checkpoint;
 mod cuda;
-mod data;
 mod join;
-mod launch;
-mod metrics;
-mod model;
-mod plot;
-mod trainer;
-mod weights;
 mod wgpu_devices;
 
 use std::process::ExitCode;
@@ -22,13 +14,14 @@ use bonfire_data::ImageDataset;
 use bonfire_parallel::HookBackend;
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
+use bonfire_train::launch::LaunchArgs;
+use bonfire_train::metrics::write_metrics;
+use bonfire_train::trainer::{Parallel, Resume, TrainOptions};
+use bonfire_train::{data, launch, trainer, weights};
 use clap::Parser;
 
 use args::{check_comm, check_flags, comm_kind, BackendKind, Cli, Cmd, CommKind, StrategyKind, TrainArgs};
 use join::join_host;
-use launch::LaunchArgs;
-use metrics::write_metrics;
-use trainer::{Parallel, Resume, TrainOptions};
 
 /// Exit code for a backend that cannot run here.
 const EXIT_UNAVAILABLE: u8 = 2;

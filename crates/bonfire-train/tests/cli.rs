@@ -9,14 +9,13 @@ fn bonfire(args: &[&str]) -> Output {
 }
 
 fn out_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("bonfire-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+    bonfire_testkit::scratch_dir(&format!("cli-{name}"))
 }
 
 mod common;
 
-use common::{assert_like_one_worker, text};
+use bonfire_testkit::text;
+use common::assert_like_one_worker;
 
 fn final_accuracy(o: &Output) -> f64 {
     let stdout = String::from_utf8_lossy(&o.stdout);
@@ -243,7 +242,7 @@ fn a_diverging_run_stops_at_its_first_non_finite_loss_without_writing_weights() 
 /// one report, and the weights of one worker on the whole batch.
 #[test]
 fn mpirun_starts_a_ddp_job_without_torchruns_variables() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = bonfire_testkit::free_port();
     mpirun_trains_like_one_worker("mpirun", &[], port);
 }
 
@@ -253,7 +252,7 @@ fn mpirun_starts_a_ddp_job_without_torchruns_variables() {
 #[test]
 fn ddp_over_mpi_equals_one_worker_and_the_ring() {
     let mpi = mpirun_trains_like_one_worker("mpi-comm", &["--comm", "mpi"], 0);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = bonfire_testkit::free_port();
     let ring = mpirun_trains_like_one_worker("mpi-ring", &["--comm", "ring"], port);
     let same = bonfire(&["diff-weights", mpi.to_str().unwrap(), ring.to_str().unwrap(), "--tolerance", "1e-5"]);
     assert!(same.status.success(), "MPI against the ring: {}", text(&same));

@@ -14,7 +14,8 @@ const HOSTS: usize = 3;
 
 mod common;
 
-use common::{assert_like_one_worker, text};
+use bonfire_testkit::text;
+use common::assert_like_one_worker;
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/cluster/hosts.sh")

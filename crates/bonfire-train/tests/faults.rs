@@ -6,18 +6,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use bonfire_testkit::text;
+
 fn bonfire() -> Command {
     Command::new(env!("CARGO_BIN_EXE_bonfire"))
 }
 
 fn out_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("bonfire-faults-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    bonfire_testkit::scratch_dir(&format!("faults-{name}"))
 }
 
 fn run(args: &[&str]) -> Output {

@@ -11,11 +11,9 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{assert_like_one_worker, text};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use bonfire_testkit::free_port;
+use bonfire_testkit::text;
+use common::assert_like_one_worker;
 
 fn run(program: &str, args: &[&str], conf: &Path) -> Output {
     Command::new(program)

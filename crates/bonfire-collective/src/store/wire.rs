@@ -93,7 +93,7 @@ impl Request {
 /// Decodes `bytes` exactly as the server reads a connection: frames, each
 /// one request, until the bytes end or something is invalid. Returns how
 /// many requests were valid. The entry point of the store's fuzz target.
-#[doc(hidden)]
+#[cfg(any(test, fuzzing))]
 pub fn decode_connection(mut bytes: &[u8]) -> usize {
     let mut frame = Vec::new();
     let mut valid = 0;
@@ -195,5 +195,20 @@ mod tests {
             assert_eq!(Request::decode(&request.encode().unwrap()).unwrap(), request);
         }
         assert!(Request::Set { key: "k".repeat(70_000), value: vec![] }.encode().is_err());
+    }
+
+    /// The fuzz target's entry point counts the valid requests of a
+    /// connection and stops at the first invalid frame.
+    #[test]
+    fn a_connection_decodes_up_to_its_first_invalid_frame() {
+        let mut bytes = Vec::new();
+        for request in [Request::Join { token: b"t".to_vec() }, Request::Add { key: "n".into(), delta: 1 }] {
+            write_frame(&mut bytes, &request.encode().unwrap()).unwrap();
+        }
+        assert_eq!(decode_connection(&bytes), 2);
+        write_frame(&mut bytes, &[0xff; 9]).unwrap();
+        write_frame(&mut bytes, &Request::Add { key: "n".into(), delta: 1 }.encode().unwrap()).unwrap();
+        assert_eq!(decode_connection(&bytes), 2);
+        assert_eq!(decode_connection(&[0xff, 0xff, 0xff, 0xff]), 0, "a frame longer than the limit");
     }
 }

@@ -1,22 +1,23 @@
 //! Workers in separate processes, on one host or many, joined by a TCP ring.
 
+mod header;
 mod pipeline;
 mod plan;
+#[cfg(test)]
+mod tests;
+mod wiring;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, SockRef, Socket, Type};
-
-use crate::call::{Call, Kind};
+use crate::call::Kind;
 use crate::communicator::{check_blocks, Communicator, Group, DEFAULT_STALL_WARNING, DEFAULT_TIMEOUT};
 use crate::element::{with_pair, with_slice, BufMut, BufRef, DType, Element, ReduceOp};
 use crate::env::DistEnv;
 use crate::error::{CommError, Result};
-use crate::rendezvous::{remaining, Rendezvous};
+use crate::rendezvous::Rendezvous;
 use crate::store::StoreServer;
-use pipeline::{io_error, Link, Watch};
+use header::{exchange_header, Header};
+use pipeline::{Link, Watch};
 use plan::Phases;
 
 /// Tuning of the TCP ring.
@@ -67,9 +68,6 @@ pub struct TcpCommunicator {
     _store: Option<StoreServer>,
 }
 
-const HELLO: u32 = u32::from_le_bytes(*b"BFRH");
-const CALL: u32 = u32::from_le_bytes(*b"BFRC");
-
 impl TcpCommunicator {
     /// Joins the group described by torchrun's environment variables.
     pub fn from_env(config: TcpConfig) -> Result<Self> {
@@ -89,44 +87,7 @@ impl TcpCommunicator {
             return Ok(Self::assemble(rank, world, config, None, store_server));
         }
 
-        let listener = listen(SocketAddr::new(store.local_ip()?, 0), config.socket_buffer)?;
-        let my_addr = listener.local_addr().map_err(|e| CommError::io("ring listener address", e))?;
-        store.set(&format!("ring/{rank}"), my_addr.to_string().as_bytes())?;
-        let keys: Vec<String> = (0..world).map(|r| format!("ring/{r}")).collect();
-        let missing = store.wait(&keys, remaining(deadline))?;
-        if !missing.is_empty() {
-            // Every rank that came must read this verdict before rank 0 takes
-            // the store down with it: each says it has, and rank 0 waits for
-            // them (at most one more timeout: their deadlines differ from
-            // rank 0's only by how much later they started).
-            let _ = store.set(&format!("ring/seen/{rank}"), b"");
-            if rank == 0 {
-                let came: Vec<String> =
-                    (0..world).filter(|r| !missing.contains(r)).map(|r| format!("ring/seen/{r}")).collect();
-                let _ = store.wait(&came, timeout);
-            }
-            return Err(CommError::Missing { op: "rendezvous", ranks: missing, waited: timeout });
-        }
-        let next_rank = (rank + 1) % world;
-        let prev_rank = (rank + world - 1) % world;
-        let next_addr = store
-            .get(&keys[next_rank], remaining(deadline))?
-            .and_then(|v| String::from_utf8(v).ok())
-            .and_then(|s| s.parse::<SocketAddr>().ok())
-            .ok_or_else(|| CommError::Protocol {
-                peer: env.store_addr(),
-                detail: format!("no valid ring address for rank {next_rank}"),
-            })?;
-
-        let next = dial(next_addr, config.socket_buffer, deadline, next_rank, timeout)?;
-        let mut hello = Vec::with_capacity(16 + env.job_token.len());
-        for v in [HELLO, rank as u32, world as u32, env.job_token.len() as u32] {
-            hello.extend(v.to_le_bytes());
-        }
-        hello.extend(env.job_token.as_bytes());
-        (&next).write_all(&hello).map_err(|e| io_error("rendezvous", next_rank, timeout, e))?;
-        let prev = accept_prev(&listener, prev_rank, world, env.job_token.as_bytes(), deadline, timeout)?;
-        let link = Link { next, prev, next_rank, prev_rank };
+        let link = wiring::form_ring(env, &mut store, &config, deadline)?;
         let mut comm = Self::assemble(rank, world, config, Some(link), store_server);
         comm.apply_timeout()?;
         // Everyone is connected only when everyone has seen everyone's data.
@@ -267,147 +228,5 @@ impl Communicator for TcpCommunicator {
         let plan = plan::ring(token.len(), self.world, self.rank, self.chunk_elems::<f32>(), Phases::Both);
         let header = Header::new(Kind::Barrier, DType::F32, None, 0, token.len());
         self.collective("barrier", header, &mut token, plan, ReduceOp::Sum)
-    }
-}
-
-/// Sent to the next rank before every call's data: the call and its number.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Header {
-    call: Call,
-    seq: u64,
-}
-
-impl Header {
-    const BYTES: usize = 4 + 6 * 8;
-
-    fn new(kind: Kind, dtype: DType, op: Option<ReduceOp>, root: usize, len: usize) -> Self {
-        Header { call: Call::new(kind, Some(dtype), op, root, len), seq: 0 }
-    }
-
-    fn encode(&self) -> [u8; Self::BYTES] {
-        let mut out = [0u8; Self::BYTES];
-        out[0..4].copy_from_slice(&CALL.to_le_bytes());
-        let words = self.call.to_words().into_iter().chain([self.seq]);
-        for (i, w) in words.enumerate() {
-            out[4 + 8 * i..12 + 8 * i].copy_from_slice(&w.to_le_bytes());
-        }
-        out
-    }
-
-    fn decode(b: &[u8; Self::BYTES]) -> Option<Self> {
-        let word = |i: usize| u64::from_le_bytes(b[4 + 8 * i..12 + 8 * i].try_into().unwrap());
-        if b[0..4] != CALL.to_le_bytes() {
-            return None;
-        }
-        Some(Header { call: Call::from_words(std::array::from_fn(word))?, seq: word(5) })
-    }
-
-    /// What the previous rank's call does differently, in words.
-    fn difference(&self, theirs: &Header) -> Option<String> {
-        if theirs.seq != self.seq {
-            return Some(format!("it is at call number {}, this rank at {}", theirs.seq, self.seq));
-        }
-        self.call.difference(&theirs.call, "this rank")
-    }
-}
-
-fn exchange_header(watch: &Watch, link: &Link, mine: Header) -> Result<()> {
-    let name = watch.op;
-    (&link.next).write_all(&mine.encode()).map_err(|e| io_error(name, link.next_rank, watch.timeout, e))?;
-    let mut bytes = [0u8; Header::BYTES];
-    watch.read(&link.prev, &mut bytes, link.prev_rank, false)?;
-    let theirs = Header::decode(&bytes).ok_or_else(|| CommError::Protocol {
-        peer: format!("rank {}", link.prev_rank),
-        detail: "not a collective header".into(),
-    })?;
-    match mine.difference(&theirs) {
-        None => Ok(()),
-        Some(detail) => Err(CommError::Mismatch { op: name, rank: link.prev_rank, detail }),
-    }
-}
-
-fn tune(socket: &SockRef<'_>, buffer: usize) -> Result<()> {
-    let io = |e| CommError::io("ring socket options", e);
-    socket.set_send_buffer_size(buffer).map_err(io)?;
-    socket.set_recv_buffer_size(buffer).map_err(io)?;
-    Ok(())
-}
-
-/// The ring listener; buffer sizes are set before `listen` so that accepted
-/// sockets inherit them and the TCP window scale is negotiated for them.
-fn listen(addr: SocketAddr, buffer: usize) -> Result<TcpListener> {
-    let io = |e| CommError::io(format!("cannot listen for ring peers on {addr}"), e);
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(io)?;
-    tune(&SockRef::from(&socket), buffer)?;
-    socket.bind(&addr.into()).map_err(io)?;
-    socket.listen(128).map_err(io)?;
-    let listener: TcpListener = socket.into();
-    listener.set_nonblocking(true).map_err(io)?;
-    Ok(listener)
-}
-
-/// Connects to the next rank, retrying until the deadline.
-fn dial(addr: SocketAddr, buffer: usize, deadline: Instant, rank: usize, timeout: Duration) -> Result<TcpStream> {
-    loop {
-        let socket =
-            Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(|e| CommError::io("ring socket", e))?;
-        tune(&SockRef::from(&socket), buffer)?;
-        match socket.connect_timeout(&addr.into(), remaining(deadline).max(Duration::from_millis(1))) {
-            Ok(()) => {
-                let stream: TcpStream = socket.into();
-                stream.set_nodelay(true).map_err(|e| CommError::io("ring socket", e))?;
-                return Ok(stream);
-            }
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(io_error("rendezvous", rank, timeout, e)),
-        }
-    }
-}
-
-/// Accepts the previous rank, checking its hello (rank, world size, job
-/// token); anything else that connects is dropped and logged.
-fn accept_prev(
-    listener: &TcpListener,
-    prev: usize,
-    world: usize,
-    token: &[u8],
-    deadline: Instant,
-    timeout: Duration,
-) -> Result<TcpStream> {
-    loop {
-        match listener.accept() {
-            Ok((stream, from)) => {
-                stream.set_nonblocking(false).map_err(|e| CommError::io("ring socket", e))?;
-                stream.set_nodelay(true).map_err(|e| CommError::io("ring socket", e))?;
-                // The real peer sends its hello at once; a silent stranger
-                // may hold up the rendezvous for two seconds at most.
-                let hello_wait = remaining(deadline).min(Duration::from_secs(2)).max(Duration::from_millis(1));
-                stream.set_read_timeout(Some(hello_wait)).map_err(|e| CommError::io("ring socket", e))?;
-                let mut hello = [0u8; 16];
-                let w = |hello: &[u8; 16], i: usize| u32::from_le_bytes(hello[i..i + 4].try_into().unwrap());
-                let ok = (&stream).read_exact(&mut hello).is_ok()
-                    && w(&hello, 0) == HELLO
-                    && w(&hello, 4) as usize == prev
-                    && w(&hello, 8) as usize == world
-                    && w(&hello, 12) as usize == token.len()
-                    && {
-                        let mut theirs = vec![0u8; token.len()];
-                        (&stream).read_exact(&mut theirs).is_ok() && crate::store::same_token(&theirs, token)
-                    };
-                if ok {
-                    return Ok(stream);
-                }
-                tracing::warn!(
-                    "ring listener: refused a connection from {from}: not rank {prev} of {world} with this job's token"
-                );
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    return Err(CommError::Timeout { op: "rendezvous", rank: prev, waited: timeout });
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => return Err(CommError::io("ring listener", e)),
-        }
     }
 }

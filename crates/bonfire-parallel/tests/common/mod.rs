@@ -2,9 +2,8 @@
 #![allow(dead_code)]
 
 use bonfire_collective::InProcCommunicator;
-use bonfire_parallel::{
-    settle_buffers, values_from_host, values_to_host, DdpConfig, DistributedDataParallel, HookBackend, ParallelError,
-};
+use bonfire_parallel::{settle_buffers, DdpConfig, DistributedDataParallel, HookBackend, ParallelError};
+use bonfire_testkit::{flat_values, with_values};
 use burn::module::{AutodiffModule, Module};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -149,9 +148,9 @@ impl<B: Backend> Net<B> for WithUnused<B> {
 /// Gives every parameter deterministic values from `seed`, so that every
 /// process and thread can rebuild the same starting point.
 pub fn seeded<B: Backend, M: Module<B>>(module: M, seed: u64) -> M {
-    let n = values_to_host::<B, M>(&module).len();
+    let n = flat_values::<B, M>(&module).len();
     let values: Vec<f32> = (0..n as u64).map(|i| uniform(seed, i) * 0.5).collect();
-    values_from_host::<B, M>(module, &values)
+    with_values::<B, M>(module, &values)
 }
 
 /// A hash-based uniform value in [-1, 1).
@@ -202,7 +201,7 @@ pub fn train_single<B: AutodiffBackend, M: AutodiffModule<B> + Net<B>>(
         model = opt.step(LR, model, grads);
     }
     settle_buffers::<B, M>(&model);
-    values_to_host::<B, M>(&model)
+    flat_values::<B, M>(&model)
 }
 
 /// One DDP rank: its share of every step's global batch (rank r takes rows
@@ -234,7 +233,7 @@ pub fn train_ddp<B: HookBackend, M: AutodiffModule<B> + Net<B> + 'static>(
         model = opt.step(LR, model, grads.unwrap());
     }
     settle_buffers::<B, M>(&model);
-    Ok(values_to_host::<B, M>(&model))
+    Ok(flat_values::<B, M>(&model))
 }
 
 /// One DDP rank that trains on exactly what one worker with a batch of
@@ -254,7 +253,7 @@ pub fn train_ddp_same_rows<B: HookBackend, M: AutodiffModule<B> + Net<B> + 'stat
         model = opt.step(LR, model, grads);
     }
     settle_buffers::<B, M>(&model);
-    Ok(values_to_host::<B, M>(&model))
+    Ok(flat_values::<B, M>(&model))
 }
 
 /// DataParallel over `devices`, `global` rows a step.
@@ -274,7 +273,7 @@ pub fn train_dp<B: bonfire_parallel::MoveBackend, M: AutodiffModule<B> + Net<B>>
         model = opt.step(LR, model, grads);
     }
     settle_buffers::<B, M>(&model);
-    values_to_host::<B, M>(&model)
+    flat_values::<B, M>(&model)
 }
 
 /// Runs one DDP rank per device as threads (rank r on `devices[r]`). Rank 0
@@ -309,9 +308,4 @@ where
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     })
-}
-
-pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "parameter counts differ");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }

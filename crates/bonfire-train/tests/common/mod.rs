@@ -1,14 +1,10 @@
-//! What the command's end-to-end tests share: a run's output as text, and
-//! the oracle that a job's weights are those of one worker on the whole
-//! batch.
+//! What the command's end-to-end tests share: the oracle that a job's
+//! weights are those of one worker on the whole batch.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
-/// A finished command's stdout and stderr, for assertion messages.
-pub fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
+use bonfire_testkit::text;
 
 /// Trains one worker with the job's `common` flags on the whole batch (into
 /// `dir/one.safetensors`, its metrics in `dir/one`) and requires the job's

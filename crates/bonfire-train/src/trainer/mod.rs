@@ -1,100 +1,28 @@
 //! The training loop: one worker's view of single-device, DP or DDP training.
 
-use std::path::PathBuf;
+mod batch;
+mod config;
+
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use bonfire_collective::TensorCollective;
 use bonfire_data::{DistributedSampler, ImageDataset};
 use bonfire_parallel::{DataParallel, DdpConfig, DistributedDataParallel, HookBackend, Strategy};
-use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, Optimizer, SgdConfig};
 use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
 
 use crate::checkpoint::{self, Checkpoint, Position};
-use crate::model::{Classifier, LeNet, ModelKind, ResNet, TrainableClassifier};
+use crate::model::{LeNet, ModelKind, ResNet, TrainableClassifier};
+use batch::{ensure_finite, loss_value, to_tensors};
+pub use batch::{accuracy, check_batch};
+pub use config::{EpochMetrics, OptimizerKind, Parallel, Report, Resume, TrainOptions};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum OptimizerKind {
-    Sgd,
-    Adam,
-}
-
-#[derive(Debug, Clone)]
-pub struct TrainOptions {
-    pub model: ModelKind,
-    pub epochs: usize,
-    /// Stop after this many steps in all (a smoke run).
-    pub max_steps: Option<usize>,
-    /// Samples per step over all workers.
-    pub global_batch: usize,
-    pub optimizer: OptimizerKind,
-    pub lr: f64,
-    pub momentum: f64,
-    pub seed: u64,
-    pub shuffle: bool,
-    pub progress: bool,
-    /// Where rank 0 writes a checkpoint after every epoch.
-    pub checkpoint_dir: Option<PathBuf>,
-    /// Also write one every this many steps.
-    pub checkpoint_every: Option<usize>,
-    /// Whether to continue from the newest checkpoint in `checkpoint_dir`.
-    pub resume: Resume,
-    /// Start from these weights (safetensors, PyTorch names).
-    pub init: Option<PathBuf>,
-    /// Write the final weights here (rank 0).
-    pub save: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resume {
-    /// Start from the beginning.
-    Never,
-    /// From the newest checkpoint if there is one (a restarted job).
-    IfAny,
-    /// From the newest checkpoint, which must exist (`--resume`).
-    Required,
-}
-
-/// How the work is spread.
-pub enum Parallel<B: AutodiffBackend> {
-    Single,
-    /// One process driving a replica on each of `devices`.
-    Dp {
-        devices: Vec<B::Device>,
-    },
-    /// This worker is one rank of `comm`.
-    Ddp {
-        comm: Box<dyn TensorCollective<B::InnerBackend>>,
-    },
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct EpochMetrics {
-    pub epoch: usize,
-    pub steps: usize,
-    pub train_loss: f64,
-    /// Accuracy on the test split (rank 0 only; `None` elsewhere).
-    pub test_accuracy: Option<f64>,
-    pub images_per_sec: f64,
-    pub seconds: f64,
-}
-
-pub struct Report {
-    pub rank: usize,
-    pub epochs: Vec<EpochMetrics>,
-    /// (step, loss) of every step of this worker.
-    pub step_losses: Vec<(usize, f64)>,
-    /// Wall-clock seconds of every step of this worker, in order.
-    pub step_seconds: Vec<f64>,
-}
-
+/// Trains one worker (or, with DP, one process driving several devices)
+/// and returns what it measured; rank 0 also evaluates on `test` after
+/// each epoch. Every rank of a DDP job calls this with the same options.
 pub fn train<B: HookBackend>(
     device: &B::Device,
     train: &ImageDataset,
@@ -336,61 +264,4 @@ fn progress_bar(show: bool, steps: u64, epoch: usize, epochs: usize) -> Progress
     );
     bar.set_prefix(format!("{}/{epochs}", epoch + 1));
     bar
-}
-
-/// The global batch is split evenly over the `world` workers.
-pub fn check_batch(global_batch: usize, world: usize) -> Result<()> {
-    if global_batch == 0 || global_batch % world != 0 {
-        bail!("--batch-size {global_batch} must be a positive multiple of the {world} workers");
-    }
-    Ok(())
-}
-
-/// Refuses to write `what` from weights that hold a NaN or an infinity.
-fn ensure_finite<B: Backend, M: Module<B>>(model: &M, what: &str) -> Result<()> {
-    struct Finite(Option<String>);
-    impl<B: Backend> ModuleVisitor<B> for Finite {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            // A NaN or an infinity anywhere makes the sum one.
-            let bad = !param.val().sum().into_scalar().elem::<f64>().is_finite();
-            if bad && self.0.is_none() {
-                self.0 = Some(format!("{:?}", param.id));
-            }
-        }
-    }
-    let mut check = Finite(None);
-    model.visit(&mut check);
-    match check.0 {
-        Some(id) => bail!("not writing the {what}: the weights hold a NaN or an infinity (parameter {id})"),
-        None => Ok(()),
-    }
-}
-
-fn loss_value<B: Backend>(loss: &Tensor<B, 1>) -> f64 {
-    loss.clone().into_scalar().elem::<f64>()
-}
-
-fn to_tensors<B: Backend>(
-    data: &ImageDataset,
-    indices: &[usize],
-    device: &B::Device,
-) -> (Tensor<B, 4>, Tensor<B, 1, Int>) {
-    let (x, y) = data.batch(indices);
-    let n = indices.len();
-    let x = Tensor::from_data(TensorData::new(x, [n, data.channels, data.height, data.width]), device);
-    let y = Tensor::from_data(TensorData::new(y, [n]), device);
-    (x, y)
-}
-
-/// Fraction of `data` that `model` classifies correctly.
-pub fn accuracy<B: Backend, M: Classifier<B>>(model: &M, data: &ImageDataset, device: &B::Device) -> f64 {
-    let mut correct = 0usize;
-    let all: Vec<usize> = (0..data.len()).collect();
-    for chunk in all.chunks(1000) {
-        let (x, y) = to_tensors::<B>(data, chunk, device);
-        let predicted = model.forward(x).argmax(1).reshape([chunk.len()]);
-        let hits: i64 = predicted.equal(y).int().sum().into_scalar().elem::<i64>();
-        correct += hits as usize;
-    }
-    correct as f64 / data.len().max(1) as f64
 }

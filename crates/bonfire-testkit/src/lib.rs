@@ -1,0 +1,99 @@
+//! What Bonfire's tests share; a dev-dependency only, never published.
+//!
+//! - [`free_port`], [`scratch_dir`]: a port and a folder of one's own.
+//! - [`max_abs_diff`], [`write_values`], [`read_values`]: the equivalence
+//!   tests' comparison and how worker processes hand their weights back;
+//!   [`text`]: what a process printed.
+//! - [`flat_values`], [`with_values`]: a module's float parameters as one
+//!   vector, written apart from the code under test so the oracle does not
+//!   share its mistakes.
+//! - [`SelfWorkers`]: a test binary that runs itself as the worker
+//!   processes of a job, with torchrun's variables.
+//! - [`Captured`]: what `tracing` logged.
+
+mod log;
+mod workers;
+
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+
+pub use log::Captured;
+pub use workers::{torchrun_vars, SelfWorkers, LAUNCHER_VARS};
+
+/// A loopback port nobody listens on (free when this returns; tests bind
+/// it soon after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// An empty folder `bonfire-NAME-PID` in the temporary directory, emptied
+/// first if an earlier run of the same process id left it.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("bonfire-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The largest element-wise difference; infinite when the lengths differ.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    if a.len() != b.len() {
+        return f32::INFINITY;
+    }
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// What a finished process printed: its stdout, then its stderr.
+pub fn text(output: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+/// Writes `values` as little-endian f32.
+pub fn write_values(path: &Path, values: &[f32]) {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(path, bytes).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}
+
+/// Reads what [`write_values`] wrote.
+pub fn read_values(path: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+}
+
+/// Every float parameter of `module`, in visiting order, as f32.
+pub fn flat_values<B: Backend, M: Module<B>>(module: &M) -> Vec<f32> {
+    struct Gather(Vec<f32>);
+    impl<B: Backend> ModuleVisitor<B> for Gather {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0.extend(param.val().into_data().convert::<f32>().iter::<f32>());
+        }
+    }
+    let mut gather = Gather(Vec::new());
+    module.visit(&mut gather);
+    gather.0
+}
+
+/// `module` with its float parameters replaced, in visiting order, by
+/// `values` (laid out as [`flat_values`] gives them); ids, devices, element
+/// types and whether each needs a gradient are kept.
+pub fn with_values<B: Backend, M: Module<B>>(module: M, values: &[f32]) -> M {
+    struct Scatter<'a>(&'a [f32]);
+    impl<B: Backend> ModuleMapper<B> for Scatter<'_> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            param.map(|tensor| {
+                let shape = tensor.dims();
+                let (mine, rest) = self.0.split_at(shape.iter().product());
+                self.0 = rest;
+                let data = TensorData::new(mine.to_vec(), shape).convert_dtype(tensor.dtype());
+                Tensor::from_data(data, &tensor.device()).set_require_grad(tensor.is_require_grad())
+            })
+        }
+    }
+    let mut scatter = Scatter(values);
+    let module = module.map(&mut scatter);
+    assert!(scatter.0.is_empty(), "{} values left over", scatter.0.len());
+    module
+}
