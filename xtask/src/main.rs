@@ -1,7 +1,6 @@
 //! `cargo xtask`: the project's commands beyond `cargo build` and `cargo test`.
 
 mod bench;
-mod cluster;
 mod gpu_check;
 mod test;
 mod train;

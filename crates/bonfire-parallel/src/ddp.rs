@@ -15,7 +15,9 @@ use crate::comm_hook::CommHook;
 use crate::comm_thread::CommThread;
 use crate::error::{ParallelError, Result};
 use crate::hook::{GradientSink, HookBackend};
-use crate::params::{param_infos, values_from_host, values_to_host, ParamInfo};
+use crate::params::{
+    describe, encode_layout, first_difference, param_infos, values_from_host, values_to_host, ParamInfo,
+};
 use crate::reducer::Reducer;
 
 /// Options of [`DistributedDataParallel`]; the defaults are PyTorch's.
@@ -307,70 +309,4 @@ fn check_layout<B: Backend>(comm: &CommThread<B>, infos: &[ParamInfo], device: &
     Err(ParallelError::LayoutMismatch(format!(
         "rank {rank} differs from rank 0 first at parameter #{index}; {here}; rank 0 has {rank0}"
     )))
-}
-
-/// `[count, (ndims, dims...) per parameter]`.
-fn encode_layout(infos: &[ParamInfo]) -> Vec<f32> {
-    let mut out = vec![infos.len() as f32];
-    for p in infos {
-        out.push(p.shape.len() as f32);
-        out.extend(p.shape.iter().map(|&d| d as f32));
-    }
-    out
-}
-
-/// Index of the first parameter whose encoded shape differs (or the shorter count).
-fn first_difference(a: &[f32], b: &[f32]) -> Option<usize> {
-    let (mut i, mut j, mut index) = (1usize, 1usize, 0usize);
-    let count = |v: &[f32]| v.first().copied().unwrap_or(0.0) as usize;
-    loop {
-        let (left, right) = (index < count(a), index < count(b));
-        if !left && !right {
-            return None;
-        }
-        if left != right {
-            return Some(index);
-        }
-        let (na, nb) = (a[i] as usize, b[j] as usize);
-        if a[i..=i + na] != b[j..=j + nb] {
-            return Some(index);
-        }
-        i += na + 1;
-        j += nb + 1;
-        index += 1;
-    }
-}
-
-fn describe(encoded: &[f32], index: usize) -> String {
-    let mut i = 1;
-    for k in 0..encoded.first().copied().unwrap_or(0.0) as usize {
-        let n = encoded[i] as usize;
-        if k == index {
-            let dims: Vec<usize> = encoded[i + 1..=i + n].iter().map(|&d| d as usize).collect();
-            return format!("shape {dims:?} there");
-        }
-        i += n + 1;
-    }
-    format!("only {} parameters", encoded.first().copied().unwrap_or(0.0) as usize)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn info(shape: &[usize]) -> ParamInfo {
-        ParamInfo { name: String::new(), shape: shape.to_vec(), trainable: true }
-    }
-
-    #[test]
-    fn first_difference_finds_shapes_ranks_and_counts() {
-        let a = encode_layout(&[info(&[2, 3]), info(&[3])]);
-        assert_eq!(first_difference(&a, &a), None);
-        assert_eq!(first_difference(&a, &encode_layout(&[info(&[2, 3]), info(&[4])])), Some(1));
-        assert_eq!(first_difference(&a, &encode_layout(&[info(&[6]), info(&[3])])), Some(0));
-        assert_eq!(first_difference(&a, &encode_layout(&[info(&[2, 3])])), Some(1));
-        assert_eq!(first_difference(&a, &encode_layout(&[info(&[2, 3]), info(&[3]), info(&[1])])), Some(2));
-        assert_eq!(describe(&a, 1), "shape [3] there");
-        assert_eq!(describe(&a, 5), "only 2 parameters");
-    }
 }

@@ -87,3 +87,70 @@ pub fn values_from_host<B: Backend, M: Module<B>>(module: M, flat: &[f32]) -> M 
     }
     module.map(&mut Scatter { flat, offset: 0 })
 }
+
+/// `[count, (ndims, dims...) per parameter]`.
+pub(crate) fn encode_layout(infos: &[ParamInfo]) -> Vec<f32> {
+    let mut out = vec![infos.len() as f32];
+    for p in infos {
+        out.push(p.shape.len() as f32);
+        out.extend(p.shape.iter().map(|&d| d as f32));
+    }
+    out
+}
+
+/// Index of the first parameter whose encoded shape differs (or the shorter count).
+pub(crate) fn first_difference(a: &[f32], b: &[f32]) -> Option<usize> {
+    let (mut i, mut j, mut index) = (1usize, 1usize, 0usize);
+    let count = |v: &[f32]| v.first().copied().unwrap_or(0.0) as usize;
+    loop {
+        let (left, right) = (index < count(a), index < count(b));
+        if !left && !right {
+            return None;
+        }
+        if left != right {
+            return Some(index);
+        }
+        let (na, nb) = (a[i] as usize, b[j] as usize);
+        if a[i..=i + na] != b[j..=j + nb] {
+            return Some(index);
+        }
+        i += na + 1;
+        j += nb + 1;
+        index += 1;
+    }
+}
+
+/// What parameter #`index` of an encoded layout is, in words.
+pub(crate) fn describe(encoded: &[f32], index: usize) -> String {
+    let mut i = 1;
+    for k in 0..encoded.first().copied().unwrap_or(0.0) as usize {
+        let n = encoded[i] as usize;
+        if k == index {
+            let dims: Vec<usize> = encoded[i + 1..=i + n].iter().map(|&d| d as usize).collect();
+            return format!("shape {dims:?} there");
+        }
+        i += n + 1;
+    }
+    format!("only {} parameters", encoded.first().copied().unwrap_or(0.0) as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(shape: &[usize]) -> ParamInfo {
+        ParamInfo { name: String::new(), shape: shape.to_vec(), trainable: true }
+    }
+
+    #[test]
+    fn first_difference_finds_shapes_ranks_and_counts() {
+        let a = encode_layout(&[info(&[2, 3]), info(&[3])]);
+        assert_eq!(first_difference(&a, &a), None);
+        assert_eq!(first_difference(&a, &encode_layout(&[info(&[2, 3]), info(&[4])])), Some(1));
+        assert_eq!(first_difference(&a, &encode_layout(&[info(&[6]), info(&[3])])), Some(0));
+        assert_eq!(first_difference(&a, &encode_layout(&[info(&[2, 3])])), Some(1));
+        assert_eq!(first_difference(&a, &encode_layout(&[info(&[2, 3]), info(&[3]), info(&[1])])), Some(2));
+        assert_eq!(describe(&a, 1), "shape [3] there");
+        assert_eq!(describe(&a, 5), "only 2 parameters");
+    }
+}

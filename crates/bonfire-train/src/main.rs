@@ -12,12 +12,12 @@ use anyhow::{bail, Result};
 use bonfire_collective::{Communicator, InProcCommunicator, TensorCollective};
 use bonfire_data::ImageDataset;
 use bonfire_parallel::HookBackend;
-use burn::backend::Autodiff;
-use burn::tensor::backend::AutodiffBackend;
 use bonfire_train::launch::LaunchArgs;
 use bonfire_train::metrics::write_metrics;
 use bonfire_train::trainer::{Parallel, Resume, TrainOptions};
 use bonfire_train::{data, launch, trainer, weights};
+use burn::backend::Autodiff;
+use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 
 use args::{check_comm, check_flags, comm_kind, BackendKind, Cli, Cmd, CommKind, StrategyKind, TrainArgs};

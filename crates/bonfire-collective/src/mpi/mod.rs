@@ -29,9 +29,10 @@
 //! The price of the staging is one copy of the buffer in and one out per
 //! call, on top of MPI's own work.
 
+mod parts;
 mod thread;
 
-use std::os::raw::{c_char, c_int, c_void};
+use std::os::raw::{c_char, c_int};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -39,11 +40,12 @@ use std::time::Duration;
 
 use mpi_sys as ffi;
 
+use parts::{agree, count, mpi_op, stage_in, stage_out, Verdict};
 use thread::{error_text, MpiThread};
 
-use crate::call::{verdict, Call, Kind};
+use crate::call::{Call, Kind};
 use crate::communicator::{check_blocks, Communicator, Group};
-use crate::element::{with_slice, BufMut, BufRef, Element, ReduceOp};
+use crate::element::{BufMut, BufRef, ReduceOp};
 use crate::error::{CommError, Result};
 
 /// One process of an MPI job: see the module documentation.
@@ -171,70 +173,6 @@ impl MpiCommunicator {
         self.failed = Some(failure.to_string());
         Err(failure)
     }
-}
-
-/// Why the ranks' call failed on the MPI thread.
-enum Verdict {
-    Mismatch(usize, String),
-    Failed(String),
-}
-
-/// Gathers every rank's call and checks them against rank 0's.
-fn agree(comm: ffi::MPI_Comm, world: usize, call: Call) -> std::result::Result<(), Verdict> {
-    let mine = call.to_words();
-    let mut all = vec![0u64; 5 * world];
-    // SAFETY: `mine` holds 5 and `all` 5 * world u64 values, as described.
-    let code = unsafe {
-        ffi::MPI_Allgather(
-            mine.as_ptr() as *const c_void,
-            5,
-            ffi::RSMPI_UINT64_T,
-            all.as_mut_ptr() as *mut c_void,
-            5,
-            ffi::RSMPI_UINT64_T,
-            comm,
-        )
-    };
-    if code != 0 {
-        return Err(Verdict::Failed(error_text(code)));
-    }
-    let calls: Option<Vec<Call>> = all.chunks(5).map(|w| Call::from_words(w.try_into().unwrap())).collect();
-    let calls = calls.ok_or_else(|| Verdict::Failed("a rank sent a call this build cannot read".into()))?;
-    verdict(&calls).map_err(|(rank, detail)| Verdict::Mismatch(rank, detail))
-}
-
-/// `len` as an MPI count, which is a C int.
-fn count(op: &'static str, len: usize) -> Result<c_int> {
-    c_int::try_from(len).map_err(|_| {
-        CommError::invalid(op, format!("{len} elements are more than one MPI call can take ({})", c_int::MAX))
-    })
-}
-
-fn mpi_op(op: ReduceOp) -> ffi::MPI_Op {
-    // SAFETY: reading MPI's predefined handles, which rsmpi's shim exports.
-    unsafe {
-        match op {
-            ReduceOp::Sum | ReduceOp::Mean => ffi::RSMPI_SUM,
-            ReduceOp::Max => ffi::RSMPI_MAX,
-            ReduceOp::Min => ffi::RSMPI_MIN,
-        }
-    }
-}
-
-/// Copies (widening) `buf` into `staging`, which it resizes to fit.
-fn stage_in(buf: BufRef<'_>, staging: &mut Vec<f32>) {
-    staging.clear();
-    with_slice!(buf, BufRef, |s| staging.extend(s.iter().map(|v| v.to_f32())));
-}
-
-/// Copies (rounding) `staging` back into `buf`, scaled by `factor`.
-fn stage_out(staging: &[f32], buf: BufMut<'_>, factor: f32) {
-    fn out<T: Element>(staging: &[f32], dst: &mut [T], factor: f32) {
-        for (d, s) in dst.iter_mut().zip(staging) {
-            *d = T::from_f32(if factor == 1.0 { *s } else { s * factor });
-        }
-    }
-    with_slice!(buf, BufMut, |s| out(staging, s, factor));
 }
 
 impl Group for MpiCommunicator {

@@ -16,8 +16,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::checkpoint::{self, Checkpoint, Position};
 use crate::model::{LeNet, ModelKind, ResNet, TrainableClassifier};
-use batch::{ensure_finite, loss_value, to_tensors};
 pub use batch::{accuracy, check_batch};
+use batch::{ensure_finite, loss_value, to_tensors};
 pub use config::{EpochMetrics, OptimizerKind, Parallel, Report, Resume, TrainOptions};
 
 /// Trains one worker (or, with DP, one process driving several devices)

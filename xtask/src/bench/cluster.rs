@@ -15,7 +15,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::bench::json_objects;
+use super::json_objects;
 use crate::root;
 
 /// Message sizes: the smallest gives α, the others the bandwidth regime.

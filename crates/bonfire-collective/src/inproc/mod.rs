@@ -21,15 +21,18 @@
 //! the call is bounded memory work that cannot block, so the later barriers
 //! wait without one, and no rank can free its buffer while a peer reads it.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+mod meeting;
 
-use crate::call::{verdict, Call, Kind};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::call::{Call, Kind};
 use crate::communicator::{
     check_blocks, check_segments, split, Communicator, Group, DEFAULT_STALL_WARNING, DEFAULT_TIMEOUT,
 };
 use crate::element::{with_pair, with_slice, BufMut, BufRef, DType, Element, ReduceOp};
 use crate::error::{CommError, Result};
+use meeting::{Joined, Round, Shared};
 
 /// One worker of an in-process group; create the whole group with [`InProcCommunicator::group`]
 /// and move one into each thread.
@@ -41,50 +44,13 @@ pub struct InProcCommunicator {
     stall_warning: Duration,
 }
 
-/// What one rank published when it joined a call: the call, and where
-/// its buffers lie for the peers.
-#[derive(Clone, Copy, Debug)]
-struct Joined {
-    call: Call,
-    /// Address of the input buffer; peers read it between the join and final barriers.
-    src: usize,
-    /// `all_reduce_from` only: how many segments `src` lists, and the output
-    /// buffer, which the peers write their parts of the result into.
-    parts: usize,
-    dst: usize,
-}
-
-struct Round {
-    calls: Vec<Joined>,
-    /// The same verdict for every rank, so they all fail or all proceed.
-    verdict: Result<(), (usize, String)>,
-}
-
-struct Shared {
-    world: usize,
-    state: Mutex<State>,
-    changed: Condvar,
-}
-
-struct State {
-    generation: u64,
-    arrived: Vec<Option<Joined>>,
-    count: usize,
-    round: Option<Arc<Round>>,
-    failed: Option<String>,
-}
-
 impl InProcCommunicator {
     /// Creates the `world` workers of one group, rank `i` at index `i`.
     pub fn group(world: usize) -> Result<Vec<Self>> {
         if world == 0 {
             return Err(CommError::invalid("group", "world size must be at least 1"));
         }
-        let shared = Arc::new(Shared {
-            world,
-            state: Mutex::new(State { generation: 0, arrived: vec![None; world], count: 0, round: None, failed: None }),
-            changed: Condvar::new(),
-        });
+        let shared = Arc::new(Shared::new(world));
         Ok((0..world)
             .map(|rank| InProcCommunicator {
                 rank,
@@ -101,87 +67,14 @@ impl InProcCommunicator {
         self.stall_warning = after;
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A poisoned lock only means another worker thread panicked; the state
-        // itself is always left consistent, so keep going.
-        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The barrier every call starts with: publishes `call`, waits at most the
-    /// timeout for all ranks, and checks that they all asked for the same thing.
+    /// The barrier every call starts with; see [`Shared::join`].
     fn join(&self, name: &'static str, call: Joined) -> Result<Arc<Round>> {
-        let world = self.shared.world;
-        let started = Instant::now();
-        let deadline = started + self.timeout;
-        let mut warn_at = Some(started + self.stall_warning);
-        let mut st = self.lock();
-        if let Some(why) = &st.failed {
-            return Err(CommError::Aborted(why.clone()));
-        }
-        let generation = st.generation;
-        st.arrived[self.rank] = Some(call);
-        st.count += 1;
-        if st.count == world {
-            let calls: Vec<Joined> = st.arrived.iter_mut().map(|c| c.take().unwrap()).collect();
-            let verdict = verdict(&calls.iter().map(|j| j.call).collect::<Vec<_>>());
-            st.round = Some(Arc::new(Round { calls, verdict }));
-            st.count = 0;
-            st.generation += 1;
-            self.shared.changed.notify_all();
-        } else {
-            loop {
-                if st.generation != generation {
-                    break;
-                }
-                if let Some(why) = &st.failed {
-                    return Err(CommError::Aborted(why.clone()));
-                }
-                let now = Instant::now();
-                if now >= deadline {
-                    let ranks: Vec<usize> = (0..world).filter(|&r| st.arrived[r].is_none()).collect();
-                    let err = CommError::Missing { op: name, ranks, waited: self.timeout };
-                    // Nobody may complete this barrier any more: we are leaving,
-                    // and our buffer with us.
-                    st.failed = Some(err.to_string());
-                    self.shared.changed.notify_all();
-                    return Err(err);
-                }
-                if warn_at.is_some_and(|at| now >= at) {
-                    warn_at = None;
-                    let ranks: Vec<usize> = (0..world).filter(|&r| st.arrived[r].is_none()).collect();
-                    tracing::warn!(
-                        "stall: rank {} has waited {:.1} s in {name} for rank(s) {ranks:?}, which have not started it",
-                        self.rank,
-                        (now - started).as_secs_f64()
-                    );
-                }
-                let wake = warn_at.map_or(deadline, |at| at.min(deadline));
-                st = self.shared.changed.wait_timeout(st, wake - now).unwrap_or_else(|e| e.into_inner()).0;
-            }
-        }
-        let round = st.round.clone().expect("a completed barrier publishes its round");
-        drop(st);
-        match &round.verdict {
-            Ok(()) => Ok(round),
-            Err((rank, detail)) => Err(CommError::Mismatch { op: name, rank: *rank, detail: detail.clone() }),
-        }
+        self.shared.join(self.rank, name, call, self.timeout, self.stall_warning)
     }
 
-    /// A barrier inside a call, after every rank has joined: no timeout, see
-    /// the module comment.
+    /// A barrier inside a call, after every rank has joined.
     fn sync(&self) {
-        let mut st = self.lock();
-        let generation = st.generation;
-        st.count += 1;
-        if st.count == self.shared.world {
-            st.count = 0;
-            st.generation += 1;
-            self.shared.changed.notify_all();
-            return;
-        }
-        while st.generation == generation {
-            st = self.shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
-        }
+        self.shared.sync()
     }
 
     fn all_reduce_typed<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {

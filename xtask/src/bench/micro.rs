@@ -1,0 +1,190 @@
+//! The micro-benchmarks: all-reduce bandwidth, a DDP step, and each kernel,
+//! against Gloo, Burn's own and PyTorch.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use anyhow::Result;
+
+use super::{build_bench, json_lines, mpi_installed, torch_python};
+use crate::root;
+
+pub fn allreduce(world: usize, sizes: &str, json: bool) -> Result<()> {
+    let bench = build_bench()?;
+    let mut rows = json_lines(
+        Command::new(&bench)
+            .args(["allreduce", "--world", &world.to_string(), "--sizes-mib", sizes])
+            .args(["--impl", if mpi_installed() { "inproc,tcp,mpi" } else { "inproc,tcp" }]),
+        "the all-reduce benchmark",
+    )?;
+    if let Some(py) = torch_python() {
+        eprintln!("running the PyTorch Gloo baseline...");
+        rows.extend(json_lines(
+            Command::new(py).arg(root().join("bench/torch_allreduce.py")).args([
+                "--world",
+                &world.to_string(),
+                "--sizes-mib",
+                sizes,
+                "--json",
+            ]),
+            "the PyTorch Gloo baseline",
+        )?);
+    }
+    if json {
+        for r in &rows {
+            println!("{r}");
+        }
+        return Ok(());
+    }
+    // bytes -> impl -> busbw
+    let mut table: BTreeMap<u64, BTreeMap<String, f64>> = BTreeMap::new();
+    for r in &rows {
+        if let (Some(b), Some(i), Some(bw)) = (r["bytes"].as_u64(), r["impl"].as_str(), r["busbw_gbs"].as_f64()) {
+            table.entry(b).or_default().insert(i.to_string(), bw);
+        }
+    }
+    let memcpy = json_lines(Command::new(&bench).arg("memcpy"), "the memcpy measurement")?
+        .first()
+        .and_then(|v| v["memcpy_gbs"].as_f64());
+    println!("all-reduce, world {world}, f32; busbw in GB/s (nccl-tests definition)");
+    if let Some(m) = memcpy {
+        println!("machine memcpy, 1 thread, 256 MiB: {m:.2} GB/s");
+    }
+    println!("| size | in-process | TCP ring | MPI | PyTorch Gloo | in-process / Gloo | TCP / Gloo | MPI / Gloo |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (bytes, by_impl) in &table {
+        let cell = |k: &str| by_impl.get(k).map_or("-".to_string(), |v| format!("{v:.2}"));
+        let ratio = |k: &str| match (by_impl.get(k), by_impl.get("gloo")) {
+            (Some(a), Some(g)) if *g > 0.0 => format!("{:.2}x", a / g),
+            _ => "-".to_string(),
+        };
+        println!(
+            "| {} MiB | {} | {} | {} | {} | {} | {} | {} |",
+            bytes >> 20,
+            cell("inproc"),
+            cell("tcp"),
+            cell("mpi"),
+            cell("gloo"),
+            ratio("inproc"),
+            ratio("tcp"),
+            ratio("mpi")
+        );
+    }
+    Ok(())
+}
+
+pub fn ddp(steps: usize, batch: usize, json: bool) -> Result<()> {
+    let bench = build_bench()?;
+    let (steps, batch_arg) = (steps.to_string(), batch.to_string());
+    let mut rows = json_lines(
+        Command::new(&bench).args(["ddp", "--steps", &steps, "--batch", &batch_arg]),
+        "the DDP benchmark (threads)",
+    )?;
+    rows.extend(json_lines(
+        Command::new(&bench).args(["ddp", "--processes", "--steps", &steps, "--batch", &batch_arg]),
+        "the DDP benchmark (processes)",
+    )?);
+    if json {
+        for r in &rows {
+            println!("{r}");
+        }
+        return Ok(());
+    }
+    for (transport, title) in [("inproc", "2 workers as threads"), ("tcp", "2 processes over the TCP ring")] {
+        let row = |v: &str| rows.iter().find(|r| r["variant"] == v && r["transport"] == transport);
+        let step_ms = |v: &str| row(v).and_then(|r| r["step_ms"].as_f64());
+        let (floor, burn) = (step_ms("local"), step_ms("burn"));
+        println!("DDP step time, {title}, Flex CPU backend, 10.0 M parameters, batch {batch} per worker");
+        println!("| variant | ms / step | x floor | speed-up over Burn's own | page faults / step |");
+        println!("|---|---:|---:|---:|---:|");
+        for (name, label) in [
+            ("local", "floor: 2 workers training alone, no communication"),
+            ("default", "Bonfire DDP, `DdpConfig::default()`"),
+            ("overlap", "Bonfire DDP, buckets overlapping backward"),
+            ("no-overlap", "Bonfire DDP, buckets after backward"),
+            ("per-parameter", "Bonfire, one all-reduce per parameter"),
+            ("burn", "Burn 0.21 (burn-collective, GradientsParams::all_reduce)"),
+        ] {
+            let Some(r) = row(name) else { continue };
+            let ms = r["step_ms"].as_f64().unwrap_or(f64::NAN);
+            let ratio = |anchor: Option<f64>, f: fn(f64, f64) -> f64| {
+                anchor.map_or("-".to_string(), |a| format!("{:.2}x", f(ms, a)))
+            };
+            let label = match r["overlap"].as_bool() {
+                Some(o) if r["default"] == true => {
+                    format!("{label} ({})", if o { "overlapping" } else { "after backward" })
+                }
+                _ => label.to_string(),
+            };
+            println!(
+                "| {label} | {ms:.1} | {} | {} | {} |",
+                ratio(floor, |ms, f| ms / f),
+                ratio(burn, |ms, b| b / ms),
+                r["faults_per_step"]
+            );
+        }
+        println!();
+    }
+    Ok(())
+}
+
+pub fn kernels(batch: usize, reps: usize, threads: usize, json: bool) -> Result<()> {
+    let bench = build_bench()?;
+    let (batch, reps, threads) = (batch.to_string(), reps.to_string(), threads.to_string());
+    let mut rows = json_lines(
+        Command::new(&bench).args(["kernels", "--batch", &batch, "--reps", &reps]).env("RAYON_NUM_THREADS", &threads),
+        "the kernel benchmark",
+    )?;
+    if let Some(py) = torch_python() {
+        eprintln!("running the PyTorch baseline...");
+        rows.extend(json_lines(
+            Command::new(py).arg(root().join("bench/torch_kernels.py")).args([
+                "--batch",
+                &batch,
+                "--reps",
+                &reps,
+                "--threads",
+                &threads,
+            ]),
+            "the PyTorch kernel baseline",
+        )?);
+    }
+    if json {
+        for r in &rows {
+            println!("{r}");
+        }
+        return Ok(());
+    }
+    let ms = |op: &str, imp: &str, field: &str| {
+        rows.iter().find(|r| r["op"] == op && r["impl"] == imp).and_then(|r| r[field].as_f64())
+    };
+    let total = |op: &str, imp: &str| Some(ms(op, imp, "forward_ms")? + ms(op, imp, "backward_ms")?);
+    let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+    let speedup = |them: Option<f64>, us: Option<f64>| match (them, us) {
+        (Some(t), Some(u)) if u > 0.0 => format!("{:.2}x", t / u),
+        _ => "-".to_string(),
+    };
+    println!(
+        "kernels, batch {batch}, {threads} thread(s); ms forward / backward; speed-up = their fwd+bwd time / Bonfire's"
+    );
+    println!("| operation | Bonfire | Burn (Flex) | PyTorch | speed-up over Burn | speed-up over PyTorch |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let mut ops: Vec<&str> = Vec::new();
+    for op in rows.iter().filter_map(|r| r["op"].as_str()) {
+        if !ops.contains(&op) {
+            ops.push(op);
+        }
+    }
+    for op in ops {
+        let cell = |imp: &str| format!("{} / {}", fmt(ms(op, imp, "forward_ms")), fmt(ms(op, imp, "backward_ms")));
+        println!(
+            "| {op} | {} | {} | {} | {} | {} |",
+            cell("bonfire"),
+            cell("burn"),
+            cell("torch"),
+            speedup(total(op, "burn"), total(op, "bonfire")),
+            speedup(total(op, "torch"), total(op, "bonfire"))
+        );
+    }
+    Ok(())
+}
