@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use bonfire_train::data;
-use bonfire_train::launch::LaunchArgs;
+use bonfire_train::launch::{self, LaunchArgs};
 use bonfire_train::model::ModelKind;
 use bonfire_train::trainer::{self, OptimizerKind};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -168,14 +168,12 @@ pub fn check_flags(args: &TrainArgs, launched: bool) -> Result<()> {
     }
     let world = if args.strategy == StrategyKind::Ddp && !launched { args.workers } else { 1 };
     trainer::check_batch(args.batch_size, world)?;
-    if let Some(min) = args.min_workers.filter(|_| world > 1) {
-        if min == 0 || min > world {
-            bail!("--min-workers {min} must be between 1 and --workers {world}");
-        }
+    if world > 1 {
         // Every world the job may shrink to shares the same global batch.
-        for fewer in min..world {
-            trainer::check_batch(args.batch_size, fewer)
-                .with_context(|| format!("--min-workers {min} may leave {fewer} worker(s)"))?;
+        for fewer in launch::worlds(args.min_workers, world, "--workers")? {
+            trainer::check_batch(args.batch_size, fewer).with_context(|| {
+                format!("--min-workers {} may leave {fewer} worker(s)", args.min_workers.unwrap_or(world))
+            })?;
         }
     }
     if !(args.lr.is_finite() && args.lr >= 0.0) {

@@ -12,6 +12,7 @@
 //! group before the launcher exits.
 
 use std::net::TcpListener;
+use std::ops::RangeInclusive;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus};
@@ -107,6 +108,17 @@ fn worker_threads(workers: usize) -> Option<String> {
     Some((cores / workers.max(1)).max(1).to_string())
 }
 
+/// The world sizes a job of `workers` may run with, largest last: down to
+/// `min_workers` when given. `workers_flag` names the flag that set
+/// `workers`, for the error.
+pub fn worlds(min_workers: Option<usize>, workers: usize, workers_flag: &str) -> Result<RangeInclusive<usize>> {
+    let min = min_workers.unwrap_or(workers);
+    if min == 0 || min > workers {
+        bail!("--min-workers {min} must be between 1 and {workers_flag} {workers}");
+    }
+    Ok(min..=workers)
+}
+
 /// Runs the job; returns when every worker succeeded, or with an error naming
 /// the rank that failed last, once the restarts are spent.
 pub fn launch(args: &LaunchArgs) -> Result<()> {
@@ -119,10 +131,8 @@ pub fn launch(args: &LaunchArgs) -> Result<()> {
     if args.master_port == 0 && args.nnodes > 1 {
         bail!("--master-port is required when --nnodes > 1");
     }
-    if let Some(min) = args.min_workers {
-        if min == 0 || min > args.nproc_per_node {
-            bail!("--min-workers {min} must be between 1 and --nproc-per-node {}", args.nproc_per_node);
-        }
+    worlds(args.min_workers, args.nproc_per_node, "--nproc-per-node")?;
+    if args.min_workers.is_some() {
         if args.nnodes > 1 {
             bail!(
                 "--min-workers works on one host: the launchers of several hosts would have to agree on the new world"
