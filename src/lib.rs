@@ -25,6 +25,7 @@
 //! `examples/` holds complete programs: `quickstart` (the README's),
 //! `ddp_custom_loop` (threads), `ddp_processes` (processes over TCP),
 //! `data_parallel`, `learner` (burn-train's Learner) and `wgpu`.
+#![warn(missing_docs)]
 
 pub use bonfire_collective as collective;
 /// burn-train's `Learner` with Bonfire's DDP (feature `learner`, on by default).

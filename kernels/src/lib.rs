@@ -12,6 +12,7 @@
 //! - [`nn`]: `Conv2d`, `BatchNorm` and `MaxPool2d`, drop-in replacements
 //!   for Burn's modules (same configuration, fields and record layout) that
 //!   go through [`ops`].
+#![warn(missing_docs)]
 
 pub mod cpu;
 mod flex;

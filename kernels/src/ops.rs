@@ -16,11 +16,13 @@ use crate::flex::{dispatch, has_kernels, is_f32};
 /// the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window2d {
+    /// `[rows, columns]` between windows.
     pub stride: [usize; 2],
     /// `[top, left]`.
     pub padding: [usize; 2],
     /// `[bottom, right]`.
     pub padding_end: [usize; 2],
+    /// `[rows, columns]` between the window's taps.
     pub dilation: [usize; 2],
 }
 

@@ -5,18 +5,24 @@ use half::{bf16, f16};
 /// How the values of all ranks are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ReduceOp {
+    /// The element-wise sum.
     Sum,
     /// The sum divided by the world size.
     Mean,
+    /// The element-wise maximum.
     Max,
+    /// The element-wise minimum.
     Min,
 }
 
 /// The element type of a buffer, checked between ranks before any data moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// 32-bit float.
     F32,
+    /// IEEE half precision.
     F16,
+    /// bfloat16.
     BF16,
 }
 
@@ -25,8 +31,11 @@ pub enum DType {
 /// Half-precision values are combined in f32 and rounded once per pairwise
 /// combination, as NCCL does.
 pub trait Element: bytemuck::Pod + Send + Sync + PartialOrd + 'static {
+    /// Which [`DType`] this is.
     const DTYPE: DType;
+    /// Widens (or keeps) to f32.
     fn to_f32(self) -> f32;
+    /// Rounds from f32.
     fn from_f32(v: f32) -> Self;
 
     /// `acc[i] = acc[i] op src[i]` for Sum/Mean (Mean sums here and scales
@@ -107,19 +116,26 @@ impl Element for bf16 {
 /// The `Communicator` trait takes this enum instead of a generic slice so that
 /// it stays object-safe: the trainer picks in-process, TCP or NCCL at run time.
 pub enum BufMut<'a> {
+    /// f32 values.
     F32(&'a mut [f32]),
+    /// f16 values.
     F16(&'a mut [f16]),
+    /// bf16 values.
     BF16(&'a mut [bf16]),
 }
 
 /// A shared host buffer of any supported element type.
 pub enum BufRef<'a> {
+    /// f32 values.
     F32(&'a [f32]),
+    /// f16 values.
     F16(&'a [f16]),
+    /// bf16 values.
     BF16(&'a [bf16]),
 }
 
 impl BufMut<'_> {
+    /// Number of elements.
     pub fn len(&self) -> usize {
         match self {
             BufMut::F32(s) => s.len(),
@@ -128,6 +144,7 @@ impl BufMut<'_> {
         }
     }
 
+    /// Whether it holds no element.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -141,6 +158,7 @@ impl BufMut<'_> {
         }
     }
 
+    /// The element type.
     pub fn dtype(&self) -> DType {
         match self {
             BufMut::F32(_) => DType::F32,
@@ -151,6 +169,7 @@ impl BufMut<'_> {
 }
 
 impl BufRef<'_> {
+    /// Number of elements.
     pub fn len(&self) -> usize {
         match self {
             BufRef::F32(s) => s.len(),
@@ -159,10 +178,12 @@ impl BufRef<'_> {
         }
     }
 
+    /// Whether it holds no element.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// The element type.
     pub fn dtype(&self) -> DType {
         match self {
             BufRef::F32(_) => DType::F32,

@@ -9,6 +9,9 @@ pub type Result<T, E = CommError> = std::result::Result<T, E>;
 ///
 /// Every variant that is caused by another worker names that worker's rank, so
 /// that a user reading the log of any surviving rank knows which one to look at.
+/// The fields say what their names say: `op` is the call, `rank` the rank at
+/// fault, `waited` how long this rank waited, `detail` what went wrong.
+#[allow(missing_docs)] // the fields, described above
 #[derive(Debug, thiserror::Error)]
 pub enum CommError {
     /// A peer did not answer within the timeout.

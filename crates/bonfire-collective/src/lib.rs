@@ -13,6 +13,7 @@
 //! - `NcclCommunicator` (feature `nccl`): NCCL between processes, on
 //!   burn-cuda tensor memory; its stalls are named through a heartbeat
 //!   each rank publishes in the rendezvous store.
+#![warn(missing_docs)]
 
 mod call;
 mod communicator;

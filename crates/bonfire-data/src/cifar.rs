@@ -17,6 +17,7 @@ pub fn files(split: Split) -> Vec<String> {
     }
 }
 
+/// Reads CIFAR-10's binary batches from `dir`: `data_batch_1.bin` to `_5` for training, `test_batch.bin` for testing.
 pub fn load(dir: &Path, split: Split) -> Result<ImageDataset> {
     let mut pixels = Vec::new();
     let mut labels = Vec::new();

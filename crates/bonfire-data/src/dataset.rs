@@ -6,15 +6,22 @@ use crate::error::{DataError, Result};
 /// label per image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageDataset {
+    /// Channels per image.
     pub channels: usize,
+    /// Rows per image.
     pub height: usize,
+    /// Columns per image.
     pub width: usize,
+    /// How many classes the labels come from (`0..classes`).
     pub classes: usize,
+    /// Every image's bytes, one after another.
     pub pixels: Vec<u8>,
+    /// One label per image.
     pub labels: Vec<u8>,
 }
 
 impl ImageDataset {
+    /// Checks that `pixels` holds exactly one image per label and every label is below `classes`.
     pub fn new(
         channels: usize,
         height: usize,
@@ -37,14 +44,17 @@ impl ImageDataset {
         Ok(ImageDataset { channels, height, width, classes, pixels, labels })
     }
 
+    /// Number of images.
     pub fn len(&self) -> usize {
         self.labels.len()
     }
 
+    /// Whether it holds no image.
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }
 
+    /// Bytes per image.
     pub fn image_len(&self) -> usize {
         self.channels * self.height * self.width
     }

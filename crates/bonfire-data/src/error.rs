@@ -3,14 +3,24 @@ use std::path::PathBuf;
 /// A data file that is missing, unreadable or not what it claims to be.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
+    /// A file could not be read.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
+    /// A file is not in the format it should be.
     #[error("{path}: {what}")]
-    Format { path: PathBuf, what: String },
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// How it differs.
+        what: String,
+    },
+    /// Data that does not hold together (counts, labels).
     #[error("{0}")]
     Invalid(String),
 }
@@ -21,4 +31,5 @@ impl DataError {
     }
 }
 
+/// Result of reading a data set.
 pub type Result<T, E = DataError> = std::result::Result<T, E>;

@@ -12,7 +12,9 @@ pub const DEFAULT_DIR: &str = "/usr/share/datasets/fashion-mnist";
 /// The split to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {
+    /// The 60 000 training images.
     Train,
+    /// The 10 000 test images.
     Test,
 }
 
@@ -36,6 +38,7 @@ pub fn present(dir: &Path) -> bool {
         .all(|n| find(dir, n).is_ok())
 }
 
+/// Reads the IDX files of `split` from `dir`, gzipped or raw.
 pub fn load(dir: &Path, split: Split) -> Result<ImageDataset> {
     let prefix = match split {
         Split::Train => "train",

@@ -1,5 +1,6 @@
 //! Data for Bonfire's trainer: Fashion-MNIST (IDX, raw or gzipped),
 //! CIFAR-10 (binary batches), a synthetic set, and the distributed sampler.
+#![warn(missing_docs)]
 
 pub mod cifar;
 mod dataset;

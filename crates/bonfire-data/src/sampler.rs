@@ -13,15 +13,22 @@ use crate::error::{DataError, Result};
 /// otherwise the ordering is padded with its own first samples.
 #[derive(Debug, Clone)]
 pub struct DistributedSampler {
+    /// Samples in the data set.
     pub len: usize,
+    /// This worker's rank.
     pub rank: usize,
+    /// Workers sharing the data set.
     pub world: usize,
+    /// Whether each epoch visits the samples in a new order.
     pub shuffle: bool,
+    /// The shuffle's seed, the same on every rank.
     pub seed: u64,
+    /// Drop the tail that does not fill a share for every rank, instead of padding it with repeated samples.
     pub drop_last: bool,
 }
 
 impl DistributedSampler {
+    /// Checks that `rank` is below `world`.
     pub fn new(len: usize, rank: usize, world: usize, shuffle: bool, seed: u64, drop_last: bool) -> Result<Self> {
         if world == 0 || rank >= world {
             return Err(DataError::Invalid(format!("rank {rank} is not a rank of a world of {world}")));

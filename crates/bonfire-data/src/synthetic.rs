@@ -6,6 +6,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::dataset::ImageDataset;
 
+/// A separable data set made from `seed`, the same on every call.
 pub fn generate(
     samples: usize,
     channels: usize,

@@ -21,6 +21,7 @@
 //! so no rank is left waiting in a collective.
 //!
 //! [`DistributedDataParallel`]: bonfire_parallel::DistributedDataParallel
+#![warn(missing_docs)]
 
 mod worker;
 

@@ -20,6 +20,7 @@ use burn::tensor::{Bool, Int, Tensor};
 use crate::device_move::{move_differentiable, to_device, MoveBackend};
 use crate::error::{ParallelError, Result};
 
+/// DataParallel: one process splits each batch over replicas of the model on its devices, and sums their gradients into the module; see the module documentation.
 pub struct DataParallel<B: MoveBackend> {
     devices: Vec<B::Device>,
 }
@@ -40,6 +41,7 @@ impl<B: MoveBackend> DataParallel<B> {
         Ok(DataParallel { devices })
     }
 
+    /// The devices the replicas live on, the module's first.
     pub fn devices(&self) -> &[B::Device] {
         &self.devices
     }

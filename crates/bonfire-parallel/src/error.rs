@@ -2,8 +2,10 @@
 
 use bonfire_collective::CommError;
 
+/// Result of the strategies.
 pub type Result<T, E = ParallelError> = std::result::Result<T, E>;
 
+/// Why DDP or DP failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ParallelError {
     /// A collective failed (a peer is gone, late, or disagrees).

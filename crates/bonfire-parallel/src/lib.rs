@@ -4,6 +4,7 @@
 //!   processes), gradients averaged in buckets while backward runs.
 //! - [`DataParallel`]: one process driving several devices.
 //! - [`Strategy`]: one step call over both and a single device.
+#![warn(missing_docs)]
 
 mod bucket;
 mod buffers;

@@ -10,6 +10,7 @@ use burn::tensor::Tensor;
 use crate::error::Result;
 use crate::{DataParallel, DistributedDataParallel, HookBackend};
 
+/// How a training step is spread: see the module documentation.
 pub enum Strategy<B: HookBackend> {
     /// One device, no communication.
     Single,

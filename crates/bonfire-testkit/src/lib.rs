@@ -10,6 +10,7 @@
 //! - [`SelfWorkers`]: a test binary that runs itself as the worker
 //!   processes of a job, with torchrun's variables.
 //! - [`Captured`]: what `tracing` logged.
+#![warn(missing_docs)]
 
 mod log;
 mod workers;

@@ -34,6 +34,7 @@ pub struct SelfWorkers {
 }
 
 impl SelfWorkers {
+    /// The ignored test `test`, marked as a worker by the variable `marker`.
     pub const fn new(test: &'static str, marker: &'static str) -> Self {
         SelfWorkers { test, marker }
     }

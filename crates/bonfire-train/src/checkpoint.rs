@@ -35,10 +35,14 @@ pub struct Position {
     pub steps_done: u64,
 }
 
+/// What a checkpoint holds.
 #[derive(Debug)]
 pub struct Checkpoint {
+    /// Where in the run it was written.
     pub position: Position,
+    /// The model's record (Burn's named MessagePack).
     pub model: Vec<u8>,
+    /// The optimizer's state, likewise.
     pub optimizer: Vec<u8>,
 }
 

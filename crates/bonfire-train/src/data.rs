@@ -6,10 +6,14 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use bonfire_data::{cifar, fashion_mnist, synthetic, ImageDataset, Split};
 
+/// The data sets `bonfire train` reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DatasetKind {
+    /// Fashion-MNIST (Debian's `dataset-fashion-mnist`, or `--data-dir`).
     FashionMnist,
+    /// CIFAR-10's binary batches (`--data-dir`).
     Cifar10,
+    /// Generated data that needs no file.
     Synthetic,
 }
 

@@ -32,7 +32,8 @@ const REPORT_DIR_VAR: &str = "BONFIRE_REPORT_DIR";
 /// `TORCHELASTIC_RESTART_COUNT`): 0 on the first start.
 const RESTART_VAR: &str = "BONFIRE_RESTART_COUNT";
 
-/// This worker's [`RESTART_VAR`].
+/// How many times the launcher has restarted this worker's job
+/// (`BONFIRE_RESTART_COUNT`): 0 on the first start.
 pub fn restart_count() -> usize {
     std::env::var(RESTART_VAR).ok().and_then(|v| v.parse().ok()).unwrap_or(0)
 }
@@ -66,6 +67,7 @@ fn silent_rank(dir: &Path, failed: &[usize]) -> Option<(usize, String)> {
     })
 }
 
+/// `bonfire launch`'s flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LaunchArgs {
     /// Worker processes on this host.

@@ -10,6 +10,7 @@
 //! - [`metrics`], [`plot`]: the metrics files and the loss curve.
 //! - [`launch`]: the elastic launcher that starts, watches and restarts
 //!   worker processes.
+#![warn(missing_docs)]
 
 pub mod checkpoint;
 pub mod data;

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use crate::plot;
 use crate::trainer::Report;
 
+/// Writes `metrics.csv`, `metrics.json`, `steps.csv` and `loss.png` of `report` into `dir`.
 pub fn write_metrics(dir: &std::path::Path, report: &Report) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut csv = String::from("epoch,steps,train_loss,test_accuracy,images_per_sec,seconds\n");

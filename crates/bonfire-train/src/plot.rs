@@ -25,6 +25,7 @@ fn register_font() -> bool {
     })
 }
 
+/// Draws the loss of every step and the test accuracy of every epoch into `file` (PNG).
 pub fn write(file: &Path, report: &Report) -> Result<()> {
     let text = register_font();
     let root = BitMapBackend::new(file, (900, 400)).into_drawing_area();

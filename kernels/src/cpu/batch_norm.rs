@@ -20,8 +20,11 @@ use rayon::prelude::*;
 /// `[batch, channels, positions]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NormShape {
+    /// Images.
     pub batch: usize,
+    /// Channels, each normalised on its own.
     pub channels: usize,
+    /// Values per channel per image (height x width).
     pub positions: usize,
 }
 
@@ -44,7 +47,9 @@ impl NormShape {
 
 /// A training forward pass: the output and the batch's statistics.
 pub struct NormForward {
+    /// The normalised output.
     pub y: Vec<f32>,
+    /// The batch mean of each channel.
     pub mean: Vec<f32>,
     /// The biased batch variance (divided by the count).
     pub var: Vec<f32>,
@@ -115,11 +120,15 @@ fn affine(s: &NormShape, x: &[f32], scale: &[f32], shift: &[f32]) -> Vec<f32> {
 
 /// The gradients of a training forward pass; the input's only when asked for.
 pub struct NormGrads {
+    /// The input's gradient.
     pub x: Option<Vec<f32>>,
+    /// The scale's gradient.
     pub gamma: Vec<f32>,
+    /// The shift's gradient.
     pub beta: Vec<f32>,
 }
 
+/// The gradients of a training forward pass (`forward` gave `mean` and `var`) for the output gradient `dy`.
 pub fn backward(
     s: &NormShape,
     x: &[f32],

@@ -24,18 +24,28 @@ use super::gemm::{matmul, Mat};
 /// The geometry of a convolution with `groups = 1`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Conv2dShape {
+    /// Images.
     pub batch: usize,
+    /// Input channels.
     pub in_channels: usize,
+    /// Input rows.
     pub height: usize,
+    /// Input columns.
     pub width: usize,
+    /// Output channels.
     pub out_channels: usize,
+    /// `[rows, columns]` of the kernel.
     pub kernel: [usize; 2],
+    /// `[rows, columns]` between windows.
     pub stride: [usize; 2],
     /// Padding before the first row and column; padding after the last
     /// ones only shows in the output size.
     pub padding: [usize; 2],
+    /// `[rows, columns]` between the kernel's taps.
     pub dilation: [usize; 2],
+    /// Output rows.
     pub out_height: usize,
+    /// Output columns.
     pub out_width: usize,
 }
 
@@ -248,8 +258,11 @@ pub fn forward(s: &Conv2dShape, x: &[f32], weight: &[f32], bias: Option<&[f32]>)
 
 /// The gradients of a convolution; the input's only when asked for.
 pub struct Conv2dGrads {
+    /// The input's gradient.
     pub x: Option<Vec<f32>>,
+    /// The weight's gradient.
     pub weight: Vec<f32>,
+    /// The bias's gradient.
     pub bias: Vec<f32>,
 }
 

@@ -5,9 +5,13 @@
 /// (row-major) or as the transpose of a stored `cols x rows` matrix.
 #[derive(Clone, Copy)]
 pub struct Mat<'a> {
+    /// The stored values.
     pub data: &'a [f32],
+    /// Rows as used.
     pub rows: usize,
+    /// Columns as used.
     pub cols: usize,
+    /// Whether `data` holds the transpose.
     pub transposed: bool,
 }
 

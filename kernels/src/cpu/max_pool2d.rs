@@ -12,13 +12,21 @@ use rayon::prelude::*;
 pub struct Pool2dShape {
     /// `batch · channels`: pooling treats every plane alike.
     pub planes: usize,
+    /// Input rows.
     pub height: usize,
+    /// Input columns.
     pub width: usize,
+    /// `[rows, columns]` of the window.
     pub kernel: [usize; 2],
+    /// `[rows, columns]` between windows.
     pub stride: [usize; 2],
+    /// `[rows, columns]` of padding on each side.
     pub padding: [usize; 2],
+    /// `[rows, columns]` between the window's taps.
     pub dilation: [usize; 2],
+    /// Output rows.
     pub out_height: usize,
+    /// Output columns.
     pub out_width: usize,
 }
 

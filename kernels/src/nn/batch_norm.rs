@@ -13,18 +13,22 @@ use crate::ops::{batch_norm_inference, batch_norm_train};
 pub struct BatchNormConfig(BurnBatchNormConfig);
 
 impl BatchNormConfig {
+    /// Batch norm over `num_features` channels, with Burn's defaults (epsilon 1e-5, momentum 0.1).
     pub fn new(num_features: usize) -> Self {
         BatchNormConfig(BurnBatchNormConfig::new(num_features))
     }
 
+    /// Sets the epsilon added to the variance.
     pub fn with_epsilon(self, epsilon: f64) -> Self {
         BatchNormConfig(self.0.with_epsilon(epsilon))
     }
 
+    /// Sets how far the running statistics move towards each batch's.
     pub fn with_momentum(self, momentum: f64) -> Self {
         BatchNormConfig(self.0.with_momentum(momentum))
     }
 
+    /// The module, on `device`.
     pub fn init<B: Backend>(&self, device: &B::Device) -> BatchNorm<B> {
         self.0.init(device).into()
     }
@@ -41,11 +45,17 @@ impl BatchNormConfig {
 /// evaluation outputs the same after its weights move between the two.
 #[derive(Module, Debug)]
 pub struct BatchNorm<B: Backend> {
+    /// The scale.
     pub gamma: Param<Tensor<B, 1>>,
+    /// The shift.
     pub beta: Param<Tensor<B, 1>>,
+    /// The running mean, used in evaluation.
     pub running_mean: RunningState<Tensor<B, 1>>,
+    /// The running (unbiased) variance, used in evaluation.
     pub running_var: RunningState<Tensor<B, 1>>,
+    /// How far the running statistics move towards each batch's.
     pub momentum: f64,
+    /// Added to the variance.
     pub epsilon: f64,
 }
 
@@ -63,6 +73,7 @@ impl<B: Backend> From<BurnBatchNorm<B>> for BatchNorm<B> {
 }
 
 impl<B: Backend> BatchNorm<B> {
+    /// Normalises `x` `[batch, channels, ...]`: with the batch's statistics (updating the running ones) when autodiff is on, with the running ones otherwise.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         assert!(D >= 2, "batch norm needs [batch, channels, ...], not a {D}-D tensor");
         if B::ad_enabled(&x.device()) {

@@ -14,34 +14,42 @@ use crate::ops::{conv2d, Window2d};
 pub struct Conv2dConfig(BurnConv2dConfig);
 
 impl Conv2dConfig {
+    /// A convolution from `channels[0]` to `channels[1]` channels with a `kernel_size` kernel.
     pub fn new(channels: [usize; 2], kernel_size: [usize; 2]) -> Self {
         Conv2dConfig(BurnConv2dConfig::new(channels, kernel_size))
     }
 
+    /// Sets the stride.
     pub fn with_stride(self, stride: [usize; 2]) -> Self {
         Conv2dConfig(self.0.with_stride(stride))
     }
 
+    /// Sets the dilation.
     pub fn with_dilation(self, dilation: [usize; 2]) -> Self {
         Conv2dConfig(self.0.with_dilation(dilation))
     }
 
+    /// Sets the groups.
     pub fn with_groups(self, groups: usize) -> Self {
         Conv2dConfig(self.0.with_groups(groups))
     }
 
+    /// Sets the padding.
     pub fn with_padding(self, padding: PaddingConfig2d) -> Self {
         Conv2dConfig(self.0.with_padding(padding))
     }
 
+    /// Sets whether there is a bias.
     pub fn with_bias(self, bias: bool) -> Self {
         Conv2dConfig(self.0.with_bias(bias))
     }
 
+    /// Sets the weights' initializer.
     pub fn with_initializer(self, initializer: Initializer) -> Self {
         Conv2dConfig(self.0.with_initializer(initializer))
     }
 
+    /// The module, on `device`.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Conv2d<B> {
         self.0.init(device).into()
     }
@@ -55,10 +63,15 @@ pub struct Conv2d<B: Backend> {
     pub weight: Param<Tensor<B, 4>>,
     /// `[out]`.
     pub bias: Option<Param<Tensor<B, 1>>>,
+    /// `[rows, columns]` between windows.
     pub stride: [usize; 2],
+    /// `[rows, columns]` of the kernel.
     pub kernel_size: [usize; 2],
+    /// `[rows, columns]` between the kernel's taps.
     pub dilation: [usize; 2],
+    /// Channel groups.
     pub groups: usize,
+    /// The padding.
     pub padding: PaddingConfig2d,
 }
 

@@ -14,26 +14,32 @@ use crate::ops::{max_pool2d, Window2d};
 pub struct MaxPool2dConfig(BurnMaxPool2dConfig);
 
 impl MaxPool2dConfig {
+    /// Max pooling over `kernel_size` windows.
     pub fn new(kernel_size: [usize; 2]) -> Self {
         MaxPool2dConfig(BurnMaxPool2dConfig::new(kernel_size))
     }
 
+    /// Sets the strides.
     pub fn with_strides(self, strides: [usize; 2]) -> Self {
         MaxPool2dConfig(self.0.with_strides(strides))
     }
 
+    /// Sets the padding.
     pub fn with_padding(self, padding: PaddingConfig2d) -> Self {
         MaxPool2dConfig(self.0.with_padding(padding))
     }
 
+    /// Sets the dilation.
     pub fn with_dilation(self, dilation: [usize; 2]) -> Self {
         MaxPool2dConfig(self.0.with_dilation(dilation))
     }
 
+    /// Sets whether the output size rounds up.
     pub fn with_ceil_mode(self, ceil_mode: bool) -> Self {
         MaxPool2dConfig(self.0.with_ceil_mode(ceil_mode))
     }
 
+    /// The module.
     pub fn init(&self) -> MaxPool2d {
         self.0.init().into()
     }
@@ -42,10 +48,15 @@ impl MaxPool2dConfig {
 /// 2-D max pooling with the fields of Burn's `MaxPool2d`.
 #[derive(Module, Clone, Debug)]
 pub struct MaxPool2d {
+    /// `[rows, columns]` between windows.
     pub stride: [usize; 2],
+    /// `[rows, columns]` of the window.
     pub kernel_size: [usize; 2],
+    /// The padding.
     pub padding: PaddingConfig2d,
+    /// `[rows, columns]` between the window's taps.
     pub dilation: [usize; 2],
+    /// Whether the output size rounds up.
     pub ceil_mode: bool,
 }
 

@@ -142,9 +142,13 @@ impl DistEnv {
 /// need.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Placement {
+    /// This worker's global rank.
     pub rank: usize,
+    /// How many workers the job has.
     pub world_size: usize,
+    /// The rank on this host.
     pub local_rank: usize,
+    /// Workers on this host.
     pub local_world_size: usize,
 }
 

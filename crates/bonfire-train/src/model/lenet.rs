@@ -26,6 +26,7 @@ pub struct LeNet<B: Backend> {
 }
 
 impl<B: Backend> LeNet<B> {
+    /// LeNet-5 for `side` x `side` images of `channels` channels.
     pub fn new(channels: usize, side: usize, classes: usize, device: &B::Device) -> Self {
         let pad = if side == 28 { 2 } else { 0 };
         LeNet {

@@ -13,6 +13,7 @@ pub use resnet::ResNet;
 
 /// An image classifier: [batch, channels, height, width] to logits [batch, classes].
 pub trait Classifier<B: Backend>: Module<B> {
+    /// Logits `[batch, classes]` of images `[batch, channels, height, width]`.
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2>;
 }
 
@@ -27,6 +28,7 @@ impl<B: AutodiffBackend, M> TrainableClassifier<B> for M where
 {
 }
 
+/// The models `bonfire train` trains (`--model`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ModelKind {
     /// The seed article's LeNet (62 k parameters).

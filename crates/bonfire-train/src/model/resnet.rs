@@ -73,6 +73,7 @@ impl<B: Backend> BasicBlock<B> {
 }
 
 impl<B: Backend> ResNet<B> {
+    /// The ResNet for images of `channels` channels.
     pub fn new(channels: usize, classes: usize, device: &B::Device) -> Self {
         ResNet {
             conv1: conv(channels, 16, 3, 1, device),

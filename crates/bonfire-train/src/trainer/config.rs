@@ -8,25 +8,37 @@ use serde::Serialize;
 
 use crate::model::ModelKind;
 
+/// The optimizers `bonfire train` offers (`--optimizer`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OptimizerKind {
+    /// SGD, with momentum when `--momentum` is not 0.
     Sgd,
+    /// Adam.
     Adam,
 }
 
+/// What one training run does; the command's flags, as the trainer takes them.
 #[derive(Debug, Clone)]
 pub struct TrainOptions {
+    /// The network.
     pub model: ModelKind,
+    /// Epochs to run (unless `max_steps` ends the run first).
     pub epochs: usize,
     /// Stop after this many steps in all (a smoke run).
     pub max_steps: Option<usize>,
     /// Samples per step over all workers.
     pub global_batch: usize,
+    /// The optimizer.
     pub optimizer: OptimizerKind,
+    /// The learning rate.
     pub lr: f64,
+    /// SGD's momentum.
     pub momentum: f64,
+    /// The seed of the weights and of the data order.
     pub seed: u64,
+    /// Whether each epoch visits the data in a new order.
     pub shuffle: bool,
+    /// Whether rank 0 shows a progress bar.
     pub progress: bool,
     /// Where rank 0 writes a checkpoint after every epoch.
     pub checkpoint_dir: Option<PathBuf>,
@@ -40,6 +52,7 @@ pub struct TrainOptions {
     pub save: Option<PathBuf>,
 }
 
+/// Whether a run starts from a checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resume {
     /// Start from the beginning.
@@ -52,30 +65,42 @@ pub enum Resume {
 
 /// How the work is spread.
 pub enum Parallel<B: AutodiffBackend> {
+    /// One device.
     Single,
     /// One process driving a replica on each of `devices`.
     Dp {
+        /// The devices, the module's first.
         devices: Vec<B::Device>,
     },
     /// This worker is one rank of `comm`.
     Ddp {
+        /// The group.
         comm: Box<dyn TensorCollective<B::InnerBackend>>,
     },
 }
 
+/// What one epoch measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct EpochMetrics {
+    /// The epoch, from 1.
     pub epoch: usize,
+    /// Steps taken in it.
     pub steps: usize,
+    /// Mean training loss of its steps, on this worker.
     pub train_loss: f64,
     /// Accuracy on the test split (rank 0 only; `None` elsewhere).
     pub test_accuracy: Option<f64>,
+    /// Images (of the global batch) trained per second.
     pub images_per_sec: f64,
+    /// Wall-clock seconds it took.
     pub seconds: f64,
 }
 
+/// What a run measured, epoch by epoch and step by step.
 pub struct Report {
+    /// The rank that measured it.
     pub rank: usize,
+    /// Every epoch's metrics.
     pub epochs: Vec<EpochMetrics>,
     /// (step, loss) of every step of this worker.
     pub step_losses: Vec<(usize, f64)>,

@@ -1,10 +1,28 @@
-//! What the command's end-to-end tests share: the oracle that a job's
-//! weights are those of one worker on the whole batch.
+//! What the command's end-to-end tests share: running the command, and the
+//! oracle that a job's weights are those of one worker on the whole batch.
+#![allow(dead_code)] // each test file uses its own part
 
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use bonfire_testkit::text;
+
+/// Runs `bonfire ARGS` to the end.
+pub fn bonfire(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bonfire")).args(args).output().unwrap()
+}
+
+/// A fresh folder for one test's files.
+pub fn out_dir(name: &str) -> PathBuf {
+    bonfire_testkit::scratch_dir(&format!("cli-{name}"))
+}
+
+/// The test accuracy a run printed.
+pub fn final_accuracy(o: &Output) -> f64 {
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let line = stdout.lines().find(|l| l.starts_with("test accuracy:")).unwrap_or_else(|| panic!("{}", text(o)));
+    line["test accuracy:".len()..].trim().parse().unwrap()
+}
 
 /// Trains one worker with the job's `common` flags on the whole batch (into
 /// `dir/one.safetensors`, its metrics in `dir/one`) and requires the job's
