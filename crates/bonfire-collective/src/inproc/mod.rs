@@ -133,11 +133,6 @@ impl InProcCommunicator {
         };
         let round = self.join("all_reduce", published)?;
         let mine = split(total, world, self.rank);
-        // SAFETY: every rank's segments and output hold `total` values (the
-        // verdict checked the lengths) and stay alive until the final sync.
-        // Rank r reads only part r of the inputs, which nobody writes, and
-        // writes only part r of the outputs; inputs and outputs are distinct
-        // memory (one rank's input cannot alias its own `&mut` output).
         // Block by block, so that each partial sum is still in cache when
         // the next rank's values are added to it and when it is copied out.
         const BLOCK: usize = 16 << 10;
