@@ -1,0 +1,66 @@
+use super::*;
+
+/// The definition, one multiply-add at a time.
+fn naive(s: &Conv2dShape, x: &[f32], w: &[f32]) -> Vec<f32> {
+    let mut y = vec![0.0; s.batch * s.out_image()];
+    for n in 0..s.batch {
+        for oc in 0..s.out_channels {
+            for oh in 0..s.out_height {
+                for ow in 0..s.out_width {
+                    let mut acc = 0.0;
+                    for c in 0..s.in_channels {
+                        for i in 0..s.kernel[0] {
+                            for j in 0..s.kernel[1] {
+                                let ih = (oh * s.stride[0] + i * s.dilation[0]) as isize - s.padding[0] as isize;
+                                let iw = (ow * s.stride[1] + j * s.dilation[1]) as isize - s.padding[1] as isize;
+                                if ih >= 0 && iw >= 0 && (ih as usize) < s.height && (iw as usize) < s.width {
+                                    acc += x
+                                        [((n * s.in_channels + c) * s.height + ih as usize) * s.width + iw as usize]
+                                        * w[((oc * s.in_channels + c) * s.kernel[0] + i) * s.kernel[1] + j];
+                                }
+                            }
+                        }
+                    }
+                    y[((n * s.out_channels + oc) * s.out_height + oh) * s.out_width + ow] = acc;
+                }
+            }
+        }
+    }
+    y
+}
+
+fn values(n: usize, seed: usize) -> Vec<f32> {
+    (0..n).map(|i| ((i * 7919 + seed * 104729) % 23) as f32 / 8.0 - 1.375).collect()
+}
+
+#[test]
+fn forward_and_the_adjoint_of_im2col_match_the_definition() {
+    for (x, w, stride, pad, pad_end, dil) in [
+        ([2, 3, 7, 6], [4, 3, 3, 3], [1, 1], [1, 1], [1, 1], [1, 1]),
+        ([1, 2, 9, 8], [3, 2, 3, 2], [2, 3], [2, 0], [1, 2], [1, 2]),
+        ([3, 4, 5, 5], [2, 4, 1, 1], [1, 1], [0, 0], [0, 0], [1, 1]),
+        ([2, 1, 6, 6], [2, 1, 5, 5], [1, 1], [2, 2], [2, 2], [1, 1]),
+    ] {
+        let s = Conv2dShape::new(x, w, stride, pad, pad_end, dil).unwrap();
+        let (xv, wv) = (values(s.batch * s.image(), 1), values(s.out_channels * s.patch(), 2));
+        let got = forward(&s, &xv, &wv, None);
+        let want = naive(&s, &xv, &wv);
+        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "{s:?}: {worst}");
+        // <im2col(x), c> == <x, col2im(c)> for any c.
+        let c = values(s.patch() * s.positions(), 3);
+        let mut col = vec![0.0; c.len()];
+        im2col(&s, &xv[..s.image()], &mut col);
+        let mut back = vec![0.0; s.image()];
+        col2im(&s, &c, &mut back);
+        let lhs: f64 = col.iter().zip(&c).map(|(a, b)| (a * b) as f64).sum();
+        let rhs: f64 = xv[..s.image()].iter().zip(&back).map(|(a, b)| (a * b) as f64).sum();
+        assert!((lhs - rhs).abs() < 1e-6 * lhs.abs().max(1.0), "{s:?}: {lhs} vs {rhs}");
+    }
+}
+
+#[test]
+fn a_kernel_wider_than_the_padded_image_has_no_shape() {
+    assert_eq!(Conv2dShape::new([1, 1, 2, 2], [1, 1, 5, 5], [1, 1], [1, 1], [1, 1], [1, 1]), None);
+    assert_eq!(Conv2dShape::new([1, 2, 8, 8], [1, 1, 3, 3], [1, 1], [0, 0], [0, 0], [1, 1]), None);
+}
