@@ -45,10 +45,16 @@ fn signal(pid: u32, name: &str) {
 }
 
 fn wait_for_file(file: &Path, within: Duration, job: &mut Child) {
+    wait_until(&file.display().to_string(), within, job, || file.is_file());
+}
+
+/// Waits until `written` says `what` is on disk, failing the test if the job
+/// ends first or `within` passes.
+fn wait_until(what: &str, within: Duration, job: &mut Child, written: impl Fn() -> bool) {
     let deadline = Instant::now() + within;
-    while !file.is_file() {
-        assert!(job.try_wait().unwrap().is_none(), "the job ended before writing {}", file.display());
-        assert!(Instant::now() < deadline, "{} never appeared", file.display());
+    while !written() {
+        assert!(job.try_wait().unwrap().is_none(), "the job ended before writing {what}");
+        assert!(Instant::now() < deadline, "{what} never appeared");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -323,15 +329,11 @@ fn checkpoints_survive_sigkill_at_random_moments() {
         if round == 0 {
             // Any checkpoint: the run keeps only the last two, so the first
             // may come and go between two looks.
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let written = |name: &str| name.starts_with("checkpoint-") && name.ends_with(".safetensors");
-            while !std::fs::read_dir(dir.join("ckpt"))
-                .is_ok_and(|files| files.flatten().any(|f| written(&f.file_name().to_string_lossy())))
-            {
-                assert!(job.try_wait().unwrap().is_none(), "the job ended before writing a checkpoint");
-                assert!(Instant::now() < deadline, "no checkpoint appeared in {}", dir.join("ckpt").display());
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            let checkpoint = |name: &str| name.starts_with("checkpoint-") && name.ends_with(".safetensors");
+            wait_until("a checkpoint", Duration::from_secs(60), &mut job, || {
+                std::fs::read_dir(dir.join("ckpt"))
+                    .is_ok_and(|files| files.flatten().any(|f| checkpoint(&f.file_name().to_string_lossy())))
+            });
         } else {
             let mut seen = Vec::new();
             for line in lines.map_while(Result::ok) {
