@@ -12,7 +12,7 @@ use crate::element::{DType, ReduceOp};
 #[repr(u8)]
 pub(crate) enum Kind {
     AllReduce = 1,
-    AllReduceFrom,
+    AllReduceSegments,
     Broadcast,
     AllGather,
     ReduceScatter,
@@ -67,7 +67,7 @@ impl Call {
     pub fn from_words(w: [u64; 5]) -> Option<Self> {
         let kind = [
             Kind::AllReduce,
-            Kind::AllReduceFrom,
+            Kind::AllReduceSegments,
             Kind::Broadcast,
             Kind::AllGather,
             Kind::ReduceScatter,

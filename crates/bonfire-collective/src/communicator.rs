@@ -62,44 +62,28 @@ pub trait Communicator: Group + Send {
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<()>;
 
-    /// Combines f32 values across ranks out of place: each rank's input is
-    /// its `input` segments one after another, and every rank's `output`
-    /// (as long as its input) ends with the result. This default copies the
-    /// segments into `output` and reduces there; a communicator whose ranks
-    /// read each other's memory reads the segments where they lie.
-    fn all_reduce_from(&mut self, input: &[&[f32]], output: &mut [f32], op: ReduceOp) -> Result<()> {
-        pack(input, output)?;
-        self.all_reduce(BufMut::F32(output), op)
+    /// Combines f32 values across ranks in place: each rank's buffer is its
+    /// `segments` one after another (as long on every rank, though each rank
+    /// may cut it differently), and ends holding the result. This default
+    /// packs the segments into one buffer, reduces it and unpacks it again;
+    /// a communicator whose ranks read each other's memory reduces the
+    /// segments where they lie.
+    fn all_reduce_segments(&mut self, segments: &mut [&mut [f32]], op: ReduceOp) -> Result<()> {
+        let mut packed: Vec<f32> = segments.iter().flat_map(|s| s.iter().copied()).collect();
+        self.all_reduce(BufMut::F32(&mut packed), op)?;
+        let mut at = 0;
+        for s in segments.iter_mut() {
+            s.copy_from_slice(&packed[at..at + s.len()]);
+            at += s.len();
+        }
+        Ok(())
     }
 
-    /// Whether [`Communicator::all_reduce_from`] reads the input where it
-    /// lies, so that packing it beforehand would be a wasted copy.
-    fn reads_input_in_place(&self) -> bool {
+    /// Whether [`Communicator::all_reduce_segments`] reduces the segments
+    /// where they lie, so that packing them beforehand would be a wasted copy.
+    fn reduces_segments_in_place(&self) -> bool {
         false
     }
-}
-
-/// Checks that `segments`, one after another, exactly fill `output`.
-pub(crate) fn check_segments(segments: &[&[f32]], output: &[f32]) -> Result<()> {
-    let total: usize = segments.iter().map(|s| s.len()).sum();
-    if total != output.len() {
-        return Err(crate::CommError::invalid(
-            "all_reduce_from",
-            format!("the input segments hold {total} values but the output {}", output.len()),
-        ));
-    }
-    Ok(())
-}
-
-/// Copies `segments` one after another into `output`, which they must fill.
-fn pack(segments: &[&[f32]], output: &mut [f32]) -> Result<()> {
-    check_segments(segments, output)?;
-    let mut at = 0;
-    for s in segments {
-        output[at..at + s.len()].copy_from_slice(s);
-        at += s.len();
-    }
-    Ok(())
 }
 
 impl<G: Group + ?Sized> Group for Box<G> {
@@ -135,11 +119,11 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
     fn barrier(&mut self) -> Result<()> {
         (**self).barrier()
     }
-    fn all_reduce_from(&mut self, input: &[&[f32]], output: &mut [f32], op: ReduceOp) -> Result<()> {
-        (**self).all_reduce_from(input, output, op)
+    fn all_reduce_segments(&mut self, segments: &mut [&mut [f32]], op: ReduceOp) -> Result<()> {
+        (**self).all_reduce_segments(segments, op)
     }
-    fn reads_input_in_place(&self) -> bool {
-        (**self).reads_input_in_place()
+    fn reduces_segments_in_place(&self) -> bool {
+        (**self).reduces_segments_in_place()
     }
 }
 

@@ -182,14 +182,14 @@ impl<B: HookBackend> DistributedDataParallel<B> {
     pub fn backward_with(&mut self, run: impl FnOnce()) -> Result<GradientsParams> {
         self.reducer.begin(true);
         run();
-        let buckets = self.reducer.finish()?;
+        let mut buckets = self.reducer.finish()?;
         if let Some(sync) = self.buffer_sync.lock().expect("not poisoned").take() {
             sync(self.reducer.comm())?;
         }
         let mut grads = GradientsParams::new();
         for (index, slot) in self.reducer.plan().slots.iter().enumerate() {
             if let Some((bucket, range)) = slot {
-                (self.registrars[index])(buckets[*bucket].clone().slice([range.clone()]), &mut grads);
+                (self.registrars[index])(buckets[*bucket].take(range.clone()), &mut grads);
             }
         }
         Ok(grads)

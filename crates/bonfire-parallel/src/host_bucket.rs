@@ -1,17 +1,20 @@
-//! Gradient buckets kept in host memory from step to step, for DDP on
-//! Burn's Flex CPU backend with a host communicator (the in-process group,
-//! the TCP ring): PyTorch's `gradient_as_bucket_view` on the CPU.
+//! Gradient buckets kept in host memory, for DDP on Burn's Flex CPU
+//! backend with a host communicator (the in-process group, the TCP ring):
+//! PyTorch's `gradient_as_bucket_view` on the CPU.
 //!
 //! - Where the ranks are threads that read each other's memory (the
-//!   in-process group), a gradient stays where backward left it: the
-//!   all-reduce reads every rank's gradients in place and writes the result
-//!   into every rank's bucket, so nothing is copied in.
+//!   in-process group), a gradient stays where backward left it and the
+//!   all-reduce averages every rank's gradients in place: each rank writes
+//!   its part of the result into every rank's gradients. Nothing is copied
+//!   in or out and a bucket has no memory of its own; each parameter's
+//!   averaged gradient is the very tensor backward made, held by nobody
+//!   else, so the optimizer may update it in place as it would without DDP.
 //! - Otherwise (the TCP ring) a gradient is copied (or, after `no_sync`
 //!   passes, added) into its slot of the bucket on the thread where it
 //!   arrives, straight from its storage: no intermediate tensor and no
-//!   concatenation; the communication thread all-reduces the bucket in place.
-//! - Every parameter's averaged gradient is a view of the bucket (Flex
-//!   slices share memory), so nothing is copied out.
+//!   concatenation; the communication thread all-reduces the bucket in
+//!   place, and every parameter's averaged gradient is a view of the
+//!   bucket (Flex slices share memory), so nothing is copied out.
 //!
 //! A bucket's memory is a Flex tensor. The views handed to the optimizer may
 //! outlive the step (SGD with momentum keeps its first gradient as the
@@ -23,14 +26,15 @@ use std::any::Any;
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use bonfire_collective::{BufMut, CommError, ReduceOp, TensorCollective};
+use bonfire_collective::{BufMut, CommError, Communicator, ReduceOp, TensorCollective};
 use burn::backend::flex::FlexTensor;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensorOps;
-use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{DType, Shape, Tensor, TensorData, TensorPrimitive};
 use half::bf16;
 
 use crate::comm_hook::CommHook;
+use crate::reducer::Reduced;
 
 /// Whether `B`'s float tensors are Flex's, the one backend whose memory the
 /// host buckets can share.
@@ -44,10 +48,10 @@ fn same<T: 'static, U: 'static>(value: T) -> U {
     *boxed.downcast::<U>().unwrap_or_else(|_| unreachable!("only called where the types are one"))
 }
 
-/// One bucket: the memory being filled in this step, the memory of earlier
-/// steps, free again once the optimizer lets go of its views, and (where
-/// the all-reduce reads gradients in place) this step's gradients by where
-/// they start in the bucket.
+/// One bucket: the memory being filled in this step and the memory of
+/// earlier steps, free again once the optimizer lets go of its views; or,
+/// where the all-reduce works on the gradients in place, this step's
+/// gradients by where they start in the bucket.
 #[derive(Default)]
 struct Bucket {
     filling: Option<FlexTensor>,
@@ -59,30 +63,42 @@ pub struct HostBuckets {
     /// Values in each bucket (the last one carries one value more).
     lens: Vec<usize>,
     buckets: Vec<Bucket>,
-    /// Keep gradients where they are for an all-reduce that reads them in
-    /// place, instead of copying them into the bucket.
+    /// Keep gradients where they are for an all-reduce that works on them
+    /// in place, instead of copying them into the bucket.
     keep: bool,
 }
 
-/// A bucket ready to be reduced: the memory the result goes to, and the
-/// gradients it is the reduction of when they were kept where they lie
-/// (empty when they were copied into the memory).
-pub struct Filled {
-    memory: FlexTensor,
-    kept: Vec<FlexTensor>,
+/// What a bucket holds, before its all-reduce and after: its memory, or
+/// its gradients by where they start in it.
+pub enum Contents {
+    Memory(FlexTensor),
+    Gradients(BTreeMap<usize, FlexTensor>),
 }
 
-/// `grad` as a contiguous f32 Flex tensor, copied only if it is not one.
-fn contiguous_f32(grad: FlexTensor) -> FlexTensor {
-    if grad.dtype() == DType::F32 && grad.as_slice::<f32>().is_some() {
+/// `grad` as a flat, contiguous f32 Flex tensor, copied only if it is not
+/// contiguous f32.
+fn flat_f32(grad: FlexTensor, len: usize) -> FlexTensor {
+    let grad = if grad.dtype() == DType::F32 && grad.as_slice::<f32>().is_some() {
         grad
     } else {
         FlexTensor::from_data(grad.into_data().convert::<f32>())
-    }
+    };
+    grad.reshape(Shape::new([len]))
 }
 
 fn values(len: usize, value: f32) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(vec![value; len], [len]))
+}
+
+/// The values of `grad` (flat, contiguous f32) to write to; copied first
+/// if another tensor shares its memory.
+fn values_mut(grad: &mut FlexTensor) -> &mut [f32] {
+    if !grad.is_unique() {
+        let copy = grad.as_slice::<f32>().expect("contiguous f32").to_vec();
+        *grad = FlexTensor::from_data(TensorData::new(copy.clone(), [copy.len()]));
+    }
+    let (start, end) = grad.layout().contiguous_offsets().expect("contiguous");
+    &mut grad.try_storage_mut::<f32>().expect("held only here")[start..end]
 }
 
 impl HostBuckets {
@@ -91,8 +107,8 @@ impl HostBuckets {
         HostBuckets { lens, buckets, keep }
     }
 
-    /// Whether the all-reduce reads the gradients where they lie.
-    pub fn reads_in_place(&self) -> bool {
+    /// Whether the all-reduce works on the gradients where they lie.
+    pub fn in_place(&self) -> bool {
         self.keep
     }
 
@@ -119,7 +135,7 @@ impl HostBuckets {
     /// Puts `grad` (a Flex tensor of `B`) in `range` of bucket `b`, or adds
     /// it to what is there.
     pub fn write<B: Backend>(&mut self, b: usize, range: Range<usize>, grad: B::FloatTensorPrimitive, add: bool) {
-        let grad = contiguous_f32(same(grad));
+        let grad = flat_f32(same(grad), range.len());
         if self.keep {
             let kept = &mut self.buckets[b].kept;
             let grad = match kept.remove(&range.start) {
@@ -157,58 +173,69 @@ impl HostBuckets {
     }
 
     /// Takes bucket `b` to be reduced.
-    pub fn take(&mut self, b: usize) -> Filled {
+    pub fn take(&mut self, b: usize) -> Contents {
+        if self.keep {
+            let kept = std::mem::take(&mut self.buckets[b].kept);
+            debug_assert_eq!(kept.values().map(|t| t.layout().num_elements()).sum::<usize>(), self.lens[b]);
+            return Contents::Gradients(kept);
+        }
         self.filling(b);
-        let memory = self.buckets[b].filling.take().expect("made above");
-        let kept: Vec<FlexTensor> = std::mem::take(&mut self.buckets[b].kept).into_values().collect();
-        debug_assert!(
-            !self.keep
-                || kept.iter().map(|t| t.as_slice::<f32>().map_or(0, <[f32]>::len)).sum::<usize>() == self.lens[b]
-        );
-        Filled { memory, kept }
+        Contents::Memory(self.buckets[b].filling.take().expect("made above"))
     }
 
-    /// Bucket `b`'s reduced memory, as the tensor whose slices are the
-    /// parameters' gradients; the bucket keeps it for a later step.
-    pub fn reduced<B: Backend>(&mut self, b: usize, memory: FlexTensor) -> Tensor<B, 1> {
-        let spare = &mut self.buckets[b].spare;
-        spare.push(memory.clone());
-        if spare.len() > 2 {
-            // Keep the two most recent; an older one is still held by views.
-            spare.remove(0);
+    /// Bucket `b`'s reduced contents as what the parameters' gradients are
+    /// taken from; the bucket keeps its memory for a later step.
+    pub fn reduced<B: Backend>(&mut self, b: usize, contents: Contents) -> Reduced<B> {
+        let tensor = |t: FlexTensor| Tensor::from_primitive(TensorPrimitive::Float(same(t)));
+        match contents {
+            Contents::Memory(memory) => {
+                let spare = &mut self.buckets[b].spare;
+                spare.push(memory.clone());
+                if spare.len() > 2 {
+                    // Keep the two most recent; an older one is still held by views.
+                    spare.remove(0);
+                }
+                Reduced::Whole(tensor(memory))
+            }
+            Contents::Gradients(grads) => Reduced::Parts(grads.into_iter().map(|(at, t)| (at, tensor(t))).collect()),
         }
-        Tensor::from_primitive(TensorPrimitive::Float(same(memory)))
     }
 }
 
-/// Averages a bucket over every rank of `comm`, as `hook` says; returns the
-/// memory that holds the result.
+/// Averages a bucket over every rank of `comm`, as `hook` says, in place.
 pub fn reduce<B: Backend>(
     comm: &mut dyn TensorCollective<B>,
     hook: CommHook,
-    filled: Filled,
-) -> Result<FlexTensor, CommError> {
+    mut contents: Contents,
+) -> Result<Contents, CommError> {
     let host = comm.host().ok_or_else(|| CommError::Invalid {
         op: "all_reduce",
         detail: "host buckets need a host communicator".into(),
     })?;
-    let Filled { mut memory, kept } = filled;
-    let kept: Vec<&[f32]> = kept.iter().map(|t| t.as_slice::<f32>().expect("kept contiguous f32")).collect();
-    let values = memory.try_storage_mut::<f32>().expect("taken memory is held only here");
+    let packed = matches!(contents, Contents::Memory(_));
+    let mut segments: Vec<&mut [f32]> = match &mut contents {
+        Contents::Memory(memory) => vec![memory.try_storage_mut::<f32>().expect("taken memory is held only here")],
+        Contents::Gradients(grads) => grads.values_mut().map(values_mut).collect(),
+    };
     match hook {
-        CommHook::Mean if kept.is_empty() => host.all_reduce(BufMut::F32(values), ReduceOp::Mean)?,
-        CommHook::Mean => host.all_reduce_from(&kept, values, ReduceOp::Mean)?,
-        CommHook::Bf16Compress => {
-            let mut packed: Vec<bf16> = if kept.is_empty() {
-                values.iter().map(|&v| bf16::from_f32(v)).collect()
-            } else {
-                kept.iter().flat_map(|s| s.iter()).map(|&v| bf16::from_f32(v)).collect()
-            };
-            host.all_reduce(BufMut::BF16(&mut packed), ReduceOp::Mean)?;
-            values.iter_mut().zip(&packed).for_each(|(v, p)| *v = p.to_f32());
-        }
+        CommHook::Mean if packed => host.all_reduce(BufMut::F32(segments[0]), ReduceOp::Mean)?,
+        CommHook::Mean => host.all_reduce_segments(&mut segments, ReduceOp::Mean)?,
+        CommHook::Bf16Compress => bf16_mean(host, &mut segments)?,
     }
-    Ok(memory)
+    drop(segments);
+    Ok(contents)
+}
+
+/// The mean of `segments` over all ranks, sent as bf16.
+fn bf16_mean(host: &mut dyn Communicator, segments: &mut [&mut [f32]]) -> Result<(), CommError> {
+    let mut packed: Vec<bf16> = segments.iter().flat_map(|s| s.iter()).map(|&v| bf16::from_f32(v)).collect();
+    host.all_reduce(BufMut::BF16(&mut packed), ReduceOp::Mean)?;
+    let mut at = 0;
+    for s in segments.iter_mut() {
+        s.iter_mut().zip(&packed[at..]).for_each(|(v, p)| *v = p.to_f32());
+        at += s.len();
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -226,8 +253,11 @@ mod tests {
 
     /// One step's end: the bucket's memory back as the reduced tensor.
     fn step(buckets: &mut HostBuckets) -> Tensor<Flex, 1> {
-        let filled = buckets.take(0);
-        buckets.reduced::<Flex>(0, filled.memory)
+        let contents = buckets.take(0);
+        match buckets.reduced::<Flex>(0, contents) {
+            Reduced::Whole(memory) => memory,
+            Reduced::Parts(_) => unreachable!("a copying bucket reduces its memory"),
+        }
     }
 
     #[test]

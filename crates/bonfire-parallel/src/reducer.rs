@@ -13,10 +13,11 @@
 //! collective decides where the values travel ([`TensorCollective`]: through
 //! the host for the ring, in GPU memory for NCCL).
 
+use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::{mpsc, Mutex};
 
 use bonfire_collective::CommError;
-use burn::backend::flex::FlexTensor;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, ElementConversion, Shape, Tensor, TensorPrimitive};
 
@@ -25,7 +26,7 @@ use crate::comm_hook::CommHook;
 use crate::comm_thread::CommThread;
 use crate::error::{ParallelError, Result};
 use crate::hook::GradientSink;
-use crate::host_bucket::{self, HostBuckets};
+use crate::host_bucket::{self, Contents, HostBuckets};
 
 pub struct Reducer<B: Backend> {
     plan: BucketPlan,
@@ -66,13 +67,33 @@ struct Step<B: Backend> {
 
 struct Done<B: Backend> {
     bucket: usize,
-    result: Result<Reduced<B>, CommError>,
+    result: Result<Outcome<B>, CommError>,
 }
 
-/// A bucket averaged over all ranks: a tensor, or a host bucket's memory.
-enum Reduced<B: Backend> {
+/// What the communication thread hands back for a bucket.
+enum Outcome<B: Backend> {
     Tensor(Tensor<B, 1>),
-    Host(FlexTensor),
+    Host(Contents),
+}
+
+/// A bucket averaged over all ranks: one tensor, or (where the gradients
+/// were averaged where they lay) its parameters' gradients by where they
+/// start in the bucket.
+pub enum Reduced<B: Backend> {
+    Whole(Tensor<B, 1>),
+    Parts(BTreeMap<usize, Tensor<B, 1>>),
+}
+
+impl<B: Backend> Reduced<B> {
+    /// The averaged values of `range` of the bucket, which a parameter's
+    /// gradient (or the unused-parameter count) fills; a part is handed
+    /// over, so that nothing else holds its memory.
+    pub fn take(&mut self, range: Range<usize>) -> Tensor<B, 1> {
+        match self {
+            Reduced::Whole(bucket) => bucket.clone().slice([range]),
+            Reduced::Parts(parts) => parts.remove(&range.start).expect("every slot of a bucket is a part, taken once"),
+        }
+    }
 }
 
 impl<B: Backend> Reducer<B> {
@@ -91,7 +112,7 @@ impl<B: Backend> Reducer<B> {
         let buckets = plan.lens.len().max(1);
         let (done_tx, done_rx) = mpsc::channel();
         // For a host communicator: whether it reads gradients in place.
-        let host_comm = comm.call(|c| c.host().map(|h| h.reads_input_in_place()));
+        let host_comm = comm.call(|c| c.host().map(|h| h.reduces_segments_in_place()));
         let host = host_comm.filter(|_| host_bucket::is_flex::<B>()).map(|keep| {
             // The last bucket carries the unused-parameter count too.
             let lens = (0..buckets).map(|b| plan.lens.get(b).copied().unwrap_or(0) + usize::from(b + 1 == buckets));
@@ -101,7 +122,7 @@ impl<B: Backend> Reducer<B> {
         // reading each other's gradients, the all-reduce is memory work on
         // the very cores that run backward, and overlapping it only makes
         // the two compete; a network or a GPU has time of its own to hide.
-        let overlap = overlap.unwrap_or(!host.as_ref().is_some_and(HostBuckets::reads_in_place));
+        let overlap = overlap.unwrap_or(!host.as_ref().is_some_and(HostBuckets::in_place));
         Reducer {
             step: Mutex::new(Step {
                 grads: vec![None; names.len()],
@@ -174,9 +195,9 @@ impl<B: Backend> Reducer<B> {
                 for &i in self.plan.members.get(bucket).map_or(&[][..], Vec::as_slice) {
                     st.filled[i] = false;
                 }
-                let filled = host.take(bucket);
+                let contents = host.take(bucket);
                 self.comm.submit(move |comm| {
-                    let result = host_bucket::reduce(comm, hook, filled).map(Reduced::Host);
+                    let result = host_bucket::reduce(comm, hook, contents).map(Outcome::Host);
                     let _ = done.send(Done { bucket, result });
                 });
                 continue;
@@ -193,7 +214,7 @@ impl<B: Backend> Reducer<B> {
                 parts.push(Tensor::from_floats([st.unused as f32], &self.device));
             }
             self.comm.submit(move |comm| {
-                let result = hook.apply(comm, Tensor::cat(parts, 0)).map(Reduced::Tensor);
+                let result = hook.apply(comm, Tensor::cat(parts, 0)).map(Outcome::Tensor);
                 let _ = done.send(Done { bucket, result });
             });
         }
@@ -201,7 +222,7 @@ impl<B: Backend> Reducer<B> {
 
     /// Ends a synchronised backward pass: launches what is left and returns
     /// every bucket averaged over all ranks, in bucket order.
-    pub fn finish(&self) -> Result<Vec<Tensor<B, 1>>> {
+    pub fn finish(&self) -> Result<Vec<Reduced<B>>> {
         let unused: Vec<usize>;
         {
             let mut guard = self.lock();
@@ -222,18 +243,18 @@ impl<B: Backend> Reducer<B> {
             st.pending.iter_mut().for_each(|p| *p = 0);
             self.launch_ready(st);
         }
-        let mut reduced: Vec<Option<Tensor<B, 1>>> = vec![None; self.buckets()];
+        let mut reduced: Vec<Option<Reduced<B>>> = (0..self.buckets()).map(|_| None).collect();
         let mut first_error = None;
         {
             let rx = self.done_rx.lock().unwrap_or_else(|e| e.into_inner());
             for _ in 0..reduced.len() {
                 let done = rx.recv().expect("the communication thread ended early");
                 match done.result {
-                    Ok(Reduced::Tensor(tensor)) => reduced[done.bucket] = Some(tensor),
-                    Ok(Reduced::Host(memory)) => {
+                    Ok(Outcome::Tensor(tensor)) => reduced[done.bucket] = Some(Reduced::Whole(tensor)),
+                    Ok(Outcome::Host(contents)) => {
                         let mut st = self.lock();
                         let host = st.host.as_mut().expect("host buckets reduce only in host mode");
-                        reduced[done.bucket] = Some(host.reduced::<B>(done.bucket, memory));
+                        reduced[done.bucket] = Some(host.reduced::<B>(done.bucket, contents));
                     }
                     Err(e) => {
                         first_error.get_or_insert(e);
@@ -244,12 +265,12 @@ impl<B: Backend> Reducer<B> {
         if let Some(e) = first_error {
             return Err(e.into());
         }
-        let reduced: Vec<Tensor<B, 1>> = reduced.into_iter().map(|b| b.expect("every bucket returns")).collect();
-        self.verdict(&unused, &reduced)?;
+        let mut reduced: Vec<Reduced<B>> = reduced.into_iter().map(|b| b.expect("every bucket returns")).collect();
+        self.verdict(&unused, &mut reduced)?;
         Ok(reduced)
     }
 
-    fn verdict(&self, unused: &[usize], reduced: &[Tensor<B, 1>]) -> Result<()> {
+    fn verdict(&self, unused: &[usize], reduced: &mut [Reduced<B>]) -> Result<()> {
         if let Some(m) = self.lock().misuse.take() {
             return Err(ParallelError::Invalid(m));
         }
@@ -261,9 +282,10 @@ impl<B: Backend> Reducer<B> {
                     .into(),
             ));
         }
-        let last = reduced.last().expect("at least one bucket");
-        let n = last.dims()[0];
-        let any_rank_unused = last.clone().slice([n - 1..n]).into_scalar().elem::<f32>() > 0.0;
+        // The unused-parameter count follows the last bucket's gradients.
+        let at = self.plan.lens.get(self.buckets() - 1).copied().unwrap_or(0);
+        let count = reduced.last_mut().expect("at least one bucket").take(at..at + 1);
+        let any_rank_unused = count.into_scalar().elem::<f32>() > 0.0;
         if any_rank_unused && !self.find_unused {
             let detail = if unused.is_empty() {
                 "another rank had parameters without a gradient in this step".to_string()

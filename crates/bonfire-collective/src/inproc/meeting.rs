@@ -17,10 +17,8 @@ pub(super) struct Joined {
     pub call: Call,
     /// Address of the input buffer; peers read it between the join and final barriers.
     pub src: usize,
-    /// `all_reduce_from` only: how many segments `src` lists, and the output
-    /// buffer, which the peers write their parts of the result into.
+    /// `all_reduce_segments` only: how many segments `src` lists.
     pub parts: usize,
-    pub dst: usize,
 }
 
 pub(super) struct Round {

@@ -8,11 +8,11 @@
 //! synchronised steps instead of two, and staging through a shared scratch
 //! buffer would add a full copy in and a full copy out. So the direct form is
 //! the fastest on shared memory; docs/performance.md gives what it
-//! reaches against the machine's memcpy bandwidth. `all_reduce_from` goes
-//! one step further for DDP: the input stays where it lies (a bucket's
-//! gradients) and each rank writes its reduced slice into every rank's
-//! output, so a rank reads and writes the buffer's size once, one barrier
-//! after the join.
+//! reaches against the machine's memcpy bandwidth. `all_reduce_segments`
+//! goes one step further for DDP: the values stay where they lie (a
+//! bucket's gradients) and each rank writes its reduced part straight back
+//! into every rank's segments, so a rank reads and writes the buffer's size
+//! once, one barrier after the join.
 //!
 //! Safety: a rank publishes a raw pointer to its buffer when it joins a call.
 //! Peers touch that buffer only between the join barrier and the final barrier
@@ -27,9 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::call::{Call, Kind};
-use crate::communicator::{
-    check_blocks, check_segments, split, Communicator, Group, DEFAULT_STALL_WARNING, DEFAULT_TIMEOUT,
-};
+use crate::communicator::{check_blocks, split, Communicator, Group, DEFAULT_STALL_WARNING, DEFAULT_TIMEOUT};
 use crate::element::{with_pair, with_slice, BufMut, BufRef, DType, Element, ReduceOp};
 use crate::error::{CommError, Result};
 use meeting::{Joined, Round, Shared};
@@ -117,53 +115,57 @@ impl InProcCommunicator {
         Ok(())
     }
 
-    /// The all-reduce with no copy in and none out: rank r reduces part r
-    /// reading every rank's input segments where they lie, and writes the
-    /// result straight into every rank's output. Per rank, one read of the
-    /// input's size and one write of it, against three reads and two writes
-    /// for packing and reducing in place.
-    fn all_reduce_from_f32(&self, input: &[&[f32]], output: &mut [f32], op: ReduceOp) -> Result<()> {
+    /// The all-reduce of segments where they lie, for DDP's gradients: rank
+    /// r reduces part r of the whole, reading it from every rank's segments
+    /// and writing the result straight back into every rank's segments. Per
+    /// rank, one read and one write of the buffer's size, the write into
+    /// memory it has just read (still in cache), and nothing packed or
+    /// unpacked; against two reads and two writes for reducing one packed
+    /// buffer, plus the packing.
+    fn all_reduce_segments_f32(&self, segments: &mut [&mut [f32]], op: ReduceOp) -> Result<()> {
         let world = self.shared.world;
-        check_segments(input, output)?;
-        let total = output.len();
+        // From here on the segments are reached only through these raw
+        // parts, by this rank and its peers alike.
+        let parts: Vec<Segment> = segments.iter_mut().map(|s| Segment { at: s.as_mut_ptr(), len: s.len() }).collect();
+        let total = parts.iter().map(|p| p.len).sum();
         let published = Joined {
-            parts: input.len(),
-            dst: output.as_mut_ptr() as usize,
-            ..call(Kind::AllReduceFrom, Some(DType::F32), Some(op), 0, total, input.as_ptr() as usize)
+            parts: parts.len(),
+            ..call(Kind::AllReduceSegments, Some(DType::F32), Some(op), 0, total, parts.as_ptr() as usize)
         };
         let round = self.join("all_reduce", published)?;
+        // SAFETY: every rank published `parts` segments, alive (and not
+        // otherwise touched) until the final sync, holding `total` values in
+        // all (the verdict checked the lengths).
+        let everyone: Vec<&[Segment]> = round
+            .calls
+            .iter()
+            .map(|c| unsafe { std::slice::from_raw_parts(c.src as *const Segment, c.parts) })
+            .collect();
         let mine = split(total, world, self.rank);
         // Block by block, so that each partial sum is still in cache when
-        // the next rank's values are added to it and when it is copied out.
+        // the next rank's values are added to it and when it is written
+        // back; summed in rank order, so that the result does not depend on
+        // which rank reduced it.
         const BLOCK: usize = 16 << 10;
+        let mut acc = vec![0f32; BLOCK.min(mine.len())];
         let mut start = mine.start;
         while start < mine.end {
             let block = start..(start + BLOCK).min(mine.end);
             start = block.end;
-            // SAFETY: every rank's segments and output hold `total` values
-            // (the verdict checked the lengths) and stay alive until the
-            // final sync. Rank r reads only part r of the inputs, which
-            // nobody writes, and writes only part r of the outputs; inputs
-            // and outputs are distinct memory (a rank's input cannot alias
-            // its own `&mut` output).
+            let acc = &mut acc[..block.len()];
+            // SAFETY: rank r reads and writes only part r of every rank's
+            // segments, and no two ranks' parts overlap; segments of one
+            // rank are distinct memory (they were distinct `&mut` slices).
             unsafe {
-                let acc = std::slice::from_raw_parts_mut(output.as_mut_ptr().add(block.start), block.len());
-                pieces(input, block.clone(), |at, piece| acc[at..at + piece.len()].copy_from_slice(piece));
-                for (peer, c) in round.calls.iter().enumerate() {
-                    if peer != self.rank {
-                        let theirs = std::slice::from_raw_parts(c.src as *const &[f32], c.parts);
-                        pieces(theirs, block.clone(), |at, piece| {
-                            f32::combine(&mut acc[at..at + piece.len()], piece, op)
-                        });
-                    }
+                pieces(everyone[0], block.clone(), |at, piece| acc[at..at + piece.len()].copy_from_slice(piece));
+                for theirs in &everyone[1..] {
+                    pieces(theirs, block.clone(), |at, piece| f32::combine(&mut acc[at..at + piece.len()], piece, op));
                 }
                 if op == ReduceOp::Mean {
                     f32::scale(acc, 1.0 / world as f32);
                 }
-                for (peer, c) in round.calls.iter().enumerate() {
-                    if peer != self.rank {
-                        std::ptr::copy_nonoverlapping(acc.as_ptr(), (c.dst as *mut f32).add(block.start), block.len());
-                    }
+                for theirs in &everyone {
+                    pieces(theirs, block.clone(), |at, piece| piece.copy_from_slice(&acc[at..at + piece.len()]));
                 }
             }
         }
@@ -227,18 +229,30 @@ impl InProcCommunicator {
 }
 
 fn call(kind: Kind, dtype: Option<DType>, op: Option<ReduceOp>, root: usize, len: usize, src: usize) -> Joined {
-    Joined { call: Call::new(kind, dtype, op, root, len), src, parts: 0, dst: 0 }
+    Joined { call: Call::new(kind, dtype, op, root, len), src, parts: 0 }
+}
+
+/// One segment of an `all_reduce_segments` call, as its peers reach it.
+struct Segment {
+    at: *mut f32,
+    len: usize,
 }
 
 /// Calls `f(offset, piece)` for what of `segments`, laid one after another,
 /// falls in `range`; `offset` is where the piece starts within `range`.
-fn pieces<'a>(segments: &[&'a [f32]], range: std::ops::Range<usize>, mut f: impl FnMut(usize, &'a [f32])) {
+///
+/// # Safety
+///
+/// Every segment must be valid for reads and writes of its length, and the
+/// caller the only one to touch `range` of them while `f` runs.
+unsafe fn pieces(segments: &[Segment], range: std::ops::Range<usize>, mut f: impl FnMut(usize, &mut [f32])) {
     let mut start = 0;
     for segment in segments {
-        let end = start + segment.len();
+        let end = start + segment.len;
         let (lo, hi) = (start.max(range.start), end.min(range.end));
         if lo < hi {
-            f(lo - range.start, &segment[lo - start..hi - start]);
+            // SAFETY: within the segment, which the caller vouches for.
+            f(lo - range.start, unsafe { std::slice::from_raw_parts_mut(segment.at.add(lo - start), hi - lo) });
         }
         start = end;
     }
@@ -267,11 +281,11 @@ impl Communicator for InProcCommunicator {
         with_slice!(buf, BufMut, |s| self.all_reduce_typed(s, op))
     }
 
-    fn all_reduce_from(&mut self, input: &[&[f32]], output: &mut [f32], op: ReduceOp) -> Result<()> {
-        self.all_reduce_from_f32(input, output, op)
+    fn all_reduce_segments(&mut self, segments: &mut [&mut [f32]], op: ReduceOp) -> Result<()> {
+        self.all_reduce_segments_f32(segments, op)
     }
 
-    fn reads_input_in_place(&self) -> bool {
+    fn reduces_segments_in_place(&self) -> bool {
         true
     }
 

@@ -202,18 +202,6 @@ impl Communicator for MpiCommunicator {
         Ok(())
     }
 
-    /// Packs the segments straight into the send staging buffer.
-    fn all_reduce_from(&mut self, input: &[&[f32]], output: &mut [f32], op: ReduceOp) -> Result<()> {
-        crate::communicator::check_segments(input, output)?;
-        let send = &mut self.staging.0;
-        send.clear();
-        input.iter().for_each(|s| send.extend_from_slice(s));
-        let call = Call::new(Kind::AllReduce, Some(crate::DType::F32), Some(op), 0, output.len());
-        self.all_reduce_staged("all_reduce_from", call, op)?;
-        stage_out(&self.staging.1, BufMut::F32(output), self.finish(op));
-        Ok(())
-    }
-
     fn broadcast(&mut self, buf: BufMut<'_>, root: usize) -> Result<()> {
         if root >= self.world {
             return Err(CommError::invalid("broadcast", format!("root {root} is not a rank of {}", self.world)));

@@ -64,9 +64,9 @@ pub fn check_all(comm: &mut dyn Communicator, big: bool) -> Result<(), String> {
             comm.all_reduce(buf.as_mut_slice().into(), op).map_err(e(format!("all_reduce {op:?} len {len}")))?;
             assert_close(&format!("all_reduce {op:?} len {len}"), &buf, &expected(world, len, op), 1e-5)?;
 
-            // all_reduce_from: the same input in segments whose boundaries
-            // differ from rank to rank (and an empty one), into a dirty output.
-            let whole = input(rank, len);
+            // all_reduce_segments: the same input in segments whose
+            // boundaries differ from rank to rank (and an empty one).
+            let mut whole = input(rank, len);
             let cuts = [
                 0,
                 (len / 3 + rank).min(len),
@@ -74,10 +74,15 @@ pub fn check_all(comm: &mut dyn Communicator, big: bool) -> Result<(), String> {
                 (2 * len / 3).max(len / 3 + rank).min(len),
                 len,
             ];
-            let segments: Vec<&[f32]> = cuts.windows(2).map(|w| &whole[w[0]..w[1]]).collect();
-            let mut out = vec![f32::NAN; len];
-            comm.all_reduce_from(&segments, &mut out, op).map_err(e(format!("all_reduce_from {op:?} len {len}")))?;
-            assert_close(&format!("all_reduce_from {op:?} len {len}"), &out, &expected(world, len, op), 1e-5)?;
+            let mut segments: Vec<&mut [f32]> = Vec::new();
+            let mut rest = whole.as_mut_slice();
+            for w in cuts.windows(2) {
+                let (segment, tail) = rest.split_at_mut(w[1] - w[0]);
+                segments.push(segment);
+                rest = tail;
+            }
+            comm.all_reduce_segments(&mut segments, op).map_err(e(format!("all_reduce_segments {op:?} len {len}")))?;
+            assert_close(&format!("all_reduce_segments {op:?} len {len}"), &whole, &expected(world, len, op), 1e-5)?;
         }
         let root = world - 1;
         let mut buf = input(rank, len);
