@@ -1,20 +1,20 @@
 //! Workers that are threads of one process, sharing memory.
 //!
-//! Algorithm: each rank reduces its own 1/N slice of the buffer, reading that
-//! slice straight from every rank's buffer, then copies the other slices from
-//! their owners: two barriers, and per rank about two reads and one write of
-//! the buffer, all ranks working at once. A ring over shared memory moves the
-//! same bytes (at N = 2 it is this very schedule) but needs 2(N-1)
-//! synchronised steps instead of two, and staging through a shared scratch
-//! buffer would add a full copy in and a full copy out. So the direct form is
-//! the fastest on shared memory; docs/performance.md gives what it
-//! reaches against the machine's memcpy bandwidth. `all_reduce_segments`
-//! goes one step further for DDP: the values stay where they lie (a
-//! bucket's gradients) and each rank writes its reduced part straight back
-//! into every rank's segments, so a rank reads and writes the buffer's size
-//! once, one barrier after the join.
+//! Algorithm: each rank reduces its own 1/N part of the buffer, reading that
+//! part straight from every rank's buffer, and writes the result straight
+//! back into every rank's buffer: per rank one read and one write of the
+//! buffer's size, the write into memory it has just read (still in cache),
+//! all ranks working at once, and one barrier after the join. A ring over
+//! shared memory moves more bytes in 2(N-1) synchronised steps, and staging
+//! through a shared scratch buffer would add a full copy in and a full copy
+//! out; reducing part r in place and letting the peers copy it afterwards
+//! reads the buffer one and a half times and needs a second barrier (it
+//! took nearly four times as long on 40 MB). docs/performance.md gives what it
+//! reaches against the machine's memcpy bandwidth. The buffer may lie in
+//! segments, cut differently on each rank (`all_reduce_segments`): DDP's
+//! gradients are reduced where backward left them.
 //!
-//! Safety: a rank publishes a raw pointer to its buffer when it joins a call.
+//! Safety: a rank publishes raw pointers to its buffers when it joins a call.
 //! Peers touch that buffer only between the join barrier and the final barrier
 //! of the call, and a rank cannot leave the call before that final barrier.
 //! Only the join barrier has a timeout: once every rank has joined, the rest of
@@ -76,99 +76,37 @@ impl InProcCommunicator {
     }
 
     fn all_reduce_typed<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
-        let world = self.shared.world;
-        let base = buf.as_mut_ptr();
-        let round =
-            self.join("all_reduce", call(Kind::AllReduce, Some(T::DTYPE), Some(op), 0, buf.len(), base as usize))?;
-        let mine = split(buf.len(), world, self.rank);
-        // SAFETY: every rank's buffer has `len` elements of T (checked by the
-        // verdict) and stays alive until the final sync. In this phase rank r
-        // writes only slice r of its own buffer and reads slice r of the others.
-        unsafe {
-            let acc = std::slice::from_raw_parts_mut(base.add(mine.start), mine.len());
-            for (peer, c) in round.calls.iter().enumerate() {
-                if peer != self.rank {
-                    let src = std::slice::from_raw_parts((c.src as *const T).add(mine.start), mine.len());
-                    T::combine(acc, src, op);
-                }
-            }
-            if op == ReduceOp::Mean {
-                T::scale(acc, 1.0 / world as f32);
-            }
-        }
-        self.sync();
-        // SAFETY: slice j of rank j is final and no longer written; each rank
-        // writes only the other slices of its own buffer.
-        unsafe {
-            for (peer, c) in round.calls.iter().enumerate() {
-                if peer != self.rank {
-                    let part = split(buf.len(), world, peer);
-                    std::ptr::copy_nonoverlapping(
-                        (c.src as *const T).add(part.start),
-                        base.add(part.start),
-                        part.len(),
-                    );
-                }
-            }
-        }
-        self.sync();
-        Ok(())
+        self.all_reduce_in_place(Kind::AllReduce, &mut [buf], op)
     }
 
-    /// The all-reduce of segments where they lie, for DDP's gradients: rank
-    /// r reduces part r of the whole, reading it from every rank's segments
-    /// and writing the result straight back into every rank's segments. Per
-    /// rank, one read and one write of the buffer's size, the write into
-    /// memory it has just read (still in cache), and nothing packed or
-    /// unpacked; against two reads and two writes for reducing one packed
-    /// buffer, plus the packing.
-    fn all_reduce_segments_f32(&self, segments: &mut [&mut [f32]], op: ReduceOp) -> Result<()> {
+    /// The all-reduce (see the module comment) of a buffer in `segments`
+    /// (one, or a bucket's gradients where they lie): rank r reduces part r
+    /// of the whole, reading it from every rank's segments and writing the
+    /// result straight back into every rank's segments.
+    fn all_reduce_in_place<T: Element>(&self, kind: Kind, segments: &mut [&mut [T]], op: ReduceOp) -> Result<()> {
         let world = self.shared.world;
         // From here on the segments are reached only through these raw
         // parts, by this rank and its peers alike.
-        let parts: Vec<Segment> = segments.iter_mut().map(|s| Segment { at: s.as_mut_ptr(), len: s.len() }).collect();
+        let parts: Vec<Segment<T>> =
+            segments.iter_mut().map(|s| Segment { at: s.as_mut_ptr(), len: s.len() }).collect();
         let total = parts.iter().map(|p| p.len).sum();
-        let published = Joined {
-            parts: parts.len(),
-            ..call(Kind::AllReduceSegments, Some(DType::F32), Some(op), 0, total, parts.as_ptr() as usize)
-        };
+        let published =
+            Joined { parts: parts.len(), ..call(kind, Some(T::DTYPE), Some(op), 0, total, parts.as_ptr() as usize) };
         let round = self.join("all_reduce", published)?;
         // SAFETY: every rank published `parts` segments, alive (and not
         // otherwise touched) until the final sync, holding `total` values in
         // all (the verdict checked the lengths).
-        let everyone: Vec<&[Segment]> = round
+        let everyone: Vec<&[Segment<T>]> = round
             .calls
             .iter()
-            .map(|c| unsafe { std::slice::from_raw_parts(c.src as *const Segment, c.parts) })
+            .map(|c| unsafe { std::slice::from_raw_parts(c.src as *const Segment<T>, c.parts) })
             .collect();
         let mine = split(total, world, self.rank);
-        // Block by block, so that each partial sum is still in cache when
-        // the next rank's values are added to it and when it is written
-        // back; summed in rank order, so that the result does not depend on
-        // which rank reduced it.
-        const BLOCK: usize = 16 << 10;
-        let mut acc = vec![0f32; BLOCK.min(mine.len())];
-        let mut start = mine.start;
-        while start < mine.end {
-            let block = start..(start + BLOCK).min(mine.end);
-            start = block.end;
-            let acc = &mut acc[..block.len()];
-            // SAFETY: rank r reads and writes only part r of every rank's
-            // segments, and no two ranks' parts overlap; segments of one
-            // rank are distinct memory (they were distinct `&mut` slices).
-            unsafe {
-                pieces(everyone[0], block.clone(), |at, piece| acc[at..at + piece.len()].copy_from_slice(piece));
-                for theirs in &everyone[1..] {
-                    pieces(theirs, block.clone(), |at, piece| f32::combine(&mut acc[at..at + piece.len()], piece, op));
-                }
-                if op == ReduceOp::Mean {
-                    f32::scale(acc, 1.0 / world as f32);
-                }
-                for theirs in &everyone {
-                    pieces(theirs, block.clone(), |at, piece| piece.copy_from_slice(&acc[at..at + piece.len()]));
-                }
-            }
-        }
+        let scale = (op == ReduceOp::Mean).then(|| 1.0 / world as f32);
+        // SAFETY: rank r reads and writes only part r of every rank's
+        // segments, and no two ranks' parts overlap; segments of one rank
+        // are distinct memory (they were distinct `&mut` slices).
+        unsafe { runs(&everyone, mine, |run| reduce_run(run, op, scale)) };
         self.sync();
         Ok(())
     }
@@ -232,29 +170,66 @@ fn call(kind: Kind, dtype: Option<DType>, op: Option<ReduceOp>, root: usize, len
     Joined { call: Call::new(kind, dtype, op, root, len), src, parts: 0 }
 }
 
-/// One segment of an `all_reduce_segments` call, as its peers reach it.
-struct Segment {
-    at: *mut f32,
+/// One segment of an all-reduce's buffer, as the peers reach it.
+struct Segment<T> {
+    at: *mut T,
     len: usize,
 }
 
-/// Calls `f(offset, piece)` for what of `segments`, laid one after another,
-/// falls in `range`; `offset` is where the piece starts within `range`.
+/// Calls `f` with every rank's values of each run of `range` that no
+/// rank's segment boundary cuts, in rank order.
 ///
 /// # Safety
 ///
 /// Every segment must be valid for reads and writes of its length, and the
 /// caller the only one to touch `range` of them while `f` runs.
-unsafe fn pieces(segments: &[Segment], range: std::ops::Range<usize>, mut f: impl FnMut(usize, &mut [f32])) {
-    let mut start = 0;
-    for segment in segments {
-        let end = start + segment.len;
-        let (lo, hi) = (start.max(range.start), end.min(range.end));
-        if lo < hi {
-            // SAFETY: within the segment, which the caller vouches for.
-            f(lo - range.start, unsafe { std::slice::from_raw_parts_mut(segment.at.add(lo - start), hi - lo) });
+unsafe fn runs<T>(everyone: &[&[Segment<T>]], range: std::ops::Range<usize>, mut f: impl FnMut(&mut [&mut [T]])) {
+    // Per rank: the segment that holds `at`, and where it starts.
+    let mut cursors = vec![(0usize, 0usize); everyone.len()];
+    let mut run: Vec<&mut [T]> = Vec::with_capacity(everyone.len());
+    let mut at = range.start;
+    while at < range.end {
+        let mut end = range.end;
+        for (segments, (index, start)) in everyone.iter().zip(&mut cursors) {
+            while *start + segments[*index].len <= at {
+                *start += segments[*index].len;
+                *index += 1;
+            }
+            end = end.min(*start + segments[*index].len);
         }
-        start = end;
+        run.clear();
+        for (segments, &(index, start)) in everyone.iter().zip(&cursors) {
+            // SAFETY: `at..end` lies within this segment, which the caller vouches for.
+            run.push(unsafe { std::slice::from_raw_parts_mut(segments[index].at.add(at - start), end - at) });
+        }
+        f(&mut run);
+        at = end;
+    }
+}
+
+/// Reduces one run, as long on every rank, and writes the result back into
+/// every rank's values. Chunk by chunk, so that each partial result stays in
+/// the L1 cache from the first read of the chunk to its last write: every
+/// value is read from memory once and written once.
+fn reduce_run<T: Element>(run: &mut [&mut [T]], op: ReduceOp, scale: Option<f32>) {
+    const CHUNK: usize = 1024;
+    let mut acc = [T::zeroed(); CHUNK];
+    let len = run[0].len();
+    let mut at = 0;
+    while at < len {
+        let chunk = at..(at + CHUNK).min(len);
+        let acc = &mut acc[..chunk.len()];
+        acc.copy_from_slice(&run[0][chunk.clone()]);
+        for theirs in &run[1..] {
+            T::combine(acc, &theirs[chunk.clone()], op);
+        }
+        if let Some(factor) = scale {
+            T::scale(acc, factor);
+        }
+        for values in run.iter_mut() {
+            values[chunk.clone()].copy_from_slice(acc);
+        }
+        at = chunk.end;
     }
 }
 
@@ -282,7 +257,7 @@ impl Communicator for InProcCommunicator {
     }
 
     fn all_reduce_segments(&mut self, segments: &mut [&mut [f32]], op: ReduceOp) -> Result<()> {
-        self.all_reduce_segments_f32(segments, op)
+        self.all_reduce_in_place(Kind::AllReduceSegments, segments, op)
     }
 
     fn reduces_segments_in_place(&self) -> bool {
