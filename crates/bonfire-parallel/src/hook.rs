@@ -14,7 +14,7 @@ use burn::tensor::ops::FloatTensor;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn_autodiff::grads::Gradients;
-use burn_autodiff::ops::{unary, Backward, Ops, OpsKind};
+use burn_autodiff::ops::{Backward, Ops, OpsKind};
 use burn_autodiff::Autodiff;
 
 use crate::device_move::MoveBackend;
@@ -71,11 +71,13 @@ impl<B: Backend> Backward<B, 1> for GradientReady {
     type State = Target<B>;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        // The gradient goes to the sink alone, not on to the parameter: a
+        // second handle on it in `grads` would live until backward ends,
+        // and the reducer, which averages gradients where they lie, would
+        // have to copy any it averages while backward still runs. Nothing
+        // reads the parameter's own gradient: DDP returns the averaged ones.
         let target = ops.state;
-        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
-            target.sink.ready(target.index, grad.clone());
-            grad
-        });
+        target.sink.ready(target.index, grads.consume::<B>(&ops.node));
     }
 }
 
