@@ -8,6 +8,11 @@
 //! in-process group, or (`--processes`) as two processes over the TCP ring.
 //! Each row also carries the page faults per worker and step, the cost of
 //! memory that is made anew every step.
+//!
+//! Every measurement runs in a fresh process, so that no variant inherits
+//! the memory (and the allocator's state) that the one before it left: in
+//! one process, the variant measured right after the floor ran up to 10 %
+//! slower than the same configuration measured later in the round.
 
 use std::process::Stdio;
 use std::sync::Mutex;
@@ -47,7 +52,8 @@ pub struct Args {
     processes: bool,
 }
 
-/// One rank of the two-process benchmark (started by `ddp --processes`).
+/// One measurement of one variant (started by `ddp`): one rank of the
+/// two-process form, or with `--threads` both workers as threads.
 #[derive(clap::Args)]
 pub struct WorkerArgs {
     #[arg(long)]
@@ -56,6 +62,9 @@ pub struct WorkerArgs {
     steps: usize,
     #[arg(long)]
     batch: usize,
+    /// Run both workers as threads of this process.
+    #[arg(long)]
+    threads: bool,
 }
 
 /// 784-2048-2048-2048-10: 10.0 M parameters, 40 MB of gradients a step.
@@ -195,19 +204,49 @@ fn local_worker(steps: usize, batch: usize) -> Result<Timing> {
 }
 
 /// Bonfire's DDP over two in-process workers.
-fn bonfire(args: &Args, config: DdpConfig) -> Result<Timing> {
+fn bonfire(steps: usize, batch: usize, config: DdpConfig) -> Result<Timing> {
     let comms: Vec<Mutex<Option<InProcCommunicator>>> =
         InProcCommunicator::group(2)?.into_iter().map(|c| Mutex::new(Some(c))).collect();
     on_two_workers(|rank| {
         let comm = comms[rank].lock().unwrap().take().expect("one worker per rank");
-        bonfire_worker(args.steps, args.batch, Box::new(comm), config.clone())
+        bonfire_worker(steps, batch, Box::new(comm), config.clone())
     })
 }
 
-/// No communication at all: two workers training alone, the floor for any
-/// data-parallel variant on this machine.
-fn local(args: &Args) -> Result<Timing> {
-    on_two_workers(|_| local_worker(args.steps, args.batch))
+/// This program's `ddp-worker` for `variant`, with the step count and batch of `args`.
+fn worker_command(args: &Args, variant: &str, command: std::process::Command) -> std::process::Command {
+    let mut command = command;
+    command
+        .args(["ddp-worker", "--variant", variant])
+        .args(["--steps", &args.steps.to_string(), "--batch", &args.batch.to_string()])
+        .stdout(Stdio::piped());
+    command
+}
+
+/// What a worker printed: its step time, faults per step and overlap.
+fn parse_timing(line: &str, variant: &str) -> Result<Timing> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let parsed = match fields[..] {
+        [ms, faults, overlap] => (|| {
+            Some(Timing {
+                step_ms: ms.parse().ok()?,
+                faults_per_step: faults.parse().ok()?,
+                overlap: config(variant).is_some().then(|| overlap == "true"),
+            })
+        })(),
+        _ => None,
+    };
+    parsed.with_context(|| format!("the {variant} worker printed {line:?}"))
+}
+
+/// `variant` with both workers as threads of a fresh process of this program.
+fn in_fresh_process(args: &Args, variant: &str) -> Result<Timing> {
+    let mut command = worker_command(args, variant, std::process::Command::new(std::env::current_exe()?));
+    let out = command.arg("--threads").spawn().context("starting a benchmark worker")?.wait_with_output()?;
+    if !out.status.success() {
+        bail!("DDP benchmark worker ({variant}) failed: {}", out.status);
+    }
+    parse_timing(&String::from_utf8_lossy(&out.stdout), variant)
 }
 
 /// `variant` as two processes of this program over the TCP ring; rank 0's
@@ -216,14 +255,9 @@ fn on_two_processes(args: &Args, variant: &str) -> Result<Timing> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let children = (0..2)
         .map(|rank| {
-            crate::local_rank_command(rank, 2, port)?
-                .args(["ddp-worker", "--variant", variant])
-                .args(["--steps", &args.steps.to_string(), "--batch", &args.batch.to_string()])
-                // Each process gets one of the cores, as the threads do.
-                .env("RAYON_NUM_THREADS", "1")
-                .stdout(Stdio::piped())
-                .spawn()
-                .context("starting a benchmark worker")
+            let mut command = worker_command(args, variant, crate::local_rank_command(rank, 2, port)?);
+            // Each process gets one of the cores, as the threads do.
+            command.env("RAYON_NUM_THREADS", "1").spawn().context("starting a benchmark worker")
         })
         .collect::<Result<Vec<_>>>()?;
     let mut rank0 = None;
@@ -233,40 +267,35 @@ fn on_two_processes(args: &Args, variant: &str) -> Result<Timing> {
             bail!("DDP benchmark worker {rank} ({variant}) failed: {}", out.status);
         }
         if rank == 0 {
-            let line = String::from_utf8_lossy(&out.stdout);
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let parsed = match fields[..] {
-                [ms, faults, overlap] => (|| {
-                    Some(Timing {
-                        step_ms: ms.parse().ok()?,
-                        faults_per_step: faults.parse().ok()?,
-                        overlap: (variant != "local").then(|| overlap == "true"),
-                    })
-                })(),
-                _ => None,
-            };
-            rank0 = Some(parsed.with_context(|| format!("worker 0 printed {line:?}"))?);
+            rank0 = Some(parse_timing(&String::from_utf8_lossy(&out.stdout), variant)?);
         }
     }
     rank0.context("no worker 0")
 }
 
-/// One rank of `on_two_processes`: prints its step time and faults per step.
+/// One measurement (`ddp-worker`): prints the step time, the faults per
+/// step and whether buckets overlapped backward.
 pub fn worker(args: WorkerArgs) -> Result<()> {
-    let timing = match config(&args.variant) {
-        Some(config) => {
+    let (steps, batch) = (args.steps, args.batch);
+    let timing = match (config(&args.variant), args.variant.as_str()) {
+        (_, "burn") if args.threads => burn_collective(steps, batch)?,
+        (_, "local") if args.threads => on_two_workers(|_| local_worker(steps, batch))?,
+        (_, "local") => local_worker(steps, batch)?,
+        (Some(config), _) if args.threads => bonfire(steps, batch, config)?,
+        (Some(config), _) => {
             let comm = TcpCommunicator::from_env(TcpConfig::default())?;
-            bonfire_worker(args.steps, args.batch, Box::new(comm), config)?
+            bonfire_worker(steps, batch, Box::new(comm), config)?
         }
-        None if args.variant == "local" => local_worker(args.steps, args.batch)?,
-        None => bail!("unknown variant {:?}", args.variant),
+        (None, other) => {
+            bail!("unknown variant {other:?}; expected local, default, overlap, no-overlap, per-parameter or burn")
+        }
     };
     println!("{} {} {}", timing.step_ms, timing.faults_per_step, timing.overlap.unwrap_or(false));
     Ok(())
 }
 
 #[cfg(feature = "burn-baseline")]
-fn burn_collective(args: &Args) -> Result<Timing> {
+fn burn_collective(steps: usize, batch: usize) -> Result<Timing> {
     use burn::collective::{finish_collective, register, CollectiveConfig, PeerId, ReduceOperation};
     // burn-train clones one model onto every device, so parameter ids (which
     // order burn-collective's all-reduces) agree across workers.
@@ -275,7 +304,7 @@ fn burn_collective(args: &Args) -> Result<Timing> {
         let peer = PeerId::from(rank);
         register::<Inner>(peer, Default::default(), CollectiveConfig::default().with_num_devices(2))
             .map_err(|e| anyhow::anyhow!("burn-collective register: {e:?}"))?;
-        let ms = time_training(args.steps, args.batch, model.clone(), |m, x, y| {
+        let ms = time_training(steps, batch, model.clone(), |m, x, y| {
             GradientsParams::from_grads(m.loss(x, y).backward(), m)
                 .all_reduce::<Inner>(peer, ReduceOperation::Mean)
                 .map_err(|e| anyhow::anyhow!("burn-collective all_reduce: {e:?}"))
@@ -286,21 +315,16 @@ fn burn_collective(args: &Args) -> Result<Timing> {
 }
 
 #[cfg(not(feature = "burn-baseline"))]
-fn burn_collective(_: &Args) -> Result<Timing> {
+fn burn_collective(_: usize, _: usize) -> Result<Timing> {
     bail!("built without the burn-baseline feature (cargo xtask bench ddp enables it)")
 }
 
-/// One measurement of `variant`.
+/// One measurement of `variant`, in processes of its own.
 fn measure(args: &Args, variant: &str) -> Result<Timing> {
-    match (variant, config(variant)) {
-        ("burn", _) => burn_collective(args),
-        ("local", _) if args.processes => on_two_processes(args, "local"),
-        ("local", _) => local(args),
-        (_, Some(_)) if args.processes => on_two_processes(args, variant),
-        (_, Some(config)) => bonfire(args, config),
-        (other, None) => {
-            bail!("unknown variant {other:?}; expected local, default, overlap, no-overlap, per-parameter or burn")
-        }
+    if args.processes {
+        on_two_processes(args, variant)
+    } else {
+        in_fresh_process(args, variant)
     }
 }
 
