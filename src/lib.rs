@@ -39,7 +39,7 @@ pub use bonfire_collective::{
     CommError, Communicator, DistEnv, Group, InProcCommunicator, ReduceOp, TcpCommunicator, TcpConfig, TensorCollective,
 };
 pub use bonfire_parallel::{
-    CommHook, DataParallel, DdpConfig, DistributedDataParallel, HookBackend, ParallelError, Strategy,
+    keep_freed_memory, CommHook, DataParallel, DdpConfig, DistributedDataParallel, HookBackend, ParallelError, Strategy,
 };
 
 /// `use bonfire::prelude::*;` gives the strategies, their configuration, the

@@ -47,6 +47,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    bonfire_parallel::keep_freed_memory();
     match Cli::parse().command {
         Command::Allreduce(args) => allreduce::run(args),
         Command::Ddp(args) => ddp::run(args),

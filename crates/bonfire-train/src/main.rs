@@ -31,6 +31,7 @@ const EXIT_UNAVAILABLE: u8 = 2;
 struct Unavailable(String);
 
 fn main() -> ExitCode {
+    bonfire_parallel::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_max_level(tracing::Level::INFO)
