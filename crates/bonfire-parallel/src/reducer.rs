@@ -6,9 +6,10 @@
 //! same collectives in the same order) and finalisation (unused parameters,
 //! waiting for the results) are kept apart, as in PyTorch's reducer.
 //!
-//! On Flex with a host communicator the buckets are host memory the reducer
-//! keeps from step to step (`host_bucket.rs`). Everywhere else gradients
-//! stay tensors on their device: a bucket is the
+//! On Flex with a host communicator the buckets live in host memory
+//! (`host_bucket.rs`): threads average the gradients where backward left
+//! them, the TCP ring a bucket the reducer keeps from step to step.
+//! Everywhere else gradients stay tensors on their device: a bucket is the
 //! concatenation of its gradients, made on the communication thread, and the
 //! collective decides where the values travel ([`TensorCollective`]: through
 //! the host for the ring, in GPU memory for NCCL).
