@@ -4,7 +4,7 @@
 //! by default, serves blocks of a few megabytes and more straight from the
 //! kernel and hands them back when they are freed (and trims the top of its
 //! heaps), so every training step faults the same memory in again, zeroed
-//! page by page: 4,000 to 9,000 faults per worker and step in
+//! page by page: 3,000 to 9,000 faults per worker and step in
 //! `cargo xtask bench ddp`, 10 to 15 ms of a 70–90 ms step, and a different
 //! count from run to run. PyTorch's CPU allocator keeps freed memory for
 //! the same reason.
