@@ -6,8 +6,8 @@
 //! heaps), so every training step faults the same memory in again, zeroed
 //! page by page: 3,000 to 9,000 faults per worker and step in
 //! `cargo xtask bench ddp`, 10 to 15 ms of a 70–90 ms step, and a different
-//! count from run to run. PyTorch's CPU allocator keeps freed memory for
-//! the same reason.
+//! count from run to run. PyTorch's CPU performance guides recommend
+//! loading jemalloc or tcmalloc in place of glibc's malloc for this reason.
 
 /// Tells the C allocator to keep the memory the process frees instead of
 /// handing it back to the kernel, so that after the first steps no training
