@@ -77,6 +77,9 @@ fn worker(comm: InProcCommunicator) -> Result<Vec<f32>, ParallelError> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // On the CPU: keep the memory Flex frees every step rather than fault it
+    // in again on the next one (before any worker thread starts).
+    bonfire::keep_freed_memory();
     let comms = InProcCommunicator::group(WORKERS)?;
     let weights = std::thread::scope(|s| {
         let workers: Vec<_> = comms.into_iter().map(|comm| s.spawn(move || worker(comm))).collect();

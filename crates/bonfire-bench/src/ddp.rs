@@ -214,8 +214,7 @@ fn bonfire(steps: usize, batch: usize, config: DdpConfig) -> Result<Timing> {
 }
 
 /// This program's `ddp-worker` for `variant`, with the step count and batch of `args`.
-fn worker_command(args: &Args, variant: &str, command: std::process::Command) -> std::process::Command {
-    let mut command = command;
+fn worker_command(args: &Args, variant: &str, mut command: std::process::Command) -> std::process::Command {
     command
         .args(["ddp-worker", "--variant", variant])
         .args(["--steps", &args.steps.to_string(), "--batch", &args.batch.to_string()])

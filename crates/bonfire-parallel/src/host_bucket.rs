@@ -95,7 +95,8 @@ fn values(len: usize, value: f32) -> FlexTensor {
 fn values_mut(grad: &mut FlexTensor) -> &mut [f32] {
     if !grad.is_unique() {
         let copy = grad.as_slice::<f32>().expect("contiguous f32").to_vec();
-        *grad = FlexTensor::from_data(TensorData::new(copy.clone(), [copy.len()]));
+        let len = copy.len();
+        *grad = FlexTensor::from_data(TensorData::new(copy, [len]));
     }
     let (start, end) = grad.layout().contiguous_offsets().expect("contiguous");
     &mut grad.try_storage_mut::<f32>().expect("held only here")[start..end]
