@@ -6,8 +6,10 @@
 //! communication. Every variant runs 2 workers on the Flex backend, on the
 //! same model, data and batch: as threads of this process over the
 //! in-process group, or (`--processes`) as two processes over the TCP ring.
-//! Each row also carries the page faults per worker and step, the cost of
-//! memory that is made anew every step.
+//! A variant's step time is its slowest worker's, as for a training job
+//! (workers that never wait for each other drift apart). Each row also
+//! carries the page faults per worker and step, the cost of memory that is
+//! made anew every step.
 //!
 //! Every measurement runs in a fresh process, so that no variant inherits
 //! the memory (and the allocator's state) that the one before it left: in
@@ -125,7 +127,17 @@ fn minor_faults() -> u64 {
     after_name.split_whitespace().nth(7).and_then(|f| f.parse().ok()).unwrap_or(0)
 }
 
-/// Runs `work(rank)` for ranks 0 and 1 on two threads; returns rank 0's result.
+/// The timing of a group of workers: a step of the group ends when its
+/// slowest worker's does (workers that do not communicate drift apart, and
+/// the one ahead finishes early), so the group's step time is the slowest
+/// worker's; faults are the workers' mean.
+fn group_timing(workers: &[Timing]) -> Timing {
+    let step_ms = workers.iter().map(|t| t.step_ms).fold(0.0, f64::max);
+    let faults_per_step = workers.iter().map(|t| t.faults_per_step).sum::<f64>() / workers.len() as f64;
+    Timing { step_ms, faults_per_step, ..workers[0] }
+}
+
+/// Runs `work(rank)` for ranks 0 and 1 on two threads; returns their group timing.
 fn on_two_workers(work: impl Fn(usize) -> Result<Timing> + Sync) -> Result<Timing> {
     let times = std::thread::scope(|s| {
         let handles: Vec<_> = (0..2)
@@ -139,7 +151,8 @@ fn on_two_workers(work: impl Fn(usize) -> Result<Timing> + Sync) -> Result<Timin
         handles.into_iter().map(|h| h.join().expect("worker panicked")).collect::<Result<Vec<Timing>>>()
     })?;
     // Both threads counted the faults of the whole process.
-    Ok(Timing { faults_per_step: times[0].faults_per_step / 2.0, ..times[0] })
+    let group = group_timing(&times);
+    Ok(Timing { faults_per_step: group.faults_per_step / 2.0, ..group })
 }
 
 /// Milliseconds per step of SGD on `model`, with gradients from `grads`,
@@ -248,8 +261,8 @@ fn in_fresh_process(args: &Args, variant: &str) -> Result<Timing> {
     parse_timing(&String::from_utf8_lossy(&out.stdout), variant)
 }
 
-/// `variant` as two processes of this program over the TCP ring; rank 0's
-/// timing.
+/// `variant` as two processes of this program over the TCP ring; their
+/// group timing.
 fn on_two_processes(args: &Args, variant: &str) -> Result<Timing> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let children = (0..2)
@@ -259,17 +272,15 @@ fn on_two_processes(args: &Args, variant: &str) -> Result<Timing> {
             command.env("RAYON_NUM_THREADS", "1").spawn().context("starting a benchmark worker")
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut rank0 = None;
+    let mut timings = Vec::new();
     for (rank, child) in children.into_iter().enumerate() {
         let out = child.wait_with_output()?;
         if !out.status.success() {
             bail!("DDP benchmark worker {rank} ({variant}) failed: {}", out.status);
         }
-        if rank == 0 {
-            rank0 = Some(parse_timing(&String::from_utf8_lossy(&out.stdout), variant)?);
-        }
+        timings.push(parse_timing(&String::from_utf8_lossy(&out.stdout), variant)?);
     }
-    rank0.context("no worker 0")
+    Ok(group_timing(&timings))
 }
 
 /// One measurement (`ddp-worker`): prints the step time, the faults per
