@@ -11,6 +11,10 @@
 //! carries the page faults per worker and step, the cost of memory that is
 //! made anew every step.
 //!
+//! Rounds interleave the variants; a variant's ratio to the floor (and to
+//! Burn's own) is the median of its ratios to the floor measured in the same
+//! round.
+//!
 //! Every measurement runs in a fresh process, so that no variant inherits
 //! the memory (and the allocator's state) that the one before it left: in
 //! one process, the variant measured right after the floor ran up to 10 %
@@ -45,8 +49,9 @@ pub struct Args {
     /// Variants to run.
     #[arg(long, value_delimiter = ',', default_value = "local,default,overlap,no-overlap,per-parameter,burn")]
     variants: Vec<String>,
-    /// Rounds over all variants; each variant reports its median.
-    #[arg(long, default_value_t = 3)]
+    /// Rounds over all variants; each variant reports its median, and its
+    /// median ratio to the floor and to Burn's own measured in the same round.
+    #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// Two processes over the TCP ring instead of two threads (Burn's own
     /// path has no multi-process form and is skipped).
@@ -343,6 +348,16 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
+/// The median over rounds of `ratio(this round's time, the anchor's time in
+/// the same round)`, as JSON (`null` without the anchor). Pairing each
+/// round with its own anchor cancels the machine's slow drift, which moves
+/// whole rounds by more than DDP costs.
+fn paired_ratio(times: &[Timing], anchor: Option<&[Timing]>, ratio: fn(f64, f64) -> f64) -> String {
+    anchor.map_or("null".to_string(), |anchor| {
+        format!("{:.4}", median(times.iter().zip(anchor).map(|(t, a)| ratio(t.step_ms, a.step_ms)).collect()))
+    })
+}
+
 pub fn run(args: Args) -> Result<()> {
     let transport = if args.processes { "tcp" } else { "inproc" };
     // Burn's own path has no multi-process form.
@@ -356,16 +371,49 @@ pub fn run(args: Args) -> Result<()> {
             timings.push(measure(&args, variant)?);
         }
     }
-    for (variant, timings) in variants.iter().zip(timings) {
+    let of = |name: &str| variants.iter().position(|v| *v == name).map(|i| timings[i].as_slice());
+    let (floor, burn) = (of("local"), of("burn"));
+    for (variant, timings) in variants.iter().zip(&timings) {
         let step_ms = median(timings.iter().map(|t| t.step_ms).collect());
         let faults = median(timings.iter().map(|t| t.faults_per_step).collect());
         let rounds: Vec<String> = timings.iter().map(|t| format!("{:.2}", t.step_ms)).collect();
         let overlap = timings[0].overlap.map_or("null".to_string(), |o| o.to_string());
+        let x_floor = paired_ratio(timings, floor, |ms, floor| ms / floor);
+        let speedup_over_burn = paired_ratio(timings, burn, |ms, burn| burn / ms);
         println!(
-            r#"{{"variant": "{variant}", "transport": "{transport}", "step_ms": {step_ms:.2}, "rounds_ms": [{}], "faults_per_step": {faults:.0}, "overlap": {overlap}, "default": {}}}"#,
+            r#"{{"variant": "{variant}", "transport": "{transport}", "step_ms": {step_ms:.2}, "rounds_ms": [{}], "x_floor": {x_floor}, "speedup_over_burn": {speedup_over_burn}, "faults_per_step": {faults:.0}, "overlap": {overlap}, "default": {}}}"#,
             rounds.join(", "),
             *variant == "default"
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timing(step_ms: f64, faults_per_step: f64) -> Timing {
+        Timing { step_ms, faults_per_step, overlap: None }
+    }
+
+    #[test]
+    fn a_group_step_is_its_slowest_workers() {
+        let group = group_timing(&[timing(70.0, 2.0), timing(74.0, 4.0)]);
+        assert_eq!(group.step_ms, 74.0);
+        assert_eq!(group.faults_per_step, 3.0);
+    }
+
+    #[test]
+    fn ratios_pair_each_round_with_its_anchor_in_the_same_round() {
+        // The machine slows down in round 2: every variant's time rises, the ratio does not.
+        let floor = [timing(70.0, 0.0), timing(90.0, 0.0), timing(72.0, 0.0)];
+        let ddp = [timing(73.5, 0.0), timing(94.5, 0.0), timing(75.6, 0.0)];
+        assert_eq!(paired_ratio(&ddp, Some(&floor), |ms, floor| ms / floor), "1.0500");
+        // One round slowed down for one variant alone is an outlier the median drops
+        // (the ratio of the medians would say 90.0 / 72.0 = 1.25).
+        let ddp = [timing(73.5, 0.0), timing(94.5, 0.0), timing(90.0, 0.0)];
+        assert_eq!(paired_ratio(&ddp, Some(&floor), |ms, floor| ms / floor), "1.0500");
+        assert_eq!(paired_ratio(&ddp, None, |ms, floor| ms / floor), "null");
+    }
 }
