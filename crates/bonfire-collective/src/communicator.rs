@@ -65,10 +65,13 @@ pub trait Communicator: Group + Send {
     /// Combines f32 values across ranks in place: each rank's buffer is its
     /// `segments` one after another (as long on every rank, though each rank
     /// may cut it differently), and ends holding the result. This default
-    /// packs the segments into one buffer, reduces it and unpacks it again;
-    /// a communicator whose ranks read each other's memory reduces the
-    /// segments where they lie.
+    /// packs the segments into one buffer (unless there is only one),
+    /// reduces it and unpacks it again; a communicator whose ranks read each
+    /// other's memory reduces the segments where they lie.
     fn all_reduce_segments(&mut self, segments: &mut [&mut [f32]], op: ReduceOp) -> Result<()> {
+        if let [whole] = segments {
+            return self.all_reduce(BufMut::F32(whole), op);
+        }
         let mut packed: Vec<f32> = segments.iter().flat_map(|s| s.iter().copied()).collect();
         self.all_reduce(BufMut::F32(&mut packed), op)?;
         let mut at = 0;

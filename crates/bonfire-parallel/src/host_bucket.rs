@@ -213,13 +213,11 @@ pub fn reduce<B: Backend>(
         op: "all_reduce",
         detail: "host buckets need a host communicator".into(),
     })?;
-    let packed = matches!(contents, Contents::Memory(_));
     let mut segments: Vec<&mut [f32]> = match &mut contents {
         Contents::Memory(memory) => vec![memory.try_storage_mut::<f32>().expect("taken memory is held only here")],
         Contents::Gradients(grads) => grads.values_mut().map(values_mut).collect(),
     };
     match hook {
-        CommHook::Mean if packed => host.all_reduce(BufMut::F32(segments[0]), ReduceOp::Mean)?,
         CommHook::Mean => host.all_reduce_segments(&mut segments, ReduceOp::Mean)?,
         CommHook::Bf16Compress => bf16_mean(host, &mut segments)?,
     }
