@@ -3,9 +3,12 @@
 //! own multi-device path (burn-collective's all-reduce through
 //! `GradientsParams::all_reduce`, what burn-train's DDP strategy calls after
 //! each backward pass), beside the floor: the same workers with no
-//! communication. Every variant runs 2 workers on the Flex backend, on the
-//! same model, data and batch: as threads of this process over the
-//! in-process group, or (`--processes`) as two processes over the TCP ring.
+//! communication, and the floor in lockstep: no gradients exchanged, but the
+//! workers wait for each other once a step where DDP's all-reduce would be,
+//! as every synchronous data-parallel step must. Every variant runs 2
+//! workers on the Flex backend, on the same model, data and batch: as threads
+//! of this process over the in-process group, or (`--processes`) as two
+//! processes over the TCP ring.
 //! A variant's step time is its slowest worker's, as for a training job
 //! (workers that never wait for each other drift apart). Each row also
 //! carries the page faults per worker and step, the cost of memory that is
@@ -25,7 +28,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use bonfire_collective::{InProcCommunicator, TcpCommunicator, TcpConfig};
+use bonfire_collective::{Communicator, InProcCommunicator, TcpCommunicator, TcpConfig};
 use bonfire_parallel::{DdpConfig, DistributedDataParallel};
 use burn::backend::Autodiff;
 use burn::module::Module;
@@ -47,7 +50,7 @@ pub struct Args {
     #[arg(long, default_value_t = 32)]
     batch: usize,
     /// Variants to run.
-    #[arg(long, value_delimiter = ',', default_value = "local,default,overlap,no-overlap,per-parameter,burn")]
+    #[arg(long, value_delimiter = ',', default_value = "local,lockstep,default,overlap,no-overlap,per-parameter,burn")]
     variants: Vec<String>,
     /// Rounds over all variants; each variant reports its median, and its
     /// median ratio to the floor and to Burn's own measured in the same round.
@@ -221,14 +224,21 @@ fn local_worker(steps: usize, batch: usize) -> Result<Timing> {
     })
 }
 
-/// Bonfire's DDP over two in-process workers.
-fn bonfire(steps: usize, batch: usize, config: DdpConfig) -> Result<Timing> {
+/// A worker training alone but in lockstep with its peers over `comm`: one
+/// barrier after each backward pass, where DDP's all-reduce would be.
+fn lockstep_worker(steps: usize, batch: usize, mut comm: impl Communicator) -> Result<Timing> {
+    time_training(steps, batch, Wide::<B>::new(&Default::default()), |m, x, y| {
+        let grads = GradientsParams::from_grads(m.loss(x, y).backward(), m);
+        comm.barrier()?;
+        Ok(grads)
+    })
+}
+
+/// `work(communicator)` on two threads, each with its rank of an in-process group.
+fn on_two_threads_in_group(work: impl Fn(InProcCommunicator) -> Result<Timing> + Sync) -> Result<Timing> {
     let comms: Vec<Mutex<Option<InProcCommunicator>>> =
         InProcCommunicator::group(2)?.into_iter().map(|c| Mutex::new(Some(c))).collect();
-    on_two_workers(|rank| {
-        let comm = comms[rank].lock().unwrap().take().expect("one worker per rank");
-        bonfire_worker(steps, batch, Box::new(comm), config.clone())
-    })
+    on_two_workers(|rank| work(comms[rank].lock().unwrap().take().expect("one worker per rank")))
 }
 
 /// This program's `ddp-worker` for `variant`, with the step count and batch of `args`.
@@ -296,13 +306,17 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         (_, "burn") if args.threads => burn_collective(steps, batch)?,
         (_, "local") if args.threads => on_two_workers(|_| local_worker(steps, batch))?,
         (_, "local") => local_worker(steps, batch)?,
-        (Some(config), _) if args.threads => bonfire(steps, batch, config)?,
+        (_, "lockstep") if args.threads => on_two_threads_in_group(|comm| lockstep_worker(steps, batch, comm))?,
+        (_, "lockstep") => lockstep_worker(steps, batch, TcpCommunicator::from_env(TcpConfig::default())?)?,
+        (Some(config), _) if args.threads => {
+            on_two_threads_in_group(|comm| bonfire_worker(steps, batch, Box::new(comm), config.clone()))?
+        }
         (Some(config), _) => {
             let comm = TcpCommunicator::from_env(TcpConfig::default())?;
             bonfire_worker(steps, batch, Box::new(comm), config)?
         }
         (None, other) => {
-            bail!("unknown variant {other:?}; expected local, default, overlap, no-overlap, per-parameter or burn")
+            bail!("unknown variant {other:?}; expected local, lockstep, default, overlap, no-overlap, per-parameter or burn")
         }
     };
     println!("{} {} {}", timing.step_ms, timing.faults_per_step, timing.overlap.unwrap_or(false));
@@ -372,16 +386,17 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     let of = |name: &str| variants.iter().position(|v| *v == name).map(|i| timings[i].as_slice());
-    let (floor, burn) = (of("local"), of("burn"));
+    let (floor, lockstep, burn) = (of("local"), of("lockstep"), of("burn"));
     for (variant, timings) in variants.iter().zip(&timings) {
         let step_ms = median(timings.iter().map(|t| t.step_ms).collect());
         let faults = median(timings.iter().map(|t| t.faults_per_step).collect());
         let rounds: Vec<String> = timings.iter().map(|t| format!("{:.2}", t.step_ms)).collect();
         let overlap = timings[0].overlap.map_or("null".to_string(), |o| o.to_string());
         let x_floor = paired_ratio(timings, floor, |ms, floor| ms / floor);
+        let x_lockstep = paired_ratio(timings, lockstep, |ms, lockstep| ms / lockstep);
         let speedup_over_burn = paired_ratio(timings, burn, |ms, burn| burn / ms);
         println!(
-            r#"{{"variant": "{variant}", "transport": "{transport}", "step_ms": {step_ms:.2}, "rounds_ms": [{}], "x_floor": {x_floor}, "speedup_over_burn": {speedup_over_burn}, "faults_per_step": {faults:.0}, "overlap": {overlap}, "default": {}}}"#,
+            r#"{{"variant": "{variant}", "transport": "{transport}", "step_ms": {step_ms:.2}, "rounds_ms": [{}], "x_floor": {x_floor}, "x_lockstep": {x_lockstep}, "speedup_over_burn": {speedup_over_burn}, "faults_per_step": {faults:.0}, "overlap": {overlap}, "default": {}}}"#,
             rounds.join(", "),
             *variant == "default"
         );

@@ -93,10 +93,11 @@ pub fn ddp(steps: usize, batch: usize, json: bool) -> Result<()> {
     for (transport, title) in [("inproc", "2 workers as threads"), ("tcp", "2 processes over the TCP ring")] {
         let row = |v: &str| rows.iter().find(|r| r["variant"] == v && r["transport"] == transport);
         println!("DDP step time, {title}, Flex CPU backend, 10.0 M parameters, batch {batch} per worker");
-        println!("| variant | ms / step | x floor | speed-up over Burn's own | page faults / step |");
-        println!("|---|---:|---:|---:|---:|");
+        println!("| variant | ms / step | x floor | x lockstep | speed-up over Burn's own | page faults / step |");
+        println!("|---|---:|---:|---:|---:|---:|");
         for (name, label) in [
             ("local", "floor: 2 workers training alone, no communication"),
+            ("lockstep", "floor in lockstep: one barrier a step, no gradients exchanged"),
             ("default", "Bonfire DDP, `DdpConfig::default()`"),
             ("overlap", "Bonfire DDP, buckets overlapping backward"),
             ("no-overlap", "Bonfire DDP, buckets after backward"),
@@ -114,8 +115,9 @@ pub fn ddp(steps: usize, batch: usize, json: bool) -> Result<()> {
                 _ => label.to_string(),
             };
             println!(
-                "| {label} | {ms:.1} | {} | {} | {} |",
+                "| {label} | {ms:.1} | {} | {} | {} | {} |",
                 ratio("x_floor"),
+                ratio("x_lockstep"),
                 ratio("speedup_over_burn"),
                 r["faults_per_step"]
             );
