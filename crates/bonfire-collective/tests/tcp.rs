@@ -35,13 +35,22 @@ fn run_ranks<R: Send>(
     timeout: Duration,
     f: impl Fn(Result<TcpCommunicator, CommError>) -> R + Sync,
 ) -> Vec<R> {
+    run_ranks_with(world, ranks, config(timeout), f)
+}
+
+fn run_ranks_with<R: Send>(
+    world: usize,
+    ranks: &[usize],
+    config: TcpConfig,
+    f: impl Fn(Result<TcpCommunicator, CommError>) -> R + Sync,
+) -> Vec<R> {
     let port = free_port();
     std::thread::scope(|s| {
         let handles: Vec<_> = ranks
             .iter()
             .map(|&rank| {
-                let f = &f;
-                s.spawn(move || f(TcpCommunicator::connect(&env(rank, world, port), config(timeout))))
+                let (f, config) = (&f, config.clone());
+                s.spawn(move || f(TcpCommunicator::connect(&env(rank, world, port), config)))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -50,10 +59,18 @@ fn run_ranks<R: Send>(
 
 #[test]
 fn threads_every_op_matches_a_plain_computation_for_worlds_1_to_4() {
-    for world in 1..=4 {
-        let all: Vec<usize> = (0..world).collect();
-        for r in run_ranks(world, &all, Duration::from_secs(60), |c| common::check_all(&mut c.unwrap(), world <= 2)) {
-            r.unwrap_or_else(|e| panic!("world {world}: {e}"));
+    // Around the ring, and (the ranks share a host) through shared memory.
+    for shared_memory in [false, true] {
+        for world in 1..=4 {
+            let all: Vec<usize> = (0..world).collect();
+            let config = TcpConfig { shared_memory, ..config(Duration::from_secs(60)) };
+            for r in run_ranks_with(world, &all, config, |c| {
+                let mut c = c.unwrap();
+                assert_eq!(c.shares_memory(), shared_memory && world > 1, "world {world}");
+                common::check_all(&mut c, world <= 2)
+            }) {
+                r.unwrap_or_else(|e| panic!("world {world}, shared memory {shared_memory}: {e}"));
+            }
         }
     }
 }
@@ -260,6 +277,10 @@ fn worker_process() {
             eprintln!("worker error: {e}");
             3
         }
+        Ok(comm) if !comm.shares_memory() => {
+            eprintln!("worker error: processes on one host do not share memory");
+            5
+        }
         Ok(mut comm) => match common::check_all(&mut comm, true) {
             Ok(()) => 0,
             Err(e) => {
@@ -294,9 +315,21 @@ fn run_processes(world: usize, ranks: &[usize], timeout_ms: u64) -> Vec<(i32, St
 fn processes_every_op_matches_a_plain_computation_for_worlds_2_and_3() {
     for world in [2, 3] {
         let all: Vec<usize> = (0..world).collect();
-        for (rank, (code, stderr)) in run_processes(world, &all, 60_000).into_iter().enumerate() {
-            assert_eq!(code, 0, "world {world} rank {rank}: {stderr}");
+        let port = free_port();
+        let children: Vec<_> = all.iter().map(|&r| spawn_worker(&torchrun_vars(r, world, port), 60_000)).collect();
+        // Rank 0 names the group's shared-memory files after its process id.
+        let files = format!("bonfire-{}-", children[0].id());
+        for (rank, child) in children.into_iter().enumerate() {
+            let out = child.wait_with_output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(0), "world {world} rank {rank}: {stderr}");
         }
+        let left: Vec<_> = std::fs::read_dir("/dev/shm")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|name| name.starts_with(&files))
+            .collect();
+        assert!(left.is_empty(), "shared-memory files left behind: {left:?}");
     }
 }
 

@@ -325,13 +325,18 @@ fn each_bucket_is_one_f32_tensor_collective_in_bucket_order() {
 
 /// A worker's role is the file it writes its weights to.
 const WORKERS: SelfWorkers = SelfWorkers::new("ddp_worker_process", "BONFIRE_TEST_DDP_WORKER");
+/// "0": the workers all-reduce around the ring, as across hosts, instead of
+/// through shared memory.
+const SHARED_MEMORY: &str = "BONFIRE_TEST_SHARED_MEMORY";
 
 #[test]
 #[ignore = "run as a worker process by the process tests"]
 fn ddp_worker_process() {
     let Some(out) = WORKERS.role() else { return };
-    let comm =
-        TcpCommunicator::from_env(TcpConfig { timeout: Duration::from_secs(60), ..TcpConfig::default() }).unwrap();
+    let shared_memory = std::env::var(SHARED_MEMORY).as_deref() != Ok("0");
+    let config = TcpConfig { timeout: Duration::from_secs(60), shared_memory, ..TcpConfig::default() };
+    let comm = TcpCommunicator::from_env(config).unwrap();
+    assert_eq!(comm.shares_memory(), shared_memory, "processes on one host");
     let rank = comm.rank();
     let device = Default::default();
     let model = seeded::<Flex, _>(ConvNet::new(&device), if rank == 0 { 1 } else { 50 });
@@ -342,18 +347,23 @@ fn ddp_worker_process() {
 #[test]
 fn conv_over_2_and_3_processes_equals_one_worker() {
     let device = Default::default();
-    for world in [2usize, 3] {
+    // Through shared memory (the gradients reduced where they lie), and
+    // around the ring (through the reducer's own buckets).
+    for (world, shared_memory) in [(2usize, true), (3, true), (2, false)] {
         let want = train_single::<Flex, _>(seeded::<Flex, _>(ConvNet::new(&device), 1), PER_RANK * world, 64);
-        let (port, dir) = (free_port(), scratch_dir(&format!("ddp-{world}")));
+        let (port, dir) = (free_port(), scratch_dir(&format!("ddp-{world}-{shared_memory}")));
         let children: Vec<_> = (0..world)
-            .map(|rank| WORKERS.rank(dir.join(format!("rank{rank}")), rank, world, port).spawn().unwrap())
+            .map(|rank| {
+                let mut worker = WORKERS.rank(dir.join(format!("rank{rank}")), rank, world, port);
+                worker.env(SHARED_MEMORY, if shared_memory { "1" } else { "0" }).spawn().unwrap()
+            })
             .collect();
         for mut c in children {
             assert!(c.wait().unwrap().success());
         }
         for rank in 0..world {
             let diff = max_abs_diff(&read_values(&dir.join(format!("rank{rank}"))), &want);
-            assert!(diff <= 1e-5, "world {world} rank {rank}: {diff}");
+            assert!(diff <= 1e-5, "world {world} (shared memory {shared_memory}) rank {rank}: {diff}");
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

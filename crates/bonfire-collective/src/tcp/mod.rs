@@ -1,8 +1,12 @@
 //! Workers in separate processes, on one host or many, joined by a TCP ring.
+//! Where every rank runs on one host, all-reduces move their data through
+//! shared memory instead (`shared.rs`), and the ring carries only the calls'
+//! headers and barriers.
 
 mod header;
 mod pipeline;
 mod plan;
+mod shared;
 #[cfg(test)]
 mod tests;
 mod wiring;
@@ -10,15 +14,16 @@ mod wiring;
 use std::time::{Duration, Instant};
 
 use crate::call::Kind;
-use crate::communicator::{check_blocks, Communicator, Group, DEFAULT_STALL_WARNING, DEFAULT_TIMEOUT};
+use crate::communicator::{check_blocks, packed, Communicator, Group, DEFAULT_STALL_WARNING, DEFAULT_TIMEOUT};
 use crate::element::{with_pair, with_slice, BufMut, BufRef, DType, Element, ReduceOp};
 use crate::env::DistEnv;
 use crate::error::{CommError, Result};
-use crate::rendezvous::Rendezvous;
-use crate::store::StoreServer;
+use crate::rendezvous::{remaining, Rendezvous};
+use crate::store::{StoreClient, StoreServer};
 use header::{exchange_header, Header};
 use pipeline::{Link, Watch};
 use plan::Phases;
+use shared::{Outcome, OwnFile, SharedFiles};
 
 /// Tuning of the TCP ring.
 #[derive(Debug, Clone)]
@@ -33,6 +38,9 @@ pub struct TcpConfig {
     /// After this long without word from a peer, a call logs a stall warning
     /// naming the peer and the call (the timeout still applies).
     pub stall_warning: Duration,
+    /// Where every rank runs on one host (and sees the same /dev/shm),
+    /// all-reduce through shared memory instead of the sockets.
+    pub shared_memory: bool,
 }
 
 impl TcpConfig {
@@ -49,6 +57,7 @@ impl Default for TcpConfig {
             chunk_bytes: 1 << 20,
             socket_buffer: 4 << 20,
             stall_warning: DEFAULT_STALL_WARNING,
+            shared_memory: true,
         }
     }
 }
@@ -64,6 +73,8 @@ pub struct TcpCommunicator {
     /// Numbers calls, so that ranks that fell out of step are caught.
     seq: u64,
     failed: Option<String>,
+    /// Every rank's shared-memory file, where the group all-reduces through them.
+    shared: Option<SharedFiles>,
     /// Rank 0 hosts the rendezvous store for as long as the group lives.
     _store: Option<StoreServer>,
 }
@@ -92,11 +103,72 @@ impl TcpCommunicator {
         comm.apply_timeout()?;
         // Everyone is connected only when everyone has seen everyone's data.
         comm.barrier()?;
+        if comm.config.shared_memory {
+            comm.share_memory(&mut store, deadline)?;
+        }
         Ok(comm)
     }
 
     fn assemble(rank: usize, world: usize, config: TcpConfig, link: Option<Link>, store: Option<StoreServer>) -> Self {
-        TcpCommunicator { rank, world, config, link, scratch: Vec::new(), seq: 0, failed: None, _store: store }
+        TcpCommunicator {
+            rank,
+            world,
+            config,
+            link,
+            scratch: Vec::new(),
+            seq: 0,
+            failed: None,
+            shared: None,
+            _store: store,
+        }
+    }
+
+    /// Whether all-reduces go through shared memory (every rank on one host).
+    pub fn shares_memory(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Sets up the shared-memory files if every rank can open every rank's
+    /// (see `shared.rs`): rank 0 names them for the group in the store, and
+    /// two agreements over the ring say whether all ranks created theirs and
+    /// then opened all the others.
+    fn share_memory(&mut self, store: &mut StoreClient, deadline: Instant) -> Result<()> {
+        let group = if self.rank == 0 {
+            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            let group = format!("bonfire-{}-{}", std::process::id(), nanos.as_nanos());
+            store.set("shm/group", group.as_bytes())?;
+            group
+        } else {
+            let name = store.get("shm/group", remaining(deadline))?;
+            name.and_then(|n| String::from_utf8(n).ok()).ok_or_else(|| CommError::Protocol {
+                peer: "rank 0".into(),
+                detail: "no name for the shared-memory files".into(),
+            })?
+        };
+        // A rank's file is unlinked when its `Unlink` drops: after the
+        // agreement that follows the others' attempts to open it.
+        let own = OwnFile::create(&group, self.rank).ok();
+        if !self.agree("shared memory", own.is_some())? {
+            return Ok(());
+        }
+        let Some(own) = own else { return Ok(()) };
+        let (files, _unlink) = own.open_peers(&group, self.world, self.rank);
+        if self.agree("shared memory", files.is_some())? {
+            self.shared = files;
+        }
+        Ok(())
+    }
+
+    /// A barrier that says whether every rank passed `ok = true`.
+    fn agree(&mut self, name: &'static str, ok: bool) -> Result<bool> {
+        let mut verdict = false;
+        let header = Header::new(Kind::Barrier, DType::F32, None, 0, self.world);
+        let (world, rank) = (self.world, self.rank);
+        self.collective(name, header, |watch, link, _, _| {
+            verdict = shared::agree(watch, link, world, rank, ok)?;
+            Ok(())
+        })?;
+        Ok(verdict)
     }
 
     fn apply_timeout(&self) -> Result<()> {
@@ -109,14 +181,13 @@ impl TcpCommunicator {
     }
 
     /// Checks that this rank and the previous one make the same call, then
-    /// runs `plan` on `buf`. Any failure leaves the communicator aborted.
-    fn collective<T: Element>(
+    /// moves the data with `data` (given the link, the scratch memory and the
+    /// shared-memory files). Any failure leaves the communicator aborted.
+    fn collective(
         &mut self,
         name: &'static str,
         header: Header,
-        buf: &mut [T],
-        plan: plan::Plan,
-        op: ReduceOp,
+        data: impl FnOnce(&Watch, &Link, &mut Vec<u64>, &mut Option<SharedFiles>) -> Result<()>,
     ) -> Result<()> {
         if let Some(why) = &self.failed {
             return Err(CommError::Aborted(why.clone()));
@@ -132,11 +203,52 @@ impl TcpCommunicator {
         };
         self.seq += 1;
         let result = exchange_header(&watch, link, header)
-            .and_then(|()| pipeline::run(&watch, link, buf, &plan, op, 1.0 / self.world as f32, &mut self.scratch));
+            .and_then(|()| data(&watch, link, &mut self.scratch, &mut self.shared));
         if let Err(e) = &result {
             self.failed = Some(e.to_string());
         }
         result
+    }
+
+    /// Runs `plan` on `buf` around the ring, as the call `name`.
+    fn on_ring<T: Element>(
+        &mut self,
+        name: &'static str,
+        header: Header,
+        buf: &mut [T],
+        plan: plan::Plan,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let scale = 1.0 / self.world as f32;
+        self.collective(name, header, |watch, link, scratch, _| {
+            pipeline::run(watch, link, buf, &plan, op, scale, scratch)
+        })
+    }
+
+    /// All-reduces `segments` (one buffer in pieces): through shared memory
+    /// where the group has it, else around the ring (packing the pieces).
+    fn all_reduce_in_segments<T: Element>(
+        &mut self,
+        kind: Kind,
+        segments: &mut [&mut [T]],
+        op: ReduceOp,
+    ) -> Result<()> {
+        let total = segments.iter().map(|s| s.len()).sum();
+        let header = Header::new(kind, T::DTYPE, Some(op), 0, total);
+        let (world, rank, chunk) = (self.world, self.rank, self.chunk_elems::<T>());
+        self.collective("all_reduce", header, |watch, link, scratch, shared| {
+            if let Some(files) = shared {
+                match files.all_reduce(segments, op, |ok| shared::agree(watch, link, world, rank, ok))? {
+                    Outcome::Reduced => return Ok(()),
+                    Outcome::NoRoom => {
+                        tracing::warn!("rank {rank}: /dev/shm has no room for {total} values; all-reducing over TCP");
+                        *shared = None;
+                    }
+                }
+            }
+            let plan = plan::ring(total, world, rank, chunk, Phases::Both);
+            packed(segments, |buf| pipeline::run(watch, link, buf, &plan, op, 1.0 / world as f32, scratch))
+        })
     }
 
     fn chunk_elems<T>(&self) -> usize {
@@ -144,9 +256,7 @@ impl TcpCommunicator {
     }
 
     fn all_reduce_typed<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
-        let plan = plan::ring(buf.len(), self.world, self.rank, self.chunk_elems::<T>(), Phases::Both);
-        let header = Header::new(Kind::AllReduce, T::DTYPE, Some(op), 0, buf.len());
-        self.collective("all_reduce", header, buf, plan, op)
+        self.all_reduce_in_segments(Kind::AllReduce, &mut [buf], op)
     }
 
     fn broadcast_typed<T: Element>(&mut self, buf: &mut [T], root: usize) -> Result<()> {
@@ -158,7 +268,7 @@ impl TcpCommunicator {
         }
         let plan = plan::chain(buf.len(), self.world, self.rank, root, self.chunk_elems::<T>());
         let header = Header::new(Kind::Broadcast, T::DTYPE, None, root, buf.len());
-        self.collective("broadcast", header, buf, plan, ReduceOp::Sum)
+        self.on_ring("broadcast", header, buf, plan, ReduceOp::Sum)
     }
 
     fn all_gather_typed<T: Element>(&mut self, input: &[T], output: &mut [T]) -> Result<()> {
@@ -167,7 +277,7 @@ impl TcpCommunicator {
         output[self.rank * block..(self.rank + 1) * block].copy_from_slice(input);
         let plan = plan::ring(output.len(), self.world, self.rank, self.chunk_elems::<T>(), Phases::AllGather);
         let header = Header::new(Kind::AllGather, T::DTYPE, None, 0, output.len());
-        self.collective("all_gather", header, output, plan, ReduceOp::Sum)
+        self.on_ring("all_gather", header, output, plan, ReduceOp::Sum)
     }
 
     fn reduce_scatter_typed<T: Element>(&mut self, input: &[T], output: &mut [T], op: ReduceOp) -> Result<()> {
@@ -176,7 +286,7 @@ impl TcpCommunicator {
         let mut work = input.to_vec();
         let plan = plan::ring(work.len(), self.world, self.rank, self.chunk_elems::<T>(), Phases::ReduceScatter);
         let header = Header::new(Kind::ReduceScatter, T::DTYPE, Some(op), 0, work.len());
-        self.collective("reduce_scatter", header, &mut work, plan, op)?;
+        self.on_ring("reduce_scatter", header, &mut work, plan, op)?;
         let block = output.len();
         output.copy_from_slice(&work[self.rank * block..(self.rank + 1) * block]);
         Ok(())
@@ -209,6 +319,17 @@ impl Communicator for TcpCommunicator {
         with_slice!(buf, BufMut, |s| self.all_reduce_typed(s, op))
     }
 
+    fn all_reduce_segments(&mut self, segments: &mut [&mut [f32]], op: ReduceOp) -> Result<()> {
+        self.all_reduce_in_segments(Kind::AllReduceSegments, segments, op)
+    }
+
+    /// Through shared memory the pieces are copied into the file one by
+    /// one, so packing them first would be a copy more; the ring packs them
+    /// itself.
+    fn reduces_segments_in_place(&self) -> bool {
+        self.shared.is_some()
+    }
+
     fn broadcast(&mut self, buf: BufMut<'_>, root: usize) -> Result<()> {
         with_slice!(buf, BufMut, |s| self.broadcast_typed(s, root))
     }
@@ -227,6 +348,6 @@ impl Communicator for TcpCommunicator {
         let mut token = vec![0f32; self.world];
         let plan = plan::ring(token.len(), self.world, self.rank, self.chunk_elems::<f32>(), Phases::Both);
         let header = Header::new(Kind::Barrier, DType::F32, None, 0, token.len());
-        self.collective("barrier", header, &mut token, plan, ReduceOp::Sum)
+        self.on_ring("barrier", header, &mut token, plan, ReduceOp::Sum)
     }
 }
