@@ -130,7 +130,7 @@ impl SharedFiles {
     ///
     /// The files must hold `len` values (`capacity`), and the caller must
     /// touch the values only as the module comment allows.
-    unsafe fn regions<T: Element>(&self, len: usize) -> Vec<&mut [T]> {
+    unsafe fn regions<T: Element>(&mut self, len: usize) -> Vec<&mut [T]> {
         self.maps.iter().map(|m| unsafe { std::slice::from_raw_parts_mut(m.as_mut_ptr().cast::<T>(), len) }).collect()
     }
 
@@ -158,7 +158,7 @@ impl SharedFiles {
         op: ReduceOp,
         mut sync: impl FnMut(bool) -> Result<bool>,
     ) -> Result<Outcome> {
-        let world = self.files.len();
+        let (world, rank) = (self.files.len(), self.rank);
         let total: usize = segments.iter().map(|s| s.len()).sum();
         if total == 0 {
             return Ok(Outcome::Reduced); // on every rank: the header said so
@@ -171,19 +171,19 @@ impl SharedFiles {
         // step touches only what the module comment allows it. The slices
         // are made anew for every step, so that none lives across a barrier
         // while a peer writes the memory it covers.
-        let own = unsafe { self.regions::<T>(total) }.swap_remove(self.rank);
+        let own = unsafe { self.regions::<T>(total) }.swap_remove(rank);
         let mut at = 0;
         for s in segments.iter() {
             own[at..at + s.len()].copy_from_slice(s);
             at += s.len();
         }
         sync(true)?;
-        let part = split(total, world, self.rank);
+        let part = split(total, world, rank);
         let mut run: Vec<&mut [T]> =
             unsafe { self.regions::<T>(total) }.into_iter().map(|r| &mut r[part.clone()]).collect();
         reduce_run(&mut run, op, (op == ReduceOp::Mean).then(|| 1.0 / world as f32));
         sync(true)?;
-        let own = unsafe { self.regions::<T>(total) }.swap_remove(self.rank);
+        let own = unsafe { self.regions::<T>(total) }.swap_remove(rank);
         let mut at = 0;
         for s in segments.iter_mut() {
             s.copy_from_slice(&own[at..at + s.len()]);
