@@ -21,9 +21,10 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "1,4,25,100")]
     sizes_mib: Vec<usize>,
     /// Which communicators to measure: inproc, tcp (processes around the
-    /// ring, as across hosts), shm (processes of one host, through shared
-    /// memory), mpi (a build with the `mpi` feature; ranks started by mpirun).
-    #[arg(long, value_delimiter = ',', default_value = "inproc,tcp,shm")]
+    /// ring, as across hosts), direct (processes of one host reading each
+    /// other's memory), mpi (a build with the `mpi` feature; ranks started
+    /// by mpirun).
+    #[arg(long, value_delimiter = ',', default_value = "inproc,tcp,direct")]
     r#impl: Vec<String>,
     /// Bytes per pipelined chunk of the TCP ring.
     #[arg(long)]
@@ -39,9 +40,9 @@ pub struct WorkerArgs {
     /// Join through MPI (this process is a rank of an mpirun job) instead of the TCP ring.
     #[arg(long)]
     mpi: bool,
-    /// All-reduce through shared memory, not around the ring.
+    /// All-reduce by reading the peers' memory, not around the ring.
     #[arg(long)]
-    shared_memory: bool,
+    read_peer_memory: bool,
 }
 
 /// Seconds per all-reduce of `bytes` of f32 on this rank.
@@ -78,9 +79,9 @@ pub fn run(args: Args) -> Result<()> {
         match kind.as_str() {
             "inproc" => inproc(&args)?,
             "tcp" => tcp(&args, false)?,
-            "shm" => tcp(&args, true)?,
+            "direct" => tcp(&args, true)?,
             "mpi" => mpi(&args)?,
-            other => bail!("unknown --impl {other:?}; expected inproc, tcp, shm or mpi"),
+            other => bail!("unknown --impl {other:?}; expected inproc, tcp, direct or mpi"),
         }
     }
     Ok(())
@@ -100,16 +101,16 @@ fn inproc(args: &Args) -> Result<()> {
 }
 
 /// The ranks as processes of a TCP ring, all-reducing around the ring or
-/// through shared memory.
-fn tcp(args: &Args, shared_memory: bool) -> Result<()> {
+/// by reading each other's memory.
+fn tcp(args: &Args, read_peer_memory: bool) -> Result<()> {
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let sizes: Vec<String> = args.sizes_mib.iter().map(|&s| bytes_of(s).to_string()).collect();
     let children = (0..args.world)
         .map(|rank| {
             let mut cmd = crate::local_rank_command(rank, args.world, port)?;
             cmd.arg("allreduce-worker").arg("--sizes-bytes").arg(sizes.join(","));
-            if shared_memory {
-                cmd.arg("--shared-memory");
+            if read_peer_memory {
+                cmd.arg("--read-peer-memory");
             }
             if let Some(c) = args.chunk_bytes {
                 cmd.arg("--chunk-bytes").arg(c.to_string());
@@ -153,15 +154,15 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     let (kind, mut comm): (_, Box<dyn Communicator>) = if args.mpi {
         ("mpi", join_mpi()?)
     } else {
-        let mut config = TcpConfig { shared_memory: args.shared_memory, ..TcpConfig::default() };
+        let mut config = TcpConfig { read_peer_memory: args.read_peer_memory, ..TcpConfig::default() };
         if let Some(c) = args.chunk_bytes {
             config.chunk_bytes = c;
         }
         let comm = TcpCommunicator::from_env(config)?;
-        if args.shared_memory && !comm.shares_memory() {
-            bail!("the processes of the shm benchmark could not share memory");
+        if args.read_peer_memory && !comm.reads_peer_memory() {
+            bail!("the processes of the direct benchmark could not read each other's memory");
         }
-        (if args.shared_memory { "shm" } else { "tcp" }, Box::new(comm))
+        (if args.read_peer_memory { "direct" } else { "tcp" }, Box::new(comm))
     };
     for &bytes in &args.sizes_bytes {
         let seconds = time_all_reduce(comm.as_mut(), bytes)?;

@@ -59,17 +59,17 @@ fn run_ranks_with<R: Send>(
 
 #[test]
 fn threads_every_op_matches_a_plain_computation_for_worlds_1_to_4() {
-    // Around the ring, and (the ranks share a host) through shared memory.
-    for shared_memory in [false, true] {
+    // Around the ring, and (the ranks share a host) reading each other's memory.
+    for read_peer_memory in [false, true] {
         for world in 1..=4 {
             let all: Vec<usize> = (0..world).collect();
-            let config = TcpConfig { shared_memory, ..config(Duration::from_secs(60)) };
+            let config = TcpConfig { read_peer_memory, ..config(Duration::from_secs(60)) };
             for r in run_ranks_with(world, &all, config, |c| {
                 let mut c = c.unwrap();
-                assert_eq!(c.shares_memory(), shared_memory && world > 1, "world {world}");
+                assert_eq!(c.reads_peer_memory(), read_peer_memory && world > 1, "world {world}");
                 common::check_all(&mut c, world <= 2)
             }) {
-                r.unwrap_or_else(|e| panic!("world {world}, shared memory {shared_memory}: {e}"));
+                r.unwrap_or_else(|e| panic!("world {world}, reading peer memory {read_peer_memory}: {e}"));
             }
         }
     }
@@ -277,7 +277,7 @@ fn worker_process() {
             eprintln!("worker error: {e}");
             3
         }
-        Ok(comm) if !comm.shares_memory() => {
+        Ok(comm) if !comm.reads_peer_memory() => {
             eprintln!("worker error: processes on one host do not share memory");
             5
         }
@@ -315,21 +315,9 @@ fn run_processes(world: usize, ranks: &[usize], timeout_ms: u64) -> Vec<(i32, St
 fn processes_every_op_matches_a_plain_computation_for_worlds_2_and_3() {
     for world in [2, 3] {
         let all: Vec<usize> = (0..world).collect();
-        let port = free_port();
-        let children: Vec<_> = all.iter().map(|&r| spawn_worker(&torchrun_vars(r, world, port), 60_000)).collect();
-        // Rank 0 names the group's shared-memory files after its process id.
-        let files = format!("bonfire-{}-", children[0].id());
-        for (rank, child) in children.into_iter().enumerate() {
-            let out = child.wait_with_output().unwrap();
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(0), "world {world} rank {rank}: {stderr}");
+        for (rank, (code, stderr)) in run_processes(world, &all, 60_000).into_iter().enumerate() {
+            assert_eq!(code, 0, "world {world} rank {rank}: {stderr}");
         }
-        let left: Vec<_> = std::fs::read_dir("/dev/shm")
-            .unwrap()
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|name| name.starts_with(&files))
-            .collect();
-        assert!(left.is_empty(), "shared-memory files left behind: {left:?}");
     }
 }
 

@@ -14,7 +14,7 @@ pub fn allreduce(world: usize, sizes: &str, json: bool) -> Result<()> {
     let mut rows = json_lines(
         Command::new(&bench)
             .args(["allreduce", "--world", &world.to_string(), "--sizes-mib", sizes])
-            .args(["--impl", if mpi_installed() { "inproc,tcp,shm,mpi" } else { "inproc,tcp,shm" }]),
+            .args(["--impl", if mpi_installed() { "inproc,tcp,direct,mpi" } else { "inproc,tcp,direct" }]),
         "the all-reduce benchmark",
     )?;
     if let Some(py) = torch_python() {
@@ -51,7 +51,7 @@ pub fn allreduce(world: usize, sizes: &str, json: bool) -> Result<()> {
         println!("machine memcpy, 1 thread, 256 MiB: {m:.2} GB/s");
     }
     println!(
-        "| size | in-process | TCP ring | TCP, shared memory | MPI | PyTorch Gloo | in-process / Gloo | TCP / Gloo | shared memory / Gloo | MPI / Gloo |"
+        "| size | in-process | TCP ring | TCP, reading peer memory | MPI | PyTorch Gloo | in-process / Gloo | TCP / Gloo | peer memory / Gloo | MPI / Gloo |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (bytes, by_impl) in &table {
@@ -65,12 +65,12 @@ pub fn allreduce(world: usize, sizes: &str, json: bool) -> Result<()> {
             bytes >> 20,
             cell("inproc"),
             cell("tcp"),
-            cell("shm"),
+            cell("direct"),
             cell("mpi"),
             cell("gloo"),
             ratio("inproc"),
             ratio("tcp"),
-            ratio("shm"),
+            ratio("direct"),
             ratio("mpi")
         );
     }

@@ -1,12 +1,12 @@
 //! Workers in separate processes, on one host or many, joined by a TCP ring.
-//! Where every rank runs on one host, all-reduces move their data through
-//! shared memory instead (`shared.rs`), and the ring carries only the calls'
+//! Where every rank runs on one host, all-reduces read the peers' memory
+//! directly instead (`direct.rs`), and the ring carries only the calls'
 //! headers and barriers.
 
+mod direct;
 mod header;
 mod pipeline;
 mod plan;
-mod shared;
 #[cfg(test)]
 mod tests;
 mod wiring;
@@ -20,10 +20,10 @@ use crate::env::DistEnv;
 use crate::error::{CommError, Result};
 use crate::rendezvous::{remaining, Rendezvous};
 use crate::store::{StoreClient, StoreServer};
+use direct::{DirectReads, Peer};
 use header::{exchange_header, Header};
 use pipeline::{Link, Watch};
 use plan::Phases;
-use shared::{Outcome, OwnFile, SharedFiles};
 
 /// Tuning of the TCP ring.
 #[derive(Debug, Clone)]
@@ -38,9 +38,10 @@ pub struct TcpConfig {
     /// After this long without word from a peer, a call logs a stall warning
     /// naming the peer and the call (the timeout still applies).
     pub stall_warning: Duration,
-    /// Where every rank runs on one host (and sees the same /dev/shm),
-    /// all-reduce through shared memory instead of the sockets.
-    pub shared_memory: bool,
+    /// Where every rank runs on one host (and the kernel lets them),
+    /// all-reduce by reading the peers' memory directly instead of through
+    /// the sockets.
+    pub read_peer_memory: bool,
 }
 
 impl TcpConfig {
@@ -57,7 +58,7 @@ impl Default for TcpConfig {
             chunk_bytes: 1 << 20,
             socket_buffer: 4 << 20,
             stall_warning: DEFAULT_STALL_WARNING,
-            shared_memory: true,
+            read_peer_memory: true,
         }
     }
 }
@@ -73,8 +74,8 @@ pub struct TcpCommunicator {
     /// Numbers calls, so that ranks that fell out of step are caught.
     seq: u64,
     failed: Option<String>,
-    /// Every rank's shared-memory file, where the group all-reduces through them.
-    shared: Option<SharedFiles>,
+    /// Where the group all-reduces by reading the peers' memory.
+    direct: Option<DirectReads>,
     /// Rank 0 hosts the rendezvous store for as long as the group lives.
     _store: Option<StoreServer>,
 }
@@ -103,8 +104,8 @@ impl TcpCommunicator {
         comm.apply_timeout()?;
         // Everyone is connected only when everyone has seen everyone's data.
         comm.barrier()?;
-        if comm.config.shared_memory {
-            comm.share_memory(&mut store, deadline)?;
+        if comm.config.read_peer_memory {
+            comm.meet_peers_memory(&mut store, deadline)?;
         }
         Ok(comm)
     }
@@ -118,43 +119,49 @@ impl TcpCommunicator {
             scratch: Vec::new(),
             seq: 0,
             failed: None,
-            shared: None,
+            direct: None,
             _store: store,
         }
     }
 
-    /// Whether all-reduces go through shared memory (every rank on one host).
-    pub fn shares_memory(&self) -> bool {
-        self.shared.is_some()
+    /// Whether all-reduces read the peers' memory directly (every rank on
+    /// one host).
+    pub fn reads_peer_memory(&self) -> bool {
+        self.direct.is_some()
     }
 
-    /// Sets up the shared-memory files if every rank can open every rank's
-    /// (see `shared.rs`): rank 0 names them for the group in the store, and
-    /// two agreements over the ring say whether all ranks created theirs and
-    /// then opened all the others.
-    fn share_memory(&mut self, store: &mut StoreClient, deadline: Instant) -> Result<()> {
-        let group = if self.rank == 0 {
-            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-            let group = format!("bonfire-{}-{}", std::process::id(), nanos.as_nanos());
-            store.set("shm/group", group.as_bytes())?;
-            group
-        } else {
-            let name = store.get("shm/group", remaining(deadline))?;
-            name.and_then(|n| String::from_utf8(n).ok()).ok_or_else(|| CommError::Protocol {
-                peer: "rank 0".into(),
-                detail: "no name for the shared-memory files".into(),
-            })?
-        };
-        // A rank's file is unlinked when its `Unlink` drops: after the
-        // agreement that follows the others' attempts to open it.
-        let own = OwnFile::create(&group, self.rank).ok();
-        if !self.agree("shared memory", own.is_some())? {
-            return Ok(());
+    /// Sets up direct reads if every rank can read every other's memory
+    /// (see `direct.rs`): each rank publishes its process id, where its
+    /// header lies and the random value it holds; one agreement over the
+    /// ring says whether every rank read every other's.
+    fn meet_peers_memory(&mut self, store: &mut StoreClient, deadline: Instant) -> Result<()> {
+        use std::hash::{BuildHasher, Hasher};
+        let check = std::collections::hash_map::RandomState::new().build_hasher().finish();
+        let mut direct = DirectReads::new(self.rank, check);
+        let mine = format!("{} {} {check}", std::process::id(), direct.header_address());
+        store.set(&format!("direct/{}", self.rank), mine.as_bytes())?;
+        let mut peers = Vec::with_capacity(self.world);
+        for rank in 0..self.world {
+            if rank == self.rank {
+                peers.push(None);
+                continue;
+            }
+            let published = store.get(&format!("direct/{rank}"), remaining(deadline))?;
+            let peer = published.and_then(|v| String::from_utf8(v).ok()).and_then(|s| {
+                let mut fields = s.split(' ').map(|f| f.parse::<u64>().ok());
+                Some(Peer {
+                    pid: i32::try_from(fields.next()??).ok()?,
+                    header: fields.next()??,
+                    check: fields.next()??,
+                })
+            });
+            peers.push(Some(peer));
         }
-        let Some(own) = own else { return Ok(()) };
-        let (files, _unlink) = own.open_peers(&group, self.world, self.rank);
-        if self.agree("shared memory", files.is_some())? {
-            self.shared = files;
+        // A peer whose entry cannot be read makes direct reads impossible.
+        let readable = peers.iter().all(|p| !matches!(p, Some(None)));
+        let ok = readable && direct.meet(peers.into_iter().map(Option::flatten).collect());
+        if self.agree("peer memory", ok)? {
+            self.direct = Some(direct);
         }
         Ok(())
     }
@@ -165,7 +172,7 @@ impl TcpCommunicator {
         let header = Header::new(Kind::Barrier, DType::F32, None, 0, self.world);
         let (world, rank) = (self.world, self.rank);
         self.collective(name, header, |watch, link, _, _| {
-            verdict = shared::agree(watch, link, world, rank, ok)?;
+            verdict = ring_agree(watch, link, world, rank, ok)?;
             Ok(())
         })?;
         Ok(verdict)
@@ -182,12 +189,12 @@ impl TcpCommunicator {
 
     /// Checks that this rank and the previous one make the same call, then
     /// moves the data with `data` (given the link, the scratch memory and the
-    /// shared-memory files). Any failure leaves the communicator aborted.
+    /// direct reads, where the group has them). Any failure leaves the communicator aborted.
     fn collective(
         &mut self,
         name: &'static str,
         header: Header,
-        data: impl FnOnce(&Watch, &Link, &mut Vec<u64>, &mut Option<SharedFiles>) -> Result<()>,
+        data: impl FnOnce(&Watch, &Link, &mut Vec<u64>, &mut Option<DirectReads>) -> Result<()>,
     ) -> Result<()> {
         if let Some(why) = &self.failed {
             return Err(CommError::Aborted(why.clone()));
@@ -203,7 +210,7 @@ impl TcpCommunicator {
         };
         self.seq += 1;
         let result = exchange_header(&watch, link, header)
-            .and_then(|()| data(&watch, link, &mut self.scratch, &mut self.shared));
+            .and_then(|()| data(&watch, link, &mut self.scratch, &mut self.direct));
         if let Err(e) = &result {
             self.failed = Some(e.to_string());
         }
@@ -225,8 +232,8 @@ impl TcpCommunicator {
         })
     }
 
-    /// All-reduces `segments` (one buffer in pieces): through shared memory
-    /// where the group has it, else around the ring (packing the pieces).
+    /// All-reduces `segments` (one buffer in pieces): by reading the peers'
+    /// memory where the group can, else around the ring (packing the pieces).
     fn all_reduce_in_segments<T: Element>(
         &mut self,
         kind: Kind,
@@ -236,15 +243,9 @@ impl TcpCommunicator {
         let total = segments.iter().map(|s| s.len()).sum();
         let header = Header::new(kind, T::DTYPE, Some(op), 0, total);
         let (world, rank, chunk) = (self.world, self.rank, self.chunk_elems::<T>());
-        self.collective("all_reduce", header, |watch, link, scratch, shared| {
-            if let Some(files) = shared {
-                match files.all_reduce(segments, op, |ok| shared::agree(watch, link, world, rank, ok))? {
-                    Outcome::Reduced => return Ok(()),
-                    Outcome::NoRoom => {
-                        tracing::warn!("rank {rank}: /dev/shm has no room for {total} values; all-reducing over TCP");
-                        *shared = None;
-                    }
-                }
+        self.collective("all_reduce", header, |watch, link, scratch, direct| {
+            if let Some(direct) = direct {
+                return direct.all_reduce(segments, op, || ring_agree(watch, link, world, rank, true).map(|_| ()));
             }
             let plan = plan::ring(total, world, rank, chunk, Phases::Both);
             packed(segments, |buf| pipeline::run(watch, link, buf, &plan, op, 1.0 / world as f32, scratch))
@@ -323,11 +324,10 @@ impl Communicator for TcpCommunicator {
         self.all_reduce_in_segments(Kind::AllReduceSegments, segments, op)
     }
 
-    /// Through shared memory the pieces are copied into the file one by
-    /// one, so packing them first would be a copy more; the ring packs them
-    /// itself.
+    /// Reading the peers' memory works on the pieces where they lie; the
+    /// ring packs them itself.
     fn reduces_segments_in_place(&self) -> bool {
-        self.shared.is_some()
+        self.direct.is_some()
     }
 
     fn broadcast(&mut self, buf: BufMut<'_>, root: usize) -> Result<()> {
@@ -350,4 +350,15 @@ impl Communicator for TcpCommunicator {
         let header = Header::new(Kind::Barrier, DType::F32, None, 0, token.len());
         self.on_ring("barrier", header, &mut token, plan, ReduceOp::Sum)
     }
+}
+
+/// A barrier over the ring that also tells whether every rank passed
+/// `ok = true`: an all-reduce of one flag per rank, without a header of its
+/// own (it runs inside a call whose header the ranks have exchanged).
+fn ring_agree(watch: &Watch, link: &Link, world: usize, rank: usize, ok: bool) -> Result<bool> {
+    let mut flags = vec![0f32; world];
+    flags[rank] = f32::from(u8::from(ok));
+    let plan = plan::ring(world, world, rank, world, Phases::Both);
+    pipeline::run(watch, link, &mut flags, &plan, ReduceOp::Sum, 1.0, &mut Vec::new())?;
+    Ok(flags.iter().sum::<f32>() == world as f32)
 }
