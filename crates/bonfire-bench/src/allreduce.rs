@@ -20,11 +20,9 @@ pub struct Args {
     /// Buffer sizes in MiB of f32.
     #[arg(long, value_delimiter = ',', default_value = "1,4,25,100")]
     sizes_mib: Vec<usize>,
-    /// Which communicators to measure: inproc, tcp (processes around the
-    /// ring, as across hosts), direct (processes of one host reading each
-    /// other's memory), mpi (a build with the `mpi` feature; ranks started
-    /// by mpirun).
-    #[arg(long, value_delimiter = ',', default_value = "inproc,tcp,direct")]
+    /// Which communicators to measure: inproc, tcp, mpi (a build with the
+    /// `mpi` feature; ranks started by mpirun).
+    #[arg(long, value_delimiter = ',', default_value = "inproc,tcp")]
     r#impl: Vec<String>,
     /// Bytes per pipelined chunk of the TCP ring.
     #[arg(long)]
@@ -40,9 +38,6 @@ pub struct WorkerArgs {
     /// Join through MPI (this process is a rank of an mpirun job) instead of the TCP ring.
     #[arg(long)]
     mpi: bool,
-    /// All-reduce by reading the peers' memory, not around the ring.
-    #[arg(long)]
-    read_peer_memory: bool,
 }
 
 /// Seconds per all-reduce of `bytes` of f32 on this rank.
@@ -78,10 +73,9 @@ pub fn run(args: Args) -> Result<()> {
     for kind in &args.r#impl {
         match kind.as_str() {
             "inproc" => inproc(&args)?,
-            "tcp" => tcp(&args, false)?,
-            "direct" => tcp(&args, true)?,
+            "tcp" => tcp(&args)?,
             "mpi" => mpi(&args)?,
-            other => bail!("unknown --impl {other:?}; expected inproc, tcp, direct or mpi"),
+            other => bail!("unknown --impl {other:?}; expected inproc, tcp or mpi"),
         }
     }
     Ok(())
@@ -100,18 +94,13 @@ fn inproc(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// The ranks as processes of a TCP ring, all-reducing around the ring or
-/// by reading each other's memory.
-fn tcp(args: &Args, read_peer_memory: bool) -> Result<()> {
+fn tcp(args: &Args) -> Result<()> {
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let sizes: Vec<String> = args.sizes_mib.iter().map(|&s| bytes_of(s).to_string()).collect();
     let children = (0..args.world)
         .map(|rank| {
             let mut cmd = crate::local_rank_command(rank, args.world, port)?;
             cmd.arg("allreduce-worker").arg("--sizes-bytes").arg(sizes.join(","));
-            if read_peer_memory {
-                cmd.arg("--read-peer-memory");
-            }
             if let Some(c) = args.chunk_bytes {
                 cmd.arg("--chunk-bytes").arg(c.to_string());
             }
@@ -154,15 +143,11 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     let (kind, mut comm): (_, Box<dyn Communicator>) = if args.mpi {
         ("mpi", join_mpi()?)
     } else {
-        let mut config = TcpConfig { read_peer_memory: args.read_peer_memory, ..TcpConfig::default() };
+        let mut config = TcpConfig::default();
         if let Some(c) = args.chunk_bytes {
             config.chunk_bytes = c;
         }
-        let comm = TcpCommunicator::from_env(config)?;
-        if args.read_peer_memory && !comm.reads_peer_memory() {
-            bail!("the processes of the direct benchmark could not read each other's memory");
-        }
-        (if args.read_peer_memory { "direct" } else { "tcp" }, Box::new(comm))
+        ("tcp", Box::new(TcpCommunicator::from_env(config)?))
     };
     for &bytes in &args.sizes_bytes {
         let seconds = time_all_reduce(comm.as_mut(), bytes)?;

@@ -69,12 +69,21 @@ pub trait Communicator: Group + Send {
     /// reduces it and unpacks it again; a communicator whose ranks read each
     /// other's memory reduces the segments where they lie.
     fn all_reduce_segments(&mut self, segments: &mut [&mut [f32]], op: ReduceOp) -> Result<()> {
-        packed(segments, |buf| self.all_reduce(BufMut::F32(buf), op))
+        if let [whole] = segments {
+            return self.all_reduce(BufMut::F32(whole), op);
+        }
+        let mut packed: Vec<f32> = segments.iter().flat_map(|s| s.iter().copied()).collect();
+        self.all_reduce(BufMut::F32(&mut packed), op)?;
+        let mut at = 0;
+        for s in segments.iter_mut() {
+            s.copy_from_slice(&packed[at..at + s.len()]);
+            at += s.len();
+        }
+        Ok(())
     }
 
-    /// Whether [`Communicator::all_reduce_segments`] works on the segments
-    /// where they lie (reading them, and writing the result into them), so
-    /// that packing them beforehand would be a wasted copy.
+    /// Whether [`Communicator::all_reduce_segments`] reduces the segments
+    /// where they lie, so that packing them beforehand would be a wasted copy.
     fn reduces_segments_in_place(&self) -> bool {
         false
     }
@@ -134,22 +143,6 @@ pub(crate) fn check_blocks(op: &'static str, world: usize, whole: usize, block: 
 
 /// Splits `len` elements into `parts` contiguous ranges whose lengths differ by
 /// at most one; the first `len % parts` ranges are the longer ones.
-/// Runs `f` on `segments` as one buffer: the lone segment itself, or the
-/// segments packed one after another and unpacked again afterwards.
-pub(crate) fn packed<T: Copy>(segments: &mut [&mut [T]], f: impl FnOnce(&mut [T]) -> Result<()>) -> Result<()> {
-    if let [whole] = segments {
-        return f(whole);
-    }
-    let mut packed: Vec<T> = segments.iter().flat_map(|s| s.iter().copied()).collect();
-    f(&mut packed)?;
-    let mut at = 0;
-    for s in segments.iter_mut() {
-        s.copy_from_slice(&packed[at..at + s.len()]);
-        at += s.len();
-    }
-    Ok(())
-}
-
 pub(crate) fn split(len: usize, parts: usize, index: usize) -> std::ops::Range<usize> {
     let base = len / parts;
     let extra = len % parts;

@@ -35,22 +35,13 @@ fn run_ranks<R: Send>(
     timeout: Duration,
     f: impl Fn(Result<TcpCommunicator, CommError>) -> R + Sync,
 ) -> Vec<R> {
-    run_ranks_with(world, ranks, config(timeout), f)
-}
-
-fn run_ranks_with<R: Send>(
-    world: usize,
-    ranks: &[usize],
-    config: TcpConfig,
-    f: impl Fn(Result<TcpCommunicator, CommError>) -> R + Sync,
-) -> Vec<R> {
     let port = free_port();
     std::thread::scope(|s| {
         let handles: Vec<_> = ranks
             .iter()
             .map(|&rank| {
-                let (f, config) = (&f, config.clone());
-                s.spawn(move || f(TcpCommunicator::connect(&env(rank, world, port), config)))
+                let f = &f;
+                s.spawn(move || f(TcpCommunicator::connect(&env(rank, world, port), config(timeout))))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -59,18 +50,10 @@ fn run_ranks_with<R: Send>(
 
 #[test]
 fn threads_every_op_matches_a_plain_computation_for_worlds_1_to_4() {
-    // Around the ring, and (the ranks share a host) reading each other's memory.
-    for read_peer_memory in [false, true] {
-        for world in 1..=4 {
-            let all: Vec<usize> = (0..world).collect();
-            let config = TcpConfig { read_peer_memory, ..config(Duration::from_secs(60)) };
-            for r in run_ranks_with(world, &all, config, |c| {
-                let mut c = c.unwrap();
-                assert_eq!(c.reads_peer_memory(), read_peer_memory && world > 1, "world {world}");
-                common::check_all(&mut c, world <= 2)
-            }) {
-                r.unwrap_or_else(|e| panic!("world {world}, reading peer memory {read_peer_memory}: {e}"));
-            }
+    for world in 1..=4 {
+        let all: Vec<usize> = (0..world).collect();
+        for r in run_ranks(world, &all, Duration::from_secs(60), |c| common::check_all(&mut c.unwrap(), world <= 2)) {
+            r.unwrap_or_else(|e| panic!("world {world}: {e}"));
         }
     }
 }
@@ -276,10 +259,6 @@ fn worker_process() {
         Err(e) => {
             eprintln!("worker error: {e}");
             3
-        }
-        Ok(comm) if !comm.reads_peer_memory() => {
-            eprintln!("worker error: processes on one host do not share memory");
-            5
         }
         Ok(mut comm) => match common::check_all(&mut comm, true) {
             Ok(()) => 0,

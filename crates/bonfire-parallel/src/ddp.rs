@@ -32,9 +32,9 @@ pub struct DdpConfig {
     pub find_unused_parameters: bool,
     /// All-reduce buckets while backward runs (`Some(true)`), or only after
     /// it (`Some(false)`). `None` chooses by what was measured: after
-    /// backward where the all-reduce is memory work on the cores that run
-    /// backward (Flex with the in-process group, or with the TCP ring whose
-    /// ranks share a host's memory), overlapping everywhere else.
+    /// backward where the workers are threads on the CPU backend (Flex with
+    /// the in-process group, whose all-reduce is memory work on the cores
+    /// that run backward), overlapping everywhere else.
     pub overlap: Option<bool>,
     /// How a bucket is averaged.
     pub comm_hook: CommHook,

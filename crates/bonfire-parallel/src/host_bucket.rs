@@ -2,15 +2,14 @@
 //! backend with a host communicator (the in-process group, the TCP ring):
 //! PyTorch's `gradient_as_bucket_view` on the CPU.
 //!
-//! - Where the all-reduce works on gradients where they lie
-//!   ([`Communicator::reduces_segments_in_place`]: the in-process group,
-//!   whose ranks are threads that read each other's memory, and the TCP
-//!   ring whose ranks share a host's memory), a gradient stays where
-//!   backward left it and the all-reduce averages it there. A bucket has no
-//!   memory of its own; each parameter's averaged gradient is the very
-//!   tensor backward made, held by nobody else, so the optimizer may update
-//!   it in place as it would without DDP.
-//! - Otherwise (the TCP ring across hosts) a gradient is copied (or, after `no_sync`
+//! - Where the ranks are threads that read each other's memory (the
+//!   in-process group), a gradient stays where backward left it and the
+//!   all-reduce averages every rank's gradients in place: each rank writes
+//!   its part of the result into every rank's gradients. Nothing is copied
+//!   in or out and a bucket has no memory of its own; each parameter's
+//!   averaged gradient is the very tensor backward made, held by nobody
+//!   else, so the optimizer may update it in place as it would without DDP.
+//! - Otherwise (the TCP ring) a gradient is copied (or, after `no_sync`
 //!   passes, added) into its slot of the bucket on the thread where it
 //!   arrives, straight from its storage: no intermediate tensor and no
 //!   concatenation; the communication thread all-reduces the bucket in

@@ -7,9 +7,8 @@
 //! waiting for the results) are kept apart, as in PyTorch's reducer.
 //!
 //! On Flex with a host communicator the buckets live in host memory
-//! (`host_bucket.rs`): threads, and processes sharing a host's memory,
-//! average the gradients where backward left them; the TCP ring across
-//! hosts a bucket the reducer keeps from step to step.
+//! (`host_bucket.rs`): threads average the gradients where backward left
+//! them, the TCP ring a bucket the reducer keeps from step to step.
 //! Everywhere else gradients stay tensors on their device: a bucket is the
 //! concatenation of its gradients, made on the communication thread, and the
 //! collective decides where the values travel ([`TensorCollective`]: through
@@ -120,11 +119,10 @@ impl<B: Backend> Reducer<B> {
             let lens = (0..buckets).map(|b| plan.lens.get(b).copied().unwrap_or(0) + usize::from(b + 1 == buckets));
             HostBuckets::new(lens.collect(), keep)
         });
-        // Measured (`cargo xtask bench ddp`): where the all-reduce reads the
-        // gradients where they lie (threads, or processes sharing a host's
-        // memory), it is memory work on the very cores that run backward,
-        // and overlapping it only makes the two compete; a network or a GPU
-        // has time of its own to hide.
+        // Measured (`cargo xtask bench ddp`): where the ranks are threads
+        // reading each other's gradients, the all-reduce is memory work on
+        // the very cores that run backward, and overlapping it only makes
+        // the two compete; a network or a GPU has time of its own to hide.
         let overlap = overlap.unwrap_or(!host.as_ref().is_some_and(HostBuckets::in_place));
         Reducer {
             step: Mutex::new(Step {

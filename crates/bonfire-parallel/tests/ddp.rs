@@ -325,18 +325,13 @@ fn each_bucket_is_one_f32_tensor_collective_in_bucket_order() {
 
 /// A worker's role is the file it writes its weights to.
 const WORKERS: SelfWorkers = SelfWorkers::new("ddp_worker_process", "BONFIRE_TEST_DDP_WORKER");
-/// "0": the workers all-reduce around the ring, as across hosts, instead of
-/// reading each other's memory.
-const READ_PEER_MEMORY: &str = "BONFIRE_TEST_READ_PEER_MEMORY";
 
 #[test]
 #[ignore = "run as a worker process by the process tests"]
 fn ddp_worker_process() {
     let Some(out) = WORKERS.role() else { return };
-    let read_peer_memory = std::env::var(READ_PEER_MEMORY).as_deref() != Ok("0");
-    let config = TcpConfig { timeout: Duration::from_secs(60), read_peer_memory, ..TcpConfig::default() };
-    let comm = TcpCommunicator::from_env(config).unwrap();
-    assert_eq!(comm.reads_peer_memory(), read_peer_memory, "processes on one host");
+    let comm =
+        TcpCommunicator::from_env(TcpConfig { timeout: Duration::from_secs(60), ..TcpConfig::default() }).unwrap();
     let rank = comm.rank();
     let device = Default::default();
     let model = seeded::<Flex, _>(ConvNet::new(&device), if rank == 0 { 1 } else { 50 });
@@ -347,23 +342,18 @@ fn ddp_worker_process() {
 #[test]
 fn conv_over_2_and_3_processes_equals_one_worker() {
     let device = Default::default();
-    // Reading each other's memory (the gradients reduced where they lie),
-    // and around the ring (through the reducer's own buckets).
-    for (world, read_peer_memory) in [(2usize, true), (3, true), (2, false)] {
+    for world in [2usize, 3] {
         let want = train_single::<Flex, _>(seeded::<Flex, _>(ConvNet::new(&device), 1), PER_RANK * world, 64);
-        let (port, dir) = (free_port(), scratch_dir(&format!("ddp-{world}-{read_peer_memory}")));
+        let (port, dir) = (free_port(), scratch_dir(&format!("ddp-{world}")));
         let children: Vec<_> = (0..world)
-            .map(|rank| {
-                let mut worker = WORKERS.rank(dir.join(format!("rank{rank}")), rank, world, port);
-                worker.env(READ_PEER_MEMORY, if read_peer_memory { "1" } else { "0" }).spawn().unwrap()
-            })
+            .map(|rank| WORKERS.rank(dir.join(format!("rank{rank}")), rank, world, port).spawn().unwrap())
             .collect();
         for mut c in children {
             assert!(c.wait().unwrap().success());
         }
         for rank in 0..world {
             let diff = max_abs_diff(&read_values(&dir.join(format!("rank{rank}"))), &want);
-            assert!(diff <= 1e-5, "world {world} (reading peer memory {read_peer_memory}) rank {rank}: {diff}");
+            assert!(diff <= 1e-5, "world {world} rank {rank}: {diff}");
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -211,7 +211,7 @@ unsafe fn runs<T>(everyone: &[&[Segment<T>]], range: std::ops::Range<usize>, mut
 /// every rank's values. Chunk by chunk, so that each partial result stays in
 /// the L1 cache from the first read of the chunk to its last write: every
 /// value is read from memory once and written once.
-pub(crate) fn reduce_run<T: Element>(run: &mut [&mut [T]], op: ReduceOp, scale: Option<f32>) {
+fn reduce_run<T: Element>(run: &mut [&mut [T]], op: ReduceOp, scale: Option<f32>) {
     const CHUNK: usize = 1024;
     let mut acc = [T::zeroed(); CHUNK];
     let len = run[0].len();
