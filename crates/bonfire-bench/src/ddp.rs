@@ -15,8 +15,8 @@
 //! made anew every step.
 //!
 //! Rounds interleave the variants; a variant's ratio to the floor (and to
-//! Burn's own) is the median of its ratios to the floor measured in the same
-//! round.
+//! lockstep and Burn's own) is the median of its ratios to the floor
+//! measured in the same round.
 //!
 //! Every measurement runs in a fresh process, so that no variant inherits
 //! the memory (and the allocator's state) that the one before it left: in
@@ -53,7 +53,8 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "local,lockstep,default,overlap,no-overlap,per-parameter,burn")]
     variants: Vec<String>,
     /// Rounds over all variants; each variant reports its median, and its
-    /// median ratio to the floor and to Burn's own measured in the same round.
+    /// median ratio to the floor, to lockstep and to Burn's own measured in
+    /// the same round.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// Two processes over the TCP ring instead of two threads (Burn's own
