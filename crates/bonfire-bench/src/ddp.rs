@@ -15,8 +15,8 @@
 //! made anew every step.
 //!
 //! Rounds interleave the variants; a variant's ratio to the floor (and to
-//! lockstep and Burn's own) is the median of its ratios to the floor
-//! measured in the same round.
+//! lockstep and to Burn's own) is the median of its ratios to the floor
+//! (to lockstep, to Burn's own) measured in the same round.
 //!
 //! Every measurement runs in a fresh process, so that no variant inherits
 //! the memory (and the allocator's state) that the one before it left: in
