@@ -14,9 +14,9 @@
 //! carries the page faults per worker and step, the cost of memory that is
 //! made anew every step.
 //!
-//! Rounds interleave the variants; a variant's ratio to the floor (and to
-//! lockstep and to Burn's own) is the median of its ratios to the floor
-//! (to lockstep, to Burn's own) measured in the same round.
+//! Rounds interleave the variants; a variant's ratio to an anchor (the
+//! floor, lockstep, Burn's own) is the median of its ratios to that anchor
+//! measured in the same round.
 //!
 //! Every measurement runs in a fresh process, so that no variant inherits
 //! the memory (and the allocator's state) that the one before it left: in
