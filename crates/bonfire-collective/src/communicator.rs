@@ -66,8 +66,8 @@ pub trait Communicator: Group + Send {
     /// `segments` one after another (as long on every rank, though each rank
     /// may cut it differently), and ends holding the result. This default
     /// packs the segments into one buffer (unless there is only one),
-    /// reduces it and unpacks it again; a communicator whose ranks read each
-    /// other's memory reduces the segments where they lie.
+    /// reduces it and unpacks it again; the in-process group and the TCP
+    /// ring reduce the segments where they lie.
     fn all_reduce_segments(&mut self, segments: &mut [&mut [f32]], op: ReduceOp) -> Result<()> {
         if let [whole] = segments {
             return self.all_reduce(BufMut::F32(whole), op);
@@ -85,6 +85,13 @@ pub trait Communicator: Group + Send {
     /// Whether [`Communicator::all_reduce_segments`] reduces the segments
     /// where they lie, so that packing them beforehand would be a wasted copy.
     fn reduces_segments_in_place(&self) -> bool {
+        false
+    }
+
+    /// Whether the ranks are threads of one process, so that a collective
+    /// is only memory work on the cores that also compute, with no wire
+    /// time of its own to hide.
+    fn ranks_are_threads(&self) -> bool {
         false
     }
 }
@@ -127,6 +134,9 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
     }
     fn reduces_segments_in_place(&self) -> bool {
         (**self).reduces_segments_in_place()
+    }
+    fn ranks_are_threads(&self) -> bool {
+        (**self).ranks_are_threads()
     }
 }
 

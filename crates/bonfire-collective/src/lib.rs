@@ -28,6 +28,7 @@ mod mpi;
 #[cfg(feature = "nccl")]
 mod nccl;
 mod rendezvous;
+mod segments;
 mod store;
 mod tcp;
 #[cfg(feature = "tensor")]

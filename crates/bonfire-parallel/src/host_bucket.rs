@@ -1,15 +1,17 @@
 //! Gradient buckets kept in host memory, for DDP on Burn's Flex CPU
-//! backend with a host communicator (the in-process group, the TCP ring):
+//! backend with a host communicator (the in-process group, the TCP ring, MPI):
 //! PyTorch's `gradient_as_bucket_view` on the CPU.
 //!
-//! - Where the ranks are threads that read each other's memory (the
-//!   in-process group), a gradient stays where backward left it and the
-//!   all-reduce averages every rank's gradients in place: each rank writes
-//!   its part of the result into every rank's gradients. Nothing is copied
-//!   in or out and a bucket has no memory of its own; each parameter's
-//!   averaged gradient is the very tensor backward made, held by nobody
-//!   else, so the optimizer may update it in place as it would without DDP.
-//! - Otherwise (the TCP ring) a gradient is copied (or, after `no_sync`
+//! - Where the communicator reduces a buffer in segments where they lie
+//!   (the in-process group, the TCP ring), a gradient stays where backward
+//!   left it and the all-reduce averages the bucket's gradients in place:
+//!   the in-process group's ranks write their part of the result into every
+//!   rank's gradients, the ring sends each chunk from the gradients it spans
+//!   and receives into them. Nothing is copied in or out and a bucket has
+//!   no memory of its own; each parameter's averaged gradient is the very
+//!   tensor backward made, held by nobody else, so the optimizer may update
+//!   it in place as it would without DDP.
+//! - Otherwise (MPI) a gradient is copied (or, after `no_sync`
 //!   passes, added) into its slot of the bucket on the thread where it
 //!   arrives, straight from its storage: no intermediate tensor and no
 //!   concatenation; the communication thread all-reduces the bucket in
@@ -106,11 +108,6 @@ impl HostBuckets {
     pub fn new(lens: Vec<usize>, keep: bool) -> Self {
         let buckets = lens.iter().map(|_| Bucket::default()).collect();
         HostBuckets { lens, buckets, keep }
-    }
-
-    /// Whether the all-reduce works on the gradients where they lie.
-    pub fn in_place(&self) -> bool {
-        self.keep
     }
 
     /// The memory bucket `b` is filled in this step: a spare one that no

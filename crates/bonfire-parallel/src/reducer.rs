@@ -112,9 +112,10 @@ impl<B: Backend> Reducer<B> {
         // carries only the unused-parameter count.
         let buckets = plan.lens.len().max(1);
         let (done_tx, done_rx) = mpsc::channel();
-        // For a host communicator: whether it reads gradients in place.
-        let host_comm = comm.call(|c| c.host().map(|h| h.reduces_segments_in_place()));
-        let host = host_comm.filter(|_| host_bucket::is_flex::<B>()).map(|keep| {
+        // For a host communicator: whether it reduces gradients in place,
+        // and whether its ranks are threads.
+        let host_comm = comm.call(|c| c.host().map(|h| (h.reduces_segments_in_place(), h.ranks_are_threads())));
+        let host = host_comm.filter(|_| host_bucket::is_flex::<B>()).map(|(keep, _)| {
             // The last bucket carries the unused-parameter count too.
             let lens = (0..buckets).map(|b| plan.lens.get(b).copied().unwrap_or(0) + usize::from(b + 1 == buckets));
             HostBuckets::new(lens.collect(), keep)
@@ -123,7 +124,8 @@ impl<B: Backend> Reducer<B> {
         // reading each other's gradients, the all-reduce is memory work on
         // the very cores that run backward, and overlapping it only makes
         // the two compete; a network or a GPU has time of its own to hide.
-        let overlap = overlap.unwrap_or(!host.as_ref().is_some_and(HostBuckets::in_place));
+        let threads = host.is_some() && host_comm.is_some_and(|(_, threads)| threads);
+        let overlap = overlap.unwrap_or(!threads);
         Reducer {
             step: Mutex::new(Step {
                 grads: vec![None; names.len()],

@@ -23,6 +23,7 @@
 
 mod meeting;
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +31,7 @@ use crate::call::{Call, Kind};
 use crate::communicator::{check_blocks, split, Communicator, Group, DEFAULT_STALL_WARNING, DEFAULT_TIMEOUT};
 use crate::element::{with_pair, with_slice, BufMut, BufRef, DType, Element, ReduceOp};
 use crate::error::{CommError, Result};
+use crate::segments::{raw_parts, runs, Segment};
 use meeting::{Joined, Round, Shared};
 
 /// One worker of an in-process group; create the whole group with [`InProcCommunicator::group`]
@@ -87,8 +89,7 @@ impl InProcCommunicator {
         let world = self.shared.world;
         // From here on the segments are reached only through these raw
         // parts, by this rank and its peers alike.
-        let parts: Vec<Segment<T>> =
-            segments.iter_mut().map(|s| Segment { at: s.as_mut_ptr(), len: s.len() }).collect();
+        let parts = raw_parts(segments);
         let total = parts.iter().map(|p| p.len).sum();
         let published =
             Joined { parts: parts.len(), ..call(kind, Some(T::DTYPE), Some(op), 0, total, parts.as_ptr() as usize) };
@@ -106,7 +107,12 @@ impl InProcCommunicator {
         // SAFETY: rank r reads and writes only part r of every rank's
         // segments, and no two ranks' parts overlap; segments of one rank
         // are distinct memory (they were distinct `&mut` slices).
-        unsafe { runs(&everyone, mine, |run| reduce_run(run, op, scale)) };
+        let Ok(()) = unsafe {
+            runs(&everyone, mine, |run| {
+                reduce_run(run, op, scale);
+                Ok::<(), Infallible>(())
+            })
+        };
         self.sync();
         Ok(())
     }
@@ -170,43 +176,6 @@ fn call(kind: Kind, dtype: Option<DType>, op: Option<ReduceOp>, root: usize, len
     Joined { call: Call::new(kind, dtype, op, root, len), src, parts: 0 }
 }
 
-/// One segment of an all-reduce's buffer, as the peers reach it.
-struct Segment<T> {
-    at: *mut T,
-    len: usize,
-}
-
-/// Calls `f` with every rank's values of each run of `range` that no
-/// rank's segment boundary cuts, in rank order.
-///
-/// # Safety
-///
-/// Every segment must be valid for reads and writes of its length, and the
-/// caller the only one to touch `range` of them while `f` runs.
-unsafe fn runs<T>(everyone: &[&[Segment<T>]], range: std::ops::Range<usize>, mut f: impl FnMut(&mut [&mut [T]])) {
-    // Per rank: the segment that holds `at`, and where it starts.
-    let mut cursors = vec![(0usize, 0usize); everyone.len()];
-    let mut run: Vec<&mut [T]> = Vec::with_capacity(everyone.len());
-    let mut at = range.start;
-    while at < range.end {
-        let mut end = range.end;
-        for (segments, (index, start)) in everyone.iter().zip(&mut cursors) {
-            while *start + segments[*index].len <= at {
-                *start += segments[*index].len;
-                *index += 1;
-            }
-            end = end.min(*start + segments[*index].len);
-        }
-        run.clear();
-        for (segments, &(index, start)) in everyone.iter().zip(&cursors) {
-            // SAFETY: `at..end` lies within this segment, which the caller vouches for.
-            run.push(unsafe { std::slice::from_raw_parts_mut(segments[index].at.add(at - start), end - at) });
-        }
-        f(&mut run);
-        at = end;
-    }
-}
-
 /// Reduces one run, as long on every rank, and writes the result back into
 /// every rank's values. Chunk by chunk, so that each partial result stays in
 /// the L1 cache from the first read of the chunk to its last write: every
@@ -261,6 +230,10 @@ impl Communicator for InProcCommunicator {
     }
 
     fn reduces_segments_in_place(&self) -> bool {
+        true
+    }
+
+    fn ranks_are_threads(&self) -> bool {
         true
     }
 

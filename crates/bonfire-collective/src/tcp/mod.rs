@@ -109,12 +109,13 @@ impl TcpCommunicator {
     }
 
     /// Checks that this rank and the previous one make the same call, then
-    /// runs `plan` on `buf`. Any failure leaves the communicator aborted.
+    /// runs `plan` on the buffer that lies in `segments`. Any failure leaves
+    /// the communicator aborted.
     fn collective<T: Element>(
         &mut self,
         name: &'static str,
         header: Header,
-        buf: &mut [T],
+        segments: &mut [&mut [T]],
         plan: plan::Plan,
         op: ReduceOp,
     ) -> Result<()> {
@@ -131,8 +132,9 @@ impl TcpCommunicator {
             stall_warning: self.config.stall_warning,
         };
         self.seq += 1;
-        let result = exchange_header(&watch, link, header)
-            .and_then(|()| pipeline::run(&watch, link, buf, &plan, op, 1.0 / self.world as f32, &mut self.scratch));
+        let result = exchange_header(&watch, link, header).and_then(|()| {
+            pipeline::run(&watch, link, segments, &plan, op, 1.0 / self.world as f32, &mut self.scratch)
+        });
         if let Err(e) = &result {
             self.failed = Some(e.to_string());
         }
@@ -146,7 +148,16 @@ impl TcpCommunicator {
     fn all_reduce_typed<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
         let plan = plan::ring(buf.len(), self.world, self.rank, self.chunk_elems::<T>(), Phases::Both);
         let header = Header::new(Kind::AllReduce, T::DTYPE, Some(op), 0, buf.len());
-        self.collective("all_reduce", header, buf, plan, op)
+        self.collective("all_reduce", header, &mut [buf], plan, op)
+    }
+
+    /// The ring over the segments where they lie: each chunk is sent from
+    /// and received into the segments it spans, so nothing is packed.
+    fn all_reduce_in_place(&mut self, segments: &mut [&mut [f32]], op: ReduceOp) -> Result<()> {
+        let len = segments.iter().map(|s| s.len()).sum();
+        let plan = plan::ring(len, self.world, self.rank, self.chunk_elems::<f32>(), Phases::Both);
+        let header = Header::new(Kind::AllReduceSegments, DType::F32, Some(op), 0, len);
+        self.collective("all_reduce", header, segments, plan, op)
     }
 
     fn broadcast_typed<T: Element>(&mut self, buf: &mut [T], root: usize) -> Result<()> {
@@ -158,7 +169,7 @@ impl TcpCommunicator {
         }
         let plan = plan::chain(buf.len(), self.world, self.rank, root, self.chunk_elems::<T>());
         let header = Header::new(Kind::Broadcast, T::DTYPE, None, root, buf.len());
-        self.collective("broadcast", header, buf, plan, ReduceOp::Sum)
+        self.collective("broadcast", header, &mut [buf], plan, ReduceOp::Sum)
     }
 
     fn all_gather_typed<T: Element>(&mut self, input: &[T], output: &mut [T]) -> Result<()> {
@@ -167,7 +178,7 @@ impl TcpCommunicator {
         output[self.rank * block..(self.rank + 1) * block].copy_from_slice(input);
         let plan = plan::ring(output.len(), self.world, self.rank, self.chunk_elems::<T>(), Phases::AllGather);
         let header = Header::new(Kind::AllGather, T::DTYPE, None, 0, output.len());
-        self.collective("all_gather", header, output, plan, ReduceOp::Sum)
+        self.collective("all_gather", header, &mut [output], plan, ReduceOp::Sum)
     }
 
     fn reduce_scatter_typed<T: Element>(&mut self, input: &[T], output: &mut [T], op: ReduceOp) -> Result<()> {
@@ -176,7 +187,7 @@ impl TcpCommunicator {
         let mut work = input.to_vec();
         let plan = plan::ring(work.len(), self.world, self.rank, self.chunk_elems::<T>(), Phases::ReduceScatter);
         let header = Header::new(Kind::ReduceScatter, T::DTYPE, Some(op), 0, work.len());
-        self.collective("reduce_scatter", header, &mut work, plan, op)?;
+        self.collective("reduce_scatter", header, &mut [&mut work[..]], plan, op)?;
         let block = output.len();
         output.copy_from_slice(&work[self.rank * block..(self.rank + 1) * block]);
         Ok(())
@@ -209,6 +220,14 @@ impl Communicator for TcpCommunicator {
         with_slice!(buf, BufMut, |s| self.all_reduce_typed(s, op))
     }
 
+    fn all_reduce_segments(&mut self, segments: &mut [&mut [f32]], op: ReduceOp) -> Result<()> {
+        self.all_reduce_in_place(segments, op)
+    }
+
+    fn reduces_segments_in_place(&self) -> bool {
+        true
+    }
+
     fn broadcast(&mut self, buf: BufMut<'_>, root: usize) -> Result<()> {
         with_slice!(buf, BufMut, |s| self.broadcast_typed(s, root))
     }
@@ -227,6 +246,6 @@ impl Communicator for TcpCommunicator {
         let mut token = vec![0f32; self.world];
         let plan = plan::ring(token.len(), self.world, self.rank, self.chunk_elems::<f32>(), Phases::Both);
         let header = Header::new(Kind::Barrier, DType::F32, None, 0, token.len());
-        self.collective("barrier", header, &mut token, plan, ReduceOp::Sum)
+        self.collective("barrier", header, &mut [&mut token[..]], plan, ReduceOp::Sum)
     }
 }

@@ -2,6 +2,7 @@
 //! the next rank while this thread reads chunks from the previous rank and
 //! reduces them, so the network and the reduction overlap.
 
+use std::convert::Infallible;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::{Condvar, Mutex};
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use super::plan::Plan;
 use crate::element::{Element, ReduceOp};
 use crate::error::{CommError, Result};
+use crate::segments::{raw_parts, runs, Segment};
 
 /// The two sockets of this rank in the ring.
 pub(crate) struct Link {
@@ -61,15 +63,6 @@ impl Progress {
         self.changed.notify_all();
     }
 }
-
-/// A raw pointer that the sender thread may use.
-#[derive(Clone, Copy)]
-struct Shared<T>(*mut T);
-// SAFETY: the plan guarantees that the sender only reads chunks that this
-// thread no longer writes (see `Plan`), and the scope ends both threads
-// before the buffer's borrow ends.
-unsafe impl<T: Send> Send for Shared<T> {}
-unsafe impl<T: Send> Sync for Shared<T> {}
 
 /// One collective call as the stall inspector and the timeout see it.
 #[derive(Debug, Clone, Copy)]
@@ -129,12 +122,14 @@ impl Watch {
     }
 }
 
-/// Executes `plan` on `buf`. `scratch` holds one received chunk at a time
-/// and is reused across calls, so the data path allocates nothing.
+/// Executes `plan` on a buffer that lies in `segments` (one, or a DDP
+/// bucket's gradients where backward left them; the plan's ranges count
+/// from the start of the first). `scratch` holds one received chunk at a
+/// time and is reused across calls, so the data path allocates nothing.
 pub(crate) fn run<T: Element>(
     watch: &Watch,
     link: &Link,
-    buf: &mut [T],
+    segments: &mut [&mut [T]],
     plan: &Plan,
     op: ReduceOp,
     scale: f32,
@@ -146,21 +141,24 @@ pub(crate) fn run<T: Element>(
     if scratch.len() < words {
         scratch.resize(words, 0);
     }
-    let base = Shared(buf.as_mut_ptr());
+    // From here on the buffer is reached only through these raw parts, by
+    // this thread and the sender alike.
+    let parts = raw_parts(segments);
+    let buf: &[&[Segment<T>]] = &[&parts];
     let progress = Progress::default();
 
     let (sent, received) = std::thread::scope(|s| {
         let sender = s.spawn(|| {
-            let base = base;
             let mut next = &link.next;
             for (i, item) in plan.sends.iter().enumerate() {
                 if !progress.wait(|c| c.received >= item.after_recv) {
                     return Ok(());
                 }
-                // SAFETY: the range is inside `buf`, final, and not written
-                // until this send is counted (RecvItem::after_send).
-                let chunk = unsafe { std::slice::from_raw_parts(base.0.add(item.range.start), item.range.len()) };
-                if let Err(e) = next.write_all(bytemuck::cast_slice(chunk)) {
+                // SAFETY: the range is inside the buffer, final, and not
+                // written until this send is counted (RecvItem::after_send).
+                let written =
+                    unsafe { runs(buf, item.range.clone(), |run| next.write_all(bytemuck::cast_slice(run[0]))) };
+                if let Err(e) = written {
                     if !progress.abort() {
                         return Ok(()); // the receiver failed first and closed the link
                     }
@@ -178,21 +176,38 @@ pub(crate) fn run<T: Element>(
                 if !progress.wait(|c| c.sent >= item.after_send) {
                     return Ok(());
                 }
-                // SAFETY: this thread is the only writer; the sender reads
-                // other ranges until this item is counted as received.
-                let dst = unsafe { std::slice::from_raw_parts_mut(base.0.add(item.range.start), item.range.len()) };
+                let finish = |dst: &mut [T]| {
+                    if item.finish && op == ReduceOp::Mean {
+                        T::scale(dst, scale);
+                    }
+                };
+                // SAFETY (both arms): this thread is the only writer; the
+                // sender reads other ranges until this item is counted as
+                // received.
                 if item.reduce {
-                    let bytes = std::mem::size_of_val(dst);
+                    let bytes = item.range.len() * std::mem::size_of::<T>();
                     let words = bytes.div_ceil(8);
                     let raw = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut scratch[..words])[..bytes];
                     watch.read(&link.prev, raw, link.prev_rank, true)?;
-                    let incoming: &[T] = &bytemuck::cast_slice::<u64, T>(&scratch[..words])[..dst.len()];
-                    T::combine(dst, incoming, op);
+                    let incoming: &[T] = &bytemuck::cast_slice::<u64, T>(&scratch[..words])[..item.range.len()];
+                    let mut at = 0;
+                    let Ok(()) = unsafe {
+                        runs(buf, item.range.clone(), |run| {
+                            let dst = &mut *run[0];
+                            T::combine(dst, &incoming[at..at + dst.len()], op);
+                            finish(dst);
+                            at += dst.len();
+                            Ok::<(), Infallible>(())
+                        })
+                    };
                 } else {
-                    watch.read(&link.prev, bytemuck::cast_slice_mut(dst), link.prev_rank, true)?;
-                }
-                if item.finish && op == ReduceOp::Mean {
-                    T::scale(dst, scale);
+                    unsafe {
+                        runs(buf, item.range.clone(), |run| {
+                            watch.read(&link.prev, bytemuck::cast_slice_mut(run[0]), link.prev_rank, true)?;
+                            finish(run[0]);
+                            Ok::<(), CommError>(())
+                        })
+                    }?;
                 }
                 progress.update(|c| c.received = i + 1);
             }
