@@ -17,9 +17,9 @@ pub struct Args {
     /// Number of workers.
     #[arg(long, default_value_t = 2)]
     world: usize,
-    /// Buffer sizes in MiB of f32.
+    /// Buffer sizes in MiB of f32 (fractions too: 0.25 is 256 KiB).
     #[arg(long, value_delimiter = ',', default_value = "1,4,25,100")]
-    sizes_mib: Vec<usize>,
+    sizes_mib: Vec<f64>,
     /// Which communicators to measure: inproc, tcp, mpi (a build with the
     /// `mpi` feature; ranks started by mpirun).
     #[arg(long, value_delimiter = ',', default_value = "inproc,tcp")]
@@ -62,8 +62,9 @@ fn report(kind: &str, world: usize, bytes: usize, seconds: f64) {
     );
 }
 
-fn bytes_of(mib: usize) -> usize {
-    mib << 20
+/// Whole f32 values.
+fn bytes_of(mib: f64) -> usize {
+    (mib * (1 << 20) as f64 / 4.0).round() as usize * 4
 }
 
 pub fn run(args: Args) -> Result<()> {

@@ -8,7 +8,7 @@ use std::net::{Shutdown, TcpStream};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::plan::Plan;
+use super::plan::{Plan, RecvItem, SendItem};
 use crate::element::{Element, ReduceOp};
 use crate::error::{CommError, Result};
 use crate::segments::{raw_parts, runs, Segment};
@@ -19,6 +19,9 @@ pub(crate) struct Link {
     pub prev: TcpStream,
     pub next_rank: usize,
     pub prev_rank: usize,
+    /// A call that sends at most this many bytes runs on the calling thread
+    /// alone (see [`run`]).
+    pub inline_bytes: usize,
 }
 
 #[derive(Default)]
@@ -126,6 +129,14 @@ impl Watch {
 /// bucket's gradients where backward left them; the plan's ranges count
 /// from the start of the first). `scratch` holds one received chunk at a
 /// time and is reused across calls, so the data path allocates nothing.
+///
+/// A call that sends more than `link.inline_bytes` runs its sends on a
+/// thread of their own, so that the network and the reduction overlap. A
+/// smaller one (DDP's buckets of a small model, a barrier) runs on the
+/// calling thread alone: its sends fit in the socket buffers, so no write
+/// waits for a peer that is itself writing, and the call saves starting a
+/// thread and handing every chunk between two, which on busy cores costs
+/// more than the transfer.
 pub(crate) fn run<T: Element>(
     watch: &Watch,
     link: &Link,
@@ -135,7 +146,6 @@ pub(crate) fn run<T: Element>(
     scale: f32,
     scratch: &mut Vec<u64>,
 ) -> Result<()> {
-    let (op_name, timeout) = (watch.op, watch.timeout);
     let longest = plan.recvs.iter().map(|r| r.range.len()).max().unwrap_or(0);
     let words = (longest * std::mem::size_of::<T>()).div_ceil(8);
     if scratch.len() < words {
@@ -145,88 +155,161 @@ pub(crate) fn run<T: Element>(
     // this thread and the sender alike.
     let parts = raw_parts(segments);
     let buf: &[&[Segment<T>]] = &[&parts];
-    let progress = Progress::default();
+    let sent_bytes = plan.sends.iter().map(|s| s.range.len()).sum::<usize>() * std::mem::size_of::<T>();
+    let chunks = Chunks { watch, link, buf, op, scale };
+    if sent_bytes <= link.inline_bytes {
+        chunks.run_inline(plan, scratch)
+    } else {
+        chunks.run_threaded(plan, scratch)
+    }
+}
 
-    let (sent, received) = std::thread::scope(|s| {
-        let sender = s.spawn(|| {
-            let mut next = &link.next;
-            for (i, item) in plan.sends.iter().enumerate() {
-                if !progress.wait(|c| c.received >= item.after_recv) {
-                    return Ok(());
-                }
-                // SAFETY: the range is inside the buffer, final, and not
-                // written until this send is counted (RecvItem::after_send).
-                let written =
-                    unsafe { runs(buf, item.range.clone(), |run| next.write_all(bytemuck::cast_slice(run[0]))) };
-                if let Err(e) = written {
-                    if !progress.abort() {
-                        return Ok(()); // the receiver failed first and closed the link
-                    }
-                    // Wake the receiver, which may be blocked reading.
-                    let _ = link.prev.shutdown(Shutdown::Read);
-                    return Err(io_error(op_name, link.next_rank, timeout, e));
-                }
-                progress.update(|c| c.sent = i + 1);
-            }
-            Ok(())
-        });
+/// What sending and receiving one chunk of a call needs.
+struct Chunks<'a, T> {
+    watch: &'a Watch,
+    link: &'a Link,
+    buf: &'a [&'a [Segment<T>]],
+    op: ReduceOp,
+    scale: f32,
+}
 
-        let mut receive = || -> Result<()> {
-            for (i, item) in plan.recvs.iter().enumerate() {
-                if !progress.wait(|c| c.sent >= item.after_send) {
-                    return Ok(());
-                }
-                let finish = |dst: &mut [T]| {
-                    if item.finish && op == ReduceOp::Mean {
-                        T::scale(dst, scale);
-                    }
-                };
-                // SAFETY (both arms): this thread is the only writer; the
-                // sender reads other ranges until this item is counted as
-                // received.
-                if item.reduce {
-                    let bytes = item.range.len() * std::mem::size_of::<T>();
-                    let words = bytes.div_ceil(8);
-                    let raw = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut scratch[..words])[..bytes];
-                    watch.read(&link.prev, raw, link.prev_rank, true)?;
-                    let incoming: &[T] = &bytemuck::cast_slice::<u64, T>(&scratch[..words])[..item.range.len()];
-                    let mut at = 0;
-                    let Ok(()) = unsafe {
-                        runs(buf, item.range.clone(), |run| {
-                            let dst = &mut *run[0];
-                            T::combine(dst, &incoming[at..at + dst.len()], op);
-                            finish(dst);
-                            at += dst.len();
-                            Ok::<(), Infallible>(())
-                        })
-                    };
-                } else {
-                    unsafe {
-                        runs(buf, item.range.clone(), |run| {
-                            watch.read(&link.prev, bytemuck::cast_slice_mut(run[0]), link.prev_rank, true)?;
-                            finish(run[0]);
-                            Ok::<(), CommError>(())
-                        })
-                    }?;
-                }
-                progress.update(|c| c.received = i + 1);
+impl<T: Element> Chunks<'_, T> {
+    /// Writes `item`'s range to the next rank.
+    ///
+    /// # Safety
+    ///
+    /// Nobody writes the range until this send is counted: the plan's
+    /// `RecvItem::after_send` says when a receive may.
+    unsafe fn send(&self, item: &SendItem) -> io::Result<()> {
+        let mut next = &self.link.next;
+        // SAFETY: the plan's ranges lie inside the buffer; see above.
+        unsafe { runs(self.buf, item.range.clone(), |run| next.write_all(bytemuck::cast_slice(run[0]))) }
+    }
+
+    /// Reads `item`'s range from the previous rank, combining it with the
+    /// values there or overwriting them.
+    ///
+    /// # Safety
+    ///
+    /// Nothing else touches the range until this item is counted as
+    /// received: sends wait for it (`SendItem::after_recv`).
+    unsafe fn receive(&self, item: &RecvItem, scratch: &mut [u64]) -> Result<()> {
+        let (link, op, scale) = (self.link, self.op, self.scale);
+        let finish = |dst: &mut [T]| {
+            if item.finish && op == ReduceOp::Mean {
+                T::scale(dst, scale);
             }
-            Ok(())
         };
-        let mut received = receive();
-        if received.is_err() {
-            if progress.abort() {
-                // Wake the sender, which may be blocked writing.
-                let _ = link.next.shutdown(Shutdown::Write);
-            } else {
-                received = Ok(()); // the sender failed first; its error is the cause
+        if item.reduce {
+            let bytes = item.range.len() * std::mem::size_of::<T>();
+            let words = bytes.div_ceil(8);
+            let raw = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut scratch[..words])[..bytes];
+            self.watch.read(&link.prev, raw, link.prev_rank, true)?;
+            let incoming: &[T] = &bytemuck::cast_slice::<u64, T>(&scratch[..words])[..item.range.len()];
+            let mut at = 0;
+            // SAFETY: the plan's ranges lie inside the buffer; see above.
+            let Ok(()) = unsafe {
+                runs(self.buf, item.range.clone(), |run| {
+                    let dst = &mut *run[0];
+                    T::combine(dst, &incoming[at..at + dst.len()], op);
+                    finish(dst);
+                    at += dst.len();
+                    Ok::<(), Infallible>(())
+                })
+            };
+            Ok(())
+        } else {
+            // SAFETY: as above.
+            unsafe {
+                runs(self.buf, item.range.clone(), |run| {
+                    self.watch.read(&link.prev, bytemuck::cast_slice_mut(run[0]), link.prev_rank, true)?;
+                    finish(run[0]);
+                    Ok(())
+                })
             }
         }
-        let sent = sender.join().unwrap_or_else(|_| Err(CommError::Aborted("the ring sender thread panicked".into())));
-        (sent, received)
-    });
-    // The first failure is the cause; the other side only saw the abort.
-    sent.and(received)
+    }
+
+    fn send_error(&self, e: io::Error) -> CommError {
+        io_error(self.watch.op, self.link.next_rank, self.watch.timeout, e)
+    }
+
+    /// Every send as soon as the receives it depends on are done, and every
+    /// receive in order, on this thread.
+    fn run_inline(&self, plan: &Plan, scratch: &mut [u64]) -> Result<()> {
+        let mut sent = 0;
+        for (received, item) in plan.recvs.iter().enumerate() {
+            while sent < plan.sends.len() && plan.sends[sent].after_recv <= received {
+                // SAFETY: one thread runs the plan in its order, so every
+                // receive this send waits for is done and none that waits
+                // for it has started.
+                unsafe { self.send(&plan.sends[sent]) }.map_err(|e| self.send_error(e))?;
+                sent += 1;
+            }
+            debug_assert!(sent >= item.after_send, "a plan's dependencies point backwards");
+            // SAFETY: as for the sends.
+            unsafe { self.receive(item, scratch) }?;
+        }
+        for item in &plan.sends[sent..] {
+            // SAFETY: as above.
+            unsafe { self.send(item) }.map_err(|e| self.send_error(e))?;
+        }
+        Ok(())
+    }
+
+    /// Sends on a thread of their own while this thread receives.
+    fn run_threaded(&self, plan: &Plan, scratch: &mut [u64]) -> Result<()> {
+        let link = self.link;
+        let progress = Progress::default();
+        let (sent, received) = std::thread::scope(|s| {
+            let sender = s.spawn(|| {
+                for (i, item) in plan.sends.iter().enumerate() {
+                    if !progress.wait(|c| c.received >= item.after_recv) {
+                        return Ok(());
+                    }
+                    // SAFETY: the receives it waits for are counted, and
+                    // the receives that wait for it wait for its count.
+                    if let Err(e) = unsafe { self.send(item) } {
+                        if !progress.abort() {
+                            return Ok(()); // the receiver failed first and closed the link
+                        }
+                        // Wake the receiver, which may be blocked reading.
+                        let _ = link.prev.shutdown(Shutdown::Read);
+                        return Err(self.send_error(e));
+                    }
+                    progress.update(|c| c.sent = i + 1);
+                }
+                Ok(())
+            });
+
+            let mut receive = || -> Result<()> {
+                for (i, item) in plan.recvs.iter().enumerate() {
+                    if !progress.wait(|c| c.sent >= item.after_send) {
+                        return Ok(());
+                    }
+                    // SAFETY: the sends it waits for are counted, and the
+                    // sends that wait for it wait for its count.
+                    unsafe { self.receive(item, scratch) }?;
+                    progress.update(|c| c.received = i + 1);
+                }
+                Ok(())
+            };
+            let mut received = receive();
+            if received.is_err() {
+                if progress.abort() {
+                    // Wake the sender, which may be blocked writing.
+                    let _ = link.next.shutdown(Shutdown::Write);
+                } else {
+                    received = Ok(()); // the sender failed first; its error is the cause
+                }
+            }
+            let sent =
+                sender.join().unwrap_or_else(|_| Err(CommError::Aborted("the ring sender thread panicked".into())));
+            (sent, received)
+        });
+        // The first failure is the cause; the other side only saw the abort.
+        sent.and(received)
+    }
 }
 
 /// Names the peer behind a socket error: silence past the timeout is a

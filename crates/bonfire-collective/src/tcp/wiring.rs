@@ -59,7 +59,13 @@ pub(super) fn form_ring(env: &DistEnv, store: &mut StoreClient, config: &TcpConf
     hello.extend(env.job_token.as_bytes());
     (&next).write_all(&hello).map_err(|e| io_error("rendezvous", next_rank, timeout, e))?;
     let prev = accept_prev(&listener, prev_rank, world, env.job_token.as_bytes(), deadline, timeout)?;
-    Ok(Link { next, prev, next_rank, prev_rank })
+    // The kernel reports twice the buffer it grants (the rest is its own
+    // bookkeeping) and may grant less than asked (`net.core.wmem_max`). An
+    // eighth of the report leaves room for two calls' data unread in the
+    // sender's buffer alone: a rank that finished a call has seen every
+    // rank send in it, so the next rank has read all but the last two.
+    let granted = SockRef::from(&next).send_buffer_size().map_err(|e| CommError::io("ring socket options", e))?;
+    Ok(Link { next, prev, next_rank, prev_rank, inline_bytes: granted / 8 })
 }
 
 fn tune(socket: &SockRef<'_>, buffer: usize) -> Result<()> {
