@@ -146,17 +146,16 @@ impl TcpCommunicator {
     }
 
     fn all_reduce_typed<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
-        let plan = plan::ring(buf.len(), self.world, self.rank, self.chunk_elems::<T>(), Phases::Both);
-        let header = Header::new(Kind::AllReduce, T::DTYPE, Some(op), 0, buf.len());
-        self.collective("all_reduce", header, &mut [buf], plan, op)
+        self.all_reduce_in_place(Kind::AllReduce, &mut [buf], op)
     }
 
-    /// The ring over the segments where they lie: each chunk is sent from
-    /// and received into the segments it spans, so nothing is packed.
-    fn all_reduce_in_place(&mut self, segments: &mut [&mut [f32]], op: ReduceOp) -> Result<()> {
+    /// The ring over a buffer that lies in `segments` (one, or a bucket's
+    /// gradients): each chunk is sent from and received into the segments
+    /// it spans, so nothing is packed.
+    fn all_reduce_in_place<T: Element>(&mut self, kind: Kind, segments: &mut [&mut [T]], op: ReduceOp) -> Result<()> {
         let len = segments.iter().map(|s| s.len()).sum();
-        let plan = plan::ring(len, self.world, self.rank, self.chunk_elems::<f32>(), Phases::Both);
-        let header = Header::new(Kind::AllReduceSegments, DType::F32, Some(op), 0, len);
+        let plan = plan::ring(len, self.world, self.rank, self.chunk_elems::<T>(), Phases::Both);
+        let header = Header::new(kind, T::DTYPE, Some(op), 0, len);
         self.collective("all_reduce", header, segments, plan, op)
     }
 
@@ -221,7 +220,7 @@ impl Communicator for TcpCommunicator {
     }
 
     fn all_reduce_segments(&mut self, segments: &mut [&mut [f32]], op: ReduceOp) -> Result<()> {
-        self.all_reduce_in_place(segments, op)
+        self.all_reduce_in_place(Kind::AllReduceSegments, segments, op)
     }
 
     fn reduces_segments_in_place(&self) -> bool {

@@ -1,6 +1,7 @@
 //! Runs a [`Plan`] over the two ring sockets: a sender thread writes chunks to
 //! the next rank while this thread reads chunks from the previous rank and
-//! reduces them, so the network and the reduction overlap.
+//! reduces them, so the network and the reduction overlap; a call small
+//! enough to fit in the socket buffers runs on this thread alone.
 
 use std::convert::Infallible;
 use std::io::{self, Read, Write};
