@@ -134,13 +134,14 @@ impl NcclCommunicator {
         })
     }
 
-    /// Runs one collective from `input` into `output` (see the module
-    /// comment for the ordering), `count` being the input's length.
+    /// Runs one collective from `input` into `output`, or in place where
+    /// `output` is `None` (see the module comment for the ordering), `count`
+    /// being the input's length.
     fn run(
         &mut self,
         op: &'static str,
         input: CudaTensor,
-        output: CudaTensor,
+        output: Option<CudaTensor>,
         call: impl FnOnce(
             *const std::ffi::c_void,
             *mut std::ffi::c_void,
@@ -163,7 +164,7 @@ impl NcclCommunicator {
         let count = input.dims()[0];
         // NCCL works on this communicator's GPU only.
         let input = cube_tensor(input.to_device(&self.device));
-        let output = cube_tensor(output);
+        let output = output.map(cube_tensor);
         if !input.is_contiguous() {
             return Err(CommError::invalid(op, "the tensor is not contiguous"));
         }
@@ -172,26 +173,22 @@ impl NcclCommunicator {
         let resource = |t: &CubeTensor<CudaRuntime>| {
             t.client.get_resource(t.handle.clone()).map_err(|e| CommError::Device { op, detail: format!("{e:?}") })
         };
-        let (src, dst) = (resource(&input)?, resource(&output)?);
+        let src = resource(&input)?;
+        let dst = output.as_ref().map(resource).transpose()?;
+        let dst_ptr = dst.as_ref().unwrap_or(&src).resource().ptr;
         // SAFETY: the primary context retained in `connect`.
         unsafe { cu::ctx::set_current(self.context) }.map_err(|e| cuda_error("set the CUDA context", e))?;
         // 2. The collective, on this communicator's stream.
-        let launched = call(
-            src.resource().ptr as *const _,
-            dst.resource().ptr as *mut _,
-            count,
-            dtype,
-            self.comm,
-            self.stream as _,
-        );
+        let launched =
+            call(src.resource().ptr as *const _, dst_ptr as *mut _, count, dtype, self.comm, self.stream as _);
         // 3. Wait for it (bounded by the timeout), before anything reads the output.
         let result = launched.map_err(|e| nccl_error(op, e)).and_then(|_| self.wait(op));
         if let Err(e) = &result {
             self.failed = Some(e.to_string());
         }
         result?;
-        drop((src, dst, input));
-        Ok(Tensor::from_primitive(TensorPrimitive::Float(output)))
+        drop((src, dst));
+        Ok(Tensor::from_primitive(TensorPrimitive::Float(output.unwrap_or(input))))
     }
 
     /// Waits for this communicator's stream; past the timeout, aborts NCCL.
@@ -230,8 +227,12 @@ impl Group for NcclCommunicator {
 
 impl TensorCollective<Cuda> for NcclCommunicator {
     fn all_reduce(&mut self, tensor: CudaTensor, op: ReduceOp) -> Result<CudaTensor> {
-        let n = tensor.dims()[0];
-        let out = CudaTensor::empty([n], &self.device).cast(tensor.dtype());
+        // In place (NCCL allows the output to be the input) where nothing
+        // else holds the tensor, as DDP's bucket: no memory is allocated.
+        let (n, dtype) = (tensor.dims()[0], tensor.dtype());
+        let input = cube_tensor(tensor.to_device(&self.device));
+        let out = (!input.can_mut()).then(|| CudaTensor::empty([n], &self.device).cast(dtype));
+        let tensor = CudaTensor::from_primitive(TensorPrimitive::Float(input));
         // A mean is a sum divided on the device afterwards, as PyTorch's DDP
         // does. ncclAvg left the last 11 values of a 61,707-value bucket
         // (those past its last whole 256 bytes) wrong in a group of one on
@@ -260,7 +261,7 @@ impl TensorCollective<Cuda> for NcclCommunicator {
         }
         let n = tensor.dims()[0];
         let out = CudaTensor::empty([n], &self.device).cast(tensor.dtype());
-        self.run("broadcast", tensor, out, |src, dst, count, dtype, comm, stream| {
+        self.run("broadcast", tensor, Some(out), |src, dst, count, dtype, comm, stream| {
             // SAFETY: as in all_reduce.
             unsafe { nccl::broadcast(src, dst, count, dtype, root as i32, comm, stream) }
         })
@@ -269,7 +270,7 @@ impl TensorCollective<Cuda> for NcclCommunicator {
     fn all_gather(&mut self, tensor: CudaTensor) -> Result<CudaTensor> {
         let n = tensor.dims()[0];
         let out = CudaTensor::empty([n * self.world], &self.device).cast(tensor.dtype());
-        self.run("all_gather", tensor, out, |src, dst, count, dtype, comm, stream| {
+        self.run("all_gather", tensor, Some(out), |src, dst, count, dtype, comm, stream| {
             // SAFETY: dst holds world * count elements.
             unsafe { nccl::all_gather(src, dst, count, dtype, comm, stream) }
         })

@@ -21,6 +21,7 @@ mod host_memory;
 mod params;
 mod reducer;
 mod strategy;
+mod tensor_bucket;
 
 pub use buffers::settle as settle_buffers;
 pub use comm_hook::CommHook;

@@ -9,10 +9,11 @@
 //! On Flex with a host communicator the buckets live in host memory
 //! (`host_bucket.rs`): threads average the gradients where backward left
 //! them, the TCP ring a bucket the reducer keeps from step to step.
-//! Everywhere else gradients stay tensors on their device: a bucket is the
-//! concatenation of its gradients, made on the communication thread, and the
-//! collective decides where the values travel ([`TensorCollective`]: through
-//! the host for the ring, in GPU memory for NCCL).
+//! Everywhere else gradients stay tensors on their device: a bucket is a
+//! tensor kept from step to step (`tensor_bucket.rs`), filled with its
+//! gradients on the communication thread, and the collective decides where
+//! the values travel ([`TensorCollective`]: through the host for the ring, in
+//! GPU memory for NCCL).
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -28,6 +29,7 @@ use crate::comm_thread::CommThread;
 use crate::error::{ParallelError, Result};
 use crate::hook::GradientSink;
 use crate::host_bucket::{self, Contents, HostBuckets};
+use crate::tensor_bucket;
 
 pub struct Reducer<B: Backend> {
     plan: BucketPlan,
@@ -52,6 +54,9 @@ struct Step<B: Backend> {
     /// The buckets' own host memory, instead of `grads`, on Flex with a
     /// host communicator (see `host_bucket.rs`).
     host: Option<HostBuckets>,
+    /// Otherwise: the tensor each bucket was last reduced in, to be filled
+    /// again (see `tensor_bucket.rs`).
+    memory: Vec<Option<Tensor<B, 1>>>,
     /// Per parameter: its slot of the host bucket holds a gradient (or what
     /// `no_sync` passes accumulated) since its bucket was last sent.
     filled: Vec<bool>,
@@ -130,6 +135,7 @@ impl<B: Backend> Reducer<B> {
             step: Mutex::new(Step {
                 grads: vec![None; names.len()],
                 host,
+                memory: vec![None; buckets],
                 filled: vec![false; names.len()],
                 pending: vec![0; buckets],
                 arrived: vec![false; names.len()],
@@ -216,8 +222,9 @@ impl<B: Backend> Reducer<B> {
             if bucket == last {
                 parts.push(Tensor::from_floats([st.unused as f32], &self.device));
             }
+            let memory = st.memory[bucket].take();
             self.comm.submit(move |comm| {
-                let result = hook.apply(comm, Tensor::cat(parts, 0)).map(Outcome::Tensor);
+                let result = hook.apply(comm, tensor_bucket::fill(memory, parts)).map(Outcome::Tensor);
                 let _ = done.send(Done { bucket, result });
             });
         }
@@ -253,7 +260,10 @@ impl<B: Backend> Reducer<B> {
             for _ in 0..reduced.len() {
                 let done = rx.recv().expect("the communication thread ended early");
                 match done.result {
-                    Ok(Outcome::Tensor(tensor)) => reduced[done.bucket] = Some(Reduced::Whole(tensor)),
+                    Ok(Outcome::Tensor(tensor)) => {
+                        self.lock().memory[done.bucket] = Some(tensor.clone());
+                        reduced[done.bucket] = Some(Reduced::Whole(tensor));
+                    }
                     Ok(Outcome::Host(contents)) => {
                         let mut st = self.lock();
                         let host = st.host.as_mut().expect("host buckets reduce only in host mode");

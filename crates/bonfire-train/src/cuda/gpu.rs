@@ -86,7 +86,9 @@ pub fn nccl_check(sizes_mib: &[usize]) -> anyhow::Result<()> {
     let (rank, world) = (comm.rank(), comm.world_size());
     let rank_sum: f32 = (1..=world).sum::<usize>() as f32;
     // Gradient buckets rarely fill whole MiB: an odd count checks the tail
-    // of a buffer too, for every reduction.
+    // of a buffer too, for every reduction. These tensors are held by
+    // nothing else, so NCCL reduces them in place, as DDP's buckets; the
+    // sized ones below stay held for the timing and go out of place.
     let odd = 61_707;
     for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max, ReduceOp::Min] {
         let values: Vec<f32> = (0..odd).map(|i| ((rank + 1) * (i % 7)) as f32).collect();
