@@ -7,8 +7,8 @@
 //! waiting for the results) are kept apart, as in PyTorch's reducer.
 //!
 //! On Flex with a host communicator the buckets live in host memory
-//! (`host_bucket.rs`): threads average the gradients where backward left
-//! them, the TCP ring a bucket the reducer keeps from step to step.
+//! (`host_bucket.rs`): threads and the TCP ring average the gradients where
+//! backward left them, MPI a bucket the reducer keeps from step to step.
 //! Everywhere else gradients stay tensors on their device: a bucket is a
 //! tensor kept from step to step (`tensor_bucket.rs`), filled with its
 //! gradients on the communication thread, and the collective decides where
