@@ -197,7 +197,10 @@ fn every_strategy_step_equals_one_worker_on_the_whole_batch() {
 /// what readers copy is what the tests build and run.
 #[test]
 fn the_readmes_example_is_the_quickstart_example() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    // At run time: a build folder shared by two clones may run this test
+    // compiled in the other one, which would read that clone's README.
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").unwrap();
+    let root = std::path::Path::new(&manifest_dir);
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
     let example = std::fs::read_to_string(root.join("examples/quickstart.rs")).unwrap();
     assert!(

@@ -63,8 +63,15 @@ pub fn cargo(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
 }
 
 /// The workspace root.
+///
+/// `cargo run` (which `cargo xtask` is) says at run time where xtask's
+/// manifest is; the path compiled in is only the fallback, because a build
+/// folder shared by several clones of the same sources may hold an xtask
+/// compiled in another clone, which would then test that clone.
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    let manifest =
+        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), PathBuf::from);
+    manifest.parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
 /// Where cargo puts its builds.

@@ -267,7 +267,10 @@ mod tests {
     /// with the same names, shapes and values, but for the batch counters.
     #[test]
     fn pytorch_state_dict_of_the_resnet_loads_and_saves_unchanged() {
-        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/resnet_torch.safetensors");
+        // The manifest directory at run time: a build folder shared by two clones
+        // may run this test compiled in the other one.
+        let fixture =
+            Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("tests/fixtures/resnet_torch.safetensors");
         let out = temp("resnet-from-torch.safetensors");
         save(&init(ResNet::<Flex>::new(1, 10, &Default::default()), &fixture).unwrap(), &out).unwrap();
         let (theirs, ours) = (read(&fixture), read(&out));

@@ -92,7 +92,9 @@ fn a_run_stopped_after_epoch_1_and_resumed_ends_with_the_same_weights() {
 fn the_resnet_starts_from_pytorchs_weights_and_from_its_own() {
     let dir = out_dir("resnet-weights");
     let s = |rest: &str| dir.join(rest).to_str().unwrap().to_string();
-    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/resnet_torch.safetensors");
+    // At run time: a build folder shared by two clones may run this test
+    // compiled in the other one.
+    let fixture = &format!("{}/tests/fixtures/resnet_torch.safetensors", std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let run = |init: &str, save: &str| {
         let o = bonfire(&[
             "train",
