@@ -3,6 +3,7 @@
 //! the whole batch.
 
 use bonfire::prelude::*;
+use bonfire_testkit::max_abs_diff;
 use burn::backend::{Autodiff, Flex};
 use burn::module::{AutodiffModule, Module};
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -86,8 +87,9 @@ fn one_worker() -> Vec<f32> {
     }
     let trained = values(&model);
     // The oracle must have learned something, or every comparison is empty.
+    assert!(trained.iter().all(|v| v.is_finite()), "one worker's training left non-finite weights");
     assert!(
-        max_diff(&trained, &values(&net(&device))) > 1e-2,
+        max_abs_diff(&trained, &values(&net(&device))) > 1e-2,
         "one worker's training left the weights where they were"
     );
     trained
@@ -115,14 +117,9 @@ fn on_two_threads(
         workers.into_iter().map(|w| w.join().unwrap()).collect()
     });
     for (rank, got) in got.iter().enumerate() {
-        let d = max_diff(got, want);
+        let d = max_abs_diff(got, want);
         assert!(d <= 1e-5, "rank {rank} is {d} away from one worker");
     }
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 #[test]
@@ -153,7 +150,7 @@ fn dp_over_two_replicas_equals_one_worker_on_the_whole_batch() {
         let grads = dp.backward(loss(logits, y), &model, replicas).unwrap();
         model = opt.step(0.1, model, grads);
     }
-    let d = max_diff(&values(&model), &want);
+    let d = max_abs_diff(&values(&model), &want);
     assert!(d <= 1e-5, "DP is {d} away from one worker");
 }
 
@@ -180,10 +177,10 @@ fn train_from(
 fn every_strategy_step_equals_one_worker_on_the_whole_batch() {
     let want = one_worker();
     let device = Default::default();
-    let d = max_diff(&train_from(Strategy::Single, net(&device), &|_| 0..BATCH), &want);
+    let d = max_abs_diff(&train_from(Strategy::Single, net(&device), &|_| 0..BATCH), &want);
     assert!(d <= 1e-5, "single is {d} away from one worker");
     let dp = DataParallel::<B>::new(vec![device; 2]).unwrap();
-    let d = max_diff(&train_from(Strategy::Dp(dp), net(&device), &|_| 0..BATCH), &want);
+    let d = max_abs_diff(&train_from(Strategy::Dp(dp), net(&device), &|_| 0..BATCH), &want);
     assert!(d <= 1e-5, "DP is {d} away from one worker");
 
     on_two_threads(&want, |comm, my_rows| {

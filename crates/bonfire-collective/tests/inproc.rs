@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use bonfire_collective::{CommError, Communicator, Group, InProcCommunicator, ReduceOp};
+use bonfire_collective::{BufMut, BufRef, CommError, Communicator, Group, InProcCommunicator, ReduceOp};
 
 fn run_group<R: Send>(world: usize, f: impl Fn(InProcCommunicator) -> R + Sync) -> Vec<R> {
     let comms = InProcCommunicator::group(world).unwrap();
@@ -19,6 +19,64 @@ fn every_op_matches_a_plain_computation_for_worlds_1_to_4() {
     for world in 1..=4 {
         for result in run_group(world, |mut c| common::check_all(&mut c, true)) {
             result.unwrap_or_else(|e| panic!("world {world}: {e}"));
+        }
+    }
+}
+
+/// An in-process communicator with one collective that does nothing, to
+/// show that the conformance suite notices.
+struct Broken {
+    inner: InProcCommunicator,
+    skip: &'static str,
+}
+
+impl Group for Broken {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+}
+
+impl Communicator for Broken {
+    fn timeout(&self) -> Duration {
+        self.inner.timeout()
+    }
+    fn set_timeout(&mut self, timeout: Duration) {
+        self.inner.set_timeout(timeout)
+    }
+    fn all_reduce(&mut self, buf: BufMut<'_>, op: ReduceOp) -> bonfire_collective::Result<()> {
+        self.inner.all_reduce(buf, op)
+    }
+    fn broadcast(&mut self, buf: BufMut<'_>, root: usize) -> bonfire_collective::Result<()> {
+        self.inner.broadcast(buf, root)
+    }
+    fn all_gather(&mut self, input: BufRef<'_>, output: BufMut<'_>) -> bonfire_collective::Result<()> {
+        match self.skip {
+            "all_gather" => Ok(()),
+            _ => self.inner.all_gather(input, output),
+        }
+    }
+    fn reduce_scatter(&mut self, input: BufRef<'_>, output: BufMut<'_>, op: ReduceOp) -> bonfire_collective::Result<()> {
+        match self.skip {
+            "reduce_scatter" => Ok(()),
+            _ => self.inner.reduce_scatter(input, output, op),
+        }
+    }
+    fn barrier(&mut self) -> bonfire_collective::Result<()> {
+        self.inner.barrier()
+    }
+}
+
+#[test]
+fn the_conformance_suite_fails_a_collective_that_writes_nothing() {
+    for skip in ["all_gather", "reduce_scatter"] {
+        for world in [1, 2] {
+            for result in run_group(world, |inner| common::check_all(&mut Broken { inner, skip }, false)) {
+                let err = result.expect_err(&format!("a no-op {skip} passed the suite at world {world}"));
+                assert!(err.starts_with(skip), "world {world}: {err}");
+            }
         }
     }
 }

@@ -1,9 +1,10 @@
 //! What Bonfire's tests share; a dev-dependency only, never published.
 //!
 //! - [`free_port`], [`scratch_dir`]: a port and a folder of one's own.
-//! - [`max_abs_diff`], [`write_values`], [`read_values`]: the equivalence
-//!   tests' comparison and how worker processes hand their weights back;
-//!   [`text`]: what a process printed.
+//! - [`max_abs_diff`], [`abs_diff`]: the equivalence tests' comparison, in
+//!   which a NaN or an infinity on one side only is a difference;
+//!   [`write_values`], [`read_values`]: how worker processes hand their
+//!   weights back; [`text`]: what a process printed.
 //! - [`flat_values`], [`with_values`]: a module's float parameters as one
 //!   vector, written apart from the code under test so the oracle does not
 //!   share its mistakes.
@@ -39,12 +40,28 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// The largest element-wise difference; infinite when the lengths differ.
+/// The largest element-wise difference; infinite when the lengths differ or
+/// when one side has a NaN or an infinity where the other has something
+/// else (`f32::max` would pass over a NaN difference and report 0).
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     if a.len() != b.len() {
         return f32::INFINITY;
     }
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter().zip(b).map(|(&x, &y)| abs_diff(x, y)).fold(0.0, f32::max)
+}
+
+/// |x - y|, with equal values (equal infinities too) 0 and any other pair
+/// that involves a NaN or an infinity infinite: never NaN.
+pub fn abs_diff(x: f32, y: f32) -> f32 {
+    if x == y {
+        return 0.0;
+    }
+    let d = (x - y).abs();
+    if d.is_finite() {
+        d
+    } else {
+        f32::INFINITY
+    }
 }
 
 /// What a finished process printed: its stdout, then its stderr.
@@ -97,4 +114,21 @@ pub fn with_values<B: Backend, M: Module<B>>(module: M, values: &[f32]) -> M {
     let module = module.map(&mut scatter);
     assert!(scatter.0.is_empty(), "{} values left over", scatter.0.len());
     module
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nan_or_an_infinity_on_one_side_is_an_infinite_difference() {
+        let (nan, inf) = (f32::NAN, f32::INFINITY);
+        assert_eq!(max_abs_diff(&[1.0, 2.0], &[1.0, 2.5]), 0.5);
+        assert_eq!(max_abs_diff(&[1.0, nan], &[1.0, 2.0]), inf);
+        assert_eq!(max_abs_diff(&[nan], &[nan]), inf, "NaN is not equal to NaN");
+        assert_eq!(max_abs_diff(&[inf, -inf], &[inf, -inf]), 0.0);
+        assert_eq!(max_abs_diff(&[inf], &[1e30]), inf);
+        assert_eq!(max_abs_diff(&[inf], &[-inf]), inf);
+        assert_eq!(max_abs_diff(&[1.0], &[1.0, 2.0]), inf);
+    }
 }

@@ -29,9 +29,12 @@ pub enum Cmd {
     DiffWeights {
         a: PathBuf,
         b: PathBuf,
-        /// Fail when any element differs by more than this.
+        /// Fail when any element differs by more than this (a NaN or an infinity in one file only always does).
         #[arg(long, default_value_t = 1e-3)]
         tolerance: f64,
+        /// Count a NaN as equal to a NaN at the same place in the other file.
+        #[arg(long)]
+        nan_equal: bool,
     },
     /// Check NCCL on this GPU: all-reduce correctness and bandwidth (needs the `cuda` feature).
     NcclCheck {

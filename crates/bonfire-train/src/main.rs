@@ -42,7 +42,7 @@ fn main() -> ExitCode {
         Cmd::Train(args) => train(args),
         Cmd::Launch(args) => launch::launch(&args),
         Cmd::NcclCheck { sizes_mib } => cuda::nccl_check(&sizes_mib),
-        Cmd::DiffWeights { a, b, tolerance } => diff_weights(&a, &b, tolerance),
+        Cmd::DiffWeights { a, b, tolerance, nan_equal } => diff_weights(&a, &b, tolerance, nan_equal),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -117,15 +117,24 @@ fn train(args: TrainArgs) -> Result<()> {
     }
 }
 
-fn diff_weights(a: &std::path::Path, b: &std::path::Path, tolerance: f64) -> Result<()> {
-    let diffs = weights::diff(a, b)?;
+fn diff_weights(a: &std::path::Path, b: &std::path::Path, tolerance: f64, nan_equal: bool) -> Result<()> {
+    let diffs = weights::diff(a, b, nan_equal)?;
     for (name, worst) in &diffs {
         println!("{name}: max |diff| {worst:.3e}");
     }
     let worst = diffs.iter().map(|(_, w)| *w).fold(0.0, f64::max);
     println!("largest difference {worst:.3e} (tolerance {tolerance:.1e})");
-    if worst > tolerance {
-        bail!("the weights differ by {worst:.3e}, more than {tolerance:.1e}");
+    // Differences are never NaN (`weights::diff`), so this also catches a NaN in one file only.
+    let over: Vec<String> = diffs
+        .iter()
+        .filter(|(_, w)| *w > tolerance)
+        .map(|(name, w)| match w.is_finite() {
+            true => format!("{name} ({w:.3e})"),
+            false => format!("{name} (a NaN or an infinity the other file does not match)"),
+        })
+        .collect();
+    if !over.is_empty() {
+        bail!("the weights differ by more than {tolerance:.1e} in {}", over.join(", "));
     }
     Ok(())
 }

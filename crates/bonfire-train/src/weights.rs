@@ -162,8 +162,10 @@ pub fn save<B: Backend, M: Module<B>>(model: &M, file: &Path) -> Result<()> {
 }
 
 /// The largest |a - b| of every tensor of two weight files (f32), by name;
-/// an error when their names or shapes differ.
-pub fn diff(a: &Path, b: &Path) -> Result<Vec<(String, f64)>> {
+/// an error when their names or shapes differ. A NaN or an infinity in one
+/// file where the other has another value is an infinite difference; NaN
+/// against NaN is one too, unless `nan_equal`.
+pub fn diff(a: &Path, b: &Path, nan_equal: bool) -> Result<Vec<(String, f64)>> {
     let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
     let (bytes_a, bytes_b) = (read(a)?, read(b)?);
     fn parse<'a>(bytes: &'a [u8], p: &Path) -> Result<safetensors::SafeTensors<'a>> {
@@ -201,10 +203,28 @@ pub fn diff(a: &Path, b: &Path) -> Result<Vec<(String, f64)>> {
             if x.dtype() != y.dtype() {
                 bail!("{name} is {:?} in one file and {:?} in the other", x.dtype(), y.dtype());
             }
-            let worst = values(&x, name)?.iter().zip(values(&y, name)?).map(|(p, q)| (p - q).abs()).fold(0.0, f64::max);
+            let worst = values(&x, name)?
+                .iter()
+                .zip(values(&y, name)?)
+                .map(|(&p, q)| difference(p, q, nan_equal))
+                .fold(0.0, f64::max);
             Ok((name.to_string(), worst))
         })
         .collect()
+}
+
+/// |p - q|, never NaN: equal values (equal infinities too) differ by 0, and
+/// any other pair with a NaN or an infinity by infinity.
+fn difference(p: f64, q: f64, nan_equal: bool) -> f64 {
+    if p == q || (nan_equal && p.is_nan() && q.is_nan()) {
+        return 0.0;
+    }
+    let d = (p - q).abs();
+    if d.is_finite() {
+        d
+    } else {
+        f64::INFINITY
+    }
 }
 
 #[cfg(test)]
@@ -321,8 +341,30 @@ mod tests {
         write(&a, &[("w", vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]), ("b", vec![1], vec![0.5])]);
         write(&b, &[("w", vec![2, 2], vec![1.0, 2.25, 3.0, 3.0]), ("b", vec![1], vec![0.5])]);
         write(&c, &[("w", vec![4], vec![1.0, 2.0, 3.0, 4.0]), ("b", vec![1], vec![0.5])]);
-        assert_eq!(diff(&a, &b).unwrap(), vec![("b".to_string(), 0.0), ("w".to_string(), 1.0)]);
-        let err = diff(&a, &c).unwrap_err().to_string();
+        assert_eq!(diff(&a, &b, false).unwrap(), vec![("b".to_string(), 0.0), ("w".to_string(), 1.0)]);
+        let err = diff(&a, &c, false).unwrap_err().to_string();
         assert!(err.contains("w has shape [2, 2]"), "{err}");
+    }
+
+    #[test]
+    fn a_nan_or_an_infinity_in_one_file_only_is_an_infinite_difference() {
+        let dir = std::env::temp_dir().join(format!("bonfire-diff-nan-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, w: Vec<f32>| {
+            let path = dir.join(name);
+            write(&path, &[("w", vec![3], w), ("b", vec![1], vec![0.5])]);
+            path
+        };
+        let (nan, inf) = (f32::NAN, f32::INFINITY);
+        let plain = file("plain.safetensors", vec![1.0, 2.0, 3.0]);
+        let with_nan = file("nan.safetensors", vec![1.0, nan, 3.0]);
+        let with_inf = file("inf.safetensors", vec![1.0, 2.0, inf]);
+        let worst = |a: &Path, b: &Path, nan_equal: bool| diff(a, b, nan_equal).unwrap()[1].1;
+        assert_eq!(worst(&plain, &with_nan, false), f64::INFINITY);
+        assert_eq!(worst(&with_nan, &plain, true), f64::INFINITY, "NaN against a number differs even when NaNs are equal");
+        assert_eq!(worst(&plain, &with_inf, false), f64::INFINITY);
+        assert_eq!(worst(&with_inf, &with_inf, false), 0.0, "equal infinities are equal");
+        assert_eq!(worst(&with_nan, &with_nan, false), f64::INFINITY, "NaN is not NaN unless asked");
+        assert_eq!(worst(&with_nan, &with_nan, true), 0.0);
     }
 }

@@ -30,12 +30,16 @@ pub fn expected(world: usize, len: usize, op: ReduceOp) -> Vec<f32> {
         .collect()
 }
 
+/// Each element within `tol` (relative, plus `tol` absolute) of `want`'s;
+/// a NaN is never close (the outputs start as NaN, so an element a
+/// collective never wrote fails).
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) -> Result<(), String> {
     if got.len() != want.len() {
         return Err(format!("{what}: length {} instead of {}", got.len(), want.len()));
     }
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        if (g - w).abs() > tol * (1.0 + w.abs()) {
+        let close = (g - w).abs() <= tol * (1.0 + w.abs());
+        if !close {
             return Err(format!("{what}: element {i} is {g}, expected {w}"));
         }
     }
