@@ -3,6 +3,7 @@
 //! too (its own kernels), so that ties in max pooling break the same way.
 
 use bonfire_kernels::nn::{BatchNorm, BatchNormConfig};
+use bonfire_testkit::max_abs_diff;
 use bonfire_kernels::ops::{self, Window2d};
 use burn::backend::{Autodiff, Flex, NdArray};
 use burn::module::AutodiffModule;
@@ -34,19 +35,53 @@ fn tensor<Bk: Backend, const D: usize>(dims: [usize; D], seed: u64, levels: Opti
     Tensor::from_data(TensorData::new(values(n, seed, levels), dims), &Default::default())
 }
 
-/// max |a - b| / max(max |b|, 1e-6): the error relative to the reference's scale.
+/// max |a - b| / max(max |b|, 1e-6): the error relative to the reference's
+/// scale; infinite where one side has a NaN or an infinity the other lacks.
 fn relative<const D: usize>(a: Tensor<Flex, D>, b: Tensor<Flex, D>) -> f32 {
     assert_eq!(a.dims(), b.dims());
     let (a, b) = (a.into_data().to_vec::<f32>().unwrap(), b.into_data().to_vec::<f32>().unwrap());
     let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
-    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
+    max_abs_diff(&a, &b) / scale
 }
 
+/// One convolution through the kernel and through Burn: the forward values
+/// and the input, weight and bias gradients agree within 1e-4 of scale.
+fn check_conv(x: [usize; 4], weight: [usize; 4], window: Window2d, bias: bool, seed: u64) {
+    let case = format!("x {x:?}, weight {weight:?}, {window:?}, bias {bias}");
+    let x = tensor::<B, 4>(x, seed, None).require_grad();
+    let wt = tensor::<B, 4>(weight, seed + 100, None).require_grad();
+    let b = bias.then(|| tensor::<B, 1>([weight[0]], seed + 200, None).require_grad());
+    let ours = ops::conv2d(x.clone(), wt.clone(), b.clone(), window, 1);
+    let Window2d { stride, padding, padding_end, dilation } = window;
+    let options = PaddedConvOptions::asymmetric(stride, padding, padding_end, dilation, 1);
+    let theirs = burn::tensor::module::conv2d(x.clone(), wt.clone(), b.clone(), options);
+    assert!(relative(ours.clone().inner(), theirs.clone().inner()) <= 1e-4, "forward, {case}");
+    // A weighted sum, so that every output gets its own gradient.
+    let weights = tensor::<B, 4>(ours.dims(), seed + 300, None);
+    let g_ours = (ours * weights.clone()).sum().backward();
+    let g_theirs = (theirs * weights).sum().backward();
+    let pairs = [
+        ("input", x.grad(&g_ours).unwrap(), x.grad(&g_theirs).unwrap()),
+        ("weight", wt.grad(&g_ours).unwrap(), wt.grad(&g_theirs).unwrap()),
+    ];
+    for (what, a, b) in pairs {
+        let e = relative(a, b);
+        assert!(e <= 1e-4, "{what} gradient, {case}: relative error {e}");
+    }
+    if let Some(b) = &b {
+        let e = relative(b.grad(&g_ours).unwrap(), b.grad(&g_theirs).unwrap());
+        assert!(e <= 1e-4, "bias gradient, {case}: relative error {e}");
+    }
+}
+
+/// The grid covers both input-gradient paths: channel pairs with fewer
+/// inputs than outputs (col2im) and with at least as many (at stride 1, a
+/// convolution with the flipped kernel).
 #[test]
 fn conv2d_forward_and_every_gradient_match_burn_over_a_grid_of_shapes() {
     let mut cases = 0;
     for batch in [1, 3] {
-        for (cin, cout) in [(1, 2), (4, 5)] {
+        for (cin, cout) in [(1, 2), (4, 5), (4, 4), (5, 3)] {
             for kernel in [1, 3, 5] {
                 for stride in [1, 2] {
                     for pad in [0, 1, 2] {
@@ -56,45 +91,44 @@ fn conv2d_forward_and_every_gradient_match_burn_over_a_grid_of_shapes() {
                                 continue;
                             }
                             cases += 1;
-                            let seed = cases as u64;
-                            let x = tensor::<B, 4>([batch, cin, h, w], seed, None).require_grad();
-                            let wt = tensor::<B, 4>([cout, cin, kernel, kernel], seed + 100, None).require_grad();
-                            let b = bias.then(|| tensor::<B, 1>([cout], seed + 200, None).require_grad());
                             let window = Window2d {
                                 stride: [stride, stride],
                                 padding: [pad, pad],
                                 padding_end: [pad, pad],
                                 dilation: [dilation, dilation],
                             };
-                            let ours = ops::conv2d(x.clone(), wt.clone(), b.clone(), window, 1);
-                            let options =
-                                PaddedConvOptions::asymmetric([stride; 2], [pad; 2], [pad; 2], [dilation; 2], 1);
-                            let theirs = burn::tensor::module::conv2d(x.clone(), wt.clone(), b.clone(), options);
-                            let case = format!("batch {batch}, {cin}->{cout}, kernel {kernel}, stride {stride}, pad {pad}, dilation {dilation}");
-                            assert!(relative(ours.clone().inner(), theirs.clone().inner()) <= 1e-4, "forward, {case}");
-                            // A weighted sum, so that every output gets its own gradient.
-                            let weights = tensor::<B, 4>(ours.dims(), seed + 300, None);
-                            let g_ours = (ours * weights.clone()).sum().backward();
-                            let g_theirs = (theirs * weights).sum().backward();
-                            let pairs = [
-                                ("input", x.grad(&g_ours).unwrap(), x.grad(&g_theirs).unwrap()),
-                                ("weight", wt.grad(&g_ours).unwrap(), wt.grad(&g_theirs).unwrap()),
-                            ];
-                            for (what, a, b) in pairs {
-                                let e = relative(a, b);
-                                assert!(e <= 1e-4, "{what} gradient, {case}: relative error {e}");
-                            }
-                            if let Some(b) = &b {
-                                let e = relative(b.grad(&g_ours).unwrap(), b.grad(&g_theirs).unwrap());
-                                assert!(e <= 1e-4, "bias gradient, {case}: relative error {e}");
-                            }
+                            check_conv([batch, cin, h, w], [cout, cin, kernel, kernel], window, bias, cases);
                         }
                     }
                 }
             }
         }
     }
-    assert!(cases > 100, "{cases} cases");
+    assert!(cases > 200, "{cases} cases");
+}
+
+/// Padding that differs before and after (Burn's `Explicit(top, left,
+/// bottom, right)`), among them a 1x1 stride-1 convolution padded at the end
+/// only, which is not an image's own column matrix.
+#[test]
+fn conv2d_with_asymmetric_padding_matches_burn() {
+    let window = |stride: usize, padding: [usize; 2], padding_end: [usize; 2]| Window2d {
+        stride: [stride; 2],
+        padding,
+        padding_end,
+        dilation: [1, 1],
+    };
+    let cases = [
+        ([2, 3, 6, 7], [2, 3, 1, 1], window(1, [0, 0], [1, 1])),
+        ([2, 3, 6, 7], [4, 3, 1, 1], window(1, [1, 0], [0, 2])),
+        ([1, 4, 7, 6], [3, 4, 3, 3], window(1, [0, 1], [2, 0])),
+        ([1, 2, 7, 6], [3, 2, 3, 3], window(1, [2, 0], [0, 1])),
+        ([2, 3, 8, 9], [2, 3, 3, 2], window(2, [0, 1], [1, 0])),
+        ([1, 2, 5, 5], [2, 2, 1, 1], window(2, [0, 0], [1, 1])),
+    ];
+    for (i, (x, weight, window)) in cases.into_iter().enumerate() {
+        check_conv(x, weight, window, i % 2 == 0, 1000 + i as u64);
+    }
 }
 
 #[test]

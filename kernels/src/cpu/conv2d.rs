@@ -11,7 +11,7 @@
 //!   kernel is the whole output map;
 //! - bias gradient: the row sums of `dY`.
 //!
-//! A 1x1 convolution with stride 1 and no padding needs no im2col: an image
+//! A 1x1 convolution with stride 1 and no padding on any side needs no im2col: an image
 //! is its own column matrix. Images are split into one run per thread of the
 //! current rayon pool; each run reuses one column buffer, so the extra memory
 //! is one `in·kh·kw x Ho·Wo` matrix per thread. Groups other than 1 are not
@@ -103,9 +103,13 @@ impl Conv2dShape {
         self.out_channels * self.positions()
     }
 
-    /// An image is its own column matrix.
+    /// An image is its own column matrix: a 1x1 kernel at stride 1 with no
+    /// padding on either side (padding at the end shows as extra outputs).
     fn is_pointwise(&self) -> bool {
-        self.kernel == [1, 1] && self.stride == [1, 1] && self.padding == [0, 0]
+        self.kernel == [1, 1]
+            && self.stride == [1, 1]
+            && self.padding == [0, 0]
+            && [self.out_height, self.out_width] == [self.height, self.width]
     }
 
     /// The input gradient of a stride-1 convolution as a convolution of
