@@ -57,31 +57,23 @@ fn flex_mlp_and_conv_over_2_and_3_threads_equal_one_worker() {
     }
 }
 
-/// With batch norm, DDP equals one worker only when every rank normalises
-/// with the same statistics, as one worker does with a batch of one rank's
-/// size: so each rank gets the same rows here (the data of rank 0 repeated)
-/// and one worker takes them once. The model runs on Bonfire's kernels.
+/// With batch norm each rank normalises its own rows, so DDP equals one
+/// worker that normalises each rank's share apart and averages the losses
+/// ([`train_single_ranks_apart`]). The ranks get different rows and start
+/// from different weights, so a DDP that skipped the initial broadcast or
+/// the gradients' all-reduce would end elsewhere. The model runs on
+/// Bonfire's kernels.
 #[test]
-fn kernel_modules_over_2_threads_equal_one_worker() {
+fn kernel_modules_over_2_and_3_threads_equal_one_worker_normalising_each_share_apart() {
     let device = Default::default();
-    let want = train_single::<Flex, _>(seeded::<Flex, _>(KernelConvNet::new(&device), 1), PER_RANK, 64);
-    let comms = InProcCommunicator::group(2).unwrap();
-    let got: Vec<Vec<f32>> = std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .map(|comm| {
-                s.spawn(move || {
-                    let model = seeded::<Flex, _>(KernelConvNet::new(&Default::default()), 1);
-                    let (mut ddp, model) = DistributedDataParallel::new(model, Box::new(comm), DdpConfig::default())?;
-                    train_ddp_same_rows(&mut ddp, model, PER_RANK, 64)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
-    });
-    for (rank, got) in got.iter().enumerate() {
-        let diff = max_abs_diff(got, &want);
-        assert!(diff <= 1e-5, "rank {rank}: max |difference| {diff}");
+    for world in [2, 3] {
+        let model = seeded::<Flex, _>(KernelConvNet::new(&device), 1);
+        let want = train_single_ranks_apart::<Flex>(model, world, PER_RANK, 64);
+        let got = ddp_threads::<Flex, _>(world, |_, d| KernelConvNet::new(d), DdpConfig::default(), PER_RANK, 1, 64);
+        for (rank, got) in got.into_iter().enumerate() {
+            let diff = max_abs_diff(&got.unwrap(), &want);
+            assert!(diff <= 1e-5, "world {world} rank {rank}: max |difference| {diff}");
+        }
     }
 }
 

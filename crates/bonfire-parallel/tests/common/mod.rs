@@ -95,6 +95,20 @@ impl<B: Backend> KernelConvNet<B> {
     }
 }
 
+impl<B: Backend> KernelConvNet<B> {
+    /// The same parameters (the same autodiff nodes: gradients flow to
+    /// them), with running statistics of its own that nothing reads back.
+    fn with_own_running_stats(&self) -> Self {
+        let own = |state: &burn::module::RunningState<Tensor<B, 1>>| burn::module::RunningState::new(state.value());
+        let bn = bonfire_kernels::nn::BatchNorm {
+            running_mean: own(&self.bn.running_mean),
+            running_var: own(&self.bn.running_var),
+            ..self.bn.clone()
+        };
+        KernelConvNet { bn, ..self.clone() }
+    }
+}
+
 impl<B: Backend> Net<B> for KernelConvNet<B> {
     fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let [n, _] = x.dims();
@@ -236,24 +250,35 @@ pub fn train_ddp<B: HookBackend, M: AutodiffModule<B> + Net<B> + 'static>(
     Ok(flat_values::<B, M>(&model))
 }
 
-/// One DDP rank that trains on exactly what one worker with a batch of
-/// `per_rank` rows trains on (every rank the same rows), so that batch
-/// statistics agree too.
-pub fn train_ddp_same_rows<B: HookBackend, M: AutodiffModule<B> + Net<B> + 'static>(
-    ddp: &mut DistributedDataParallel<B>,
-    mut model: M,
+/// One worker doing what `world` DDP ranks with batch norm do together
+/// (rank r's rows as [`train_ddp`] cuts them): each rank's rows normalised
+/// on their own and the losses averaged, so that the gradient is the mean
+/// of the ranks'. The running statistics follow rank 0's rows alone (the
+/// other ranks' share keeps its own), as DDP's buffer broadcast gives them to
+/// every rank.
+pub fn train_single_ranks_apart<B: AutodiffBackend>(
+    mut model: KernelConvNet<B>,
+    world: usize,
     per_rank: usize,
     width: usize,
-) -> Result<Vec<f32>, ParallelError> {
+) -> Vec<f32> {
     let device = device_of(&model);
-    let mut opt = sgd::<B, M>();
+    let mut opt = sgd::<B, KernelConvNet<B>>();
     for step in 0..STEPS {
-        let (x, y) = batch::<B>(step * per_rank..(step + 1) * per_rank, width, &device);
-        let grads = ddp.backward(loss(&ddp.forward_module(&model), x, y))?;
+        let shares = (0..world).map(|rank| {
+            let first = (step * world + rank) * per_rank;
+            let (x, y) = batch::<B>(first..first + per_rank, width, &device);
+            match rank {
+                0 => loss(&model, x, y),
+                _ => loss(&model.with_own_running_stats(), x, y),
+            }
+        });
+        let total = shares.reduce(|a, b| a + b).expect("at least one rank") / world as f32;
+        let grads = GradientsParams::from_grads(total.backward(), &model);
         model = opt.step(LR, model, grads);
     }
-    settle_buffers::<B, M>(&model);
-    Ok(flat_values::<B, M>(&model))
+    settle_buffers::<B, KernelConvNet<B>>(&model);
+    flat_values::<B, KernelConvNet<B>>(&model)
 }
 
 /// DataParallel over `devices`, `global` rows a step.
