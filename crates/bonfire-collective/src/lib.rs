@@ -33,10 +33,11 @@ mod store;
 mod tcp;
 #[cfg(feature = "tensor")]
 mod tensor;
+mod token_file;
 
 pub use communicator::{Communicator, Group, DEFAULT_STALL_WARNING, DEFAULT_TIMEOUT};
 pub use element::{BufMut, BufRef, DType, Element, ReduceOp};
-pub use env::{DistEnv, Placement, JOB_TOKEN_VAR};
+pub use env::{DistEnv, JobToken, Placement, INSECURE_VAR, JOB_TOKEN_VAR};
 pub use error::{CommError, Result};
 pub use inproc::InProcCommunicator;
 #[cfg(feature = "mpi")]
@@ -44,6 +45,7 @@ pub use mpi::MpiCommunicator;
 #[cfg(feature = "nccl")]
 pub use nccl::{CudaTensor, NcclCommunicator};
 pub use tcp::{TcpCommunicator, TcpConfig};
+pub use token_file::random_token;
 #[cfg(feature = "tensor")]
 pub use tensor::TensorCollective;
 

@@ -117,8 +117,7 @@ impl NcclCommunicator {
                 .map_err(|e| nccl_error("ncclCommInitRank", e))?;
             comm.assume_init()
         };
-        let beat_store =
-            StoreClient::connect(&env.store_addr(), &env.job_token, crate::rendezvous::remaining(deadline))?;
+        let beat_store = rendezvous.connect(env, crate::rendezvous::remaining(deadline))?;
         let heartbeat = Heartbeat::start(beat_store, env.rank, env.world_size, DEFAULT_STALL_WARNING);
         Ok(NcclCommunicator {
             rank: env.rank,

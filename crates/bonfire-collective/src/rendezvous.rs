@@ -5,9 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use crate::env::DistEnv;
+use crate::env::{DistEnv, JobToken};
 use crate::error::{CommError, Result};
 use crate::store::{StoreClient, StoreServer};
+use crate::token_file::{self, TokenFile};
 
 /// The time left until `deadline`: every wait of joining a job (here, in
 /// the ring's and NCCL's own setup) counts against one deadline.
@@ -18,22 +19,75 @@ pub(crate) fn remaining(deadline: Instant) -> Duration {
 /// This worker's place at the rendezvous.
 pub(crate) struct Rendezvous {
     pub store: StoreClient,
+    /// The job's secret, which ring peers present to each other too.
+    pub token: String,
     /// Rank 0's store server, which must live as long as the group.
-    pub server: Option<StoreServer>,
+    _server: Option<StoreServer>,
+    /// Rank 0's token file, where the other ranks read the secret.
+    _token_file: Option<TokenFile>,
 }
 
 impl Rendezvous {
     pub fn join(env: &DistEnv, deadline: Instant, timeout: Duration) -> Result<Self> {
-        let server = if env.rank == 0 { Some(host_store(env)?) } else { None };
-        let mut store = StoreClient::connect(&env.store_addr(), &env.job_token, timeout)?;
-        agree_on_group(&mut store, env, deadline)?;
-        Ok(Rendezvous { store, server })
+        let (store, token, server, token_file) = match (&env.job_token, env.rank) {
+            (JobToken::HostFile, 0) => {
+                let token = token_file::random_token().map_err(|e| CommError::io("making the job token", e))?;
+                let server = host_store(env, &token)?;
+                let file = TokenFile::publish(token_file::path(&env.store_addr())?, token.clone())?;
+                let store = StoreClient::connect(&env.store_addr(), &token, timeout)?;
+                (store, token, Some(server), Some(file))
+            }
+            (JobToken::HostFile, _) => {
+                let (store, token) = connect_through_file(env, deadline, timeout)?;
+                (store, token, None, None)
+            }
+            (given, rank) => {
+                let token = match given {
+                    JobToken::Given(token) => token.clone(),
+                    _ => String::new(),
+                };
+                if rank == 0 && token.is_empty() {
+                    tracing::warn!(
+                        "the rendezvous store at {} is open: anyone who reaches it can join the job ({}=1)",
+                        env.store_addr(),
+                        crate::INSECURE_VAR
+                    );
+                }
+                let server = if rank == 0 { Some(host_store(env, &token)?) } else { None };
+                (StoreClient::connect(&env.store_addr(), &token, timeout)?, token, server, None)
+            }
+        };
+        let mut rendezvous = Rendezvous { store, token, _server: server, _token_file: token_file };
+        agree_on_group(&mut rendezvous.store, env, deadline)?;
+        Ok(rendezvous)
+    }
+
+    /// Another connection to the store, for a thread of its own.
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))] // NCCL's heartbeat
+    pub fn connect(&self, env: &DistEnv, timeout: Duration) -> Result<StoreClient> {
+        StoreClient::connect(&env.store_addr(), &self.token, timeout)
+    }
+}
+
+/// Connects with the token rank 0 left in its file. A file an earlier job
+/// left holds another token, which the store refuses: read it again until
+/// rank 0 has replaced it.
+fn connect_through_file(env: &DistEnv, deadline: Instant, timeout: Duration) -> Result<(StoreClient, String)> {
+    let path = token_file::path(&env.store_addr())?;
+    loop {
+        let token = token_file::read(&path, deadline, timeout)?;
+        match StoreClient::connect(&env.store_addr(), &token, remaining(deadline)) {
+            Err(CommError::Refused { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            connected => return connected.map(|store| (store, token)),
+        }
     }
 }
 
 /// Rank 0's store, listening only on `MASTER_ADDR`.
-fn host_store(env: &DistEnv) -> Result<StoreServer> {
-    let server = StoreServer::bind(env.store_addr(), &env.job_token).map_err(|e| match e {
+fn host_store(env: &DistEnv, token: &str) -> Result<StoreServer> {
+    let server = StoreServer::bind(env.store_addr(), token).map_err(|e| match e {
         CommError::Io { source, .. } => CommError::io(
             format!(
                 "rank 0 cannot host the rendezvous store at {} (MASTER_ADDR:MASTER_PORT){}",

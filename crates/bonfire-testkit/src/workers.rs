@@ -11,8 +11,16 @@ use std::process::{Command, Stdio};
 
 /// The launcher variables a worker reads: removed from every worker's
 /// environment, then set for the job the test describes.
-pub const LAUNCHER_VARS: [&str; 6] =
-    ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"];
+pub const LAUNCHER_VARS: [&str; 8] = [
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "BONFIRE_JOB_TOKEN",
+    "BONFIRE_INSECURE_RENDEZVOUS",
+];
 
 /// The ignored test `test` of this binary, run as a worker when the
 /// variable `marker` is set; its value is the worker's role (an output path,

@@ -242,11 +242,7 @@ fn job_token(nnodes: usize) -> Result<String> {
              (for example: export {JOB_TOKEN_VAR}=$(head -c 16 /dev/urandom | xxd -p))"
         );
     }
-    let mut bytes = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
-        .context("reading /dev/urandom for the job token")?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    bonfire_collective::random_token().context("reading /dev/urandom for the job token")
 }
 
 fn watch(mut children: Vec<(usize, Child)>, interrupted: &AtomicBool, reports: &Path) -> Result<()> {

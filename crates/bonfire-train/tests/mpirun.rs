@@ -8,15 +8,19 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bonfire_testkit::text;
-use common::{assert_like_one_worker, bonfire, out_dir};
+use common::{assert_like_one_worker, assert_refused, bonfire, out_dir, stranger};
 
 /// Open MPI's `mpirun` starts the workers; they find their ranks in its
 /// variables, meet on one host without MASTER_ADDR, and train as one job:
-/// one report, and the weights of one worker on the whole batch.
+/// one report, and the weights of one worker on the whole batch. Without
+/// BONFIRE_JOB_TOKEN the workers share a secret through a file, so a
+/// stranger who reaches the store's port is refused.
 #[test]
 fn mpirun_starts_a_ddp_job_without_torchruns_variables() {
     let port = bonfire_testkit::free_port();
+    let stranger = stranger(port, &out_dir("mpirun-stranger"));
     mpirun_trains_like_one_worker("mpirun", &[], port);
+    assert_refused(stranger);
 }
 
 /// `--comm mpi`: the gradients go through MPI itself (no rendezvous store,
@@ -77,6 +81,7 @@ fn mpirun_trains_like_one_worker(name: &str, train_args: &[&str], port: u16) -> 
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .env_remove("MASTER_PORT")
+        .env_remove("BONFIRE_JOB_TOKEN")
         .output()
         .expect("mpirun (Debian's openmpi-bin; `cargo xtask test` installs it)");
     assert!(o.status.success(), "{}", text(&o));

@@ -148,6 +148,9 @@ impl Drop for Cluster {
     }
 }
 
+/// `srun -N1 -n2 bonfire train`: the tasks find their ranks in Slurm's
+/// variables and train as one job; without BONFIRE_JOB_TOKEN they share a
+/// secret through a file, so a stranger on the store's port is refused.
 #[test]
 fn srun_runs_a_ddp_job_that_equals_one_worker() {
     let cluster = Cluster::start();
@@ -155,6 +158,8 @@ fn srun_runs_a_ddp_job_that_equals_one_worker() {
     let ddp = out.join("ddp.safetensors");
     let common = ["--steps", "20", "--batch-size", "50", "--no-shuffle"];
     let bonfire = env!("CARGO_BIN_EXE_bonfire");
+    let port = free_port();
+    let stranger = common::stranger(port, &cluster.dir.join("stranger"));
     let job = Command::new("srun")
         // --overcommit: two tasks even where the machine has one CPU.
         .args([
@@ -170,9 +175,13 @@ fn srun_runs_a_ddp_job_that_equals_one_worker() {
         ])
         .args(common)
         .env("SLURM_CONF", &cluster.conf)
+        // srun passes the environment on: the port the stranger knows.
+        .env("MASTER_PORT", port.to_string())
+        .env_remove("BONFIRE_JOB_TOKEN")
         .output()
         .unwrap();
     assert!(job.status.success(), "{}\n{}", text(&job), cluster.logs());
     assert_eq!(text(&job).matches("epoch 1:").count(), 1, "one report, from rank 0: {}", text(&job));
     assert_like_one_worker("srun's job", &out, &ddp, &common);
+    common::assert_refused(stranger);
 }

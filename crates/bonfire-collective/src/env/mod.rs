@@ -27,14 +27,30 @@ pub struct DistEnv {
     pub master_addr: String,
     /// `MASTER_PORT`: the store's port.
     pub master_port: u16,
-    /// `BONFIRE_JOB_TOKEN`: the secret every worker of the job presents to
-    /// the rendezvous store and to its ring peers. `bonfire launch` makes a
-    /// fresh one per job; empty when unset.
-    pub job_token: String,
+    /// The secret every worker of the job presents to the rendezvous store
+    /// and to its ring peers.
+    pub job_token: JobToken,
+}
+
+/// Where a job's secret comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobToken {
+    /// `BONFIRE_JOB_TOKEN`, the same on every worker (`bonfire launch` makes
+    /// a fresh one per job).
+    Given(String),
+    /// Every worker runs on this host and none was given: rank 0 makes one
+    /// and shares it through a file only this user can read.
+    HostFile,
+    /// None: anyone who reaches the store may join. Only where the user
+    /// asked for it (`BONFIRE_INSECURE_RENDEZVOUS=1`).
+    Open,
 }
 
 /// The variable that carries the job token.
 pub const JOB_TOKEN_VAR: &str = "BONFIRE_JOB_TOKEN";
+
+/// The variable that opts out of the job token (`1`): an open rendezvous.
+pub const INSECURE_VAR: &str = "BONFIRE_INSECURE_RENDEZVOUS";
 
 /// The value of `var`, which a launcher must set.
 fn required(lookup: &impl Fn(&str) -> Option<String>, var: &'static str) -> Result<String> {
@@ -117,13 +133,7 @@ impl DistEnv {
                 })
             }
         };
-        let job_token = lookup(JOB_TOKEN_VAR).unwrap_or_default();
-        if job_token.len() > crate::store::MAX_TOKEN {
-            return Err(CommError::Env {
-                var: JOB_TOKEN_VAR,
-                detail: format!("is longer than {} bytes", crate::store::MAX_TOKEN),
-            });
-        }
+        let job_token = job_token(&lookup, local_world_size == world_size)?;
         Ok(DistEnv { rank, world_size, local_rank, local_world_size, master_addr, master_port, job_token })
     }
 
@@ -135,6 +145,38 @@ impl DistEnv {
             format!("{}:{}", self.master_addr, self.master_port)
         }
     }
+}
+
+/// The job's secret: the one given, else (every worker on this host) one
+/// shared through a file, else an error unless the user opted out.
+fn job_token(lookup: &impl Fn(&str) -> Option<String>, one_host: bool) -> Result<JobToken> {
+    if let Some(token) = lookup(JOB_TOKEN_VAR).filter(|t| !t.is_empty()) {
+        if token.len() > crate::store::MAX_TOKEN {
+            return Err(CommError::Env {
+                var: JOB_TOKEN_VAR,
+                detail: format!("is longer than {} bytes", crate::store::MAX_TOKEN),
+            });
+        }
+        return Ok(JobToken::Given(token));
+    }
+    match lookup(INSECURE_VAR).as_deref() {
+        Some("1") => return Ok(JobToken::Open),
+        None | Some("0" | "") => {}
+        Some(other) => return Err(CommError::Env { var: INSECURE_VAR, detail: format!("{other:?} is not 0 or 1") }),
+    }
+    if one_host {
+        return Ok(JobToken::HostFile);
+    }
+    Err(CommError::Env {
+        var: JOB_TOKEN_VAR,
+        detail: format!(
+            "is not set, and the workers are on several hosts: without a shared secret anyone who reaches \
+             MASTER_ADDR:MASTER_PORT could join the job. Give every worker the same secret (for example \
+             `export {JOB_TOKEN_VAR}=$(head -c 16 /dev/urandom | xxd -p)` before the launcher, with \
+             `mpirun -x {JOB_TOKEN_VAR}`; srun and torchrun pass the environment on), or set \
+             {INSECURE_VAR}=1 to run the rendezvous open to anyone"
+        ),
+    })
 }
 
 /// Where this worker sits in the job: a [`DistEnv`] without the rendezvous

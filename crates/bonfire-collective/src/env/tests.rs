@@ -6,13 +6,15 @@ fn env(pairs: &[(&str, &str)]) -> Result<DistEnv> {
     DistEnv::from_lookup(|k| map.get(k).cloned())
 }
 
-const GOOD: [(&str, &str); 6] = [
+/// Four workers over two hosts, which need a token.
+const GOOD: [(&str, &str); 7] = [
     ("RANK", "1"),
     ("WORLD_SIZE", "4"),
     ("LOCAL_RANK", "1"),
     ("LOCAL_WORLD_SIZE", "2"),
     ("MASTER_ADDR", "127.0.0.1"),
     ("MASTER_PORT", "29500"),
+    ("BONFIRE_JOB_TOKEN", "secret"),
 ];
 
 fn without(var: &str) -> Vec<(&'static str, &'static str)> {
@@ -30,6 +32,35 @@ fn reads_the_torchrun_contract() {
     let e = env(&GOOD).unwrap();
     assert_eq!((e.rank, e.world_size, e.local_rank, e.local_world_size), (1, 4, 1, 2));
     assert_eq!(e.store_addr(), "127.0.0.1:29500");
+}
+
+#[test]
+fn the_job_token_is_given_shared_on_one_host_or_required_across_hosts() {
+    assert_eq!(env(&GOOD).unwrap().job_token, JobToken::Given("secret".into()));
+    // Several hosts without a token: refused, saying how to give one or opt out.
+    let err = env(&without("BONFIRE_JOB_TOKEN")).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, CommError::Env { var: "BONFIRE_JOB_TOKEN", .. }), "{text}");
+    assert!(text.contains("several hosts") && text.contains("BONFIRE_INSECURE_RENDEZVOUS=1"), "{text}");
+    assert!(env(&with("BONFIRE_JOB_TOKEN", "")).is_err(), "an empty token is no token");
+    let mut open = without("BONFIRE_JOB_TOKEN");
+    open.push(("BONFIRE_INSECURE_RENDEZVOUS", "1"));
+    assert_eq!(env(&open).unwrap().job_token, JobToken::Open);
+    let bad = with("BONFIRE_INSECURE_RENDEZVOUS", "yes");
+    assert!(matches!(env(&bad), Ok(e) if e.job_token == JobToken::Given("secret".into())), "a given token wins");
+    let mut bad = without("BONFIRE_JOB_TOKEN");
+    bad.push(("BONFIRE_INSECURE_RENDEZVOUS", "yes"));
+    assert!(matches!(env(&bad), Err(CommError::Env { var: "BONFIRE_INSECURE_RENDEZVOUS", .. })));
+    // Every worker on this host: shared through a file.
+    let mut one_host: Vec<_> = without("BONFIRE_JOB_TOKEN").into_iter().filter(|(k, _)| !k.starts_with("LOCAL")).collect();
+    one_host.push(("LOCAL_WORLD_SIZE", "4"));
+    assert_eq!(env(&one_host).unwrap().job_token, JobToken::HostFile);
+    let long = "x".repeat(crate::store::MAX_TOKEN + 1);
+    let err = DistEnv::from_lookup(|k| match k {
+        "BONFIRE_JOB_TOKEN" => Some(long.clone()),
+        _ => GOOD.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()),
+    });
+    assert!(matches!(err, Err(CommError::Env { var: "BONFIRE_JOB_TOKEN", .. })));
 }
 
 #[test]
@@ -100,7 +131,8 @@ fn pmi_is_read_as_mpich_sets_it() {
     assert_eq!((e.rank, e.world_size, e.local_rank, e.local_world_size), (2, 3, 2, 3));
 }
 
-const SLURM: [(&str, &str); 7] = [
+const SLURM: [(&str, &str); 8] = [
+    ("BONFIRE_JOB_TOKEN", "secret"),
     ("SLURM_STEP_ID", "0"),
     ("SLURM_PROCID", "3"),
     ("SLURM_STEP_NUM_TASKS", "5"),

@@ -15,7 +15,6 @@ use crate::element::{with_pair, with_slice, BufMut, BufRef, DType, Element, Redu
 use crate::env::DistEnv;
 use crate::error::{CommError, Result};
 use crate::rendezvous::Rendezvous;
-use crate::store::StoreServer;
 use header::{exchange_header, Header};
 use pipeline::{Link, Watch};
 use plan::Phases;
@@ -64,8 +63,9 @@ pub struct TcpCommunicator {
     /// Numbers calls, so that ranks that fell out of step are caught.
     seq: u64,
     failed: Option<String>,
-    /// Rank 0 hosts the rendezvous store for as long as the group lives.
-    _store: Option<StoreServer>,
+    /// Rank 0 hosts the rendezvous store (and its token file) for as long
+    /// as the group lives.
+    _rendezvous: Rendezvous,
 }
 
 impl TcpCommunicator {
@@ -82,21 +82,21 @@ impl TcpCommunicator {
         let (rank, world) = (env.rank, env.world_size);
         let timeout = config.timeout;
         let deadline = Instant::now() + timeout;
-        let Rendezvous { mut store, server: store_server } = Rendezvous::join(env, deadline, timeout)?;
+        let mut rendezvous = Rendezvous::join(env, deadline, timeout)?;
         if world == 1 {
-            return Ok(Self::assemble(rank, world, config, None, store_server));
+            return Ok(Self::assemble(rank, world, config, None, rendezvous));
         }
 
-        let link = wiring::form_ring(env, &mut store, &config, deadline)?;
-        let mut comm = Self::assemble(rank, world, config, Some(link), store_server);
+        let link = wiring::form_ring(env, &mut rendezvous.store, &rendezvous.token, &config, deadline)?;
+        let mut comm = Self::assemble(rank, world, config, Some(link), rendezvous);
         comm.apply_timeout()?;
         // Everyone is connected only when everyone has seen everyone's data.
         comm.barrier()?;
         Ok(comm)
     }
 
-    fn assemble(rank: usize, world: usize, config: TcpConfig, link: Option<Link>, store: Option<StoreServer>) -> Self {
-        TcpCommunicator { rank, world, config, link, scratch: Vec::new(), seq: 0, failed: None, _store: store }
+    fn assemble(rank: usize, world: usize, config: TcpConfig, link: Option<Link>, rendezvous: Rendezvous) -> Self {
+        TcpCommunicator { rank, world, config, link, scratch: Vec::new(), seq: 0, failed: None, _rendezvous: rendezvous }
     }
 
     fn apply_timeout(&self) -> Result<()> {

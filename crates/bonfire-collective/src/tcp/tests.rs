@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::{TcpCommunicator, TcpConfig};
-use crate::env::DistEnv;
+use crate::env::{DistEnv, JobToken};
 use crate::store::StoreClient;
 
 fn env(rank: usize, port: u16) -> DistEnv {
@@ -15,7 +15,7 @@ fn env(rank: usize, port: u16) -> DistEnv {
         local_world_size: 2,
         master_addr: "127.0.0.1".into(),
         master_port: port,
-        job_token: "test-job".into(),
+        job_token: JobToken::Given("test-job".into()),
     }
 }
 

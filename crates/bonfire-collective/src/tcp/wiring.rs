@@ -20,7 +20,13 @@ const HELLO: u32 = u32::from_le_bytes(*b"BFRH");
 
 /// Connects this rank to its neighbours; ranks that do not publish an
 /// address before `deadline` are named in the error.
-pub(super) fn form_ring(env: &DistEnv, store: &mut StoreClient, config: &TcpConfig, deadline: Instant) -> Result<Link> {
+pub(super) fn form_ring(
+    env: &DistEnv,
+    store: &mut StoreClient,
+    token: &str,
+    config: &TcpConfig,
+    deadline: Instant,
+) -> Result<Link> {
     let (rank, world, timeout) = (env.rank, env.world_size, config.timeout);
     let listener = listen(SocketAddr::new(store.local_ip()?, 0), config.socket_buffer)?;
     let my_addr = listener.local_addr().map_err(|e| CommError::io("ring listener address", e))?;
@@ -52,13 +58,13 @@ pub(super) fn form_ring(env: &DistEnv, store: &mut StoreClient, config: &TcpConf
         })?;
 
     let next = dial(next_addr, config.socket_buffer, deadline, next_rank, timeout)?;
-    let mut hello = Vec::with_capacity(16 + env.job_token.len());
-    for v in [HELLO, rank as u32, world as u32, env.job_token.len() as u32] {
+    let mut hello = Vec::with_capacity(16 + token.len());
+    for v in [HELLO, rank as u32, world as u32, token.len() as u32] {
         hello.extend(v.to_le_bytes());
     }
-    hello.extend(env.job_token.as_bytes());
+    hello.extend(token.as_bytes());
     (&next).write_all(&hello).map_err(|e| io_error("rendezvous", next_rank, timeout, e))?;
-    let prev = accept_prev(&listener, prev_rank, world, env.job_token.as_bytes(), deadline, timeout)?;
+    let prev = accept_prev(&listener, prev_rank, world, token.as_bytes(), deadline, timeout)?;
     // The kernel reports twice the buffer it grants (the rest is its own
     // bookkeeping) and may grant less than asked (`net.core.wmem_max`). An
     // eighth of the report leaves room for two calls' data unread in the

@@ -43,3 +43,26 @@ pub fn assert_like_one_worker(job: &str, dir: &Path, weights: &Path, common: &[&
         .unwrap();
     assert!(same.status.success(), "{job} against one worker: {}", text(&same));
 }
+
+/// A stranger who reaches a job's rendezvous store at `port` on loopback
+/// without the job's secret (an open worker, as every worker was before the
+/// rendezvous had a secret by default) and claims rank 1 of 2.
+pub fn stranger(port: u16, dir: &Path) -> std::process::Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_bonfire"));
+    command.args(["train", "--steps", "20", "--timeout", "30", "--out", dir.to_str().unwrap()]);
+    for var in bonfire_testkit::LAUNCHER_VARS {
+        command.env_remove(var);
+    }
+    for (var, value) in bonfire_testkit::torchrun_vars(1, 2, port) {
+        command.env(var, value);
+    }
+    command.env("BONFIRE_INSECURE_RENDEZVOUS", "1");
+    command.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+}
+
+/// The stranger was turned away for its token, not let in.
+pub fn assert_refused(stranger: std::process::Child) {
+    let o = stranger.wait_with_output().unwrap();
+    assert!(!o.status.success(), "a stranger without the job's secret trained: {}", text(&o));
+    assert!(text(&o).contains("its job token differs"), "the stranger failed for another reason: {}", text(&o));
+}
