@@ -110,15 +110,16 @@ fn loader<Bk: Backend>(samples: Vec<Sample>) -> Arc<dyn DataLoader<Bk, Batch<Bk>
     DataLoaderBuilder::new(SampleBatcher).batch_size(32).shuffle(1).build(InMemDataset::new(samples))
 }
 
-fn main() {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = Default::default();
-    let result =
+    let training =
         SupervisedTraining::new("target/learner-example", loader::<B>(samples(4096, 1)), loader(samples(512, 2)))
             .metrics((LossMetric::new(), AccuracyMetric::new()))
             .num_epochs(3)
-            .with_application_logger(None)
-            .with_training_strategy(DdpLearning::threads(vec![device; 2]).into_strategy()) // DDP
-            .launch(Learner::new(Net::<B>::new(&device), AdamConfig::new().init(), 1e-3));
+            .with_application_logger(None);
+    let learner = Learner::new(Net::<B>::new(&device), AdamConfig::new().init(), 1e-3);
+    // Instead of `training.launch(learner)`; a failed rank is an error that names it.
+    let result = DdpLearning::threads(vec![device; 2]).launch(training, learner)?; // DDP
 
     // The trained model classifies held-out samples.
     let test: Batch<Flex> = SampleBatcher.batch(samples(1000, 3), &device);
@@ -128,4 +129,5 @@ fn main() {
     let accuracy = predicted.iter().zip(&truth).filter(|(p, t)| p == t).count() as f64 / truth.len() as f64;
     println!("held-out accuracy after 3 epochs of DDP through the Learner: {accuracy:.3}");
     assert!(accuracy > 0.9, "the Learner did not learn the task");
+    Ok(())
 }

@@ -20,6 +20,11 @@
 //! interrupted, stops them all), and after every epoch on early stopping,
 //! so no rank is left waiting in a collective.
 //!
+//! burn-train's strategies cannot return an error, so a failed rank (a
+//! peer gone, a timeout) can only panic inside `SupervisedTraining::launch`.
+//! [`DdpLearning::launch`] runs the training instead and returns the failure
+//! as a [`TrainingFailed`] that names the rank and the cause.
+//!
 //! [`DistributedDataParallel`]: bonfire_parallel::DistributedDataParallel
 #![warn(missing_docs)]
 
@@ -28,13 +33,14 @@ mod worker;
 use std::sync::{Arc, Mutex};
 
 use bonfire_collective::{InProcCommunicator, TensorCollective};
-use bonfire_parallel::{DdpConfig, HookBackend};
+use bonfire_parallel::{DdpConfig, HookBackend, ParallelError};
 use burn::data::dataloader::split::split_dataloader;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Device;
 use burn::train::{
-    Learner, LearningComponentsTypes, SupervisedLearningStrategy, SupervisedTrainingEventProcessor, TrainLoader,
-    TrainingBackend, TrainingComponents, TrainingModel, TrainingStrategy, ValidLoader,
+    Learner, LearningComponentsTypes, LearningResult, SupervisedLearningStrategy, SupervisedTraining,
+    SupervisedTrainingEventProcessor, TrainLoader, TrainingBackend, TrainingComponents, TrainingModel,
+    TrainingStrategy, ValidLoader,
 };
 
 use worker::{Rank0, Shared};
@@ -46,6 +52,20 @@ type Inner<LC> = <TrainingBackend<LC> as AutodiffBackend>::InnerBackend;
 pub struct DdpLearning<LC: LearningComponentsTypes> {
     workers: Workers<LC>,
     config: DdpConfig,
+    /// Where a failed rank's error goes when [`DdpLearning::launch`] runs
+    /// the training; None when the strategy was plugged in by hand.
+    failure: Option<Arc<Mutex<Option<TrainingFailed>>>>,
+}
+
+/// DDP training through the Learner failed on `rank`.
+#[derive(Debug, thiserror::Error)]
+#[error("DDP training failed on rank {rank}: {cause}")]
+pub struct TrainingFailed {
+    /// The rank that failed (the first one, where several did).
+    pub rank: usize,
+    /// Why.
+    #[source]
+    pub cause: ParallelError,
 }
 
 enum Workers<LC: LearningComponentsTypes> {
@@ -59,14 +79,15 @@ impl<LC: LearningComponentsTypes> DdpLearning<LC> {
     /// One worker thread per device in this process (a device may repeat).
     pub fn threads(devices: Vec<Device<TrainingBackend<LC>>>) -> Self {
         assert!(!devices.is_empty(), "DdpLearning::threads needs at least one device");
-        DdpLearning { workers: Workers::Threads(devices), config: DdpConfig::default() }
+        DdpLearning { workers: Workers::Threads(devices), config: DdpConfig::default(), failure: None }
     }
 
     /// This process is one rank of `comm` (the TCP ring from the launcher's
     /// environment, NCCL, ...), training on `device`. Every rank runs the
     /// same program and launches its own Learner.
     pub fn process(comm: Box<dyn TensorCollective<Inner<LC>>>, device: Device<TrainingBackend<LC>>) -> Self {
-        DdpLearning { workers: Workers::Process { device, comm: Mutex::new(Some(comm)) }, config: DdpConfig::default() }
+        let workers = Workers::Process { device, comm: Mutex::new(Some(comm)) };
+        DdpLearning { workers, config: DdpConfig::default(), failure: None }
     }
 
     /// DDP's options (buckets, overlap, comm hook).
@@ -81,9 +102,29 @@ where
     LC: LearningComponentsTypes + Send + 'static,
     TrainingBackend<LC>: HookBackend,
 {
-    /// For `SupervisedTraining::with_training_strategy`.
+    /// For `SupervisedTraining::with_training_strategy`. A rank that fails
+    /// panics with its error, burn-train's strategies having no other way
+    /// out; [`DdpLearning::launch`] returns the error instead.
     pub fn into_strategy(self) -> TrainingStrategy<LC> {
         TrainingStrategy::Custom(Arc::new(self))
+    }
+
+    /// `training.launch(learner)` with this strategy: the trained model, or
+    /// the error of the rank that failed. After a failure no further epoch
+    /// starts on any rank.
+    pub fn launch(
+        mut self,
+        training: SupervisedTraining<LC>,
+        learner: Learner<LC>,
+    ) -> Result<LearningResult<LC::InferenceModel>, TrainingFailed> {
+        let failure = Arc::new(Mutex::new(None));
+        self.failure = Some(failure.clone());
+        let result = training.with_training_strategy(self.into_strategy()).launch(learner);
+        let failed = failure.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match failed {
+            Some(failed) => Err(failed),
+            None => Ok(result),
+        }
     }
 }
 
@@ -115,42 +156,68 @@ where
             checkpointer: components.checkpointer,
             early_stopping: components.early_stopping,
         });
-        let model = match &self.workers {
+        let untrained = learner.model();
+        let trained = match &self.workers {
             Workers::Threads(devices) => {
-                let comms = InProcCommunicator::group(devices.len()).expect("an in-process group of the devices");
-                let loaders = split_dataloader(dataloader_train, devices);
-                let shared = &shared;
-                let results: Vec<_> = std::thread::scope(|s| {
-                    let handles: Vec<_> = devices
-                        .iter()
-                        .zip(comms)
-                        .zip(loaders)
-                        .map(|((device, comm), loader)| {
-                            let (learner, rank0) = (learner.clone(), rank0.take());
-                            s.spawn(move || worker::run(learner, device.clone(), Box::new(comm), loader, shared, rank0))
-                        })
-                        .collect();
-                    handles.into_iter().map(|h| h.join().expect("a DDP worker thread panicked")).collect()
-                });
-                let mut model = None;
-                for (rank, result) in results.into_iter().enumerate() {
-                    match result {
-                        Ok(m) => model = model.or(Some(m)),
-                        Err(e) => panic!("DDP training failed on rank {rank}: {e}"),
+                let comms = InProcCommunicator::group(devices.len())
+                    .map_err(|e| TrainingFailed { rank: 0, cause: e.into() });
+                comms.and_then(|comms| {
+                    let loaders = split_dataloader(dataloader_train, devices);
+                    let shared = &shared;
+                    let results: Vec<_> = std::thread::scope(|s| {
+                        let handles: Vec<_> = devices
+                            .iter()
+                            .zip(comms)
+                            .zip(loaders)
+                            .map(|((device, comm), loader)| {
+                                let (learner, rank0) = (learner.clone(), rank0.take());
+                                s.spawn(move || {
+                                    worker::run(learner, device.clone(), Box::new(comm), loader, shared, rank0)
+                                })
+                            })
+                            .collect();
+                        handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| Err(panicked(panic)))).collect()
+                    });
+                    let mut model = None;
+                    for (rank, result) in results.into_iter().enumerate() {
+                        match result {
+                            Ok(m) => model = model.or(Some(m)),
+                            Err(cause) => return Err(TrainingFailed { rank, cause }),
+                        }
                     }
-                }
-                model.expect("at least one worker")
+                    Ok(model.expect("at least one worker"))
+                })
             }
             Workers::Process { device, comm } => {
-                let comm = comm.lock().expect("not poisoned").take().expect("a DdpLearning::process trains once");
+                let comm = comm.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let comm = comm.expect("a DdpLearning::process trains once");
                 let (rank, world) = (comm.rank(), comm.world_size());
                 let n = dataloader_train.num_items();
                 let shard = dataloader_train.slice(rank * n / world, (rank + 1) * n / world).to_device(device);
                 let rank0 = if rank == 0 { rank0.take() } else { None };
                 worker::run(learner, device.clone(), comm, shard, &shared, rank0)
-                    .unwrap_or_else(|e| panic!("DDP training failed on rank {rank}: {e}"))
+                    .map_err(|cause| TrainingFailed { rank, cause })
             }
         };
-        (model, events.into_inner().expect("not poisoned"))
+        let model = match (trained, &self.failure) {
+            (Ok(model), _) => model,
+            // burn-train still wants a model: the one training started from.
+            (Err(failed), Some(slot)) => {
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(failed);
+                untrained
+            }
+            (Err(failed), None) => panic!("{failed}"),
+        };
+        (model, events.into_inner().unwrap_or_else(|e| e.into_inner()))
     }
+}
+
+/// A worker thread's panic as an error.
+fn panicked(panic: Box<dyn std::any::Any + Send>) -> ParallelError {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into());
+    ParallelError::Invalid(format!("the worker thread panicked: {message}"))
 }

@@ -223,6 +223,29 @@ fn ddp_learner_over_2_processes_equals_one_device() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A rank whose peer never trains: `DdpLearning::launch` returns an error
+/// naming the failed rank and the peer it waited for, instead of panicking
+/// inside burn-train.
+#[test]
+fn a_failed_rank_is_an_error_naming_it_and_the_cause() {
+    let dir = scratch_dir("learner-failure");
+    let mut comms = bonfire_collective::InProcCommunicator::group(2).unwrap();
+    let _idle = comms.pop().unwrap(); // rank 1 never calls
+    let mut comm = comms.pop().unwrap();
+    bonfire_collective::Communicator::set_timeout(&mut comm, std::time::Duration::from_millis(500));
+    let training = SupervisedTraining::new(&dir, loader::<B>(rows(), PER_WORKER), loader(rows(), PER_WORKER))
+        .num_epochs(1)
+        .with_application_logger(None);
+    let optimizer = SgdConfig::new().init();
+    let learner = Learner::new(Net::<B>::new(&Default::default()), optimizer, 0.05);
+    let failed = DdpLearning::process(Box::new(comm), Default::default()).launch(training, learner).err();
+    let failed = failed.expect("a rank whose peer never answers must fail");
+    assert_eq!(failed.rank, 0);
+    let message = failed.to_string();
+    assert!(message.starts_with("DDP training failed on rank 0: ") && message.contains("[1]"), "{message}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn rows_untrained() -> Vec<f32> {
     Net::<B>::new(&Default::default()).weights()
 }
