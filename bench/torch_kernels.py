@@ -2,7 +2,9 @@
 time of each convolution, max pooling and batch norm of LeNet and the small
 ResNet (torch.nn.functional + autograd), on as many threads as Bonfire's run
 used. One JSON line per operation, as `bonfire-bench kernels` prints;
-backward is that of `y.sum()` less that of the sum itself.
+backward is that of `y.sum()` less that of the sum itself. A model's first
+convolution reads the images, so its input gradient is not computed, as in
+training (the last field of each operation).
 
 usage: python torch_kernels.py [--batch 50] [--reps 20] [--threads 1]
 """
@@ -14,20 +16,20 @@ import torch
 import torch.nn.functional as F
 
 OPS = [
-    ("lenet conv1 1->6 5x5", "conv", (1, 28, 28), 6, 5, 1, 2),
-    ("lenet pool 6x28x28", "pool", (6, 28, 28), 6, 2, 2, 0),
-    ("lenet conv2 6->16 5x5", "conv", (6, 14, 14), 16, 5, 1, 0),
-    ("lenet pool 16x10x10", "pool", (16, 10, 10), 16, 2, 2, 0),
-    ("resnet stem 1->16 3x3", "conv", (1, 28, 28), 16, 3, 1, 1),
-    ("resnet conv 16->16 3x3", "conv", (16, 28, 28), 16, 3, 1, 1),
-    ("resnet conv 16->32 3x3 s2", "conv", (16, 28, 28), 32, 3, 2, 1),
-    ("resnet conv 16->32 1x1 s2", "conv", (16, 28, 28), 32, 1, 2, 0),
-    ("resnet conv 32->32 3x3", "conv", (32, 14, 14), 32, 3, 1, 1),
-    ("resnet conv 32->64 3x3 s2", "conv", (32, 14, 14), 64, 3, 2, 1),
-    ("resnet conv 64->64 3x3", "conv", (64, 7, 7), 64, 3, 1, 1),
-    ("resnet bn 16x28x28", "bn", (16, 28, 28), 16, 0, 0, 0),
-    ("resnet bn 32x14x14", "bn", (32, 14, 14), 32, 0, 0, 0),
-    ("resnet bn 64x7x7", "bn", (64, 7, 7), 64, 0, 0, 0),
+    ("lenet conv1 1->6 5x5", "conv", (1, 28, 28), 6, 5, 1, 2, False),
+    ("lenet pool 6x28x28", "pool", (6, 28, 28), 6, 2, 2, 0, True),
+    ("lenet conv2 6->16 5x5", "conv", (6, 14, 14), 16, 5, 1, 0, True),
+    ("lenet pool 16x10x10", "pool", (16, 10, 10), 16, 2, 2, 0, True),
+    ("resnet stem 1->16 3x3", "conv", (1, 28, 28), 16, 3, 1, 1, False),
+    ("resnet conv 16->16 3x3", "conv", (16, 28, 28), 16, 3, 1, 1, True),
+    ("resnet conv 16->32 3x3 s2", "conv", (16, 28, 28), 32, 3, 2, 1, True),
+    ("resnet conv 16->32 1x1 s2", "conv", (16, 28, 28), 32, 1, 2, 0, True),
+    ("resnet conv 32->32 3x3", "conv", (32, 14, 14), 32, 3, 1, 1, True),
+    ("resnet conv 32->64 3x3 s2", "conv", (32, 14, 14), 64, 3, 2, 1, True),
+    ("resnet conv 64->64 3x3", "conv", (64, 7, 7), 64, 3, 1, 1, True),
+    ("resnet bn 16x28x28", "bn", (16, 28, 28), 16, 0, 0, 0, True),
+    ("resnet bn 32x14x14", "bn", (32, 14, 14), 32, 0, 0, 0, True),
+    ("resnet bn 64x7x7", "bn", (64, 7, 7), 64, 0, 0, 0, True),
 ]
 
 
@@ -38,8 +40,8 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    for name, kind, (c, h, w), out, k, s, pad in OPS:
-        x = torch.randn(args.batch, c, h, w, requires_grad=True)
+    for name, kind, (c, h, w), out, k, s, pad, input_grad in OPS:
+        x = torch.randn(args.batch, c, h, w, requires_grad=input_grad)
         weight = (torch.randn(out, c, max(k, 1), max(k, 1)) * 0.1).requires_grad_()
         bn = torch.nn.BatchNorm2d(c)
 

@@ -22,9 +22,11 @@ pub fn write_metrics(dir: &std::path::Path, report: &Report) -> Result<()> {
         );
     }
     std::fs::write(dir.join("metrics.csv"), csv)?;
-    let mut steps = String::from("step,loss,seconds\n");
-    for ((step, loss), seconds) in report.step_losses.iter().zip(&report.step_seconds) {
-        steps += &format!("{step},{loss:.6},{seconds:.6}\n");
+    // `seconds`: the step's own time; `elapsed`: since training began, at the step's end.
+    let mut steps = String::from("step,loss,seconds,elapsed\n");
+    for (((step, loss), seconds), elapsed) in report.step_losses.iter().zip(&report.step_seconds).zip(&report.step_ends)
+    {
+        steps += &format!("{step},{loss:.6},{seconds:.6},{elapsed:.6}\n");
     }
     std::fs::write(dir.join("steps.csv"), steps)?;
     std::fs::write(dir.join("metrics.json"), serde_json::to_string_pretty(&report.epochs)?)?;

@@ -3,6 +3,7 @@
 mod common;
 
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bonfire_testkit::text;
@@ -147,7 +148,11 @@ fn resnet_trains_under_ddp() {
     assert!(final_accuracy(&o) > 0.5, "{}", text(&o));
     let steps = std::fs::read_to_string(dir.join("steps.csv")).unwrap();
     assert_eq!(steps.lines().count(), 1 + 30, "{steps}");
-    assert!(steps.lines().skip(1).all(|l| l.split(',').nth(2).unwrap().parse::<f64>().unwrap() > 0.0));
+    let column = |i: usize| -> Vec<f64> { steps.lines().skip(1).map(|l| l.split(',').nth(i).unwrap().parse().unwrap()).collect() };
+    assert!(column(2).iter().all(|&s| s > 0.0), "{steps}");
+    // `elapsed` grows by at least each step's own time.
+    let (seconds, elapsed) = (column(2), column(3));
+    assert!(elapsed.windows(2).zip(&seconds[1..]).all(|(e, s)| e[1] - e[0] >= *s), "{steps}");
 }
 
 #[test]
@@ -194,6 +199,62 @@ fn bad_input_gets_clear_errors() {
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
         assert!(text(&o).contains("not part of this build"), "{args:?}: {}", text(&o));
     }
+}
+
+/// The ResNet, a few steps with Bonfire's kernels, ends where Burn's own
+/// operations take it (`BONFIRE_KERNELS=off`): every convolution path the
+/// model has (its 3x3 stride-1 blocks as a flipped-kernel input gradient,
+/// the strided ones, the 1x1 shortcuts), max pooling and batch norm,
+/// forward and backward, through a whole model and its optimizer.
+#[test]
+fn the_resnet_with_the_kernels_ends_where_burns_operations_take_it() {
+    let dir = out_dir("resnet-kernels");
+    let train = |name: &str, kernels: &str| {
+        let save = dir.join(format!("{name}.safetensors"));
+        let o = Command::new(env!("CARGO_BIN_EXE_bonfire"))
+            .args(["train", "--strategy", "single", "--model", "resnet", "--dataset", "synthetic"])
+            .args(["--steps", "3", "--batch-size", "16", "--lr", "0.05", "--seed", "3"])
+            .args(["--out", dir.join(name).to_str().unwrap(), "--save", save.to_str().unwrap()])
+            .env("BONFIRE_KERNELS", kernels)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        save.to_str().unwrap().to_string()
+    };
+    let (ours, burns) = (train("kernels", "on"), train("burn", "off"));
+    let o = bonfire(&["diff-weights", &ours, &burns, "--tolerance", "1e-4"]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+/// `diff-weights` exits non-zero and names the tensor where one file has a
+/// NaN or an infinity the other does not match; NaN against NaN passes
+/// only with `--nan-equal`.
+#[test]
+fn diff_weights_names_a_tensor_with_an_unmatched_nan_or_infinity() {
+    let dir = out_dir("diff-nan");
+    let file = |name: &str, w: [f32; 2]| {
+        let path = dir.join(name);
+        let (w, b): (Vec<u8>, Vec<u8>) =
+            (w.iter().flat_map(|v| v.to_le_bytes()).collect(), 0.5f32.to_le_bytes().to_vec());
+        fn view(bytes: &[u8]) -> safetensors::tensor::TensorView<'_> {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![bytes.len() / 4], bytes).unwrap()
+        }
+        let tensors = [("fc.weight", view(&w)), ("fc.bias", view(&b))];
+        std::fs::write(&path, safetensors::serialize(tensors, None).unwrap()).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let plain = file("plain.safetensors", [1.0, 2.0]);
+    let nan = file("nan.safetensors", [1.0, f32::NAN]);
+    let inf = file("inf.safetensors", [f32::INFINITY, 2.0]);
+    for other in [&nan, &inf] {
+        let o = bonfire(&["diff-weights", &plain, other, "--tolerance", "1"]);
+        assert!(!o.status.success(), "{}", text(&o));
+        assert!(text(&o).contains("in fc.weight (a NaN or an infinity"), "{}", text(&o));
+        assert!(!text(&o).contains("in fc.bias"), "{}", text(&o));
+    }
+    assert!(!bonfire(&["diff-weights", &nan, &nan]).status.success(), "NaN equals NaN only when asked");
+    let o = bonfire(&["diff-weights", &nan, &nan, "--nan-equal", "--tolerance", "0"]);
+    assert!(o.status.success(), "{}", text(&o));
 }
 
 #[test]

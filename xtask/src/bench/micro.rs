@@ -6,7 +6,7 @@ use std::process::Command;
 
 use anyhow::Result;
 
-use super::{build_bench, json_lines, mpi_installed, torch_python};
+use super::{allocator_note, build_bench, json_lines, mpi_installed, torch_python};
 use crate::root;
 
 pub fn allreduce(world: usize, sizes: &str, json: bool) -> Result<()> {
@@ -47,6 +47,7 @@ pub fn allreduce(world: usize, sizes: &str, json: bool) -> Result<()> {
         .first()
         .and_then(|v| v["memcpy_gbs"].as_f64());
     println!("all-reduce, world {world}, f32; busbw in GB/s (nccl-tests definition)");
+    println!("{}", allocator_note());
     if let Some(m) = memcpy {
         println!("machine memcpy, 1 thread, 256 MiB: {m:.2} GB/s");
     }
@@ -164,8 +165,10 @@ pub fn kernels(batch: usize, reps: usize, threads: usize, json: bool) -> Result<
         _ => "-".to_string(),
     };
     println!(
-        "kernels, batch {batch}, {threads} thread(s); ms forward / backward; speed-up = their fwd+bwd time / Bonfire's"
+        "kernels, batch {batch}, {threads} thread(s); ms forward / backward; speed-up = their fwd+bwd time / Bonfire's; \
+         a first convolution (on the images) without the input's gradient, on every side"
     );
+    println!("{}", allocator_note());
     println!("| operation | Bonfire | Burn (Flex) | PyTorch | speed-up over Burn | speed-up over PyTorch |");
     println!("|---|---:|---:|---:|---:|---:|");
     let mut ops: Vec<&str> = Vec::new();

@@ -120,9 +120,10 @@ fn mpi_installed() -> bool {
         .all(|tool| Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success()))
 }
 
-/// Runs `cmd` and parses each stdout line that is a JSON object.
+/// Runs `cmd` with the benchmarks' allocator settings and parses each
+/// stdout line that is a JSON object.
 fn json_lines(cmd: &mut Command, what: &str) -> Result<Vec<Value>> {
-    let out = cmd.stderr(Stdio::inherit()).output().with_context(|| format!("starting {what}"))?;
+    let out = same_allocator(cmd).stderr(Stdio::inherit()).output().with_context(|| format!("starting {what}"))?;
     if !out.status.success() {
         bail!("{what} failed: {}", out.status);
     }
@@ -136,6 +137,24 @@ pub fn json_objects(stdout: &[u8]) -> Vec<Value> {
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(Value::is_object)
         .collect()
+}
+
+/// The C allocator's settings every side of a benchmark runs with, given to
+/// each process through glibc's tunables: the values Bonfire's
+/// `keep_freed_memory` sets through mallopt (blocks under 32 MiB from the
+/// heap, no trimming, 256 MiB kept at the top), which PyTorch's allocations
+/// then get too.
+pub const GLIBC_TUNABLES: &str =
+    "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=2147483647:glibc.malloc.top_pad=268435456";
+
+/// `command` with the benchmarks' allocator settings ([`GLIBC_TUNABLES`]).
+fn same_allocator(command: &mut Command) -> &mut Command {
+    command.env("GLIBC_TUNABLES", GLIBC_TUNABLES)
+}
+
+/// The line a table of ratios starts with, saying what both sides shared.
+fn allocator_note() -> String {
+    format!("allocator: glibc with GLIBC_TUNABLES={GLIBC_TUNABLES} on both sides")
 }
 
 /// The PyTorch interpreter for anchors, if the user named one.

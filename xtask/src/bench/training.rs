@@ -6,7 +6,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use super::{json_lines, torch_python};
+use super::{allocator_note, json_lines, same_allocator, torch_python};
 use crate::{cargo_build, release_dir, root};
 
 /// Warm-up steps left out of the timing, on both sides.
@@ -100,9 +100,11 @@ pub fn train(steps: usize, batch: usize, models: &str, json: bool) -> Result<()>
     let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
     println!(
         "training images/s, Fashion-MNIST, SGD, {steps} steps after {WARMUP_STEPS} warm-up; global batch {batch} \
-         (alone: {}); the same threads on both sides",
+         (alone: {}); the same threads on both sides; both timed on rank 0's wall clock from the end of the \
+         warm-up to the end of the last step",
         batch / 2
     );
+    println!("{}", allocator_note());
     println!("| model | configuration | Bonfire | PyTorch | Bonfire / PyTorch |");
     println!("|---|---|---:|---:|---:|");
     for run in &runs {
@@ -184,8 +186,10 @@ fn row(imp: &str, run: &TrainRun, images_per_sec: f64) -> Value {
 
 /// Runs `bonfire train` for warm-up plus `steps` steps, with `threads`
 /// compute threads a process (rayon's pool, which Burn's Flex backend and
-/// Bonfire's kernels share), and returns the images/s of the timed steps,
-/// from rank 0's `steps.csv`.
+/// Bonfire's kernels share), and returns the images/s of the timed steps:
+/// rank 0's wall-clock time from the end of the last warm-up step to the
+/// end of the last step (`steps.csv`'s `elapsed`), the window PyTorch's
+/// baseline times between its two barriers.
 fn bonfire_images_per_sec(bonfire: &std::path::Path, run: &TrainRun, steps: usize) -> Result<f64> {
     let out = std::env::temp_dir().join(format!(
         "bonfire-bench-train-{}-{}-{}-{}-{}-{}",
@@ -206,7 +210,7 @@ fn bonfire_images_per_sec(bonfire: &std::path::Path, run: &TrainRun, steps: usiz
     if let Some(devices) = run.devices {
         command.args(["--devices", devices]);
     }
-    let output = command
+    let output = same_allocator(&mut command)
         .args(["--steps", &(WARMUP_STEPS + steps).to_string(), "--batch-size", &run.global_batch.to_string()])
         .arg("--out")
         .arg(&out)
@@ -218,8 +222,11 @@ fn bonfire_images_per_sec(bonfire: &std::path::Path, run: &TrainRun, steps: usiz
     }
     let csv = std::fs::read_to_string(out.join("steps.csv")).context("reading steps.csv")?;
     let _ = std::fs::remove_dir_all(&out);
-    let seconds: f64 =
-        csv.lines().skip(1 + WARMUP_STEPS).filter_map(|l| l.rsplit(',').next()?.parse::<f64>().ok()).sum();
+    let ends: Vec<f64> = csv.lines().skip(1).filter_map(|l| l.rsplit(',').next()?.parse::<f64>().ok()).collect();
+    if ends.len() != WARMUP_STEPS + steps {
+        bail!("steps.csv of bonfire train has {} steps, not {}", ends.len(), WARMUP_STEPS + steps);
+    }
+    let seconds = ends[ends.len() - 1] - ends[WARMUP_STEPS - 1];
     if seconds <= 0.0 {
         bail!("steps.csv of bonfire train holds no timed steps");
     }

@@ -106,4 +106,6 @@ pub struct Report {
     pub step_losses: Vec<(usize, f64)>,
     /// Wall-clock seconds of every step of this worker, in order.
     pub step_seconds: Vec<f64>,
+    /// Seconds since training began at the end of every step.
+    pub step_ends: Vec<f64>,
 }

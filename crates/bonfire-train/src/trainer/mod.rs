@@ -118,6 +118,8 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
     let mut epochs = Vec::new();
     let mut step_losses = Vec::new();
     let mut step_seconds = Vec::new();
+    let mut step_ends = Vec::new();
+    let began = Instant::now();
     if let (Some(file), 0) = (&resumed_from, rank) {
         let Position { epoch, step_in_epoch, steps_done } = position;
         if step_in_epoch == 0 {
@@ -157,6 +159,7 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
             }
             model = opt.step(options.lr, model, grads);
             step_seconds.push(step_start.elapsed().as_secs_f64());
+            step_ends.push(began.elapsed().as_secs_f64());
             loss_sum += loss;
             steps += 1;
             step_in_epoch += 1;
@@ -190,7 +193,7 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
         ensure_finite(&model, "--save")?;
         crate::weights::save(&model, file)?;
     }
-    Ok(Report { rank, epochs, step_losses, step_seconds })
+    Ok(Report { rank, epochs, step_losses, step_seconds, step_ends })
 }
 
 /// Rank 0's checkpoint of `model` and `opt` at `position`, refused when the
