@@ -12,9 +12,9 @@ use bonfire_data::ImageDataset;
 
 use crate::{TrainArgs, Unavailable};
 
-/// Trains on CUDA: for DP one device per replica (0..workers), else the one
-/// of LOCAL_RANK. The ring lets workers share devices round-robin; NCCL needs
-/// a device of its own for each.
+/// Trains on CUDA: for DP replica i on device i mod the device count, else
+/// the device of LOCAL_RANK. The ring lets workers share devices
+/// round-robin; NCCL needs a device of its own for each.
 #[cfg(feature = "cuda")]
 pub fn run(args: &TrainArgs, train_set: &ImageDataset, test_set: &ImageDataset) -> Result<()> {
     use std::time::Duration;
@@ -62,10 +62,12 @@ pub fn nccl_check(sizes_mib: &[usize]) -> Result<()> {
     gpu::nccl_check(sizes_mib)
 }
 
-/// CUDA devices 0..n, each checked.
+/// CUDA devices for `n` replicas: replica i on device i mod the machine's
+/// count, so that DP runs on one GPU too.
 #[cfg(feature = "cuda")]
 pub fn devices(n: usize) -> Result<Vec<burn::backend::cuda::CudaDevice>, Unavailable> {
-    (0..n).map(gpu::device).collect()
+    let count = gpu::device_count()?;
+    (0..n).map(|i| gpu::device(i % count)).collect()
 }
 
 #[cfg(not(feature = "cuda"))]
