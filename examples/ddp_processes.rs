@@ -69,14 +69,7 @@ fn launch() -> anyhow::Result<()> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let exe = std::env::current_exe()?;
     let children = (0..WORKERS)
-        .map(|rank| {
-            Command::new(&exe)
-                .env("RANK", rank.to_string())
-                .env("WORLD_SIZE", WORKERS.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", port.to_string())
-                .spawn()
-        })
+        .map(|rank| Command::new(&exe).envs(DistEnv::local(rank, WORKERS, port).vars()).spawn())
         .collect::<Result<Vec<_>, _>>()?;
     for (rank, mut child) in children.into_iter().enumerate() {
         let status = child.wait()?;

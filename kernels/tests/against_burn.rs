@@ -3,8 +3,8 @@
 //! too (its own kernels), so that ties in max pooling break the same way.
 
 use bonfire_kernels::nn::{BatchNorm, BatchNormConfig};
-use bonfire_testkit::max_abs_diff;
 use bonfire_kernels::ops::{self, Window2d};
+use bonfire_testkit::max_abs_diff;
 use burn::backend::{Autodiff, Flex, NdArray};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;

@@ -2,9 +2,10 @@
 //! have what it needs. It installs Debian's packages the tests use (Mesa's
 //! lavapipe for the wgpu tests, the Fashion-MNIST files, Open MPI with its
 //! headers, libclang, Slurm) when run as root
-//! with apt, or names the one command to run otherwise; then it runs the
-//! workspace's tests, every example, and the CUDA tests (which, without a
-//! GPU, check that the CUDA build fails cleanly).
+//! with apt, or names the one command to run otherwise, and PyTorch (for
+//! its `torchrun`) from PyPI into a virtual environment outside the clone;
+//! then it runs the workspace's tests, every example, and the CUDA tests
+//! (which, without a GPU, check that the CUDA build fails cleanly).
 
 use std::path::Path;
 use std::process::Command;
@@ -35,8 +36,12 @@ const PACKAGES: [&str; 8] = [
 /// cache is thrown away.
 pub const FEATURES: &str = "bonfire-collective/mpi,bonfire-train/mpi";
 
+/// The PyTorch whose `torchrun` starts workers in the torchrun tests.
+const TORCH: &str = "torch==2.15.0";
+
 pub fn run() -> Result<()> {
     install_packages()?;
+    install_torch();
     if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
         // wgpu's Vulkan loader wants a runtime directory; containers often lack one.
         let dir = std::env::temp_dir().join("bonfire-xdg");
@@ -82,6 +87,33 @@ fn run_example(name: &str) -> Result<()> {
 fn cargo(args: &[&str]) -> Result<()> {
     eprintln!("+ cargo {}", args.join(" "));
     crate::cargo(args, &[])
+}
+
+/// Points `BONFIRE_TORCH_PYTHON` at a Python with PyTorch, installing it
+/// into `~/.cache/bonfire-torch` when the user named none. Without one (no
+/// network), the torchrun tests say in their output that they did not run.
+fn install_torch() {
+    if std::env::var_os("BONFIRE_TORCH_PYTHON").is_some() {
+        return;
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    let venv = Path::new(&home).join(".cache").join("bonfire-torch");
+    let python = venv.join("bin").join("python");
+    let has_torch = || Command::new(&python).args(["-c", "import torch"]).output().is_ok_and(|o| o.status.success());
+    if !has_torch() {
+        eprintln!("+ python3 -m venv {0} && {0}/bin/pip install {TORCH}", venv.display());
+        let made = Command::new("python3").arg("-m").arg("venv").arg(&venv).status().is_ok_and(|s| s.success());
+        let installed = made
+            && Command::new(venv.join("bin").join("pip"))
+                .args(["install", "--quiet", TORCH])
+                .status()
+                .is_ok_and(|s| s.success());
+        if !installed || !has_torch() {
+            eprintln!("note: could not install PyTorch; the torchrun tests will say they did not run");
+            return;
+        }
+    }
+    std::env::set_var("BONFIRE_TORCH_PYTHON", &python);
 }
 
 fn install_packages() -> Result<()> {

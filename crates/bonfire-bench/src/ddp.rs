@@ -19,9 +19,8 @@
 //! measured in the same round.
 //!
 //! Every measurement runs in a fresh process, so that no variant inherits
-//! the memory (and the allocator's state) that the one before it left: in
-//! one process, the variant measured right after the floor ran up to 10 %
-//! slower than the same configuration measured later in the round.
+//! the memory (and the allocator's state) that the one before it left, which
+//! slowed whichever variant came right after another in one process.
 
 use std::process::Stdio;
 use std::sync::Mutex;

@@ -11,13 +11,7 @@ use clap::{Parser, Subcommand};
 /// whose rendezvous is at 127.0.0.1:`port` (torchrun's variables).
 pub fn local_rank_command(rank: usize, world: usize, port: u16) -> std::io::Result<std::process::Command> {
     let mut command = std::process::Command::new(std::env::current_exe()?);
-    command
-        .env("RANK", rank.to_string())
-        .env("WORLD_SIZE", world.to_string())
-        .env("LOCAL_RANK", rank.to_string())
-        .env("LOCAL_WORLD_SIZE", world.to_string())
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string());
+    command.envs(bonfire_collective::DistEnv::local(rank, world, port).vars());
     Ok(command)
 }
 

@@ -82,18 +82,25 @@ pub trait Communicator: Group + Send {
         Ok(())
     }
 
-    /// Whether [`Communicator::all_reduce_segments`] reduces the segments
-    /// where they lie, so that packing them beforehand would be a wasted copy.
-    fn reduces_segments_in_place(&self) -> bool {
-        false
+    /// What this communicator can do beyond the trait's calls.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { host_memory: true, ..Capabilities::default() }
     }
+}
 
-    /// Whether the ranks are threads of one process, so that a collective
-    /// is only memory work on the cores that also compute, with no wire
-    /// time of its own to hide.
-    fn ranks_are_threads(&self) -> bool {
-        false
-    }
+/// What a communicator can do, as it reports it: read by the one place that
+/// chooses how DDP stores and sends its buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Capabilities {
+    /// It works on host memory: it can reduce f32 buffers where they lie
+    /// ([`TensorCollective::all_reduce_host`](crate::TensorCollective)).
+    pub host_memory: bool,
+    /// It reduces a buffer in segments where they lie, so that packing them
+    /// beforehand would be a wasted copy.
+    pub reduces_segments_in_place: bool,
+    /// Its ranks are threads of one process: a collective is memory work on
+    /// the cores that also compute, with no wire time of its own to hide.
+    pub ranks_are_threads: bool,
 }
 
 impl<G: Group + ?Sized> Group for Box<G> {
@@ -132,11 +139,8 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
     fn all_reduce_segments(&mut self, segments: &mut [&mut [f32]], op: ReduceOp) -> Result<()> {
         (**self).all_reduce_segments(segments, op)
     }
-    fn reduces_segments_in_place(&self) -> bool {
-        (**self).reduces_segments_in_place()
-    }
-    fn ranks_are_threads(&self) -> bool {
-        (**self).ranks_are_threads()
+    fn capabilities(&self) -> Capabilities {
+        (**self).capabilities()
     }
 }
 

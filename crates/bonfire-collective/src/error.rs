@@ -11,6 +11,8 @@ pub type Result<T, E = CommError> = std::result::Result<T, E>;
 /// that a user reading the log of any surviving rank knows which one to look at.
 /// The fields say what their names say: `op` is the call, `rank` the rank at
 /// fault, `waited` how long this rank waited, `detail` what went wrong.
+/// An underlying I/O error (`cause`) is part of the message, not a separate
+/// source, so that a chain of errors names it once.
 #[allow(missing_docs)] // the fields, described above
 #[derive(Debug, thiserror::Error)]
 pub enum CommError {
@@ -25,13 +27,8 @@ pub enum CommError {
     #[error("timed out after {waited:?} in {op}: rank(s) {ranks:?} never arrived")]
     Missing { op: &'static str, ranks: Vec<usize>, waited: Duration },
     /// A peer closed its connection or its socket failed.
-    #[error("lost rank {rank} during {op}: {source}")]
-    PeerLost {
-        op: &'static str,
-        rank: usize,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("lost rank {rank} during {op}: {cause}")]
+    PeerLost { op: &'static str, rank: usize, cause: std::io::Error },
     /// Ranks called different collectives, or the same one with different arguments.
     #[error("rank {rank} disagrees in {op}: {detail}")]
     Mismatch { op: &'static str, rank: usize, detail: String },
@@ -48,12 +45,8 @@ pub enum CommError {
     #[error("environment variable {var}: {detail}")]
     Env { var: &'static str, detail: String },
     /// A local socket operation failed (bind, connect, ...).
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{context}: {cause}")]
+    Io { context: String, cause: std::io::Error },
     /// A library or device this communicator needs is not there.
     #[error("{0}")]
     Unavailable(String),
@@ -69,8 +62,8 @@ pub enum CommError {
 }
 
 impl CommError {
-    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        CommError::Io { context: context.into(), source }
+    pub(crate) fn io(context: impl Into<String>, cause: std::io::Error) -> Self {
+        CommError::Io { context: context.into(), cause }
     }
 
     /// The peer this error blames for not answering: the rank waited for,

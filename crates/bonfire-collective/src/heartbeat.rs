@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::store::StoreClient;
+use crate::store::Store;
 
 /// How often a rank publishes its progress.
 pub const BEAT: Duration = Duration::from_millis(500);
@@ -73,7 +73,7 @@ impl Drop for InCall {
 impl Heartbeat {
     /// Starts beating for `rank` of `world` over `store` (a connection of
     /// its own), warning after `stall_warning` in one call.
-    pub fn start(mut store: StoreClient, rank: usize, world: usize, stall_warning: Duration) -> Self {
+    pub fn start(mut store: Box<dyn Store>, rank: usize, world: usize, stall_warning: Duration) -> Self {
         let progress = Progress { seq: 0, in_call: false, op: String::new() };
         let shared =
             Arc::new(Shared { progress: Mutex::new((progress, Instant::now())), stop: AtomicBool::new(false) });
@@ -81,7 +81,7 @@ impl Heartbeat {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name(format!("bonfire-heartbeat-{rank}"))
-                .spawn(move || beat(&mut store, &shared, rank, world, stall_warning))
+                .spawn(move || beat(store.as_mut(), &shared, rank, world, stall_warning))
                 .expect("starting the heartbeat thread")
         };
         Heartbeat { shared, thread: Some(thread) }
@@ -110,7 +110,7 @@ impl Drop for Heartbeat {
 
 /// The heartbeat thread: publish, and past the stall interval in one call,
 /// name the ranks that are behind, once per call.
-fn beat(store: &mut StoreClient, shared: &Shared, rank: usize, world: usize, stall_warning: Duration) {
+fn beat(store: &mut dyn Store, shared: &Shared, rank: usize, world: usize, stall_warning: Duration) {
     let key = |r: usize| format!("heartbeat/{r}");
     let mut count = 0u64;
     let mut warned = 0u64;
@@ -189,7 +189,7 @@ mod tests {
     }
 
     fn beat(addr: &str, rank: usize) -> Heartbeat {
-        Heartbeat::start(StoreClient::connect(addr, "job", Duration::from_secs(5)).unwrap(), rank, 3, STALL)
+        Heartbeat::start(Box::new(StoreClient::connect(addr, "job", Duration::from_secs(5)).unwrap()), rank, 3, STALL)
     }
 
     /// Ranks 0 and 1 wait in their first call; rank 2 never starts it (blocked

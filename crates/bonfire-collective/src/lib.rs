@@ -35,9 +35,11 @@ mod tcp;
 mod tensor;
 mod token_file;
 
-pub use communicator::{Communicator, Group, DEFAULT_STALL_WARNING, DEFAULT_TIMEOUT};
+pub use communicator::{Capabilities, Communicator, Group, DEFAULT_STALL_WARNING, DEFAULT_TIMEOUT};
 pub use element::{BufMut, BufRef, DType, Element, ReduceOp};
-pub use env::{DistEnv, JobToken, Placement, INSECURE_VAR, JOB_TOKEN_VAR};
+pub use env::{
+    DistEnv, JobToken, Placement, TorchrunStore, INSECURE_VAR, JOB_TOKEN_VAR, RESTART_COUNT_VAR, USE_AGENT_STORE_VAR,
+};
 pub use error::{CommError, Result};
 pub use inproc::InProcCommunicator;
 #[cfg(feature = "mpi")]
@@ -45,9 +47,9 @@ pub use mpi::MpiCommunicator;
 #[cfg(feature = "nccl")]
 pub use nccl::{CudaTensor, NcclCommunicator};
 pub use tcp::{TcpCommunicator, TcpConfig};
-pub use token_file::random_token;
 #[cfg(feature = "tensor")]
 pub use tensor::TensorCollective;
+pub use token_file::random_token;
 
 /// The rendezvous store's decoder of a connection's bytes, for the fuzz
 /// target (cargo-fuzz builds with `--cfg fuzzing`).

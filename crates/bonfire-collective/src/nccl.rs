@@ -41,7 +41,6 @@ use crate::env::DistEnv;
 use crate::error::{CommError, Result};
 use crate::heartbeat::Heartbeat;
 use crate::rendezvous::Rendezvous;
-use crate::store::StoreClient;
 use crate::tensor::TensorCollective;
 
 /// A 1-D float tensor on a CUDA device.
@@ -233,12 +232,9 @@ impl TensorCollective<Cuda> for NcclCommunicator {
         let out = (!input.can_mut()).then(|| CudaTensor::empty([n], &self.device).cast(dtype));
         let tensor = CudaTensor::from_primitive(TensorPrimitive::Float(input));
         // A mean is a sum divided on the device afterwards, as PyTorch's DDP
-        // does. ncclAvg left the last 11 values of a 61,707-value bucket
-        // (those past its last whole 256 bytes) wrong in a group of one on
-        // an H200 (NCCL 2.28.9), with buffers from cubecl's memory pool; it
-        // was right with CuPy's and PyTorch's buffers, and ncclSum was right
-        // with ours. `bonfire nccl-check` checks every reduction on such a
-        // size.
+        // does: ncclAvg once left a bucket's tail wrong on cubecl's buffers
+        // (docs/cuda.md), and `bonfire nccl-check` checks every reduction on
+        // an odd size.
         let nccl_op = match op {
             ReduceOp::Sum | ReduceOp::Mean => nccl_sys::ncclRedOp_t::ncclSum,
             ReduceOp::Max => nccl_sys::ncclRedOp_t::ncclMax,

@@ -1,5 +1,6 @@
 //! Joining a job: rank 0 hosts the rendezvous store at
-//! `MASTER_ADDR:MASTER_PORT`; every worker connects to it with the job token,
+//! `MASTER_ADDR:MASTER_PORT` (or, under torchrun, torchrun's agent already
+//! serves its own there); every worker connects to it with the job token,
 //! claims its rank, and checks that it agrees with rank 0 on the world size.
 //! The TCP ring and NCCL both start here.
 
@@ -7,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::env::{DistEnv, JobToken};
 use crate::error::{CommError, Result};
-use crate::store::{StoreClient, StoreServer};
+use crate::store::{Store, StoreClient, StoreServer, TorchStoreClient};
 use crate::token_file::{self, TokenFile};
 
 /// The time left until `deadline`: every wait of joining a job (here, in
@@ -18,7 +19,7 @@ pub(crate) fn remaining(deadline: Instant) -> Duration {
 
 /// This worker's place at the rendezvous.
 pub(crate) struct Rendezvous {
-    pub store: StoreClient,
+    pub store: Box<dyn Store>,
     /// The job's secret, which ring peers present to each other too.
     pub token: String,
     /// Rank 0's store server, which must live as long as the group.
@@ -29,6 +30,16 @@ pub(crate) struct Rendezvous {
 
 impl Rendezvous {
     pub fn join(env: &DistEnv, deadline: Instant, timeout: Duration) -> Result<Self> {
+        if let Some(torchrun) = &env.torchrun_store {
+            let mut store = TorchStoreClient::connect(&env.store_addr(), &torchrun.key_prefix(), timeout)?;
+            let token = match &env.job_token {
+                JobToken::Given(token) => token.clone(),
+                _ => share_token(&mut store, env, deadline)?,
+            };
+            let mut rendezvous = Rendezvous { store: Box::new(store), token, _server: None, _token_file: None };
+            agree_on_group(rendezvous.store.as_mut(), env, deadline)?;
+            return Ok(rendezvous);
+        }
         let (store, token, server, token_file) = match (&env.job_token, env.rank) {
             (JobToken::HostFile, 0) => {
                 let token = token_file::random_token().map_err(|e| CommError::io("making the job token", e))?;
@@ -57,16 +68,34 @@ impl Rendezvous {
                 (StoreClient::connect(&env.store_addr(), &token, timeout)?, token, server, None)
             }
         };
-        let mut rendezvous = Rendezvous { store, token, _server: server, _token_file: token_file };
-        agree_on_group(&mut rendezvous.store, env, deadline)?;
+        let mut rendezvous = Rendezvous { store: Box::new(store), token, _server: server, _token_file: token_file };
+        agree_on_group(rendezvous.store.as_mut(), env, deadline)?;
         Ok(rendezvous)
     }
 
     /// Another connection to the store, for a thread of its own.
     #[cfg_attr(not(feature = "nccl"), allow(dead_code))] // NCCL's heartbeat
-    pub fn connect(&self, env: &DistEnv, timeout: Duration) -> Result<StoreClient> {
-        StoreClient::connect(&env.store_addr(), &self.token, timeout)
+    pub fn connect(&self, env: &DistEnv, timeout: Duration) -> Result<Box<dyn Store>> {
+        Ok(match &env.torchrun_store {
+            Some(torchrun) => Box::new(TorchStoreClient::connect(&env.store_addr(), &torchrun.key_prefix(), timeout)?),
+            None => Box::new(StoreClient::connect(&env.store_addr(), &self.token, timeout)?),
+        })
     }
+}
+
+/// The ring's secret under torchrun's store: rank 0 makes it and leaves it
+/// there, the others read it.
+fn share_token(store: &mut TorchStoreClient, env: &DistEnv, deadline: Instant) -> Result<String> {
+    if env.rank == 0 {
+        let token = token_file::random_token().map_err(|e| CommError::io("making the job token", e))?;
+        store.set("token", token.as_bytes())?;
+        return Ok(token);
+    }
+    let waiting = remaining(deadline);
+    let token =
+        store.get("token", waiting)?.ok_or(CommError::Timeout { op: "rendezvous", rank: 0, waited: waiting })?;
+    String::from_utf8(token)
+        .map_err(|_| CommError::Protocol { peer: env.store_addr(), detail: "the job token is not UTF-8".into() })
 }
 
 /// Connects with the token rank 0 left in its file. A file an earlier job
@@ -88,17 +117,17 @@ fn connect_through_file(env: &DistEnv, deadline: Instant, timeout: Duration) -> 
 /// Rank 0's store, listening only on `MASTER_ADDR`.
 fn host_store(env: &DistEnv, token: &str) -> Result<StoreServer> {
     let server = StoreServer::bind(env.store_addr(), token).map_err(|e| match e {
-        CommError::Io { source, .. } => CommError::io(
+        CommError::Io { cause, .. } => CommError::io(
             format!(
                 "rank 0 cannot host the rendezvous store at {} (MASTER_ADDR:MASTER_PORT){}",
                 env.store_addr(),
-                if source.kind() == std::io::ErrorKind::AddrInUse {
+                if cause.kind() == std::io::ErrorKind::AddrInUse {
                     "; another program, another job or a second rank 0 holds that port"
                 } else {
                     ""
                 }
             ),
-            source,
+            cause,
         ),
         other => other,
     })?;
@@ -108,7 +137,7 @@ fn host_store(env: &DistEnv, token: &str) -> Result<StoreServer> {
 
 /// Makes sure this worker may join: its rank is not taken by another process
 /// (the first to claim a rank keeps it), and its world size is rank 0's.
-fn agree_on_group(store: &mut StoreClient, env: &DistEnv, deadline: Instant) -> Result<()> {
+fn agree_on_group(store: &mut dyn Store, env: &DistEnv, deadline: Instant) -> Result<()> {
     let refused =
         |detail: String| CommError::Refused { peer: format!("the rendezvous at {}", env.store_addr()), detail };
     if store.add(&format!("claim/{}", env.rank), 1)? > 1 {

@@ -12,7 +12,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType as BurnDType, Tensor, TensorData};
 use half::{bf16, f16};
 
-use crate::communicator::{Communicator, Group};
+use crate::communicator::{Capabilities, Communicator, Group};
 use crate::element::{BufMut, BufRef, ReduceOp};
 use crate::error::{CommError, Result};
 
@@ -30,11 +30,18 @@ pub trait TensorCollective<B: Backend>: Group + Send {
     /// Every rank's `tensor`, concatenated in rank order.
     fn all_gather(&mut self, tensor: Tensor<B, 1>) -> Result<Tensor<B, 1>>;
 
-    /// The host-memory communicator behind this collective, if it is one:
-    /// DDP on the CPU then reduces buckets it keeps in host memory in place,
-    /// with no tensor to stage through.
-    fn host(&mut self) -> Option<&mut dyn Communicator> {
-        None
+    /// What this collective can do beyond the trait's calls.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+
+    /// Combines f32 values that lie in host memory, in place, as
+    /// [`Communicator::all_reduce_segments`] does: for a collective whose
+    /// [`capabilities`](Self::capabilities) say `host_memory`, so that DDP on
+    /// the CPU reduces its gradients with no tensor to stage them through.
+    fn all_reduce_host(&mut self, segments: &mut [&mut [f32]], op: ReduceOp) -> Result<()> {
+        let _ = (segments, op);
+        Err(CommError::invalid("all_reduce", "this collective works on device memory, not on host buffers"))
     }
 }
 
@@ -49,8 +56,12 @@ impl<B: Backend, C: Communicator> TensorCollective<B> for C {
         in_place("broadcast", tensor, |buf| Communicator::broadcast(self, buf, root))
     }
 
-    fn host(&mut self) -> Option<&mut dyn Communicator> {
-        Some(self)
+    fn capabilities(&self) -> Capabilities {
+        Communicator::capabilities(self)
+    }
+
+    fn all_reduce_host(&mut self, segments: &mut [&mut [f32]], op: ReduceOp) -> Result<()> {
+        Communicator::all_reduce_segments(self, segments, op)
     }
 
     fn all_gather(&mut self, tensor: Tensor<B, 1>) -> Result<Tensor<B, 1>> {

@@ -58,7 +58,12 @@ impl Communicator for Broken {
             _ => self.inner.all_gather(input, output),
         }
     }
-    fn reduce_scatter(&mut self, input: BufRef<'_>, output: BufMut<'_>, op: ReduceOp) -> bonfire_collective::Result<()> {
+    fn reduce_scatter(
+        &mut self,
+        input: BufRef<'_>,
+        output: BufMut<'_>,
+        op: ReduceOp,
+    ) -> bonfire_collective::Result<()> {
         match self.skip {
             "reduce_scatter" => Ok(()),
             _ => self.inner.reduce_scatter(input, output, op),

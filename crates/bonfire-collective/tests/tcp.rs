@@ -11,15 +11,7 @@ use bonfire_collective::{CommError, Communicator, DistEnv, Group, JobToken, Redu
 use bonfire_testkit::{free_port, torchrun_vars, SelfWorkers};
 
 fn env(rank: usize, world: usize, port: u16) -> DistEnv {
-    DistEnv {
-        rank,
-        world_size: world,
-        local_rank: rank,
-        local_world_size: world,
-        master_addr: "127.0.0.1".into(),
-        master_port: port,
-        job_token: JobToken::Given("test-job".into()),
-    }
+    DistEnv { job_token: JobToken::Given("test-job".into()), ..DistEnv::local(rank, world, port) }
 }
 
 fn config(timeout: Duration) -> TcpConfig {

@@ -23,7 +23,7 @@ pub fn load(dir: &Path, split: Split) -> Result<ImageDataset> {
     let mut labels = Vec::new();
     for name in files(split) {
         let path = dir.join(&name);
-        let bytes = std::fs::read(&path).map_err(|source| DataError::Io { path: path.clone(), source })?;
+        let bytes = std::fs::read(&path).map_err(|cause| DataError::Io { path: path.clone(), cause })?;
         parse_records(&path, &bytes, &mut pixels, &mut labels)?;
     }
     ImageDataset::new(3, 32, 32, 10, pixels, labels)

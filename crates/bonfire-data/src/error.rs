@@ -4,13 +4,12 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// A file could not be read.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
+        /// Why (part of the message, so a chain of errors names it once).
+        cause: std::io::Error,
     },
     /// A file is not in the format it should be.
     #[error("{path}: {what}")]

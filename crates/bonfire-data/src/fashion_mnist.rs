@@ -27,7 +27,7 @@ fn find(dir: &Path, name: &str) -> Result<PathBuf> {
     }
     Err(DataError::Io {
         path: dir.join(format!("{name}[.gz]")),
-        source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        cause: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
     })
 }
 

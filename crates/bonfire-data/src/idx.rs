@@ -63,7 +63,7 @@ pub(crate) fn parse_u8(path: &Path, bytes: &[u8], dims_expected: usize) -> Resul
 
 /// Reads an images file (3 dimensions) and a labels file (1 dimension).
 pub fn read_images_and_labels(images: &Path, labels: &Path) -> Result<(usize, usize, Vec<u8>, Vec<u8>)> {
-    let read = |path: &Path| std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source });
+    let read = |path: &Path| std::fs::read(path).map_err(|cause| DataError::Io { path: path.to_path_buf(), cause });
     parse_images_and_labels(images, read(images)?, labels, read(labels)?)
 }
 

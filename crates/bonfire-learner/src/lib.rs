@@ -63,8 +63,7 @@ pub struct DdpLearning<LC: LearningComponentsTypes> {
 pub struct TrainingFailed {
     /// The rank that failed (the first one, where several did).
     pub rank: usize,
-    /// Why.
-    #[source]
+    /// Why (part of the message, so a chain of errors names it once).
     pub cause: ParallelError,
 }
 
@@ -159,8 +158,8 @@ where
         let untrained = learner.model();
         let trained = match &self.workers {
             Workers::Threads(devices) => {
-                let comms = InProcCommunicator::group(devices.len())
-                    .map_err(|e| TrainingFailed { rank: 0, cause: e.into() });
+                let comms =
+                    InProcCommunicator::group(devices.len()).map_err(|e| TrainingFailed { rank: 0, cause: e.into() });
                 comms.and_then(|comms| {
                     let loaders = split_dataloader(dataloader_train, devices);
                     let shared = &shared;

@@ -60,6 +60,10 @@ where
         let global = Progress::new(epoch, shared.num_epochs);
         let finished = train_epoch(&mut learner, &mut ddp, &train, &global, shared, rank0.is_some())?;
         if !finished {
+            if rank0.is_some() {
+                let reason = shared.interrupter.get_message().unwrap_or_else(|| "Reason unknown".into());
+                log::info!("Training interrupted: {reason}");
+            }
             break;
         }
         let mut stop = false;
@@ -91,6 +95,10 @@ where
     LC: LearningComponentsTypes,
     TrainingBackend<LC>: HookBackend,
 {
+    // burn-train's experiment log gets the lines its single-device strategy writes.
+    if is_rank0 {
+        log::info!("Executing training step for epoch {}", global.items_processed);
+    }
     let world = ddp.world_size();
     let mut iterator = train.iter();
     let (mut iteration, mut accumulated) = (0, 0);
@@ -109,6 +117,9 @@ where
         let item = item.expect("checked above");
         iteration += 1;
         learner.lr_step();
+        if is_rank0 {
+            log::info!("Iteration {iteration}");
+        }
         let hooked = ddp.forward_module(&learner.model());
         let mut output = None;
         accumulated += 1;
@@ -138,6 +149,7 @@ fn validate<LC: LearningComponentsTypes>(
     global: &Progress,
     shared: &Shared<'_, LC>,
 ) {
+    log::info!("Executing validation step for epoch {}", global.items_processed);
     let model = learner.model().valid();
     let mut events = shared.events.lock().expect("not poisoned");
     let mut iterator = valid.iter();

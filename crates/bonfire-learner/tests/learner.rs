@@ -138,13 +138,16 @@ enum Workers {
     Process(TcpCommunicator),
 }
 
-/// Trains 2 epochs; returns the weights.
+/// Trains 2 epochs; returns the weights. Only DDP over threads writes
+/// burn-train's experiment log (a logger is installed once per process).
 fn train(dir: &std::path::Path, rows: Vec<Row>, batch: usize, workers: Workers) -> Vec<f32> {
     let device = Default::default();
     let mut training = SupervisedTraining::new(dir, loader::<B>(rows.clone(), batch), loader(rows, batch))
         .metrics((LossMetric::new(),))
-        .num_epochs(2)
-        .with_application_logger(None);
+        .num_epochs(2);
+    if !matches!(workers, Workers::Threads(_)) {
+        training = training.with_application_logger(None);
+    }
     match workers {
         Workers::One => {}
         Workers::Threads(devices) => {
@@ -172,6 +175,11 @@ fn ddp_learner_over_2_threads_equals_one_device_and_logs_metrics() {
         let log = dir.join("ddp").join(split).join("epoch-2").join("Loss.log");
         let text = std::fs::read_to_string(&log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
         assert!(!text.trim().is_empty(), "{} is empty", log.display());
+    }
+    // The experiment log has the lines burn-train's single-device strategy writes.
+    let log = std::fs::read_to_string(dir.join("ddp").join("experiment.log")).unwrap();
+    for line in ["Executing training step for epoch 2", "Iteration 3", "Executing validation step for epoch 2"] {
+        assert!(log.contains(line), "the experiment log lacks {line:?}: {log}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

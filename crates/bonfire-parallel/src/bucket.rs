@@ -39,6 +39,34 @@ impl BucketPlan {
         plan
     }
 
+    /// Buckets sent each step: at least one, since the last also carries
+    /// the unused-parameter count ([`count_slot`](Self::count_slot)).
+    pub fn buckets(&self) -> usize {
+        self.lens.len().max(1)
+    }
+
+    /// The parameters in bucket `b` (none in the bucket of a module with
+    /// nothing to train, which carries only the count).
+    pub fn members(&self, b: usize) -> &[usize] {
+        self.members.get(b).map_or(&[], Vec::as_slice)
+    }
+
+    /// Values bucket `b` sends: its gradients, and in the last bucket the
+    /// unused-parameter count after them.
+    pub fn sent_len(&self, b: usize) -> usize {
+        self.lens.get(b).copied().unwrap_or(0) + usize::from(b + 1 == self.buckets())
+    }
+
+    /// Where the count of parameters that got no gradient on this rank
+    /// rides: one value after the last bucket's gradients, so that all
+    /// ranks learn whether any rank had unused parameters with no
+    /// collective of its own.
+    pub fn count_slot(&self) -> (usize, Range<usize>) {
+        let last = self.buckets() - 1;
+        let at = self.lens.get(last).copied().unwrap_or(0);
+        (last, at..at + 1)
+    }
+
     fn close(&mut self, open: &mut Vec<usize>, len: &mut usize) {
         self.lens.push(*len);
         self.members.push(std::mem::take(open));
@@ -64,6 +92,17 @@ mod tests {
         let plan = BucketPlan::new(&[Some(10), None, Some(10_000_000), Some(10)], 1 << 20, 25 << 20);
         assert_eq!(plan.slots[1], None);
         assert_eq!(plan.members, vec![vec![3], vec![2], vec![0]]);
+    }
+
+    #[test]
+    fn the_unused_parameter_count_follows_the_last_buckets_gradients() {
+        let plan = BucketPlan::new(&[Some(100); 3], 500, 1000);
+        assert_eq!((plan.buckets(), plan.sent_len(0), plan.sent_len(1)), (2, 100, 201));
+        assert_eq!(plan.count_slot(), (1, 200..201));
+        // Nothing to train: one bucket, of the count alone.
+        let frozen = BucketPlan::new(&[None, None], 500, 1000);
+        assert_eq!((frozen.buckets(), frozen.sent_len(0), frozen.members(0)), (1, 1, &[][..]));
+        assert_eq!(frozen.count_slot(), (0, 0..1));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::hook::{GradientSink, HookBackend};
 use crate::params::{
     describe, encode_layout, first_difference, param_infos, values_from_host, values_to_host, ParamInfo,
 };
-use crate::reducer::Reducer;
+use crate::reducer::{reducer, Reduce, ReducerConfig};
 
 /// Options of [`DistributedDataParallel`]; the defaults are PyTorch's.
 #[derive(Debug, Clone)]
@@ -31,10 +31,10 @@ pub struct DdpConfig {
     /// counts as zero); without it such a step is an error on every rank.
     pub find_unused_parameters: bool,
     /// All-reduce buckets while backward runs (`Some(true)`), or only after
-    /// it (`Some(false)`). `None` chooses by what was measured: after
-    /// backward where the workers are threads on the CPU backend (Flex with
-    /// the in-process group, whose all-reduce is memory work on the cores
-    /// that run backward), overlapping everywhere else.
+    /// it (`Some(false)`). `None`: after backward where the workers are
+    /// threads on the CPU backend (Flex with the in-process group, whose
+    /// all-reduce is memory work on the cores that run backward),
+    /// overlapping everywhere else.
     pub overlap: Option<bool>,
     /// How a bucket is averaged.
     pub comm_hook: CommHook,
@@ -80,7 +80,12 @@ type Registrar<B> = Box<dyn Fn(Tensor<Inner<B>, 1>, &mut GradientsParams) + Send
 /// }
 /// ```
 pub struct DistributedDataParallel<B: HookBackend> {
-    reducer: Arc<Reducer<B::InnerBackend>>,
+    comm: Arc<CommThread<B::InnerBackend>>,
+    plan: BucketPlan,
+    reducer: Arc<dyn Reduce<B::InnerBackend>>,
+    /// The reducer as the gradient hooks see it.
+    sink: Arc<dyn GradientSink<B::InnerBackend>>,
+    overlap: bool,
     registrars: Vec<Registrar<B>>,
     broadcast_buffers: bool,
     /// Set by [`forward_module`](Self::forward_module), run by [`backward`](Self::backward).
@@ -104,7 +109,7 @@ impl<B: HookBackend> DistributedDataParallel<B> {
     ) -> Result<(Self, M)> {
         let infos = param_infos::<B, M>(&module);
         let device: B::Device = module.devices().into_iter().next().unwrap_or_default();
-        let comm = CommThread::start(comm);
+        let comm = Arc::new(CommThread::start(comm));
         check_layout(&comm, &infos, &device)?;
         let values = values_to_host::<B, M>(&module);
         let module = if values.is_empty() {
@@ -118,18 +123,21 @@ impl<B: HookBackend> DistributedDataParallel<B> {
         let plan = BucketPlan::new(&numels, config.first_bucket_cap_bytes, config.bucket_cap_bytes);
         tracing::debug!("DDP: {} parameters in {} buckets of {:?} values", infos.len(), plan.lens.len(), plan.lens);
         let names = infos.iter().map(|p| p.name.clone()).collect();
-        let reducer = Reducer::new(
-            plan,
+        let reducer_config = ReducerConfig {
+            plan: plan.clone(),
             names,
-            device.clone(),
-            comm,
-            config.comm_hook,
-            config.overlap,
-            config.find_unused_parameters,
-        );
+            hook: config.comm_hook,
+            overlap: config.overlap,
+            find_unused: config.find_unused_parameters,
+        };
+        let (reducer, sink, overlap) = reducer(reducer_config, device.clone(), comm.clone());
         let registrars = registrars::<B, M>(&module);
         let ddp = DistributedDataParallel {
-            reducer: Arc::new(reducer),
+            comm,
+            plan,
+            reducer,
+            sink,
+            overlap,
             registrars,
             broadcast_buffers: config.broadcast_buffers,
             buffer_sync: Mutex::new(None),
@@ -140,18 +148,18 @@ impl<B: HookBackend> DistributedDataParallel<B> {
 
     /// This worker's rank in its group.
     pub fn rank(&self) -> usize {
-        self.reducer.comm().rank()
+        self.comm.rank()
     }
 
     /// The number of workers in the group.
     pub fn world_size(&self) -> usize {
-        self.reducer.comm().world_size()
+        self.comm.world_size()
     }
 
     /// Whether buckets are all-reduced while backward runs (what
     /// [`DdpConfig::overlap`] asked for, or chose).
     pub fn overlaps(&self) -> bool {
-        self.reducer.overlaps()
+        self.overlap
     }
 
     /// The module to run the forward pass with: `module` with a gradient hook
@@ -163,8 +171,7 @@ impl<B: HookBackend> DistributedDataParallel<B> {
             let sync: BufferSync<B> = Box::new(move |comm| buffers::broadcast_from_rank0::<B, M>(comm, &module));
             *self.buffer_sync.lock().expect("not poisoned") = Some(sync);
         }
-        let sink: Arc<dyn GradientSink<B::InnerBackend>> = self.reducer.clone();
-        module.clone().map(&mut Hooker::<B> { sink, index: 0, _b: Default::default() })
+        module.clone().map(&mut Hooker::<B> { sink: self.sink.clone(), index: 0, _b: Default::default() })
     }
 
     /// Runs `loss.backward()` with bucketed all-reduces overlapping it and
@@ -184,10 +191,10 @@ impl<B: HookBackend> DistributedDataParallel<B> {
         run();
         let mut buckets = self.reducer.finish()?;
         if let Some(sync) = self.buffer_sync.lock().expect("not poisoned").take() {
-            sync(self.reducer.comm())?;
+            sync(&self.comm)?;
         }
         let mut grads = GradientsParams::new();
-        for (index, slot) in self.reducer.plan().slots.iter().enumerate() {
+        for (index, slot) in self.plan.slots.iter().enumerate() {
             if let Some((bucket, range)) = slot {
                 (self.registrars[index])(buckets[*bucket].take(range.clone()), &mut grads);
             }
@@ -215,7 +222,7 @@ impl<B: HookBackend> DistributedDataParallel<B> {
     /// at the same point, so that all ranks stop together (an interrupted
     /// or early-stopped run) rather than some waiting for the others.
     pub fn any_rank(&self, flag: bool) -> Result<bool> {
-        let max = host_call(self.reducer.comm(), &self.device, vec![f32::from(u8::from(flag))], |c, t| {
+        let max = host_call(&self.comm, &self.device, vec![f32::from(u8::from(flag))], |c, t| {
             c.all_reduce(t, bonfire_collective::ReduceOp::Max)
         })?;
         Ok(max[0] > 0.0)

@@ -1,6 +1,6 @@
 //! Gradient buckets kept in host memory, for DDP on Burn's Flex CPU
-//! backend with a host communicator (the in-process group, the TCP ring, MPI):
-//! PyTorch's `gradient_as_bucket_view` on the CPU.
+//! backend with a host communicator (the in-process group, the TCP ring, MPI)
+//! and the plain mean: PyTorch's `gradient_as_bucket_view` on the CPU.
 //!
 //! - Where the communicator reduces a buffer in segments where they lie
 //!   (the in-process group, the TCP ring), a gradient stays where backward
@@ -25,18 +25,17 @@
 //! allocates memory for its buckets.
 
 use std::any::Any;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
-use bonfire_collective::{BufMut, CommError, Communicator, ReduceOp, TensorCollective};
+use bonfire_collective::{CommError, ReduceOp, TensorCollective};
 use burn::backend::flex::FlexTensor;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensorOps;
 use burn::tensor::{DType, Shape, Tensor, TensorData, TensorPrimitive};
-use half::bf16;
 
 use crate::comm_hook::CommHook;
-use crate::reducer::Reduced;
+use crate::store::{BucketStore, Reduced};
 
 /// Whether `B`'s float tensors are Flex's, the one backend whose memory the
 /// host buckets can share.
@@ -58,11 +57,14 @@ fn same<T: 'static, U: 'static>(value: T) -> U {
 struct Bucket {
     filling: Option<FlexTensor>,
     spare: Vec<FlexTensor>,
+    /// Where gradients were copied into `filling` since the bucket was sent.
+    written: BTreeSet<usize>,
     kept: BTreeMap<usize, FlexTensor>,
 }
 
-pub struct HostBuckets {
-    /// Values in each bucket (the last one carries one value more).
+/// Buckets in host memory, on Flex.
+pub struct HostStore {
+    /// Values in each bucket, as it is sent.
     lens: Vec<usize>,
     buckets: Vec<Bucket>,
     /// Keep gradients where they are for an all-reduce that works on them
@@ -104,10 +106,12 @@ fn values_mut(grad: &mut FlexTensor) -> &mut [f32] {
     &mut grad.try_storage_mut::<f32>().expect("held only here")[start..end]
 }
 
-impl HostBuckets {
+impl HostStore {
+    /// Buckets of `lens` values; `keep`: the communicator reduces segments
+    /// where they lie, so gradients stay where backward left them.
     pub fn new(lens: Vec<usize>, keep: bool) -> Self {
         let buckets = lens.iter().map(|_| Bucket::default()).collect();
-        HostBuckets { lens, buckets, keep }
+        HostStore { lens, buckets, keep }
     }
 
     /// The memory bucket `b` is filled in this step: a spare one that no
@@ -129,20 +133,23 @@ impl HostBuckets {
     fn values(&mut self, b: usize) -> &mut [f32] {
         self.filling(b).try_storage_mut::<f32>().expect("memory being filled is held only here")
     }
+}
 
-    /// Puts `grad` (a Flex tensor of `B`) in `range` of bucket `b`, or adds
-    /// it to what is there.
-    pub fn write<B: Backend>(&mut self, b: usize, range: Range<usize>, grad: B::FloatTensorPrimitive, add: bool) {
+impl<B: Backend> BucketStore<B> for HostStore {
+    type Flight = Contents;
+
+    fn write(&mut self, b: usize, range: Range<usize>, grad: B::FloatTensorPrimitive) {
         let grad = flat_f32(same(grad), range.len());
         if self.keep {
             let kept = &mut self.buckets[b].kept;
             let grad = match kept.remove(&range.start) {
-                Some(earlier) if add => burn::backend::Flex::float_add(earlier, grad),
-                _ => grad,
+                Some(earlier) => burn::backend::Flex::float_add(earlier, grad),
+                None => grad,
             };
             kept.insert(range.start, grad);
             return;
         }
+        let add = !self.buckets[b].written.insert(range.start);
         let src = grad.as_slice::<f32>().expect("contiguous f32");
         let dst = &mut self.values(b)[range];
         if add {
@@ -152,38 +159,45 @@ impl HostBuckets {
         }
     }
 
-    /// Zeroes `range` of bucket `b` (a parameter without a gradient).
-    pub fn zero(&mut self, b: usize, range: Range<usize>) {
+    fn fill(&mut self, b: usize, range: Range<usize>, value: f32) {
         if self.keep {
-            self.buckets[b].kept.insert(range.start, values(range.len(), 0.0));
-        } else {
-            self.values(b)[range].fill(0.0);
+            self.buckets[b].kept.entry(range.start).or_insert_with(|| values(range.len(), value));
+        } else if !self.buckets[b].written.contains(&range.start) {
+            self.values(b)[range].fill(value);
         }
     }
 
-    /// Sets the last value of bucket `b`.
-    pub fn set_last(&mut self, b: usize, value: f32) {
-        if self.keep {
-            self.buckets[b].kept.insert(self.lens[b] - 1, values(1, value));
-        } else {
-            *self.values(b).last_mut().expect("the last bucket has its extra value") = value;
-        }
-    }
-
-    /// Takes bucket `b` to be reduced.
-    pub fn take(&mut self, b: usize) -> Contents {
+    fn send(&mut self, b: usize) -> Contents {
         if self.keep {
             let kept = std::mem::take(&mut self.buckets[b].kept);
             debug_assert_eq!(kept.values().map(|t| t.layout().num_elements()).sum::<usize>(), self.lens[b]);
             return Contents::Gradients(kept);
         }
         self.filling(b);
+        self.buckets[b].written.clear();
         Contents::Memory(self.buckets[b].filling.take().expect("made above"))
+    }
+
+    /// The mean over all ranks, in place. Only the mean: DDP sends
+    /// compressed buckets as tensors.
+    fn average(
+        comm: &mut dyn TensorCollective<B>,
+        hook: CommHook,
+        mut contents: Contents,
+    ) -> Result<Contents, CommError> {
+        debug_assert_eq!(hook, CommHook::Mean, "compression hooks use tensor buckets");
+        let mut segments: Vec<&mut [f32]> = match &mut contents {
+            Contents::Memory(memory) => vec![memory.try_storage_mut::<f32>().expect("taken memory is held only here")],
+            Contents::Gradients(grads) => grads.values_mut().map(values_mut).collect(),
+        };
+        comm.all_reduce_host(&mut segments, ReduceOp::Mean)?;
+        drop(segments);
+        Ok(contents)
     }
 
     /// Bucket `b`'s reduced contents as what the parameters' gradients are
     /// taken from; the bucket keeps its memory for a later step.
-    pub fn reduced<B: Backend>(&mut self, b: usize, contents: Contents) -> Reduced<B> {
+    fn land(&mut self, b: usize, contents: Contents) -> Reduced<B> {
         let tensor = |t: FlexTensor| Tensor::from_primitive(TensorPrimitive::Float(same(t)));
         match contents {
             Contents::Memory(memory) => {
@@ -200,40 +214,6 @@ impl HostBuckets {
     }
 }
 
-/// Averages a bucket over every rank of `comm`, as `hook` says, in place.
-pub fn reduce<B: Backend>(
-    comm: &mut dyn TensorCollective<B>,
-    hook: CommHook,
-    mut contents: Contents,
-) -> Result<Contents, CommError> {
-    let host = comm.host().ok_or_else(|| CommError::Invalid {
-        op: "all_reduce",
-        detail: "host buckets need a host communicator".into(),
-    })?;
-    let mut segments: Vec<&mut [f32]> = match &mut contents {
-        Contents::Memory(memory) => vec![memory.try_storage_mut::<f32>().expect("taken memory is held only here")],
-        Contents::Gradients(grads) => grads.values_mut().map(values_mut).collect(),
-    };
-    match hook {
-        CommHook::Mean => host.all_reduce_segments(&mut segments, ReduceOp::Mean)?,
-        CommHook::Bf16Compress => bf16_mean(host, &mut segments)?,
-    }
-    drop(segments);
-    Ok(contents)
-}
-
-/// The mean of `segments` over all ranks, sent as bf16.
-fn bf16_mean(host: &mut dyn Communicator, segments: &mut [&mut [f32]]) -> Result<(), CommError> {
-    let mut packed: Vec<bf16> = segments.iter().flat_map(|s| s.iter()).map(|&v| bf16::from_f32(v)).collect();
-    host.all_reduce(BufMut::BF16(&mut packed), ReduceOp::Mean)?;
-    let mut at = 0;
-    for s in segments.iter_mut() {
-        s.iter_mut().zip(&packed[at..]).for_each(|(v, p)| *v = p.to_f32());
-        at += s.len();
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,9 +228,9 @@ mod tests {
     }
 
     /// One step's end: the bucket's memory back as the reduced tensor.
-    fn step(buckets: &mut HostBuckets) -> Tensor<Flex, 1> {
-        let contents = buckets.take(0);
-        match buckets.reduced::<Flex>(0, contents) {
+    fn step(buckets: &mut impl BucketStore<Flex>) -> Tensor<Flex, 1> {
+        let contents = buckets.send(0);
+        match buckets.land(0, contents) {
             Reduced::Whole(memory) => memory,
             Reduced::Parts(_) => unreachable!("a copying bucket reduces its memory"),
         }
@@ -258,24 +238,32 @@ mod tests {
 
     #[test]
     fn buckets_reuse_their_memory_once_no_view_holds_it() {
-        let mut buckets = HostBuckets::new(vec![4], false);
-        buckets.write::<Flex>(0, 0..3, grad([1.0, 2.0, 3.0]), false);
-        buckets.write::<Flex>(0, 0..3, grad([1.0, 1.0, 1.0]), true);
-        buckets.set_last(0, 7.0);
-        let first = step(&mut buckets);
+        // As Flex's store: it serves every backend whose tensors are Flex's.
+        fn flex_store(store: HostStore) -> impl BucketStore<Flex> {
+            store
+        }
+        let buckets = &mut flex_store(HostStore::new(vec![4], false));
+        buckets.write(0, 0..3, grad([1.0, 2.0, 3.0]));
+        buckets.write(0, 0..3, grad([1.0, 1.0, 1.0]));
+        buckets.fill(0, 3..4, 7.0);
+        buckets.fill(0, 0..3, 0.0); // written since sent: left as it is
+        let first = step(buckets);
         assert_eq!(first.to_data().to_vec::<f32>().unwrap(), vec![2.0, 3.0, 4.0, 7.0]);
 
         // While the optimizer holds a view of the first memory, the next
         // step fills other memory; once it lets go, the first is reused.
         let view = first.clone().slice([0..3]);
-        buckets.write::<Flex>(0, 0..3, grad([5.0, 5.0, 5.0]), false);
-        let second = step(&mut buckets);
+        buckets.write(0, 0..3, grad([5.0, 5.0, 5.0]));
+        buckets.fill(0, 3..4, 0.0);
+        let second = step(buckets);
+        assert_eq!(second.to_data().to_vec::<f32>().unwrap(), vec![5.0, 5.0, 5.0, 0.0], "the new step adds to nothing");
         assert_ne!(address(&second), address(&first));
         assert_eq!(view.to_data().to_vec::<f32>().unwrap(), vec![2.0, 3.0, 4.0], "a held view was overwritten");
         let first_address = address(&first);
         drop((first, view, second));
-        buckets.write::<Flex>(0, 0..3, grad([6.0, 6.0, 6.0]), false);
-        let third = step(&mut buckets);
+        buckets.write(0, 0..3, grad([6.0, 6.0, 6.0]));
+        buckets.fill(0, 3..4, 0.0);
+        let third = step(buckets);
         assert_eq!(address(&third), first_address);
     }
 }

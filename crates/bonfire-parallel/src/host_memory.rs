@@ -4,10 +4,11 @@
 //! by default, serves blocks of a few megabytes and more straight from the
 //! kernel and hands them back when they are freed (and trims the top of its
 //! heaps), so every training step faults the same memory in again, zeroed
-//! page by page: 3,000 to 9,000 faults per worker and step in
-//! `cargo xtask bench ddp`, 10 to 15 ms of a 70–90 ms step, and a different
-//! count from run to run. PyTorch's CPU performance guides recommend
-//! loading jemalloc or tcmalloc in place of glibc's malloc for this reason.
+//! page by page, a varying count from run to run (`cargo xtask bench ddp`
+//! reports page faults per step). PyTorch's CPU performance guides
+//! recommend loading jemalloc or tcmalloc in place of glibc's malloc for
+//! this reason; the benchmarks give every process, PyTorch's too, the
+//! settings below through `GLIBC_TUNABLES`.
 
 /// Tells the C allocator to keep the memory the process frees instead of
 /// handing it back to the kernel, so that after the first steps no training

@@ -20,6 +20,7 @@ mod host_bucket;
 mod host_memory;
 mod params;
 mod reducer;
+mod store;
 mod strategy;
 mod tensor_bucket;
 

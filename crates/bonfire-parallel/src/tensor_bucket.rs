@@ -1,8 +1,9 @@
 //! Buckets as tensors on their device, for every backend and communicator
-//! that has no host buckets (`host_bucket.rs`): wgpu and CUDA, NdArray, and
-//! NCCL. A bucket is one tensor holding its gradients one after another; the
-//! collective reduces it (NCCL in GPU memory, in place; a host communicator
-//! through the host) and each parameter's averaged gradient is a view of it.
+//! that has no host buckets (`host_bucket.rs`): wgpu and CUDA, NdArray,
+//! NCCL, and the compression hooks. A bucket is one tensor holding its
+//! gradients one after another; the collective reduces it (NCCL in GPU
+//! memory, in place; a host communicator through the host) and each
+//! parameter's averaged gradient is a view of it.
 //!
 //! The tensor a bucket was reduced in is kept and filled again in the next
 //! step, as PyTorch's reducer keeps its bucket storage. By then the
@@ -12,12 +13,80 @@
 //! held (SGD with momentum keeps its first gradient as the velocity), Burn
 //! copies the bucket before writing, and the copy becomes the bucket.
 
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use bonfire_collective::{CommError, TensorCollective};
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
+
+use crate::comm_hook::CommHook;
+use crate::store::{BucketStore, Reduced};
+
+/// Buckets as tensors on the gradients' device.
+pub struct TensorStore<B: Backend> {
+    device: B::Device,
+    /// Per bucket: the gradients written since it was last sent (flat f32),
+    /// by where they start in it.
+    parts: Vec<BTreeMap<usize, Tensor<B, 1>>>,
+    /// Per bucket: the tensor it was last averaged in, to be filled again.
+    memory: Vec<Option<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> TensorStore<B> {
+    pub fn new(buckets: usize, device: B::Device) -> Self {
+        TensorStore { device, parts: vec![BTreeMap::new(); buckets], memory: vec![None; buckets] }
+    }
+}
+
+/// A tensor bucket on the communication thread: its parts, then (once
+/// averaged) the one tensor that holds them.
+pub enum Flight<B: Backend> {
+    Parts { memory: Option<Tensor<B, 1>>, parts: Vec<Tensor<B, 1>> },
+    Averaged(Tensor<B, 1>),
+}
+
+impl<B: Backend> BucketStore<B> for TensorStore<B> {
+    type Flight = Flight<B>;
+
+    fn write(&mut self, b: usize, range: Range<usize>, grad: B::FloatTensorPrimitive) {
+        let flat = B::float_reshape(grad, Shape::new([range.len()]));
+        let grad = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(flat)).cast(DType::F32);
+        let parts = &mut self.parts[b];
+        let sum = match parts.remove(&range.start) {
+            Some(earlier) => earlier + grad,
+            None => grad,
+        };
+        parts.insert(range.start, sum);
+    }
+
+    fn fill(&mut self, b: usize, range: Range<usize>, value: f32) {
+        let device = &self.device;
+        self.parts[b].entry(range.start).or_insert_with(|| Tensor::full([range.len()], value, device));
+    }
+
+    fn send(&mut self, b: usize) -> Flight<B> {
+        let parts = std::mem::take(&mut self.parts[b]).into_values().collect();
+        Flight::Parts { memory: self.memory[b].take(), parts }
+    }
+
+    fn average(comm: &mut dyn TensorCollective<B>, hook: CommHook, flight: Flight<B>) -> Result<Flight<B>, CommError> {
+        let Flight::Parts { memory, parts } = flight else { unreachable!("a bucket is averaged once") };
+        // Filled here rather than where the gradients arrived: a GPU stream
+        // belongs to the thread that uses it.
+        Ok(Flight::Averaged(hook.apply(comm, fill(memory, parts))?))
+    }
+
+    fn land(&mut self, b: usize, flight: Flight<B>) -> Reduced<B> {
+        let Flight::Averaged(bucket) = flight else { unreachable!("a bucket lands averaged") };
+        self.memory[b] = Some(bucket.clone());
+        Reduced::Whole(bucket)
+    }
+}
 
 /// `parts` one after another, written into `memory` (last step's bucket)
 /// where it has their length, else into new memory.
-pub fn fill<B: Backend>(memory: Option<Tensor<B, 1>>, parts: Vec<Tensor<B, 1>>) -> Tensor<B, 1> {
+fn fill<B: Backend>(memory: Option<Tensor<B, 1>>, parts: Vec<Tensor<B, 1>>) -> Tensor<B, 1> {
     let len: usize = parts.iter().map(|p| p.dims()[0]).sum();
     match memory {
         Some(mut bucket) if bucket.dims()[0] == len => {

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 
 /// The launcher variables a worker reads: removed from every worker's
 /// environment, then set for the job the test describes.
-pub const LAUNCHER_VARS: [&str; 8] = [
+pub const LAUNCHER_VARS: [&str; 11] = [
     "RANK",
     "WORLD_SIZE",
     "LOCAL_RANK",
@@ -20,6 +20,9 @@ pub const LAUNCHER_VARS: [&str; 8] = [
     "MASTER_PORT",
     "BONFIRE_JOB_TOKEN",
     "BONFIRE_INSECURE_RENDEZVOUS",
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT",
 ];
 
 /// The ignored test `test` of this binary, run as a worker when the
@@ -78,12 +81,5 @@ impl SelfWorkers {
 /// torchrun's variables for rank `rank` of a one-host job of `world`
 /// meeting at `port` on loopback.
 pub fn torchrun_vars(rank: usize, world: usize, port: u16) -> Vec<(&'static str, String)> {
-    vec![
-        ("RANK", rank.to_string()),
-        ("WORLD_SIZE", world.to_string()),
-        ("LOCAL_RANK", rank.to_string()),
-        ("LOCAL_WORLD_SIZE", world.to_string()),
-        ("MASTER_ADDR", "127.0.0.1".into()),
-        ("MASTER_PORT", port.to_string()),
-    ]
+    bonfire_collective::DistEnv::local(rank, world, port).vars()
 }

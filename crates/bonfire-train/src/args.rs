@@ -13,7 +13,16 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::wgpu_devices;
 
 #[derive(Parser)]
-#[command(name = "bonfire", about = "Data-parallel training for Burn", version)]
+#[command(
+    name = "bonfire",
+    about = "Data-parallel training for Burn",
+    version,
+    after_help = "Workers can also be started by torchrun (which needs --no-python to start a program \
+                  that is not Python), mpirun or srun:\n  \
+                  torchrun --standalone --nproc-per-node 2 --no-python bonfire train --strategy ddp\n  \
+                  mpirun -np 2 bonfire train --strategy ddp\n  \
+                  srun -n 2 bonfire train --strategy ddp"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Cmd,
@@ -46,9 +55,9 @@ pub enum Cmd {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BackendKind {
-    /// The CPU, through Burn's Flex backend (measured faster here than NdArray).
+    /// The CPU, through Burn's Flex backend, with Bonfire's kernels.
     Cpu,
-    /// The CPU through Burn's NdArray backend, for comparison.
+    /// The CPU through Burn's NdArray backend (without the kernels), for comparison.
     Ndarray,
     /// wgpu (Vulkan, Metal, DX12; lavapipe on machines without a GPU).
     Wgpu,
@@ -133,7 +142,8 @@ pub struct TrainArgs {
     /// Also write a checkpoint every this many steps (the last two checkpoints are kept).
     #[arg(long, requires = "checkpoint_dir", value_parser = clap::value_parser!(u64).range(1..))]
     pub checkpoint_every: Option<u64>,
-    /// Continue from the newest checkpoint in --checkpoint-dir.
+    /// Continue from the newest checkpoint in --checkpoint-dir, or start from the beginning when
+    /// there is none yet (a restarted job resumes without this flag).
     #[arg(long, requires = "checkpoint_dir")]
     pub resume: bool,
     /// DDP over processes: when a worker dies or times out, restart every worker from the last
@@ -195,35 +205,4 @@ pub fn check_flags(args: &TrainArgs, launched: bool) -> Result<()> {
         std::fs::File::open(file).with_context(|| format!("--init {}: cannot read the weights", file.display()))?;
     }
     Ok(())
-}
-
-/// The communication each strategy accepts.
-pub fn check_comm(args: &TrainArgs) -> Result<()> {
-    let Some(comm) = args.comm else { return Ok(()) };
-    if args.strategy != StrategyKind::Ddp {
-        bail!("--comm applies to --strategy ddp only");
-    }
-    if comm == CommKind::Nccl && args.backend != BackendKind::Cuda {
-        bail!("--comm nccl needs --backend cuda; the other backends use the ring");
-    }
-    if comm == CommKind::Nccl && args.threads {
-        bail!("--comm nccl runs one process per GPU; leave out --threads, or use --comm ring");
-    }
-    if comm == CommKind::Mpi {
-        if !cfg!(feature = "mpi") {
-            bail!(
-                "--comm mpi: this bonfire was built without MPI; build it with the `mpi` feature \
-                   (it needs an MPI library's headers and libclang, e.g. Debian's libopenmpi-dev and libclang-dev)"
-            );
-        }
-        if args.threads {
-            bail!("--comm mpi runs one process per worker, started by mpirun or srun; leave out --threads");
-        }
-    }
-    Ok(())
-}
-
-pub fn comm_kind(args: &TrainArgs) -> CommKind {
-    let cuda_processes = args.strategy == StrategyKind::Ddp && args.backend == BackendKind::Cuda && !args.threads;
-    args.comm.unwrap_or(if cuda_processes { CommKind::Nccl } else { CommKind::Ring })
 }

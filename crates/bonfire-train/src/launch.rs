@@ -21,21 +21,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use bonfire_collective::{CommError, JOB_TOKEN_VAR};
+use bonfire_collective::{CommError, DistEnv, JobToken, Placement, JOB_TOKEN_VAR, RESTART_COUNT_VAR};
 use bonfire_parallel::ParallelError;
 
 /// The folder where a failing worker leaves a note naming the peer that
 /// stopped answering it, for the launcher's final message.
 const REPORT_DIR_VAR: &str = "BONFIRE_REPORT_DIR";
 
-/// How many times the launcher has restarted the workers (torchrun's
-/// `TORCHELASTIC_RESTART_COUNT`): 0 on the first start.
-const RESTART_VAR: &str = "BONFIRE_RESTART_COUNT";
-
-/// How many times the launcher has restarted this worker's job
-/// (`BONFIRE_RESTART_COUNT`): 0 on the first start.
+/// How many times the launcher (this one or torchrun) has restarted this
+/// worker's job: 0 on the first start.
 pub fn restart_count() -> usize {
-    std::env::var(RESTART_VAR).ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+    std::env::var(RESTART_COUNT_VAR).ok().and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 /// Called by a failing worker: if `error` blames a silent peer and a
@@ -100,14 +96,34 @@ pub struct LaunchArgs {
 /// Compute threads for each of `workers` processes on this host: the cores
 /// shared out, unless the user set `RAYON_NUM_THREADS` (the pool of Burn's
 /// CPU backend and Bonfire's kernels). Without it every worker would start
-/// a pool as large as the machine and they would fight over the cores, as
-/// torchrun avoids by setting `OMP_NUM_THREADS=1`.
+/// a pool as large as the machine and they would fight over the cores.
+/// (torchrun sets `OMP_NUM_THREADS=1` for the same reason; Bonfire reads
+/// only `RAYON_NUM_THREADS`.)
 fn worker_threads(workers: usize) -> Option<String> {
     if std::env::var_os("RAYON_NUM_THREADS").is_some() {
         return None;
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     Some((cores / workers.max(1)).max(1).to_string())
+}
+
+/// Under a launcher that does not share out the cores (torchrun, mpirun,
+/// srun), gives this worker its share: the cores over the workers on this
+/// host, as `bonfire launch` does. Must run before the pool starts.
+pub fn take_share_of_cores() {
+    let Ok(place) = Placement::from_env() else { return };
+    if place.local_world_size == 1 {
+        return;
+    }
+    if let Some(threads) = worker_threads(place.local_world_size) {
+        tracing::info!(
+            "rank {}: {threads} compute threads, the cores shared among the {} workers on this host \
+             (RAYON_NUM_THREADS sets it)",
+            place.rank,
+            place.local_world_size
+        );
+        std::env::set_var("RAYON_NUM_THREADS", threads);
+    }
 }
 
 /// The world sizes a job of `workers` may run with, largest last: down to
@@ -202,17 +218,21 @@ fn start_and_watch(args: &LaunchArgs, workers: usize, restart: usize, interrupte
         if let Some(threads) = &threads {
             command.env("RAYON_NUM_THREADS", threads);
         }
+        let place = DistEnv {
+            rank,
+            world_size: world,
+            local_rank: local,
+            local_world_size: workers,
+            master_addr: args.master_addr.clone(),
+            master_port: port,
+            job_token: JobToken::Given(token.clone()),
+            torchrun_store: None,
+        };
         let child = command
             .args(&args.command[1..])
-            .env("RANK", rank.to_string())
-            .env("WORLD_SIZE", world.to_string())
-            .env("LOCAL_RANK", local.to_string())
-            .env("LOCAL_WORLD_SIZE", workers.to_string())
-            .env("MASTER_ADDR", &args.master_addr)
-            .env("MASTER_PORT", port.to_string())
-            .env(JOB_TOKEN_VAR, &token)
+            .envs(place.vars())
             .env(REPORT_DIR_VAR, &reports)
-            .env(RESTART_VAR, restart.to_string())
+            .env(RESTART_COUNT_VAR, restart.to_string())
             .process_group(0)
             .spawn()
             .with_context(|| format!("starting rank {rank}: {}", args.command[0]));
@@ -282,7 +302,7 @@ fn watch(mut children: Vec<(usize, Child)>, interrupted: &AtomicBool, reports: &
         }
         // Whatever the failed workers started goes with them.
         let gone: Vec<(usize, Child)> = failed.into_iter().map(|(rank, child, _)| (rank, child)).collect();
-        signal_groups(&gone, SIGKILL);
+        signal_groups(&gone, libc::SIGKILL);
         stop(&mut children);
         bail!("{}; stopped the other workers", what.join("; "));
     }
@@ -292,42 +312,35 @@ fn watch(mut children: Vec<(usize, Child)>, interrupted: &AtomicBool, reports: &
 /// Asks the remaining workers' process groups to stop (SIGTERM), then kills
 /// what is left of them (SIGKILL).
 fn stop(children: &mut Vec<(usize, Child)>) {
-    signal_groups(children, SIGTERM);
+    signal_groups(children, libc::SIGTERM);
     // A stopped worker (SIGSTOP) would hold its SIGTERM until continued.
-    signal_groups(children, SIGCONT);
+    signal_groups(children, libc::SIGCONT);
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline && children.iter_mut().any(|(_, c)| matches!(c.try_wait(), Ok(None))) {
         std::thread::sleep(Duration::from_millis(20));
     }
-    signal_groups(children, SIGKILL);
+    signal_groups(children, libc::SIGKILL);
     for (_, child) in children.iter_mut() {
         let _ = child.wait();
     }
     children.clear();
 }
 
-const SIGTERM: i32 = 15;
-const SIGKILL: i32 = 9;
-const SIGCONT: i32 = 18;
-
 fn signal_groups(children: &[(usize, Child)], signal: i32) {
     for (_, child) in children {
         // SAFETY: kill(2) on the process group this launcher created for
         // its own child (the group id is the child's pid).
-        unsafe { libc_kill(-(child.id() as i32), signal) };
+        unsafe { libc::kill(-(child.id() as i32), signal) };
     }
-}
-
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
 fn describe(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exited with code {code}"),
-        (None, Some(sig)) => format!("was killed by signal {sig}{}", if sig == 9 { " (SIGKILL)" } else { "" }),
+        (None, Some(sig)) => {
+            format!("was killed by signal {sig}{}", if sig == libc::SIGKILL { " (SIGKILL)" } else { "" })
+        }
         _ => format!("ended: {status}"),
     }
 }

@@ -2,26 +2,21 @@
 
 mod args;
 mod cuda;
-mod join;
+mod group;
+mod guard;
 mod wgpu_devices;
+mod workers;
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{bail, Result};
-use bonfire_collective::{Communicator, InProcCommunicator, TensorCollective};
-use bonfire_data::ImageDataset;
-use bonfire_parallel::HookBackend;
 use bonfire_train::launch::LaunchArgs;
-use bonfire_train::metrics::write_metrics;
-use bonfire_train::trainer::{Parallel, Resume, TrainOptions};
-use bonfire_train::{data, launch, trainer, weights};
+use bonfire_train::{data, launch, weights};
 use burn::backend::Autodiff;
-use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 
-use args::{check_comm, check_flags, comm_kind, BackendKind, Cli, Cmd, CommKind, StrategyKind, TrainArgs};
-use join::join_host;
+use args::{check_flags, BackendKind, Cli, Cmd, StrategyKind, TrainArgs};
+use group::Exchange;
 
 /// Exit code for a backend that cannot run here.
 const EXIT_UNAVAILABLE: u8 = 2;
@@ -60,16 +55,20 @@ fn main() -> ExitCode {
 
 fn train(args: TrainArgs) -> Result<()> {
     let launched = bonfire_collective::DistEnv::launched();
+    if launched {
+        launch::take_share_of_cores();
+    }
     check_flags(&args, launched)?;
-    check_comm(&args)?;
+    group::check(&args)?;
+    let exchange = Exchange::of(&args);
     if args.backend == BackendKind::Cuda {
         // Fail once, before starting workers, when CUDA is not there.
         cuda::devices(1)?;
-        if comm_kind(&args) == CommKind::Nccl && !launched && args.workers > 1 {
+        if exchange == Exchange::Nccl && !launched && args.workers > 1 {
             cuda::nccl_preflight(args.workers)?;
         }
     }
-    if comm_kind(&args) == CommKind::Mpi && !launched && args.workers > 1 {
+    if exchange == Exchange::Mpi && !launched && args.workers > 1 {
         bail!(
             "--comm mpi: start the workers with mpirun or srun (for example `mpirun -np {0} bonfire train \
              --comm mpi` or `srun -n {0} bonfire train --comm mpi`); bonfire starts workers itself only for \
@@ -77,7 +76,7 @@ fn train(args: TrainArgs) -> Result<()> {
             args.workers
         );
     }
-    if args.strategy == StrategyKind::Ddp && !args.threads && !launched && args.workers > 1 {
+    if args.strategy == StrategyKind::Ddp && exchange != Exchange::InProcess && !launched && args.workers > 1 {
         // Make sure the data is there once, then start the workers.
         data::load(args.dataset, args.data_dir.as_deref(), true)?;
         let mut command = vec![std::env::current_exe()?.to_string_lossy().into_owned()];
@@ -94,16 +93,15 @@ fn train(args: TrainArgs) -> Result<()> {
         });
     }
     let (train_set, test_set) = data::load(args.dataset, args.data_dir.as_deref(), !launched)?;
+    let (train, test) = (&train_set, &test_set);
     match args.backend {
         BackendKind::Cpu => {
-            run::<Autodiff<burn::backend::Flex>>(&args, vec![Default::default()], &train_set, &test_set, |_| {
-                join_host(&args)
-            })
+            let cpu = vec![Default::default()];
+            workers::run::<Autodiff<burn::backend::Flex>>(&args, cpu, train, test, |_| group::join(&args))
         }
         BackendKind::Ndarray => {
-            run::<Autodiff<burn::backend::NdArray>>(&args, vec![Default::default()], &train_set, &test_set, |_| {
-                join_host(&args)
-            })
+            let cpu = vec![Default::default()];
+            workers::run::<Autodiff<burn::backend::NdArray>>(&args, cpu, train, test, |_| group::join(&args))
         }
         BackendKind::Wgpu => {
             let devices = wgpu_devices::choose(&args.devices)?;
@@ -111,9 +109,9 @@ fn train(args: TrainArgs) -> Result<()> {
                 let used: Vec<_> = devices.iter().take(args.workers).collect();
                 tracing::info!("workers on the wgpu devices {used:?} (worker i on device i mod {})", devices.len());
             }
-            run::<Autodiff<burn::backend::Wgpu>>(&args, devices, &train_set, &test_set, |_| join_host(&args))
+            workers::run::<Autodiff<burn::backend::Wgpu>>(&args, devices, train, test, |_| group::join(&args))
         }
-        BackendKind::Cuda => cuda::run(&args, &train_set, &test_set),
+        BackendKind::Cuda => cuda::run(&args, train, test),
     }
 }
 
@@ -135,105 +133,6 @@ fn diff_weights(a: &std::path::Path, b: &std::path::Path, tolerance: f64, nan_eq
         .collect();
     if !over.is_empty() {
         bail!("the weights differ by more than {tolerance:.1e} in {}", over.join(", "));
-    }
-    Ok(())
-}
-
-/// Runs `f` with panics caught and not printed, returning a panic's message
-/// as the error: GPU libraries panic when their hardware is missing.
-fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
-    let previous = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    std::panic::set_hook(previous);
-    outcome.map_err(|panic| {
-        panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "a panic".into())
-    })
-}
-
-fn options(args: &TrainArgs) -> TrainOptions {
-    TrainOptions {
-        model: args.model,
-        epochs: args.epochs,
-        max_steps: args.steps,
-        global_batch: args.batch_size,
-        optimizer: args.optimizer,
-        lr: args.lr,
-        momentum: args.momentum,
-        seed: args.seed,
-        shuffle: !args.no_shuffle,
-        progress: true,
-        checkpoint_dir: args.checkpoint_dir.clone(),
-        checkpoint_every: args.checkpoint_every.map(|n| n as usize),
-        resume: if args.resume {
-            Resume::Required
-        } else if launch::restart_count() > 0 {
-            Resume::IfAny
-        } else {
-            Resume::Never
-        },
-        init: args.init.clone(),
-        save: args.save.clone(),
-    }
-}
-
-/// Trains with worker (or DP replica) `i` on `devices[i % devices.len()]`;
-/// a process started by the launcher is worker LOCAL_RANK of its node, and
-/// joins the others with `join`.
-fn run<B: HookBackend>(
-    args: &TrainArgs,
-    devices: Vec<B::Device>,
-    train_set: &ImageDataset,
-    test_set: &ImageDataset,
-    join: impl FnOnce(&B::Device) -> Result<Box<dyn TensorCollective<<B as AutodiffBackend>::InnerBackend>>>,
-) -> Result<()> {
-    let opts = options(args);
-    let worker_device = |i: usize| devices[i % devices.len()].clone();
-    let report = match (args.strategy, args.threads) {
-        (StrategyKind::Single, _) => trainer::train::<B>(&devices[0], train_set, test_set, &opts, Parallel::Single)?,
-        (StrategyKind::Dp, _) => {
-            let replicas = (0..args.workers).map(worker_device).collect();
-            trainer::train::<B>(&devices[0], train_set, test_set, &opts, Parallel::Dp { devices: replicas })?
-        }
-        (StrategyKind::Ddp, true) => {
-            let mut comms = InProcCommunicator::group(args.workers)?;
-            for c in &mut comms {
-                c.set_timeout(Duration::from_secs_f64(args.timeout));
-                c.set_stall_warning(Duration::from_secs_f64(args.stall_warning));
-            }
-            let reports = std::thread::scope(|s| {
-                let handles: Vec<_> = comms
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, comm)| {
-                        let (device, opts) = (worker_device(i), opts.clone());
-                        s.spawn(move || {
-                            let comm = Box::new(comm);
-                            trainer::train::<B>(&device, train_set, test_set, &opts, Parallel::Ddp { comm })
-                        })
-                    })
-                    .collect();
-                handles.into_iter().map(|h| h.join().expect("a worker thread panicked")).collect::<Result<Vec<_>>>()
-            })?;
-            reports.into_iter().next().expect("at least one worker")
-        }
-        (StrategyKind::Ddp, false) => {
-            let launched = bonfire_collective::DistEnv::launched();
-            let local_rank = if launched { bonfire_collective::Placement::from_env()?.local_rank } else { 0 };
-            let device = worker_device(local_rank);
-            let comm = if launched { join(&device)? } else { Box::new(InProcCommunicator::group(1)?.remove(0)) };
-            trainer::train::<B>(&device, train_set, test_set, &opts, Parallel::Ddp { comm })?
-        }
-    };
-    if report.rank == 0 {
-        write_metrics(&args.out, &report)?;
-        if let Some(acc) = report.epochs.last().and_then(|e| e.test_accuracy) {
-            println!("test accuracy: {acc:.4}");
-        }
     }
     Ok(())
 }

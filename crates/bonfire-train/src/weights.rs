@@ -361,7 +361,11 @@ mod tests {
         let with_inf = file("inf.safetensors", vec![1.0, 2.0, inf]);
         let worst = |a: &Path, b: &Path, nan_equal: bool| diff(a, b, nan_equal).unwrap()[1].1;
         assert_eq!(worst(&plain, &with_nan, false), f64::INFINITY);
-        assert_eq!(worst(&with_nan, &plain, true), f64::INFINITY, "NaN against a number differs even when NaNs are equal");
+        assert_eq!(
+            worst(&with_nan, &plain, true),
+            f64::INFINITY,
+            "NaN against a number differs even when NaNs are equal"
+        );
         assert_eq!(worst(&plain, &with_inf, false), f64::INFINITY);
         assert_eq!(worst(&with_inf, &with_inf, false), 0.0, "equal infinities are equal");
         assert_eq!(worst(&with_nan, &with_nan, false), f64::INFINITY, "NaN is not NaN unless asked");

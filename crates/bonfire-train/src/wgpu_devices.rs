@@ -41,7 +41,7 @@ pub fn choose(requested: &[WgpuDevice]) -> Result<Vec<WgpuDevice>> {
 
 /// wgpu panics when there is no adapter; turn that into a clear error.
 pub fn check(device: &WgpuDevice) -> Result<()> {
-    crate::catch_panic(|| {
+    crate::guard::catch_panic(|| {
         burn::tensor::Tensor::<burn::backend::Wgpu, 1>::zeros([1], device).into_data();
     })
     .map_err(|panic| {

@@ -148,7 +148,9 @@ fn resnet_trains_under_ddp() {
     assert!(final_accuracy(&o) > 0.5, "{}", text(&o));
     let steps = std::fs::read_to_string(dir.join("steps.csv")).unwrap();
     assert_eq!(steps.lines().count(), 1 + 30, "{steps}");
-    let column = |i: usize| -> Vec<f64> { steps.lines().skip(1).map(|l| l.split(',').nth(i).unwrap().parse().unwrap()).collect() };
+    let column = |i: usize| -> Vec<f64> {
+        steps.lines().skip(1).map(|l| l.split(',').nth(i).unwrap().parse().unwrap()).collect()
+    };
     assert!(column(2).iter().all(|&s| s > 0.0), "{steps}");
     // `elapsed` grows by at least each step's own time.
     let (seconds, elapsed) = (column(2), column(3));

@@ -4,8 +4,10 @@
 //! `bonfire launch --nnodes 3 --node-rank I` per host), meeting at host 0's
 //! address, not at loopback; and, with the `mpi` feature, one MPI rank per
 //! host started by one `mpirun` whose remote shell enters the namespaces,
-//! with `--comm mpi`. Each job must end with the weights of one worker on
-//! the whole batch. It needs root (`ip netns`), as CI has.
+//! with `--comm mpi`; and PyTorch's `torchrun` on two of the hosts, whose
+//! agents share host 0's store with the workers. Each job must end with the
+//! weights of one worker on the whole batch. It needs root (`ip netns`), as
+//! CI has.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -57,6 +59,19 @@ impl Hosts {
     }
 }
 
+/// Runs one command per host at once; each must succeed.
+fn run_all(commands: Vec<Command>) -> Vec<Output> {
+    let children: Vec<_> = commands
+        .into_iter()
+        .map(|mut c| c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap())
+        .collect();
+    let outputs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    for (host, o) in outputs.iter().enumerate() {
+        assert!(o.status.success(), "host {host}: {}", text(o));
+    }
+    outputs
+}
+
 impl Drop for Hosts {
     fn drop(&mut self) {
         let _ = Command::new("bash").arg(script()).args(["down", &self.name, &HOSTS.to_string()]).output();
@@ -99,18 +114,10 @@ fn a_ddp_job_over_three_hosts_equals_one_worker() {
                 "--save",
                 weights.to_str().unwrap(),
             ];
-            hosts
-                .command(host, &[("BONFIRE_JOB_TOKEN", "cluster-test")], &[&launch[..], &common].concat())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
+            hosts.command(host, &[("BONFIRE_JOB_TOKEN", "cluster-test")], &[&launch[..], &common].concat())
         })
         .collect();
-    let outputs: Vec<Output> = workers.into_iter().map(|w| w.wait_with_output().unwrap()).collect();
-    for (host, o) in outputs.iter().enumerate() {
-        assert!(o.status.success(), "host {host}: {}", text(o));
-    }
+    let outputs = run_all(workers);
     assert_eq!(text(&outputs[0]).matches("epoch 1:").count(), 1, "rank 0 reports: {}", text(&outputs[0]));
     assert_like_one_worker("the job over three hosts", &dir, &weights, &common);
 }
@@ -169,4 +176,68 @@ fn ddp_over_mpi_across_three_hosts_equals_one_worker() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(text(&o).matches("epoch 1:").count(), 1, "one report: {}", text(&o));
     assert_like_one_worker("the MPI job over three hosts", &dir, &weights, &common);
+}
+
+/// `torchrun --nnodes 2` on hosts 0 and 1, meeting at host 0's address
+/// (c10d rendezvous): the workers join the store torchrun's agent hosts
+/// there and form the ring across the hosts. Needs a Python with torch
+/// (`BONFIRE_TORCH_PYTHON`), and says in the test output when there is none.
+#[test]
+fn torchrun_over_two_hosts_equals_one_worker() {
+    let Some(python) = std::env::var("BONFIRE_TORCH_PYTHON").ok().filter(|p| !p.is_empty()) else {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n*** torchrun_over_two_hosts_equals_one_worker: NOT RUN: BONFIRE_TORCH_PYTHON names no Python with torch ***\n"
+        );
+        return;
+    };
+    let hosts = Hosts::up(2, "1gbit");
+    let dir = std::env::temp_dir().join(format!("bonfire-cluster-torchrun-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let bonfire = env!("CARGO_BIN_EXE_bonfire");
+    let weights = dir.join("ddp.safetensors");
+    let common = ["--steps", "20", "--batch-size", "48", "--no-shuffle"];
+    let endpoint = format!("{}:29400", hosts.address(0));
+    let workers: Vec<_> = (0..2)
+        .map(|host| {
+            let out = dir.join(format!("out{host}"));
+            let address = hosts.address(host);
+            let torchrun = [
+                python.as_str(),
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                &endpoint,
+                "--rdzv-id",
+                "cluster-test",
+                // torchrun knows a host by its name, which every simulated
+                // host shares: each is told its address, and host 0 that
+                // it hosts the rendezvous.
+                "--local-addr",
+                &address,
+                "--rdzv-conf",
+                if host == 0 { "is_host=1,join_timeout=120" } else { "is_host=0,join_timeout=120" },
+                "--no-python",
+                bonfire,
+                "train",
+                "--strategy",
+                "ddp",
+                "--out",
+                out.to_str().unwrap(),
+                "--save",
+                weights.to_str().unwrap(),
+            ];
+            hosts.command(host, &[], &[&torchrun[..], &common].concat())
+        })
+        .collect();
+    run_all(workers);
+    assert_like_one_worker("torchrun over two hosts", &dir, &weights, &common);
 }

@@ -3,10 +3,13 @@
 //! each test takes seconds.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use bonfire_testkit::text;
+use common::{finish, signal, wait_for_file, wait_until, worker_pid};
+
+mod common;
 
 fn bonfire() -> Command {
     Command::new(env!("CARGO_BIN_EXE_bonfire"))
@@ -18,58 +21,6 @@ fn out_dir(name: &str) -> PathBuf {
 
 fn run(args: &[&str]) -> Output {
     bonfire().args(args).output().unwrap()
-}
-
-/// The pid of the child of `parent` whose environment has `RANK=rank`.
-fn worker_pid(parent: u32, rank: usize, within: Duration) -> u32 {
-    let deadline = Instant::now() + within;
-    let want = format!("RANK={rank}");
-    loop {
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-            // Fields after the command name in parentheses: state, ppid, ...
-            let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
-            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            if ppid == Some(parent) && environ.split(|&b| b == 0).any(|v| v == want.as_bytes()) {
-                return pid;
-            }
-        }
-        assert!(Instant::now() < deadline, "no worker with {want} under pid {parent}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn signal(pid: u32, name: &str) {
-    assert!(Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status().unwrap().success());
-}
-
-fn wait_for_file(file: &Path, within: Duration, job: &mut Child) {
-    wait_until(&file.display().to_string(), within, job, || file.is_file());
-}
-
-/// Waits until `written` says `what` is on disk, failing the test if the job
-/// ends first or `within` passes.
-fn wait_until(what: &str, within: Duration, job: &mut Child, written: impl Fn() -> bool) {
-    let deadline = Instant::now() + within;
-    while !written() {
-        assert!(job.try_wait().unwrap().is_none(), "the job ended before writing {what}");
-        assert!(Instant::now() < deadline, "{what} never appeared");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Waits for `job`, failing the test if it outlives `within`.
-fn finish(mut job: Child, within: Duration) -> (Output, Duration) {
-    let started = Instant::now();
-    while job.try_wait().unwrap().is_none() {
-        if started.elapsed() > within {
-            let _ = job.kill();
-            panic!("the job did not stop within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (job.wait_with_output().unwrap(), started.elapsed())
 }
 
 /// The checkpoint after epoch 1 of [`training_args`]: 6000 samples in steps of 20.
@@ -269,7 +220,7 @@ fn a_worker_lost_for_good_leaves_the_job_to_the_others() {
 
     let dir = out_dir("shrink");
     let worker = format!(
-        "if [ \"$RANK\" = 1 ] && [ \"$BONFIRE_RESTART_COUNT\" != 0 ]; then echo rank 1 cannot start >&2; exit 9; fi; \
+        "if [ \"$RANK\" = 1 ] && [ \"$TORCHELASTIC_RESTART_COUNT\" != 0 ]; then echo rank 1 cannot start >&2; exit 9; fi; \
          exec {} {}",
         env!("CARGO_BIN_EXE_bonfire"),
         train(&dir).join(" ")

@@ -77,12 +77,18 @@ fn a_run_stopped_after_epoch_1_and_resumed_ends_with_the_same_weights() {
     ]);
     assert_eq!(final_accuracy(&o), 1.0, "{}", text(&o));
 
-    // Bad --init and --resume input is refused by name.
+    // A bad --init is refused by name; --resume with no checkpoint yet (a
+    // first start under a restarting launcher) starts from the beginning.
     let o = bonfire(&["train", "--dataset", "synthetic", "--init", "/nonexistent.safetensors"]);
     assert!(!o.status.success() && text(&o).contains("--init /nonexistent.safetensors: cannot read"), "{}", text(&o));
     let empty = out_dir("empty");
-    let o = bonfire(&["train", "--dataset", "synthetic", "--resume", "--checkpoint-dir", empty.to_str().unwrap()]);
-    assert!(!o.status.success() && text(&o).contains("there is no checkpoint"), "{}", text(&o));
+    let dir = empty.to_str().unwrap();
+    let metrics = empty.join("metrics");
+    let out = ["--out", metrics.to_str().unwrap()];
+    let o = bonfire(
+        &[&["train", "--dataset", "synthetic", "--steps", "2", "--resume", "--checkpoint-dir", dir][..], &out].concat(),
+    );
+    assert!(o.status.success() && text(&o).contains("yet: starting from the beginning"), "{}", text(&o));
 }
 
 /// PyTorch's `state_dict` of the ResNet (tests/fixtures/resnet_torch.py)

@@ -117,10 +117,10 @@ impl Conv2dShape {
     /// channels swapped, padded by `dilation·(k-1) - padding` (None when
     /// that is negative, or the stride is not 1). This replaces a GEMM with
     /// K = out channels and a col2im pass by one GEMM with K = out·kh·kw,
-    /// at the price of an im2col of `dY`: measured faster where the input
-    /// has at least as many channels as the output (ResNet's 3x3 blocks),
-    /// slower where it has fewer (LeNet's conv2 6->16: 3.0 against 1.8 ms),
-    /// so only then.
+    /// at the price of an im2col of `dY`, which grows with the output's
+    /// channels: it pays where the input has at least as many channels as
+    /// the output (the ResNet's 3x3 blocks), not where it has fewer (LeNet's
+    /// conv2), so only then (`cargo xtask bench kernels` shows both).
     fn input_gradient_shape(&self) -> Option<Conv2dShape> {
         if self.stride != [1, 1] || self.in_channels < self.out_channels {
             return None;

@@ -4,8 +4,9 @@
 //! checkpointing see one node per operation, as with Burn's own ops.
 //!
 //! [`Kernels`] is implemented for exactly the backends that have the
-//! kernels; [`dispatch`] finds out at run time whether a generic `B` is one
-//! of them (by `TypeId`: the models stay generic over any backend).
+//! kernels; [`flex_backend`] finds out at run time whether a generic `B` is
+//! one of them (by `TypeId`: the models stay generic over any backend), and
+//! [`dispatch`] calls its kernel.
 
 mod batch_norm;
 mod conv2d;
@@ -59,17 +60,33 @@ pub(crate) trait Kernels: Backend {
     ) -> Tensor<Self, 3>;
 }
 
+/// The backends with [`Kernels`]: Flex, and Flex under autodiff with each
+/// of Burn's checkpoint strategies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FlexBackend {
+    Plain,
+    Autodiff,
+    AutodiffBalanced,
+}
+
+/// Which of them `B` is, if any.
+pub(crate) fn flex_backend<B: Backend>() -> Option<FlexBackend> {
+    let b = TypeId::of::<B>();
+    [
+        (TypeId::of::<Flex>(), FlexBackend::Plain),
+        (TypeId::of::<Autodiff<Flex, NoCheckpointing>>(), FlexBackend::Autodiff),
+        (TypeId::of::<Autodiff<Flex, BalancedCheckpointing>>(), FlexBackend::AutodiffBalanced),
+    ]
+    .into_iter()
+    .find_map(|(id, kind)| (id == b).then_some(kind))
+}
+
 /// Whether `B` is a backend with [`Kernels`], and they are not turned off
 /// (`BONFIRE_KERNELS=off` gives Burn's operations everywhere, to compare).
 pub(crate) fn has_kernels<B: Backend>() -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *OFF.get_or_init(|| std::env::var("BONFIRE_KERNELS").is_ok_and(|v| v == "off")) {
-        return false;
-    }
-    let b = TypeId::of::<B>();
-    b == TypeId::of::<Flex>()
-        || b == TypeId::of::<Autodiff<Flex, NoCheckpointing>>()
-        || b == TypeId::of::<Autodiff<Flex, BalancedCheckpointing>>()
+    let off = *OFF.get_or_init(|| std::env::var("BONFIRE_KERNELS").is_ok_and(|v| v == "off"));
+    !off && flex_backend::<B>().is_some()
 }
 
 /// `value`, moved into the type `U` it is (`T` and `U` are one type).
@@ -83,19 +100,16 @@ pub(crate) fn same<T: 'static, U: 'static>(value: T) -> U {
 /// where [`has_kernels`] holds.
 macro_rules! dispatch {
     ($b:ty, $op:ident($($arg:expr),* $(,)?)) => {{
-        use std::any::TypeId;
         use burn::backend::{flex::Flex, Autodiff};
         use burn_autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
-        use $crate::flex::{same, Kernels};
-        let b = TypeId::of::<$b>();
-        if b == TypeId::of::<Flex>() {
-            same(<Flex as Kernels>::$op($(same($arg)),*))
-        } else if b == TypeId::of::<Autodiff<Flex, NoCheckpointing>>() {
-            same(<Autodiff<Flex, NoCheckpointing> as Kernels>::$op($(same($arg)),*))
-        } else if b == TypeId::of::<Autodiff<Flex, BalancedCheckpointing>>() {
-            same(<Autodiff<Flex, BalancedCheckpointing> as Kernels>::$op($(same($arg)),*))
-        } else {
-            unreachable!("dispatch! on a backend without kernels")
+        use $crate::flex::{flex_backend, same, FlexBackend, Kernels};
+        match flex_backend::<$b>() {
+            Some(FlexBackend::Plain) => same(<Flex as Kernels>::$op($(same($arg)),*)),
+            Some(FlexBackend::Autodiff) => same(<Autodiff<Flex, NoCheckpointing> as Kernels>::$op($(same($arg)),*)),
+            Some(FlexBackend::AutodiffBalanced) => {
+                same(<Autodiff<Flex, BalancedCheckpointing> as Kernels>::$op($(same($arg)),*))
+            }
+            None => unreachable!("dispatch! on a backend without kernels"),
         }
     }};
 }

@@ -30,6 +30,43 @@ pub struct DistEnv {
     /// The secret every worker of the job presents to the rendezvous store
     /// and to its ring peers.
     pub job_token: JobToken,
+    /// torchrun's own store, when its agent shares it with the workers:
+    /// then no rank hosts a store of its own.
+    pub torchrun_store: Option<TorchrunStore>,
+}
+
+/// torchrun's store, which its agent hosts at `MASTER_ADDR:MASTER_PORT` and
+/// shares with the workers it starts (`TORCHELASTIC_USE_AGENT_STORE=True`).
+/// It outlives a restart of the workers, so each attempt keeps its keys
+/// under a prefix of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TorchrunStore {
+    /// `TORCHELASTIC_RUN_ID`.
+    pub run_id: String,
+    /// `TORCHELASTIC_RESTART_COUNT`: 0 on the first start.
+    pub attempt: usize,
+}
+
+impl TorchrunStore {
+    /// Where this attempt's keys lie in the store.
+    pub fn key_prefix(&self) -> String {
+        format!("/bonfire/{}/attempt_{}/", self.run_id, self.attempt)
+    }
+
+    fn read(lookup: &impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
+        if lookup(USE_AGENT_STORE_VAR).as_deref() != Some("True") {
+            return Ok(None);
+        }
+        let attempt = match lookup(RESTART_COUNT_VAR) {
+            None => 0,
+            Some(count) => count.trim().parse().map_err(|_| CommError::Env {
+                var: RESTART_COUNT_VAR,
+                detail: format!("{count:?} is not a non-negative integer"),
+            })?,
+        };
+        let run_id = lookup("TORCHELASTIC_RUN_ID").unwrap_or_else(|| "none".into());
+        Ok(Some(TorchrunStore { run_id, attempt }))
+    }
 }
 
 /// Where a job's secret comes from.
@@ -44,6 +81,10 @@ pub enum JobToken {
     /// None: anyone who reaches the store may join. Only where the user
     /// asked for it (`BONFIRE_INSECURE_RENDEZVOUS=1`).
     Open,
+    /// None was given and torchrun's store is shared: rank 0 makes one for
+    /// the ring and leaves it there. That store has no secret of its own (as
+    /// for PyTorch's own workers), so the job is as closed as its port.
+    InTorchrunStore,
 }
 
 /// The variable that carries the job token.
@@ -51,6 +92,13 @@ pub const JOB_TOKEN_VAR: &str = "BONFIRE_JOB_TOKEN";
 
 /// The variable that opts out of the job token (`1`): an open rendezvous.
 pub const INSECURE_VAR: &str = "BONFIRE_INSECURE_RENDEZVOUS";
+
+/// torchrun's variable that says its agent shares its store (`True`).
+pub const USE_AGENT_STORE_VAR: &str = "TORCHELASTIC_USE_AGENT_STORE";
+
+/// How many times the launcher restarted the workers (torchrun's name,
+/// which `bonfire launch` sets too): 0 on the first start.
+pub const RESTART_COUNT_VAR: &str = "TORCHELASTIC_RESTART_COUNT";
 
 /// The value of `var`, which a launcher must set.
 fn required(lookup: &impl Fn(&str) -> Option<String>, var: &'static str) -> Result<String> {
@@ -133,8 +181,59 @@ impl DistEnv {
                 })
             }
         };
-        let job_token = job_token(&lookup, local_world_size == world_size)?;
-        Ok(DistEnv { rank, world_size, local_rank, local_world_size, master_addr, master_port, job_token })
+        let torchrun_store = TorchrunStore::read(&lookup)?;
+        let job_token = job_token(&lookup, local_world_size == world_size, torchrun_store.is_some())?;
+        Ok(DistEnv {
+            rank,
+            world_size,
+            local_rank,
+            local_world_size,
+            master_addr,
+            master_port,
+            job_token,
+            torchrun_store,
+        })
+    }
+
+    /// Rank `rank` of a job of `world` workers on this host, whose
+    /// rendezvous is at `port` on loopback and whose secret rank 0 shares
+    /// through a file.
+    pub fn local(rank: usize, world: usize, port: u16) -> Self {
+        DistEnv {
+            rank,
+            world_size: world,
+            local_rank: rank,
+            local_world_size: world,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+            job_token: JobToken::HostFile,
+            torchrun_store: None,
+        }
+    }
+
+    /// The environment variables that describe this worker to
+    /// [`DistEnv::from_env`], in torchrun's names: what a launcher sets for
+    /// each worker it starts.
+    pub fn vars(&self) -> Vec<(&'static str, String)> {
+        let mut vars = vec![
+            ("RANK", self.rank.to_string()),
+            ("WORLD_SIZE", self.world_size.to_string()),
+            ("LOCAL_RANK", self.local_rank.to_string()),
+            ("LOCAL_WORLD_SIZE", self.local_world_size.to_string()),
+            ("MASTER_ADDR", self.master_addr.clone()),
+            ("MASTER_PORT", self.master_port.to_string()),
+        ];
+        match &self.job_token {
+            JobToken::Given(token) => vars.push((JOB_TOKEN_VAR, token.clone())),
+            JobToken::Open => vars.push((INSECURE_VAR, "1".into())),
+            JobToken::HostFile | JobToken::InTorchrunStore => {}
+        }
+        if let Some(store) = &self.torchrun_store {
+            vars.push((USE_AGENT_STORE_VAR, "True".into()));
+            vars.push(("TORCHELASTIC_RUN_ID", store.run_id.clone()));
+            vars.push((RESTART_COUNT_VAR, store.attempt.to_string()));
+        }
+        vars
     }
 
     /// `MASTER_ADDR:MASTER_PORT`, bracketing an IPv6 address.
@@ -148,8 +247,9 @@ impl DistEnv {
 }
 
 /// The job's secret: the one given, else (every worker on this host) one
-/// shared through a file, else an error unless the user opted out.
-fn job_token(lookup: &impl Fn(&str) -> Option<String>, one_host: bool) -> Result<JobToken> {
+/// shared through a file, else one shared through torchrun's store, else an
+/// error unless the user opted out.
+fn job_token(lookup: &impl Fn(&str) -> Option<String>, one_host: bool, torchrun_store: bool) -> Result<JobToken> {
     if let Some(token) = lookup(JOB_TOKEN_VAR).filter(|t| !t.is_empty()) {
         if token.len() > crate::store::MAX_TOKEN {
             return Err(CommError::Env {
@@ -163,6 +263,9 @@ fn job_token(lookup: &impl Fn(&str) -> Option<String>, one_host: bool) -> Result
         Some("1") => return Ok(JobToken::Open),
         None | Some("0" | "") => {}
         Some(other) => return Err(CommError::Env { var: INSECURE_VAR, detail: format!("{other:?} is not 0 or 1") }),
+    }
+    if torchrun_store {
+        return Ok(JobToken::InTorchrunStore);
     }
     if one_host {
         return Ok(JobToken::HostFile);

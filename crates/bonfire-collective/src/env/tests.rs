@@ -52,7 +52,8 @@ fn the_job_token_is_given_shared_on_one_host_or_required_across_hosts() {
     bad.push(("BONFIRE_INSECURE_RENDEZVOUS", "yes"));
     assert!(matches!(env(&bad), Err(CommError::Env { var: "BONFIRE_INSECURE_RENDEZVOUS", .. })));
     // Every worker on this host: shared through a file.
-    let mut one_host: Vec<_> = without("BONFIRE_JOB_TOKEN").into_iter().filter(|(k, _)| !k.starts_with("LOCAL")).collect();
+    let mut one_host: Vec<_> =
+        without("BONFIRE_JOB_TOKEN").into_iter().filter(|(k, _)| !k.starts_with("LOCAL")).collect();
     one_host.push(("LOCAL_WORLD_SIZE", "4"));
     assert_eq!(env(&one_host).unwrap().job_token, JobToken::HostFile);
     let long = "x".repeat(crate::store::MAX_TOKEN + 1);
@@ -190,4 +191,72 @@ fn slurm_host_lists_and_task_counts() {
 fn ipv6_master_is_bracketed() {
     let e = env(&with("MASTER_ADDR", "::1")).unwrap();
     assert_eq!(e.store_addr(), "[::1]:29500");
+}
+
+#[test]
+fn a_workers_variables_read_back_as_the_same_place() {
+    let read = |e: &DistEnv| {
+        let vars = e.vars();
+        DistEnv::from_lookup(|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())).unwrap()
+    };
+    let local = DistEnv::local(2, 3, 29400);
+    assert_eq!(read(&local), local);
+    let spread = DistEnv {
+        local_rank: 0,
+        local_world_size: 2,
+        master_addr: "node07".into(),
+        job_token: JobToken::Given("secret".into()),
+        ..DistEnv::local(2, 4, 29500)
+    };
+    assert_eq!(read(&spread), spread);
+    let open = DistEnv { job_token: JobToken::Open, ..spread.clone() };
+    assert_eq!(read(&open), open);
+    let torchrun = DistEnv {
+        job_token: JobToken::InTorchrunStore,
+        torchrun_store: Some(TorchrunStore { run_id: "a1b2".into(), attempt: 3 }),
+        ..spread
+    };
+    assert_eq!(read(&torchrun), torchrun);
+}
+
+#[test]
+fn torchruns_shared_store_needs_no_token_and_each_attempt_has_its_own_keys() {
+    let vars = |extra: &[(&str, &str)]| {
+        let mut v: Vec<(String, String)> = [
+            ("RANK", "1"),
+            ("WORLD_SIZE", "4"),
+            ("LOCAL_RANK", "1"),
+            ("LOCAL_WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "node07"),
+            ("MASTER_PORT", "29500"),
+        ]
+        .iter()
+        .chain(extra)
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        v.reverse(); // the extra ones win
+        move |k: &str| v.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+    };
+    // Several hosts, no token: refused unless torchrun's store is shared.
+    assert!(DistEnv::from_lookup(vars(&[])).is_err());
+    let shared = DistEnv::from_lookup(vars(&[
+        ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+        ("TORCHELASTIC_RUN_ID", "job9"),
+        ("TORCHELASTIC_RESTART_COUNT", "2"),
+    ]))
+    .unwrap();
+    assert_eq!(shared.job_token, JobToken::InTorchrunStore);
+    let store = shared.torchrun_store.unwrap();
+    assert_eq!(store.key_prefix(), "/bonfire/job9/attempt_2/");
+    let first = TorchrunStore { attempt: 0, ..store.clone() };
+    assert_ne!(first.key_prefix(), store.key_prefix());
+    // torchrun writes Python's `False` when it does not share its store.
+    let own = DistEnv::from_lookup(vars(&[("TORCHELASTIC_USE_AGENT_STORE", "False"), ("BONFIRE_JOB_TOKEN", "s")]));
+    assert_eq!(own.unwrap().torchrun_store, None);
+    // A given token still wins.
+    let given = DistEnv::from_lookup(vars(&[("TORCHELASTIC_USE_AGENT_STORE", "True"), ("BONFIRE_JOB_TOKEN", "s")]));
+    assert_eq!(given.unwrap().job_token, JobToken::Given("s".into()));
+    let bad =
+        DistEnv::from_lookup(vars(&[("TORCHELASTIC_USE_AGENT_STORE", "True"), ("TORCHELASTIC_RESTART_COUNT", "x")]));
+    assert!(matches!(bad, Err(CommError::Env { var: "TORCHELASTIC_RESTART_COUNT", .. })));
 }

@@ -8,9 +8,9 @@
 //! shared memory moves more bytes in 2(N-1) synchronised steps, and staging
 //! through a shared scratch buffer would add a full copy in and a full copy
 //! out; reducing part r in place and letting the peers copy it afterwards
-//! reads the buffer one and a half times and needs a second barrier (it
-//! took nearly four times as long on 40 MB). docs/performance.md gives what it
-//! reaches against the machine's memcpy bandwidth. The buffer may lie in
+//! reads the buffer one and a half times and needs a second barrier.
+//! docs/performance.md gives what it reaches against the machine's memcpy
+//! bandwidth. The buffer may lie in
 //! segments, cut differently on each rank (`all_reduce_segments`): DDP's
 //! gradients are reduced where backward left them.
 //!
@@ -28,7 +28,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::call::{Call, Kind};
-use crate::communicator::{check_blocks, split, Communicator, Group, DEFAULT_STALL_WARNING, DEFAULT_TIMEOUT};
+use crate::communicator::{
+    check_blocks, split, Capabilities, Communicator, Group, DEFAULT_STALL_WARNING, DEFAULT_TIMEOUT,
+};
 use crate::element::{with_pair, with_slice, BufMut, BufRef, DType, Element, ReduceOp};
 use crate::error::{CommError, Result};
 use crate::segments::{raw_parts, runs, Segment};
@@ -229,12 +231,8 @@ impl Communicator for InProcCommunicator {
         self.all_reduce_in_place(Kind::AllReduceSegments, segments, op)
     }
 
-    fn reduces_segments_in_place(&self) -> bool {
-        true
-    }
-
-    fn ranks_are_threads(&self) -> bool {
-        true
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { host_memory: true, reduces_segments_in_place: true, ranks_are_threads: true }
     }
 
     fn broadcast(&mut self, buf: BufMut<'_>, root: usize) -> Result<()> {

@@ -1,10 +1,11 @@
 //! A worker's side of the store.
 
 use std::io;
-use std::net::{TcpStream, ToSocketAddrs};
-use std::time::{Duration, Instant};
+use std::net::TcpStream;
+use std::time::Duration;
 
-use super::wire::{invalid, read_frame, write_frame, Reader, Request};
+use super::wire::{read_frame, write_frame, Reader, Request};
+use super::Store;
 use crate::error::{CommError, Result};
 
 /// A worker's connection to the store.
@@ -18,28 +19,13 @@ impl StoreClient {
     /// Connects to the store at `addr` ("host:port") and presents `token`,
     /// retrying until `timeout` because rank 0 may not be listening yet.
     pub fn connect(addr: &str, token: &str, timeout: Duration) -> Result<Self> {
-        let deadline = Instant::now() + timeout;
-        let last_error = loop {
-            let attempt = addr
-                .to_socket_addrs()
-                .and_then(|mut a| a.next().ok_or_else(|| invalid(format!("{addr} resolves to no address"))))
-                .and_then(|a| TcpStream::connect_timeout(&a, Duration::from_secs(1)));
-            match attempt {
-                Ok(stream) => {
-                    stream.set_nodelay(true).map_err(|e| CommError::io("rendezvous socket", e))?;
-                    let mut client = StoreClient { stream, server: addr.to_string(), frame: Vec::new() };
-                    client.join(token)?;
-                    return Ok(client);
-                }
-                Err(e) if Instant::now() < deadline => {
-                    tracing::debug!("rendezvous store at {addr} not reachable yet: {e}");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => break e,
-            }
-        };
-        Err(CommError::Timeout { op: "rendezvous (the store is hosted by rank 0)", rank: 0, waited: timeout })
-            .inspect_err(|_| tracing::error!("rendezvous store at {addr}: {last_error}"))
+        let stream = super::connect(addr, timeout).map_err(|last_error| {
+            tracing::error!("rendezvous store at {addr}: {last_error}");
+            CommError::Timeout { op: "rendezvous (the store is hosted by rank 0)", rank: 0, waited: timeout }
+        })?;
+        let mut client = StoreClient { stream, server: addr.to_string(), frame: Vec::new() };
+        client.join(token)?;
+        Ok(client)
     }
 
     fn join(&mut self, token: &str) -> Result<()> {
@@ -53,50 +39,9 @@ impl StoreClient {
         Ok(())
     }
 
-    /// The local address of this connection: the interface that reaches rank 0,
-    /// which is where this worker's ring listener binds.
-    pub fn local_ip(&self) -> Result<std::net::IpAddr> {
-        self.stream.local_addr().map(|a| a.ip()).map_err(|e| CommError::io("rendezvous socket", e))
-    }
-
-    pub fn set(&mut self, key: &str, value: &[u8]) -> Result<()> {
-        self.request(Request::Set { key: key.into(), value: value.to_vec() }, Duration::from_secs(30))?;
-        Ok(())
-    }
-
-    /// The value of `key`, waiting up to `timeout` for some worker to set it.
-    pub fn get(&mut self, key: &str, timeout: Duration) -> Result<Option<Vec<u8>>> {
-        let reply = self.request(Request::Get { key: key.into(), timeout }, timeout)?;
-        Ok(match reply.split_first() {
-            Some((1, value)) => Some(value.to_vec()),
-            _ => None,
-        })
-    }
-
-    /// Waits up to `timeout` until all `keys` are set; returns the indices of
-    /// those still missing then (empty when all arrived).
-    pub fn wait(&mut self, keys: &[String], timeout: Duration) -> Result<Vec<usize>> {
-        let reply = self.request(Request::Wait { keys: keys.to_vec(), timeout }, timeout)?;
-        let mut r = Reader(&reply);
-        let proto = |e: io::Error| CommError::Protocol { peer: self.server.clone(), detail: e.to_string() };
-        r.u8().map_err(proto)?;
-        let n = r.u16().map_err(proto)?;
-        (0..n).map(|_| r.u16().map(usize::from).map_err(proto)).collect()
-    }
-
-    /// Adds `delta` to the counter at `key` (0 when unset) and returns the new value.
-    pub fn add(&mut self, key: &str, delta: i64) -> Result<i64> {
-        let reply = self.request(Request::Add { key: key.into(), delta }, Duration::from_secs(30))?;
-        let bytes: [u8; 8] = reply.as_slice().try_into().map_err(|_| CommError::Protocol {
-            peer: self.server.clone(),
-            detail: "counter reply is not 8 bytes".into(),
-        })?;
-        Ok(i64::from_le_bytes(bytes))
-    }
-
     fn request(&mut self, request: Request, wait: Duration) -> Result<Vec<u8>> {
         let req = request.encode().map_err(|e| CommError::invalid("rendezvous", e.to_string()))?;
-        let lost = |e: io::Error| CommError::PeerLost { op: "rendezvous", rank: 0, source: e };
+        let lost = |e: io::Error| CommError::PeerLost { op: "rendezvous", rank: 0, cause: e };
         // The server answers a waiting request only after `wait`; allow for that.
         self.stream.set_read_timeout(Some(wait + Duration::from_secs(30))).map_err(lost)?;
         write_frame(&mut self.stream, &req).map_err(lost)?;
@@ -105,5 +50,42 @@ impl StoreClient {
         let reply = frame.clone();
         self.frame = frame;
         Ok(reply)
+    }
+}
+
+impl Store for StoreClient {
+    fn local_ip(&self) -> Result<std::net::IpAddr> {
+        self.stream.local_addr().map(|a| a.ip()).map_err(|e| CommError::io("rendezvous socket", e))
+    }
+
+    fn set(&mut self, key: &str, value: &[u8]) -> Result<()> {
+        self.request(Request::Set { key: key.into(), value: value.to_vec() }, Duration::from_secs(30))?;
+        Ok(())
+    }
+
+    fn get(&mut self, key: &str, timeout: Duration) -> Result<Option<Vec<u8>>> {
+        let reply = self.request(Request::Get { key: key.into(), timeout }, timeout)?;
+        Ok(match reply.split_first() {
+            Some((1, value)) => Some(value.to_vec()),
+            _ => None,
+        })
+    }
+
+    fn wait(&mut self, keys: &[String], timeout: Duration) -> Result<Vec<usize>> {
+        let reply = self.request(Request::Wait { keys: keys.to_vec(), timeout }, timeout)?;
+        let mut r = Reader(&reply);
+        let proto = |e: io::Error| CommError::Protocol { peer: self.server.clone(), detail: e.to_string() };
+        r.u8().map_err(proto)?;
+        let n = r.u16().map_err(proto)?;
+        (0..n).map(|_| r.u16().map(usize::from).map_err(proto)).collect()
+    }
+
+    fn add(&mut self, key: &str, delta: i64) -> Result<i64> {
+        let reply = self.request(Request::Add { key: key.into(), delta }, Duration::from_secs(30))?;
+        let bytes: [u8; 8] = reply.as_slice().try_into().map_err(|_| CommError::Protocol {
+            peer: self.server.clone(),
+            detail: "counter reply is not 8 bytes".into(),
+        })?;
+        Ok(i64::from_le_bytes(bytes))
     }
 }

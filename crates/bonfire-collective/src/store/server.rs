@@ -207,7 +207,7 @@ mod tests {
 
     use super::*;
     use crate::error::CommError;
-    use crate::store::StoreClient;
+    use crate::store::{Store, StoreClient};
 
     #[test]
     fn set_get_wait_add() {

@@ -2,8 +2,6 @@
 //! is making, and its number, so ranks that disagree or fell out of step fail
 //! with an error that says how, instead of reducing the wrong bytes.
 
-use std::io::Write;
-
 use super::pipeline::{io_error, Link, Watch};
 use crate::call::{Call, Kind};
 use crate::element::{DType, ReduceOp};
@@ -54,9 +52,9 @@ impl Header {
 
 pub(super) fn exchange_header(watch: &Watch, link: &Link, mine: Header) -> Result<()> {
     let name = watch.op;
-    (&link.next).write_all(&mine.encode()).map_err(|e| io_error(name, link.next_rank, watch.timeout, e))?;
+    link.transport.send(&mine.encode()).map_err(|e| io_error(name, link.next_rank, watch.timeout, e))?;
     let mut bytes = [0u8; Header::BYTES];
-    watch.read(&link.prev, &mut bytes, link.prev_rank, false)?;
+    watch.read(link.transport.as_ref(), &mut bytes, link.prev_rank, false)?;
     let theirs = Header::decode(&bytes).ok_or_else(|| CommError::Protocol {
         peer: format!("rank {}", link.prev_rank),
         detail: "not a collective header".into(),

@@ -1,23 +1,22 @@
-//! Runs a [`Plan`] over the two ring sockets: a sender thread writes chunks to
-//! the next rank while this thread reads chunks from the previous rank and
-//! reduces them, so the network and the reduction overlap; a call small
-//! enough to fit in the socket buffers runs on this thread alone.
+//! Runs a [`Plan`] over the ring's [`Transport`]: a sender thread writes
+//! chunks to the next rank while this thread reads chunks from the previous
+//! rank and reduces them, so the transfer and the reduction overlap; a call
+//! small enough to fit in the transport's buffers runs on this thread alone.
 
 use std::convert::Infallible;
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::io;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::plan::{Plan, RecvItem, SendItem};
+use super::transport::Transport;
 use crate::element::{Element, ReduceOp};
 use crate::error::{CommError, Result};
 use crate::segments::{raw_parts, runs, Segment};
 
-/// The two sockets of this rank in the ring.
+/// This rank's place in the ring.
 pub(crate) struct Link {
-    pub next: TcpStream,
-    pub prev: TcpStream,
+    pub transport: Box<dyn Transport>,
     pub next_rank: usize,
     pub prev_rank: usize,
     /// A call that sends at most this many bytes runs on the calling thread
@@ -83,18 +82,18 @@ pub(crate) struct Watch {
 }
 
 impl Watch {
-    /// Fills `buf` from `peer`'s socket, whose read timeout is the polling
-    /// tick ([`TcpConfig::poll_tick`](super::TcpConfig)). Silence longer than
+    /// Fills `buf` from `peer`, the previous rank, whose transport wakes
+    /// every polling tick ([`TcpConfig::poll_tick`](super::TcpConfig)). Silence longer than
     /// `stall_warning` is logged once, naming the peer and the call; silence
     /// longer than `timeout` is a [`CommError::Timeout`] naming the peer.
     /// `started` says whether the peer has begun this call (it sent its
     /// header): a peer that has not started is the one that is behind.
-    pub fn read(&self, mut stream: &TcpStream, buf: &mut [u8], peer: usize, started: bool) -> Result<()> {
+    pub fn read(&self, transport: &dyn Transport, buf: &mut [u8], peer: usize, started: bool) -> Result<()> {
         let mut filled = 0;
         let mut quiet_since = Instant::now();
         let mut warned = false;
         while filled < buf.len() {
-            match stream.read(&mut buf[filled..]) {
+            match transport.recv(&mut buf[filled..]) {
                 Ok(0) => return Err(io_error(self.op, peer, self.timeout, io::ErrorKind::UnexpectedEof.into())),
                 Ok(n) => {
                     filled += n;
@@ -132,9 +131,9 @@ impl Watch {
 /// time and is reused across calls, so the data path allocates nothing.
 ///
 /// A call that sends more than `link.inline_bytes` runs its sends on a
-/// thread of their own, so that the network and the reduction overlap. A
+/// thread of their own, so that the transfer and the reduction overlap. A
 /// smaller one (DDP's buckets of a small model, a barrier) runs on the
-/// calling thread alone: its sends fit in the socket buffers, so no write
+/// calling thread alone: its sends fit in the transport's buffers, so no write
 /// waits for a peer that is itself writing, and the call saves starting a
 /// thread and handing every chunk between two, which on busy cores costs
 /// more than the transfer.
@@ -182,9 +181,9 @@ impl<T: Element> Chunks<'_, T> {
     /// Nobody writes the range until this send is counted: the plan's
     /// `RecvItem::after_send` says when a receive may.
     unsafe fn send(&self, item: &SendItem) -> io::Result<()> {
-        let mut next = &self.link.next;
+        let transport = &self.link.transport;
         // SAFETY: the plan's ranges lie inside the buffer; see above.
-        unsafe { runs(self.buf, item.range.clone(), |run| next.write_all(bytemuck::cast_slice(run[0]))) }
+        unsafe { runs(self.buf, item.range.clone(), |run| transport.send(bytemuck::cast_slice(run[0]))) }
     }
 
     /// Reads `item`'s range from the previous rank, combining it with the
@@ -205,7 +204,7 @@ impl<T: Element> Chunks<'_, T> {
             let bytes = item.range.len() * std::mem::size_of::<T>();
             let words = bytes.div_ceil(8);
             let raw = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut scratch[..words])[..bytes];
-            self.watch.read(&link.prev, raw, link.prev_rank, true)?;
+            self.watch.read(link.transport.as_ref(), raw, link.prev_rank, true)?;
             let incoming: &[T] = &bytemuck::cast_slice::<u64, T>(&scratch[..words])[..item.range.len()];
             let mut at = 0;
             // SAFETY: the plan's ranges lie inside the buffer; see above.
@@ -223,7 +222,7 @@ impl<T: Element> Chunks<'_, T> {
             // SAFETY: as above.
             unsafe {
                 runs(self.buf, item.range.clone(), |run| {
-                    self.watch.read(&link.prev, bytemuck::cast_slice_mut(run[0]), link.prev_rank, true)?;
+                    self.watch.read(link.transport.as_ref(), bytemuck::cast_slice_mut(run[0]), link.prev_rank, true)?;
                     finish(run[0]);
                     Ok(())
                 })
@@ -275,7 +274,7 @@ impl<T: Element> Chunks<'_, T> {
                             return Ok(()); // the receiver failed first and closed the link
                         }
                         // Wake the receiver, which may be blocked reading.
-                        let _ = link.prev.shutdown(Shutdown::Read);
+                        link.transport.interrupt_recv();
                         return Err(self.send_error(e));
                     }
                     progress.update(|c| c.sent = i + 1);
@@ -299,7 +298,7 @@ impl<T: Element> Chunks<'_, T> {
             if received.is_err() {
                 if progress.abort() {
                     // Wake the sender, which may be blocked writing.
-                    let _ = link.next.shutdown(Shutdown::Write);
+                    link.transport.interrupt_send();
                 } else {
                     received = Ok(()); // the sender failed first; its error is the cause
                 }
@@ -318,6 +317,115 @@ impl<T: Element> Chunks<'_, T> {
 pub(crate) fn io_error(op: &'static str, rank: usize, timeout: Duration, e: io::Error) -> CommError {
     match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => CommError::Timeout { op, rank, waited: timeout },
-        _ => CommError::PeerLost { op, rank, source: e },
+        _ => CommError::PeerLost { op, rank, cause: e },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The pipeline over a transport without sockets: the seam another
+    //! transport plugs into runs the same schedule to the same result.
+
+    use std::collections::VecDeque;
+    use std::sync::Arc;
+
+    use super::super::plan::{ring, Phases};
+    use super::*;
+
+    /// Bytes from one rank to the next, in memory; closed once interrupted.
+    #[derive(Default)]
+    struct Pipe {
+        bytes: Mutex<(VecDeque<u8>, bool)>,
+        ready: Condvar,
+    }
+
+    impl Pipe {
+        fn close(&self) {
+            self.bytes.lock().unwrap().1 = true;
+            self.ready.notify_all();
+        }
+    }
+
+    struct MemoryPair {
+        next: Arc<Pipe>,
+        prev: Arc<Pipe>,
+    }
+
+    impl Transport for MemoryPair {
+        fn send(&self, bytes: &[u8]) -> io::Result<()> {
+            let mut pipe = self.next.bytes.lock().unwrap();
+            if pipe.1 {
+                return Err(io::ErrorKind::BrokenPipe.into());
+            }
+            pipe.0.extend(bytes);
+            self.next.ready.notify_all();
+            Ok(())
+        }
+
+        fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+            let mut pipe = self.prev.bytes.lock().unwrap();
+            if pipe.0.is_empty() && !pipe.1 {
+                pipe = self.prev.ready.wait_timeout(pipe, Duration::from_millis(10)).unwrap().0;
+            }
+            if pipe.0.is_empty() {
+                return if pipe.1 { Ok(0) } else { Err(io::ErrorKind::WouldBlock.into()) };
+            }
+            let n = buf.len().min(pipe.0.len());
+            buf.iter_mut().zip(pipe.0.drain(..n)).for_each(|(d, s)| *d = s);
+            Ok(n)
+        }
+
+        fn set_timeouts(&self, _: Duration, _: Duration) -> io::Result<()> {
+            Ok(())
+        }
+
+        fn interrupt_send(&self) {
+            self.next.close();
+        }
+
+        fn interrupt_recv(&self) {
+            self.prev.close();
+        }
+    }
+
+    #[test]
+    fn the_ring_runs_its_plan_over_a_transport_in_memory() {
+        let value = |rank: usize, i: usize| ((rank * 7919 + i * 31) % 97) as f32;
+        for world in [2, 3] {
+            // Everything on the calling thread, and sends on a thread of their own.
+            for inline_bytes in [usize::MAX, 0] {
+                let len = 1001;
+                let pipes: Vec<Arc<Pipe>> = (0..world).map(|_| Arc::default()).collect();
+                let results: Vec<Vec<f32>> = std::thread::scope(|s| {
+                    let ranks: Vec<_> = (0..world)
+                        .map(|rank| {
+                            let prev_rank = (rank + world - 1) % world;
+                            let transport = MemoryPair { next: pipes[rank].clone(), prev: pipes[prev_rank].clone() };
+                            s.spawn(move || {
+                                let next_rank = (rank + 1) % world;
+                                let link = Link { transport: Box::new(transport), next_rank, prev_rank, inline_bytes };
+                                let watch = Watch {
+                                    op: "all_reduce",
+                                    seq: 0,
+                                    rank,
+                                    timeout: Duration::from_secs(10),
+                                    stall_warning: Duration::from_secs(10),
+                                };
+                                let mut buf: Vec<f32> = (0..len).map(|i| value(rank, i)).collect();
+                                let plan = ring(len, world, rank, 64, Phases::Both);
+                                run(&watch, &link, &mut [&mut buf[..]], &plan, ReduceOp::Sum, 1.0, &mut Vec::new())
+                                    .unwrap();
+                                buf
+                            })
+                        })
+                        .collect();
+                    ranks.into_iter().map(|h| h.join().unwrap()).collect()
+                });
+                let want: Vec<f32> = (0..len).map(|i| (0..world).map(|r| value(r, i)).sum()).collect();
+                for (rank, got) in results.iter().enumerate() {
+                    assert_eq!(got, &want, "world {world}, rank {rank}, inline below {inline_bytes} bytes");
+                }
+            }
+        }
     }
 }

@@ -5,18 +5,10 @@ use std::time::Duration;
 
 use super::{TcpCommunicator, TcpConfig};
 use crate::env::{DistEnv, JobToken};
-use crate::store::StoreClient;
+use crate::store::{Store, StoreClient};
 
 fn env(rank: usize, port: u16) -> DistEnv {
-    DistEnv {
-        rank,
-        world_size: 2,
-        local_rank: rank,
-        local_world_size: 2,
-        master_addr: "127.0.0.1".into(),
-        master_port: port,
-        job_token: JobToken::Given("test-job".into()),
-    }
+    DistEnv { job_token: JobToken::Given("test-job".into()), ..DistEnv::local(rank, 2, port) }
 }
 
 #[test]

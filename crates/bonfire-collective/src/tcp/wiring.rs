@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, SockRef, Socket, Type};
 
 use super::pipeline::{io_error, Link};
+use super::transport::TcpPair;
 use super::TcpConfig;
 use crate::env::DistEnv;
 use crate::error::{CommError, Result};
 use crate::rendezvous::remaining;
-use crate::store::StoreClient;
+use crate::store::Store;
 
 const HELLO: u32 = u32::from_le_bytes(*b"BFRH");
 
@@ -22,7 +23,7 @@ const HELLO: u32 = u32::from_le_bytes(*b"BFRH");
 /// address before `deadline` are named in the error.
 pub(super) fn form_ring(
     env: &DistEnv,
-    store: &mut StoreClient,
+    store: &mut dyn Store,
     token: &str,
     config: &TcpConfig,
     deadline: Instant,
@@ -71,7 +72,8 @@ pub(super) fn form_ring(
     // sender's buffer alone: a rank that finished a call has seen every
     // rank send in it, so the next rank has read all but the last two.
     let granted = SockRef::from(&next).send_buffer_size().map_err(|e| CommError::io("ring socket options", e))?;
-    Ok(Link { next, prev, next_rank, prev_rank, inline_bytes: granted / 8 })
+    let transport = Box::new(TcpPair { next, prev });
+    Ok(Link { transport, next_rank, prev_rank, inline_bytes: granted / 8 })
 }
 
 fn tune(socket: &SockRef<'_>, buffer: usize) -> Result<()> {

@@ -46,14 +46,14 @@ pub fn device(index: usize) -> Result<CudaDevice, Unavailable> {
 /// Runs `f`, turning an error or a panic inside the CUDA libraries into
 /// [`Unavailable`].
 pub fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, Unavailable> {
-    crate::catch_panic(f).and_then(|r| r).map_err(|e| Unavailable(format!("{what}: {e}")))
+    crate::guard::catch_panic(f).and_then(|r| r).map_err(|e| Unavailable(format!("{what}: {e}")))
 }
 
 /// Joins the NCCL group of `env` on `device`. A missing library or a panic
 /// in it is [`Unavailable`]; a peer that does not come is a plain error.
 pub fn nccl(env: &DistEnv, device: &CudaDevice, timeout: Duration) -> anyhow::Result<NcclCommunicator> {
     NcclCommunicator::libraries_present().map_err(Unavailable)?;
-    match crate::catch_panic(|| NcclCommunicator::connect(env, device, timeout)) {
+    match crate::guard::catch_panic(|| NcclCommunicator::connect(env, device, timeout)) {
         Ok(Ok(comm)) => Ok(comm),
         Ok(Err(e)) => Err(anyhow::Error::new(e).context("joining the workers through NCCL")),
         Err(panic) => Err(Unavailable(format!("starting NCCL: {panic}")).into()),
@@ -72,14 +72,7 @@ pub fn nccl_check(sizes_mib: &[usize]) -> anyhow::Result<()> {
     let env = if bonfire_collective::DistEnv::launched() {
         DistEnv::from_env()?
     } else {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        DistEnv::from_lookup(|var| match var {
-            "RANK" => Some("0".into()),
-            "WORLD_SIZE" => Some("1".into()),
-            "MASTER_ADDR" => Some("127.0.0.1".into()),
-            "MASTER_PORT" => Some(port.to_string()),
-            _ => None,
-        })?
+        DistEnv::local(0, 1, std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
     };
     let device = device(env.local_rank)?;
     let mut comm = nccl(&env, &device, Duration::from_secs(60))?;

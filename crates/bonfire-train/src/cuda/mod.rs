@@ -17,29 +17,26 @@ use crate::{TrainArgs, Unavailable};
 /// round-robin; NCCL needs a device of its own for each.
 #[cfg(feature = "cuda")]
 pub fn run(args: &TrainArgs, train_set: &ImageDataset, test_set: &ImageDataset) -> Result<()> {
-    use std::time::Duration;
-
-    use bonfire_collective::{DistEnv, TensorCollective};
+    use bonfire_collective::{DistEnv, Placement};
     use burn::backend::{Autodiff, Cuda};
 
-    use crate::{comm_kind, join_host, CommKind, StrategyKind};
+    use crate::args::StrategyKind;
+    use crate::group::{self, Exchange};
 
-    let local = if DistEnv::launched() { bonfire_collective::Placement::from_env()?.local_rank } else { 0 };
-    let nccl = comm_kind(args) == CommKind::Nccl;
+    let local = if DistEnv::launched() { Placement::from_env()?.local_rank } else { 0 };
     let devices = match args.strategy {
         StrategyKind::Dp => devices(args.workers)?,
-        _ if nccl => vec![gpu::device(local).map_err(|e| Unavailable(format!("{e}; {}", gpu::SHARE_HINT)))?],
+        _ if Exchange::of(args) == Exchange::Nccl => {
+            vec![gpu::device(local).map_err(|e| Unavailable(format!("{e}; {}", gpu::SHARE_HINT)))?]
+        }
         _ => vec![gpu::device(local % gpu::device_count()?)?],
     };
-    let join = |device: &burn::backend::cuda::CudaDevice| -> Result<Box<dyn TensorCollective<Cuda>>> {
-        if !nccl {
-            return join_host(args);
-        }
-        let env = DistEnv::from_env()?;
-        Ok(Box::new(gpu::nccl(&env, device, Duration::from_secs_f64(args.timeout))?))
-    };
-    crate::run::<Autodiff<Cuda>>(args, devices, train_set, test_set, join)
+    crate::workers::run::<Autodiff<Cuda>>(args, devices, train_set, test_set, |device| group::join_cuda(args, device))
 }
+
+/// NCCL between this process and the others, on `device`.
+#[cfg(feature = "cuda")]
+pub use gpu::nccl;
 
 /// Before starting NCCL workers: the library is there and each has a GPU.
 #[cfg(feature = "cuda")]

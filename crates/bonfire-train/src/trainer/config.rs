@@ -57,10 +57,10 @@ pub struct TrainOptions {
 pub enum Resume {
     /// Start from the beginning.
     Never,
-    /// From the newest checkpoint if there is one (a restarted job).
-    IfAny,
-    /// From the newest checkpoint, which must exist (`--resume`).
-    Required,
+    /// From the newest checkpoint, or from the beginning when there is none
+    /// yet (`--resume`, and every restarted job): so one command line serves
+    /// a first start and its restarts alike.
+    Newest,
 }
 
 /// How the work is spread.
@@ -97,6 +97,7 @@ pub struct EpochMetrics {
 }
 
 /// What a run measured, epoch by epoch and step by step.
+#[derive(Default)]
 pub struct Report {
     /// The rank that measured it.
     pub rank: usize,

@@ -3,7 +3,8 @@
 #![allow(dead_code)] // each test file uses its own part
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
 
 use bonfire_testkit::text;
 
@@ -65,4 +66,56 @@ pub fn assert_refused(stranger: std::process::Child) {
     let o = stranger.wait_with_output().unwrap();
     assert!(!o.status.success(), "a stranger without the job's secret trained: {}", text(&o));
     assert!(text(&o).contains("its job token differs"), "the stranger failed for another reason: {}", text(&o));
+}
+
+/// The pid of the child of `parent` whose environment has `RANK=rank`.
+pub fn worker_pid(parent: u32, rank: usize, within: Duration) -> u32 {
+    let deadline = Instant::now() + within;
+    let want = format!("RANK={rank}");
+    loop {
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+            // Fields after the command name in parentheses: state, ppid, ...
+            let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            if ppid == Some(parent) && environ.split(|&b| b == 0).any(|v| v == want.as_bytes()) {
+                return pid;
+            }
+        }
+        assert!(Instant::now() < deadline, "no worker with {want} under pid {parent}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn signal(pid: u32, name: &str) {
+    assert!(Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status().unwrap().success());
+}
+
+pub fn wait_for_file(file: &Path, within: Duration, job: &mut Child) {
+    wait_until(&file.display().to_string(), within, job, || file.is_file());
+}
+
+/// Waits until `written` says `what` is on disk, failing the test if the job
+/// ends first or `within` passes.
+pub fn wait_until(what: &str, within: Duration, job: &mut Child, written: impl Fn() -> bool) {
+    let deadline = Instant::now() + within;
+    while !written() {
+        assert!(job.try_wait().unwrap().is_none(), "the job ended before writing {what}");
+        assert!(Instant::now() < deadline, "{what} never appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits for `job`, failing the test if it outlives `within`.
+pub fn finish(mut job: Child, within: Duration) -> (Output, Duration) {
+    let started = Instant::now();
+    while job.try_wait().unwrap().is_none() {
+        if started.elapsed() > within {
+            let _ = job.kill();
+            panic!("the job did not stop within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (job.wait_with_output().unwrap(), started.elapsed())
 }
