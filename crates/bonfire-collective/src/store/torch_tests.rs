@@ -155,10 +155,42 @@ fn serve(mut conn: TcpStream, keys: &Keys) -> Option<()> {
 
 #[test]
 fn the_client_sets_gets_adds_and_waits_on_a_store_framed_as_pytorchs() {
-    let store = PytorchFramedStore::start();
+    exercise(&PytorchFramedStore::start().addr());
+}
+
+/// The same against PyTorch's own TCPStore server, when a Python with
+/// torch is named (`BONFIRE_TORCH_PYTHON`); says so when there is none.
+#[test]
+fn the_client_sets_gets_adds_and_waits_on_pytorchs_own_tcpstore() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let Some(python) = std::env::var("BONFIRE_TORCH_PYTHON").ok().filter(|p| !p.is_empty()) else {
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n*** PyTorch's TCPStore: NOT RUN: BONFIRE_TORCH_PYTHON names no Python with torch ***\n"
+        );
+        return;
+    };
+    let script = "import sys, datetime\n\
+                  from torch.distributed import TCPStore\n\
+                  s = TCPStore('127.0.0.1', 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=60))\n\
+                  print(s.port, flush=True)\n\
+                  sys.stdin.read()\n";
+    let mut server =
+        Command::new(python).args(["-c", script]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut port = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap()).read_line(&mut port).unwrap();
+    exercise(&format!("127.0.0.1:{}", port.trim()));
+    drop(server.stdin.take()); // the server ends with its input
+    server.wait().unwrap();
+}
+
+/// Sets, gets, adds and waits (one wait timing out and cancelled) through
+/// two clients of the store at `addr`, and a third of another attempt.
+fn exercise(addr: &str) {
     let second = Duration::from_secs(1);
-    let mut a = TorchStoreClient::connect(&store.addr(), "/job/attempt_0/", second).unwrap();
-    let mut b = TorchStoreClient::connect(&store.addr(), "/job/attempt_0/", second).unwrap();
+    let mut a = TorchStoreClient::connect(addr, "/job/attempt_0/", second).unwrap();
+    let mut b = TorchStoreClient::connect(addr, "/job/attempt_0/", second).unwrap();
     a.set("x", b"value").unwrap();
     assert_eq!(b.get("x", second).unwrap().as_deref(), Some(&b"value"[..]));
     assert_eq!(a.add("n", 2).unwrap(), 2);
@@ -177,7 +209,7 @@ fn the_client_sets_gets_adds_and_waits_on_a_store_framed_as_pytorchs() {
         assert_eq!(b.wait(&["x".into(), "late".into()], Duration::from_secs(10)).unwrap(), Vec::<usize>::new());
     });
     // Another attempt's prefix sees none of these keys.
-    let mut next = TorchStoreClient::connect(&store.addr(), "/job/attempt_1/", second).unwrap();
+    let mut next = TorchStoreClient::connect(addr, "/job/attempt_1/", second).unwrap();
     assert_eq!(next.get("x", Duration::ZERO).unwrap(), None);
     assert_eq!(next.add("n", 1).unwrap(), 1);
 }

@@ -1,7 +1,7 @@
 //! The training loop: one worker's view of single-device, DP or DDP training.
 //!
 //! - this file: the model and optimizer a run asks for, the loop over
-//!   epochs and steps, and [`Stepper::step`], the one place a step's
+//!   epochs and steps, and `Stepper::step`, the one place a step's
 //!   gradients and update happen (where a learning-rate schedule or
 //!   gradient accumulation goes);
 //! - `state.rs`: resuming from a checkpoint and writing one;
