@@ -82,10 +82,15 @@ fn mpirun_trains_like_one_worker(name: &str, train_args: &[&str], port: u16) -> 
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .env_remove("MASTER_PORT")
         .env_remove("BONFIRE_JOB_TOKEN")
+        .env_remove("RAYON_NUM_THREADS")
         .output()
         .expect("mpirun (Debian's openmpi-bin; `cargo xtask test` installs it)");
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(text(&o).matches("epoch 1:").count(), 1, "one report, from rank 0: {}", text(&o));
+    // mpirun shares out no cores: each worker takes its half itself.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let share = format!("{} compute threads", (cores / 2).max(1));
+    assert_eq!(text(&o).matches(&share).count(), 2, "each worker takes its share of the cores: {}", text(&o));
     assert_like_one_worker("mpirun's job", &dir, &ddp_weights, &common);
     ddp_weights
 }
