@@ -30,45 +30,43 @@ pub(crate) struct Rendezvous {
 
 impl Rendezvous {
     pub fn join(env: &DistEnv, deadline: Instant, timeout: Duration) -> Result<Self> {
-        if let Some(torchrun) = &env.torchrun_store {
-            let mut store = TorchStoreClient::connect(&env.store_addr(), &torchrun.key_prefix(), timeout)?;
-            let token = match &env.job_token {
-                JobToken::Given(token) => token.clone(),
-                _ => share_token(&mut store, env, deadline)?,
-            };
-            let mut rendezvous = Rendezvous { store: Box::new(store), token, _server: None, _token_file: None };
-            agree_on_group(rendezvous.store.as_mut(), env, deadline)?;
-            return Ok(rendezvous);
-        }
-        let (store, token, server, token_file) = match (&env.job_token, env.rank) {
-            (JobToken::HostFile, 0) => {
-                let token = token_file::random_token().map_err(|e| CommError::io("making the job token", e))?;
+        let addr = env.store_addr();
+        let (store, token, server, token_file): (Box<dyn Store>, _, _, _) = match (&env.torchrun_store, &env.job_token)
+        {
+            (Some(torchrun), job_token) => {
+                let mut store = TorchStoreClient::connect(&addr, &torchrun.key_prefix(), timeout)?;
+                let token = match job_token {
+                    JobToken::Given(token) => token.clone(),
+                    _ => share_token(&mut store, env, deadline)?,
+                };
+                (Box::new(store), token, None, None)
+            }
+            (None, JobToken::HostFile) if env.rank == 0 => {
+                let token = fresh_token()?;
                 let server = host_store(env, &token)?;
-                let file = TokenFile::publish(token_file::path(&env.store_addr())?, token.clone())?;
-                let store = StoreClient::connect(&env.store_addr(), &token, timeout)?;
-                (store, token, Some(server), Some(file))
+                let file = TokenFile::publish(token_file::path(&addr)?, token.clone())?;
+                (Box::new(StoreClient::connect(&addr, &token, timeout)?), token, Some(server), Some(file))
             }
-            (JobToken::HostFile, _) => {
+            (None, JobToken::HostFile) => {
                 let (store, token) = connect_through_file(env, deadline, timeout)?;
-                (store, token, None, None)
+                (Box::new(store), token, None, None)
             }
-            (given, rank) => {
+            (None, given) => {
                 let token = match given {
                     JobToken::Given(token) => token.clone(),
                     _ => String::new(),
                 };
-                if rank == 0 && token.is_empty() {
+                if env.rank == 0 && token.is_empty() {
                     tracing::warn!(
-                        "the rendezvous store at {} is open: anyone who reaches it can join the job ({}=1)",
-                        env.store_addr(),
+                        "the rendezvous store at {addr} is open: anyone who reaches it can join the job ({}=1)",
                         crate::INSECURE_VAR
                     );
                 }
-                let server = if rank == 0 { Some(host_store(env, &token)?) } else { None };
-                (StoreClient::connect(&env.store_addr(), &token, timeout)?, token, server, None)
+                let server = if env.rank == 0 { Some(host_store(env, &token)?) } else { None };
+                (Box::new(StoreClient::connect(&addr, &token, timeout)?), token, server, None)
             }
         };
-        let mut rendezvous = Rendezvous { store: Box::new(store), token, _server: server, _token_file: token_file };
+        let mut rendezvous = Rendezvous { store, token, _server: server, _token_file: token_file };
         agree_on_group(rendezvous.store.as_mut(), env, deadline)?;
         Ok(rendezvous)
     }
@@ -83,11 +81,16 @@ impl Rendezvous {
     }
 }
 
+/// A new job secret, made by rank 0.
+fn fresh_token() -> Result<String> {
+    token_file::random_token().map_err(|e| CommError::io("making the job token", e))
+}
+
 /// The ring's secret under torchrun's store: rank 0 makes it and leaves it
 /// there, the others read it.
 fn share_token(store: &mut TorchStoreClient, env: &DistEnv, deadline: Instant) -> Result<String> {
     if env.rank == 0 {
-        let token = token_file::random_token().map_err(|e| CommError::io("making the job token", e))?;
+        let token = fresh_token()?;
         store.set("token", token.as_bytes())?;
         return Ok(token);
     }

@@ -31,6 +31,20 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// The Python with torch that `BONFIRE_TORCH_PYTHON` names, for the tests
+/// that run PyTorch's own torchrun or TCPStore; without one, says that
+/// `test` did not run, straight to stderr (the harness hides what passing
+/// tests print).
+pub fn torch_python(test: &str) -> Option<String> {
+    let python = std::env::var("BONFIRE_TORCH_PYTHON").ok().filter(|p| !p.is_empty());
+    if python.is_none() {
+        use std::io::Write;
+        let _ =
+            writeln!(std::io::stderr(), "\n*** {test}: NOT RUN: BONFIRE_TORCH_PYTHON names no Python with torch ***\n");
+    }
+    python
+}
+
 /// An empty folder `bonfire-NAME-PID` in the temporary directory, emptied
 /// first if an earlier run of the same process id left it.
 pub fn scratch_dir(name: &str) -> PathBuf {

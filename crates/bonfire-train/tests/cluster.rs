@@ -184,14 +184,7 @@ fn ddp_over_mpi_across_three_hosts_equals_one_worker() {
 /// (`BONFIRE_TORCH_PYTHON`), and says in the test output when there is none.
 #[test]
 fn torchrun_over_two_hosts_equals_one_worker() {
-    let Some(python) = std::env::var("BONFIRE_TORCH_PYTHON").ok().filter(|p| !p.is_empty()) else {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n*** torchrun_over_two_hosts_equals_one_worker: NOT RUN: BONFIRE_TORCH_PYTHON names no Python with torch ***\n"
-        );
-        return;
-    };
+    let Some(python) = bonfire_testkit::torch_python("torchrun_over_two_hosts_equals_one_worker") else { return };
     let hosts = Hosts::up(2, "1gbit");
     let dir = std::env::temp_dir().join(format!("bonfire-cluster-torchrun-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -17,17 +16,9 @@ use bonfire_testkit::text;
 use common::{bonfire, finish, out_dir, signal, wait_for_file, worker_pid};
 
 /// `python -m torch.distributed.run` (what the `torchrun` script runs), or
-/// None, said loudly, when no Python with torch was named.
+/// None, said in the test output, when no Python with torch was named.
 fn torchrun(test: &str) -> Option<Command> {
-    let python = std::env::var("BONFIRE_TORCH_PYTHON").ok().filter(|p| !p.is_empty());
-    let Some(python) = python else {
-        // Straight to the terminal: the test harness hides what passing tests print.
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n*** {test}: NOT RUN: BONFIRE_TORCH_PYTHON names no Python with torch, so torchrun was not tested ***\n"
-        );
-        return None;
-    };
+    let python = bonfire_testkit::torch_python(test)?;
     let mut command = Command::new(python);
     command.args(["-m", "torch.distributed.run"]);
     for var in bonfire_testkit::LAUNCHER_VARS {

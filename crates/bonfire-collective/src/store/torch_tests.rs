@@ -164,13 +164,7 @@ fn the_client_sets_gets_adds_and_waits_on_a_store_framed_as_pytorchs() {
 fn the_client_sets_gets_adds_and_waits_on_pytorchs_own_tcpstore() {
     use std::io::BufRead;
     use std::process::{Command, Stdio};
-    let Some(python) = std::env::var("BONFIRE_TORCH_PYTHON").ok().filter(|p| !p.is_empty()) else {
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n*** PyTorch's TCPStore: NOT RUN: BONFIRE_TORCH_PYTHON names no Python with torch ***\n"
-        );
-        return;
-    };
+    let Some(python) = bonfire_testkit::torch_python("PyTorch's TCPStore") else { return };
     let script = "import sys, datetime\n\
                   from torch.distributed import TCPStore\n\
                   s = TCPStore('127.0.0.1', 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=60))\n\
