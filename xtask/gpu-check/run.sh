@@ -1,8 +1,11 @@
 #!/bin/sh
 # Bonfire's GPU check: NCCL, DDP through NCCL, DP and the host ring on one
-# GPU, each against one CPU worker from the same weights, DDP throughput, and
-# PyTorch on the same GPU for a ratio. Every training step asserts what it
-# shows (a difference within tolerance, an accuracy above a floor).
+# GPU, each against one CPU worker from the same weights; then a speed table
+# for LeNet (batch 100) and the ResNet (batch 256): one GPU alone, DDP through
+# NCCL at world 1, DP with 2 replicas and the host ring with 2 workers on the
+# one GPU, beside PyTorch (and Burn's own DDP, where its program is in the
+# folder) on the same GPU in the same run. Every training step asserts what
+# it shows (a difference within tolerance, a run that learned).
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 # NCCL (nvidia-nccl-cu13) and NVRTC come with PyTorch's wheels: put every
@@ -15,16 +18,6 @@ COMMON="--dataset fashion-mnist --data-dir data --model lenet --batch-size 100 -
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 # A launched worker joins the others (NCCL by default on CUDA), even alone.
 NCCL_DDP="./bonfire launch --nproc-per-node 1 -- ./bonfire train --backend cuda --strategy ddp --workers 1"
-# `accuracy_at_least OUT MIN`: the test accuracy of the run in OUT reached MIN.
-accuracy_at_least() {
-  awk -F, -v min="$2" 'NR > 1 && $4 != "" { acc = $4 } END { printf "test accuracy %s (at least %s)\n", acc, min; exit !(acc >= min) }' "$1/metrics.csv"
-}
-# `learns NAME ARGS...`: 200 steps of `bonfire train ARGS` reach a test
-# accuracy of 0.6 (one CPU worker reaches 0.74 on the check's data, 2 DDP workers 0.73).
-learns() {
-  name=$1; shift
-  "$@" $COMMON --epochs 3 --steps 200 --out "runs/$name" && accuracy_at_least "runs/$name" 0.6
-}
 # `like_cpu NAME ARGS...`: 20 steps of `bonfire train ARGS` from the shared
 # weights equal 20 steps of one CPU worker on the whole batch.
 like_cpu() {
@@ -43,13 +36,48 @@ step "DDP through NCCL (world 1) against the CPU" like_cpu nccl $NCCL_DDP
 step "DP, 2 replicas on the one GPU, against the CPU" like_cpu dp ./bonfire train --backend cuda --strategy dp --workers 2
 step "host ring, 2 workers sharing the GPU, against the CPU" \
   like_cpu ring ./bonfire train --backend cuda --strategy ddp --workers 2 --comm ring
-step "host ring, 2 workers sharing the GPU, learns in 200 steps" \
-  learns ring-learns ./bonfire train --backend cuda --strategy ddp --workers 2 --comm ring
-step "DDP through NCCL, 200 steps of LeNet (images/s on the epoch line), learns" learns ddp $NCCL_DDP
-echo "steady images/s (steps 6..200, wall clock):"
-awk -F, 'NR == 6 { start = $4 } NR > 6 { n++; end = $4 } END { if (end > start) printf "%.0f\n", n * 100 / (end - start) }' runs/ddp/steps.csv
 if [ "$GPUS" -ge 2 ]; then
   step "DDP through NCCL over 2 GPUs, against the CPU" like_cpu ddp2 ./bonfire train --backend cuda --strategy ddp --workers 2
 fi
-step "PyTorch on the same GPU, 200 steps" $PY torch_ddp_train.py --world 1 --device cuda --steps 200 --batch 100 --data-dir data
+
+# Speed. `speed MODEL BATCH STEPS ROW COMMAND...`: a Bonfire run that the
+# table reads from runs/speed/MODEL-ROW (images/s after the warm-up, loss,
+# test accuracy).
+mkdir -p runs/speed
+speed() {
+  model=$1 batch=$2 steps=$3 row=$4; shift 4
+  step "$model, $row" "$@" --dataset fashion-mnist --data-dir data --model "$model" --batch-size "$batch" \
+    --seed 7 --epochs 100 --steps "$steps" --out "runs/speed/$model-$row"
+}
+for spec in "lenet 100 300" "resnet 256 60"; do
+  set -- $spec
+  model=$1 batch=$2 steps=$3
+  speed "$model" "$batch" "$steps" alone ./bonfire train --backend cuda --strategy single
+  speed "$model" "$batch" "$steps" ddp-nccl-1 $NCCL_DDP
+  speed "$model" "$batch" "$steps" dp-2 ./bonfire train --backend cuda --strategy dp --workers 2
+  speed "$model" "$batch" "$steps" ring-2 ./bonfire train --backend cuda --strategy ddp --workers 2 --comm ring
+  step "$model, PyTorch" sh -c "$PY torch_ddp_train.py --world 1 --device cuda --model $model --batch $batch \
+    --steps $steps --data-dir data --json > runs/speed/$model-torch.json"
+  if [ -x ./burn-ddp ]; then
+    step "$model, Burn's own DDP (world 1)" sh -c "./burn-ddp --model $model --batch $batch --steps $steps \
+      --data-dir data > runs/speed/$model-burn-ddp.json"
+  fi
+done
+step "speed table (each row's images/s over its steps after the warm-up)" $PY table.py runs/speed
+
+# Where a step's time goes, Bonfire and PyTorch side by side, where the
+# machine has Nsight Systems.
+if command -v nsys >/dev/null; then
+  for who in bonfire torch; do
+    if [ $who = bonfire ]; then
+      cmd="./bonfire train --backend cuda --strategy single --model lenet --batch-size 100 --steps 100 --dataset fashion-mnist --data-dir data --out runs/prof"
+    else
+      cmd="$PY torch_ddp_train.py --world 1 --device cuda --model lenet --batch 100 --steps 100 --data-dir data"
+    fi
+    step "profile: $who, LeNet, 100 steps" sh -c "nsys profile --force-overwrite true -o runs/prof-$who $cmd >/dev/null &&
+      nsys stats --report cuda_api_sum,cuda_gpu_kern_sum --format csv runs/prof-$who.nsys-rep | head -40"
+  done
+else
+  echo; echo "== profile: nsys is not on this machine; the table's rows are the measurement"
+fi
 exit $failed

@@ -1,7 +1,8 @@
 //! `cargo xtask gpu-check`: prepares a folder that checks the CUDA path on a
 //! machine with an NVIDIA GPU, CUDA and PyTorch but no Rust toolchain:
 //! a stripped release `bonfire` built with the `cuda` feature, a
-//! Fashion-MNIST subset, the PyTorch baseline and `run.sh`.
+//! Fashion-MNIST subset, the PyTorch baseline, `run.sh` and the speed
+//! table's `table.py`.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -9,7 +10,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::{cargo_build, release_dir, root};
+use crate::{cargo_build, release_dir, root, target_dir};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -23,6 +24,10 @@ pub struct Args {
     /// with the binary, the bundle must stay under 60 MiB.
     #[arg(long, default_value_t = 8_000)]
     train_images: usize,
+    /// Also build Burn's own DDP (`bench/burn-ddp`, Burn's `distributed`
+    /// feature, a build of its own) for the speed table's Burn row.
+    #[arg(long)]
+    burn_ddp: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -36,7 +41,21 @@ pub fn run(args: Args) -> Result<()> {
     let data = out.join("data");
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
     std::fs::copy(release_dir().join("bonfire"), out.join("bonfire")).context("copying bonfire")?;
+    if args.burn_ddp {
+        eprintln!("building Burn's own DDP (bench/burn-ddp, release, its own build folder)...");
+        let dir = target_dir().join("burn-ddp");
+        cargo_build(
+            &["--release", "--quiet", "--manifest-path", "bench/burn-ddp/Cargo.toml"],
+            &[("CARGO_TARGET_DIR", dir.to_str().context("a build folder path that is not UTF-8")?)],
+            "bench/burn-ddp",
+        )?;
+        std::fs::copy(dir.join("release/burn-ddp"), out.join("burn-ddp")).context("copying burn-ddp")?;
+    } else {
+        // Not one left from an earlier bundle of other sources.
+        let _ = std::fs::remove_file(out.join("burn-ddp"));
+    }
     std::fs::copy(root().join("bench/torch_ddp_train.py"), out.join("torch_ddp_train.py"))?;
+    std::fs::copy(root().join("xtask/gpu-check/table.py"), out.join("table.py"))?;
     for (split, n) in [("train", args.train_images), ("t10k", args.train_images / 6)] {
         for (kind, record) in [("images-idx3-ubyte", 28 * 28), ("labels-idx1-ubyte", 1)] {
             let name = format!("{split}-{kind}.gz");

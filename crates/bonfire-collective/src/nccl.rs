@@ -5,14 +5,23 @@
 //! Each collective reads and writes the device memory of Burn's tensors
 //! through cubecl's resource API: no host copy.
 //!
-//! Ordering with Burn's compute stream: cubecl 0.10 does not expose the CUDA
-//! stream its kernels run on, so every call
-//! 1. waits for the device (`Backend::sync`): every kernel queued before the
-//!    call, including the ones that wrote the input, has finished;
-//! 2. runs the collective on this communicator's own CUDA stream;
-//! 3. waits for that stream before returning the output tensor, so no kernel
-//!    queued afterwards can read it early, and the input stays alive (held
-//!    by this function) until NCCL has read it.
+//! Burn's CUDA backend is fused (`Fusion<CubeBackend<..>>`, Burn's default):
+//! a call first runs the fused operations that produce its input and takes
+//! the device memory under it (`resolve_tensor_float`, as Burn's own ops do),
+//! and hands its output back to fusion as a new tensor.
+//!
+//! Ordering with Burn's kernels: cubecl 0.10 exposes neither the CUDA streams
+//! its kernels run on nor events on them, so the order is kept from the host,
+//! on the thread that makes the call (DDP's communication thread), never on
+//! the thread that trains:
+//! 1. taking the input's memory (`get_resource`) makes this thread's cubecl
+//!    stream wait, on the device, for the stream that wrote it; waiting for
+//!    this thread's stream (`Backend::sync`, a fence, not the whole device)
+//!    then means every kernel that wrote the input has run;
+//! 2. the collective runs on this communicator's own CUDA stream;
+//! 3. the call waits for that stream before returning the output tensor, so
+//!    no kernel queued afterwards can read it early, and the input stays
+//!    alive (held by this function) until NCCL has read it.
 //!
 //! NCCL itself has no timeout: a call whose peers never come blocks inside
 //! the GPU. Step 3 therefore polls the stream and, past the timeout, aborts
@@ -24,14 +33,15 @@
 use std::time::{Duration, Instant};
 
 use burn::backend::cuda::CudaDevice;
+use burn::backend::ir::{InitOperationIr, OperationIr, OperationOutput};
 use burn::backend::Cuda as CudaBackend;
-
-/// Burn's CUDA backend with f32 floats, as `bonfire` trains with it.
-type Cuda = CudaBackend<f32>;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorMetadata, TensorPrimitive};
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::CubeBackend;
+use burn_fusion::stream::OperationStreams;
+use burn_fusion::{get_client, FusionBackend, NoOp};
 use cudarc::driver::{result as cu, sys as cu_sys};
 use cudarc::nccl::{result as nccl, sys as nccl_sys};
 
@@ -42,6 +52,13 @@ use crate::error::{CommError, Result};
 use crate::heartbeat::Heartbeat;
 use crate::rendezvous::Rendezvous;
 use crate::tensor::TensorCollective;
+
+/// Burn's CUDA backend with f32 floats, as `bonfire` trains with it: fused.
+type Cuda = CudaBackend<f32>;
+/// The backend under the fusion, whose tensors are device memory.
+type CudaCube = CubeBackend<CudaRuntime, f32, i32, u8>;
+/// Device memory of a CUDA tensor.
+type DeviceTensor = CubeTensor<CudaRuntime>;
 
 /// A 1-D float tensor on a CUDA device.
 pub type CudaTensor = Tensor<Cuda, 1>;
@@ -138,8 +155,8 @@ impl NcclCommunicator {
     fn run(
         &mut self,
         op: &'static str,
-        input: CudaTensor,
-        output: Option<CudaTensor>,
+        input: DeviceTensor,
+        output: Option<DeviceTensor>,
         call: impl FnOnce(
             *const std::ffi::c_void,
             *mut std::ffi::c_void,
@@ -148,7 +165,7 @@ impl NcclCommunicator {
             nccl_sys::ncclComm_t,
             nccl_sys::cudaStream_t,
         ) -> std::result::Result<nccl::NcclStatus, nccl::NcclError>,
-    ) -> Result<CudaTensor> {
+    ) -> Result<DeviceTensor> {
         if let Some(why) = &self.failed {
             return Err(CommError::Aborted(why.clone()));
         }
@@ -159,20 +176,16 @@ impl NcclCommunicator {
             DType::BF16 => nccl_sys::ncclDataType_t::ncclBfloat16,
             other => return Err(CommError::invalid(op, format!("{other:?} tensors are not supported"))),
         };
-        let count = input.dims()[0];
-        // NCCL works on this communicator's GPU only.
-        let input = cube_tensor(input.to_device(&self.device));
-        let output = output.map(cube_tensor);
+        let count = input.shape()[0];
         if !input.is_contiguous() {
             return Err(CommError::invalid(op, "the tensor is not contiguous"));
         }
-        // 1. Everything queued on the device so far, including the input, is done.
-        <Cuda as Backend>::sync(&self.device).map_err(|e| CommError::Device { op, detail: format!("{e:?}") })?;
-        let resource = |t: &CubeTensor<CudaRuntime>| {
-            t.client.get_resource(t.handle.clone()).map_err(|e| CommError::Device { op, detail: format!("{e:?}") })
-        };
+        // 1. This thread's stream waits for the ones that wrote the buffers;
+        // then this thread waits for its stream.
+        let resource = |t: &DeviceTensor| t.client.get_resource(t.handle.clone()).map_err(device_error(op));
         let src = resource(&input)?;
         let dst = output.as_ref().map(resource).transpose()?;
+        <CudaCube as Backend>::sync(&self.device).map_err(device_error(op))?;
         let dst_ptr = dst.as_ref().unwrap_or(&src).resource().ptr;
         // SAFETY: the primary context retained in `connect`.
         unsafe { cu::ctx::set_current(self.context) }.map_err(|e| cuda_error("set the CUDA context", e))?;
@@ -186,7 +199,12 @@ impl NcclCommunicator {
         }
         result?;
         drop((src, dst));
-        Ok(Tensor::from_primitive(TensorPrimitive::Float(output.unwrap_or(input))))
+        Ok(output.unwrap_or(input))
+    }
+
+    /// An empty tensor of `len` values of `dtype` on this communicator's GPU.
+    fn empty(&self, len: usize, dtype: DType) -> DeviceTensor {
+        device_tensor(CudaTensor::empty([len], &self.device).cast(dtype))
     }
 
     /// Waits for this communicator's stream; past the timeout, aborts NCCL.
@@ -227,10 +245,8 @@ impl TensorCollective<Cuda> for NcclCommunicator {
     fn all_reduce(&mut self, tensor: CudaTensor, op: ReduceOp) -> Result<CudaTensor> {
         // In place (NCCL allows the output to be the input) where nothing
         // else holds the tensor, as DDP's bucket: no memory is allocated.
-        let (n, dtype) = (tensor.dims()[0], tensor.dtype());
-        let input = cube_tensor(tensor.to_device(&self.device));
-        let out = (!input.can_mut()).then(|| CudaTensor::empty([n], &self.device).cast(dtype));
-        let tensor = CudaTensor::from_primitive(TensorPrimitive::Float(input));
+        let input = device_tensor(tensor.to_device(&self.device));
+        let out = (!input.can_mut()).then(|| self.empty(input.shape()[0], input.dtype()));
         // A mean is a sum divided on the device afterwards, as PyTorch's DDP
         // does: ncclAvg once left a bucket's tail wrong on cubecl's buffers
         // (docs/cuda.md), and `bonfire nccl-check` checks every reduction on
@@ -240,10 +256,11 @@ impl TensorCollective<Cuda> for NcclCommunicator {
             ReduceOp::Max => nccl_sys::ncclRedOp_t::ncclMax,
             ReduceOp::Min => nccl_sys::ncclRedOp_t::ncclMin,
         };
-        let sum = self.run("all_reduce", tensor, out, |src, dst, count, dtype, comm, stream| {
+        let sum = self.run("all_reduce", input, out, |src, dst, count, dtype, comm, stream| {
             // SAFETY: src and dst are live device buffers of `count` elements.
             unsafe { nccl::all_reduce(src, dst, count, dtype, nccl_op, comm, stream) }
         })?;
+        let sum = fused_tensor(sum);
         Ok(match op {
             ReduceOp::Mean if self.world > 1 => sum.div_scalar(self.world as f32),
             _ => sum,
@@ -254,21 +271,23 @@ impl TensorCollective<Cuda> for NcclCommunicator {
         if root >= self.world {
             return Err(CommError::invalid("broadcast", format!("root {root} is not a rank of {}", self.world)));
         }
-        let n = tensor.dims()[0];
-        let out = CudaTensor::empty([n], &self.device).cast(tensor.dtype());
-        self.run("broadcast", tensor, Some(out), |src, dst, count, dtype, comm, stream| {
+        let input = device_tensor(tensor.to_device(&self.device));
+        let out = self.empty(input.shape()[0], input.dtype());
+        let out = self.run("broadcast", input, Some(out), |src, dst, count, dtype, comm, stream| {
             // SAFETY: as in all_reduce.
             unsafe { nccl::broadcast(src, dst, count, dtype, root as i32, comm, stream) }
-        })
+        })?;
+        Ok(fused_tensor(out))
     }
 
     fn all_gather(&mut self, tensor: CudaTensor) -> Result<CudaTensor> {
-        let n = tensor.dims()[0];
-        let out = CudaTensor::empty([n * self.world], &self.device).cast(tensor.dtype());
-        self.run("all_gather", tensor, Some(out), |src, dst, count, dtype, comm, stream| {
+        let input = device_tensor(tensor.to_device(&self.device));
+        let out = self.empty(input.shape()[0] * self.world, input.dtype());
+        let out = self.run("all_gather", input, Some(out), |src, dst, count, dtype, comm, stream| {
             // SAFETY: dst holds world * count elements.
             unsafe { nccl::all_gather(src, dst, count, dtype, comm, stream) }
-        })
+        })?;
+        Ok(fused_tensor(out))
     }
 }
 
@@ -281,8 +300,22 @@ impl Drop for NcclCommunicator {
     }
 }
 
-fn cube_tensor(t: CudaTensor) -> CubeTensor<CudaRuntime> {
-    t.into_primitive().tensor()
+/// The device memory under a fused tensor, once the fused operations that
+/// produce it have run (as Burn's own ops take it).
+fn device_tensor(t: CudaTensor) -> DeviceTensor {
+    let fused = t.into_primitive().tensor();
+    fused.client.clone().resolve_tensor_float::<CudaCube>(fused)
+}
+
+/// Device memory handed back to fusion as a tensor (as Burn's `from_data` does).
+fn fused_tensor(t: DeviceTensor) -> CudaTensor {
+    let client = get_client::<CudaCube>(&t.device);
+    let (shape, dtype) = (t.shape(), t.dtype);
+    let handle = <CudaCube as FusionBackend>::float_tensor_handle(t);
+    let init = InitOperationIr::create(shape, dtype, || client.register_tensor_handle(handle));
+    let fused =
+        client.register(OperationStreams::default(), OperationIr::Init(init), NoOp::<CudaCube>::new()).output();
+    Tensor::from_primitive(TensorPrimitive::Float(fused))
 }
 
 /// The device's primary context, the one cubecl-cuda runs Burn's kernels in.
@@ -294,6 +327,10 @@ fn primary_context(index: usize) -> Result<cu_sys::CUcontext> {
     // SAFETY: the context just retained.
     unsafe { cu::ctx::set_current(context) }.map_err(|e| cuda_error("set the CUDA context", e))?;
     Ok(context)
+}
+
+fn device_error<E: std::fmt::Debug>(op: &'static str) -> impl Fn(E) -> CommError {
+    move |e| CommError::Device { op, detail: format!("{e:?}") }
 }
 
 fn cuda_error(op: &'static str, e: cu::DriverError) -> CommError {

@@ -84,7 +84,13 @@ impl<B: MoveBackend> DataParallel<B> {
                 .into_iter()
                 .map(|(replica, chunk)| {
                     s.spawn(move || {
+                        let device = chunk.device();
                         let out = forward(&replica, chunk);
+                        // Run what this thread queued before it ends: Burn
+                        // 0.21's fusion mishandles the operations a finished
+                        // thread leaves queued (DP with batch norm on fused
+                        // wgpu then differed from run to run).
+                        let _ = B::sync(&device);
                         (replica, out)
                     })
                 })

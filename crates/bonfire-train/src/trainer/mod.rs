@@ -6,16 +6,18 @@
 //!   gradient accumulation goes);
 //! - `state.rs`: resuming from a checkpoint and writing one;
 //! - `epoch.rs`: an epoch's progress bar and metrics;
+//! - `pending.rs`: a step's loss, read once the next step is queued;
 //! - `batch.rs`: batches, the loss's value, accuracy.
 
 mod batch;
 mod config;
 mod epoch;
+mod pending;
 mod state;
 
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use bonfire_data::{DistributedSampler, ImageDataset};
 use bonfire_parallel::{DataParallel, DdpConfig, DistributedDataParallel, HookBackend, Strategy};
 use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
@@ -26,9 +28,10 @@ use burn::tensor::{Int, Tensor};
 use crate::checkpoint::Position;
 use crate::model::{LeNet, ModelKind, ResNet, TrainableClassifier};
 pub use batch::{accuracy, check_batch};
-use batch::{ensure_finite, loss_value, to_tensors};
+use batch::{ensure_finite, to_tensors};
 pub use config::{EpochMetrics, OptimizerKind, Parallel, Report, Resume, TrainOptions};
 use epoch::Epoch;
+use pending::{Losses, Queued};
 
 /// Trains one worker (or, with DP, one process driving several devices)
 /// and returns what it measured; rank 0 also evaluates on `test` after
@@ -101,34 +104,48 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
     let per_rank = options.global_batch / world;
     let sampler = DistributedSampler::new(train.len(), rank, world, options.shuffle, options.seed, false)?;
     let steps_per_epoch = sampler.per_rank().div_ceil(per_rank);
-    let mut stepper = Stepper { strategy, opt, loss: CrossEntropyLossConfig::new().init(device), options, rank };
+    let mut stepper = Stepper { strategy, opt, loss: CrossEntropyLossConfig::new().init(device), options };
     if let (Some(file), 0) = (&from, rank) {
         state::announce(position, file);
     }
     let checkpoints = options.checkpoint_dir.as_deref().filter(|_| rank == 0);
     let mut done_steps = position.steps_done as usize;
     let mut report = Report { rank, ..Report::default() };
-    let began = Instant::now();
+    let mut losses = Losses::new(rank, Instant::now());
     'epochs: for epoch in position.epoch as usize..options.epochs {
         // Resumed inside this epoch: the sampler's order is the same, so
         // skipping the steps done continues it.
         let skip = if epoch == position.epoch as usize { position.step_in_epoch as usize } else { 0 };
         let mut tally = Epoch::start(epoch, options.epochs, steps_per_epoch, skip, options.progress && rank == 0);
         let mut step_in_epoch = skip;
+        let mut queued = None;
         for indices in sampler.indices(epoch as u64).chunks(per_rank).skip(skip) {
-            let step_start = Instant::now();
+            let start = Instant::now();
             let (x, y) = to_tensors::<B>(train, indices, device);
             let loss;
-            (model, loss) = stepper.step(model, x, y, done_steps + 1)?;
-            report.step_seconds.push(step_start.elapsed().as_secs_f64());
-            report.step_ends.push(began.elapsed().as_secs_f64());
+            (model, loss) = stepper.step(model, x, y)?;
             done_steps += 1;
             step_in_epoch += 1;
-            report.step_losses.push((epoch * steps_per_epoch + step_in_epoch, loss));
-            tally.add(loss, indices.len() * world);
+            let step = Queued {
+                loss,
+                number: done_steps,
+                at: epoch * steps_per_epoch + step_in_epoch,
+                images: indices.len() * world,
+                start,
+            };
+            if let Some(previous) = queued.take() {
+                losses.read(previous, &mut report, &mut tally)?;
+            }
             let every = options.checkpoint_every.is_some_and(|n| done_steps.is_multiple_of(n));
             // The last step of an epoch gets the epoch's checkpoint below.
-            if let (true, Some(dir)) = (every && step_in_epoch < steps_per_epoch, checkpoints) {
+            let checkpoint = checkpoints.filter(|_| every && step_in_epoch < steps_per_epoch);
+            let last = options.max_steps.is_some_and(|m| done_steps >= m);
+            if checkpoint.is_none() && !last {
+                queued = Some(step);
+                continue;
+            }
+            losses.read(step, &mut report, &mut tally)?;
+            if let Some(dir) = checkpoint {
                 let at = Position {
                     epoch: epoch as u64,
                     step_in_epoch: step_in_epoch as u64,
@@ -136,10 +153,13 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
                 };
                 state::save(dir, at, &model, &stepper.opt)?;
             }
-            if options.max_steps.is_some_and(|m| done_steps >= m) {
+            if last {
                 report.epochs.push(tally.finish(rank, &model, test, device));
                 break 'epochs;
             }
+        }
+        if let Some(step) = queued {
+            losses.read(step, &mut report, &mut tally)?;
         }
         report.epochs.push(tally.finish(rank, &model, test, device));
         if let Some(dir) = checkpoints {
@@ -160,20 +180,13 @@ struct Stepper<'a, B: HookBackend, O> {
     opt: O,
     loss: CrossEntropyLoss<B>,
     options: &'a TrainOptions,
-    rank: usize,
 }
 
 impl<B: HookBackend, O> Stepper<'_, B, O> {
-    /// Step `number` of the run (from 1) on this rank's share of a batch:
-    /// the gradients, averaged as the strategy does, then the update.
-    /// Returns the model after it and the batch's loss.
-    fn step<M: TrainableClassifier<B>>(
-        &mut self,
-        model: M,
-        x: Tensor<B, 4>,
-        y: Tensor<B, 1, Int>,
-        number: usize,
-    ) -> Result<(M, f64)>
+    /// One step on this rank's share of a batch: the gradients, averaged
+    /// as the strategy does, then the update. Returns the model after it
+    /// and the batch's loss, still on the device (see `pending.rs`).
+    fn step<M: TrainableClassifier<B>>(&mut self, model: M, x: Tensor<B, 4>, y: Tensor<B, 1, Int>) -> Result<(M, Tensor<B, 1>)>
     where
         O: Optimizer<M, B>,
     {
@@ -182,16 +195,6 @@ impl<B: HookBackend, O> Stepper<'_, B, O> {
             .strategy
             .step(&model, x, y, |m, x| m.forward(x), |logits, y| loss_fn.forward(logits, y))
             .context("the training step")?;
-        let loss = loss_value(&loss);
-        if !loss.is_finite() {
-            // Stop before the optimizer spreads it into the weights, and
-            // before any checkpoint could be written from them.
-            bail!(
-                "the loss is {loss} at step {number} on rank {}; stopping (a learning rate too high, or bad \
-                 input data); the last checkpoint, if any, is left as it was",
-                self.rank
-            );
-        }
         Ok((self.opt.step(self.options.lr, model, grads), loss))
     }
 }

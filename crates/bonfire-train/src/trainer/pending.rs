@@ -1,0 +1,67 @@
+//! A step's loss, read one step late.
+//!
+//! Reading a loss waits for the device to finish its step. The trainer
+//! queues step k+1 before it reads step k's loss, so that a GPU always has a
+//! step to run while the host waits; a CPU backend has finished by then and
+//! loses nothing. A step whose weights are about to be written (a
+//! checkpoint, the last step) is read at once, so that no file is ever
+//! written from weights a non-finite loss has reached.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+
+use super::batch::loss_value;
+use super::config::Report;
+use super::epoch::Epoch;
+
+/// A step whose work is queued and whose loss is not read yet.
+pub(super) struct Queued<B: Backend> {
+    pub loss: Tensor<B, 1>,
+    /// The step's number in the run (from 1), and its index in the plot's
+    /// numbering (epoch * steps per epoch + step in the epoch).
+    pub number: usize,
+    pub at: usize,
+    /// Images of the step over all ranks.
+    pub images: usize,
+    pub start: Instant,
+}
+
+/// What reading the losses keeps between steps.
+pub(super) struct Losses {
+    rank: usize,
+    began: Instant,
+    /// When the last step read had ended.
+    last_end: Option<Instant>,
+}
+
+impl Losses {
+    pub fn new(rank: usize, began: Instant) -> Self {
+        Losses { rank, began, last_end: None }
+    }
+
+    /// Reads `step`'s loss into the report and the epoch's tally; a
+    /// non-finite loss stops the run. A step's time runs from its start, or
+    /// from the end of the step before where it was queued earlier.
+    pub fn read<B: Backend>(&mut self, step: Queued<B>, report: &mut Report, tally: &mut Epoch) -> Result<()> {
+        let loss = loss_value(&step.loss);
+        if !loss.is_finite() {
+            bail!(
+                "the loss is {loss} at step {} on rank {}; stopping (a learning rate too high, or bad input \
+                 data); the last checkpoint, if any, is left as it was",
+                step.number,
+                self.rank
+            );
+        }
+        let end = Instant::now();
+        let from = self.last_end.map_or(step.start, |last| last.max(step.start));
+        self.last_end = Some(end);
+        report.step_seconds.push((end - from).as_secs_f64());
+        report.step_ends.push((end - self.began).as_secs_f64());
+        report.step_losses.push((step.at, loss));
+        tally.add(loss, step.images);
+        Ok(())
+    }
+}
