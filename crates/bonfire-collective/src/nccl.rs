@@ -33,7 +33,7 @@
 use std::time::{Duration, Instant};
 
 use burn::backend::cuda::CudaDevice;
-use burn::backend::ir::{InitOperationIr, OperationIr, OperationOutput};
+use burn::backend::ir::{BackendIr, InitOperationIr, OperationIr, OperationOutput};
 use burn::backend::Cuda as CudaBackend;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorMetadata, TensorPrimitive};
@@ -41,7 +41,7 @@ use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
 use burn_fusion::stream::OperationStreams;
-use burn_fusion::{get_client, FusionBackend, NoOp};
+use burn_fusion::{get_client, NoOp};
 use cudarc::driver::{result as cu, sys as cu_sys};
 use cudarc::nccl::{result as nccl, sys as nccl_sys};
 
@@ -311,7 +311,7 @@ fn device_tensor(t: CudaTensor) -> DeviceTensor {
 fn fused_tensor(t: DeviceTensor) -> CudaTensor {
     let client = get_client::<CudaCube>(&t.device);
     let (shape, dtype) = (t.shape(), t.dtype);
-    let handle = <CudaCube as FusionBackend>::float_tensor_handle(t);
+    let handle = <CudaCube as BackendIr>::float_tensor_handle(t);
     let init = InitOperationIr::create(shape, dtype, || client.register_tensor_handle(handle));
     let fused =
         client.register(OperationStreams::default(), OperationIr::Init(init), NoOp::<CudaCube>::new()).output();
