@@ -1,8 +1,9 @@
 //! Burn 0.21's own DDP, as a Burn user runs it: burn-train's Learner with
 //! the DDP strategy (Burn's `distributed` feature: gradients all-reduced
-//! during backward through cubecl's NCCL), training Bonfire's LeNet or
-//! ResNet on Fashion-MNIST with SGD (lr 0.01, momentum 0.9, no dampening),
-//! the work `bonfire train` does in the GPU check.
+//! during backward through cubecl's NCCL), training the LeNet or the ResNet
+//! of `bonfire train` (in Burn's modules, `model.rs`) on Fashion-MNIST with
+//! SGD (lr 0.01, momentum 0.9, no dampening), the work `bonfire train` does
+//! in the GPU check.
 //!
 //! Prints one JSON line: images/s over the steps after the warm-up (from
 //! the start of one step to the start of the next: the Learner's loss
@@ -17,7 +18,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use bonfire_data::{fashion_mnist, ImageDataset, Split};
-use bonfire_train::model::{Classifier, LeNet, ModelKind, ResNet};
+mod model;
+
 use burn::backend::cuda::CudaDevice;
 use burn::backend::{Autodiff, Cuda};
 use burn::data::dataloader::batcher::Batcher;
@@ -35,8 +37,15 @@ use burn::train::{
     ClassificationOutput, ExecutionStrategy, InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep,
 };
 use clap::Parser;
+use model::{LeNet, ResNet};
 
 type B = Autodiff<Cuda>;
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ModelKind {
+    Lenet,
+    Resnet,
+}
 
 #[derive(Parser)]
 struct Args {
@@ -82,8 +91,7 @@ impl<B: Backend> Batcher<B, usize, Batch<B>> for Images {
     }
 }
 
-/// Bonfire's model as a Learner model (the Learner's step traits are
-/// burn-train's and the models Bonfire's: a local wrapper joins them).
+/// A model as the Learner trains it: a loss and its outputs per batch.
 macro_rules! learner_model {
     ($name:ident, $model:ident) => {
         #[derive(Module, Debug)]
@@ -94,7 +102,8 @@ macro_rules! learner_model {
         impl<B: Backend> $name<B> {
             fn classify(&self, batch: Batch<B>) -> ClassificationOutput<B> {
                 let logits = self.model.forward(batch.x);
-                let loss = CrossEntropyLossConfig::new().init(&logits.device()).forward(logits.clone(), batch.y.clone());
+                let loss =
+                    CrossEntropyLossConfig::new().init(&logits.device()).forward(logits.clone(), batch.y.clone());
                 ClassificationOutput::new(loss, logits, batch.y)
             }
         }
@@ -132,11 +141,11 @@ fn main() -> Result<()> {
     let devices: Vec<CudaDevice> = (0..args.gpus).map(CudaDevice::new).collect();
     let row = match args.model {
         ModelKind::Lenet => {
-            let model = LeNet::new(train.channels, train.height, train.classes, &devices[0]);
+            let model = LeNet::new(train.classes, &devices[0]);
             run(&args, devices, train, test, LeNetLearner { model }, |m: &LeNetLearner<Cuda>, b| m.classify(b))
         }
         ModelKind::Resnet => {
-            let model = ResNet::new(train.channels, train.classes, &devices[0]);
+            let model = ResNet::new(train.classes, &devices[0]);
             run(&args, devices, train, test, ResNetLearner { model }, |m: &ResNetLearner<Cuda>, b| m.classify(b))
         }
     }?;
@@ -153,7 +162,7 @@ fn run<M>(
     classify: impl Fn(&M::InnerModule, Batch<Cuda>) -> ClassificationOutput<Cuda>,
 ) -> Result<serde_json::Value>
 where
-    M: TrainStep<Input = Batch<B>, Output = ClassificationOutput<B>> + AutodiffModule<B> + 'static,
+    M: TrainStep<Input = Batch<B>, Output = ClassificationOutput<B>> + AutodiffModule<B> + std::fmt::Display + 'static,
     M::InnerModule: InferenceStep<Input = Batch<Cuda>, Output = ClassificationOutput<Cuda>>,
 {
     let device = devices[0].clone();
@@ -170,8 +179,9 @@ where
     let loader = |data: &Arc<ImageDataset>, indices: Vec<usize>| -> Arc<dyn DataLoader<B, Batch<B>>> {
         DataLoaderBuilder::new(Images(data.clone())).batch_size(args.batch).build(InMemDataset::new(indices))
     };
-    let valid: Arc<dyn DataLoader<Cuda, Batch<Cuda>>> =
-        DataLoaderBuilder::new(Images(test.clone())).batch_size(args.batch).build(InMemDataset::new((0..args.batch).collect()));
+    let valid: Arc<dyn DataLoader<Cuda, Batch<Cuda>>> = DataLoaderBuilder::new(Images(test.clone()))
+        .batch_size(args.batch)
+        .build(InMemDataset::new((0..args.batch).collect()));
     let dir = std::env::temp_dir().join(format!("burn-ddp-{}", std::process::id()));
     let training = SupervisedTraining::new(&dir, loader(&train, indices), valid)
         .metric_train_numeric(LossMetric::new())
@@ -191,7 +201,7 @@ where
     let (loss_end, accuracy) = evaluate(&result.model);
     Ok(serde_json::json!({
         "impl": "burn-ddp",
-        "model": args.model.to_string(),
+        "model": format!("{:?}", args.model).to_lowercase(),
         "gpus": args.gpus,
         "global_batch": args.batch,
         "steps": starts.len(),

@@ -313,8 +313,7 @@ fn fused_tensor(t: DeviceTensor) -> CudaTensor {
     let (shape, dtype) = (t.shape(), t.dtype);
     let handle = <CudaCube as BackendIr>::float_tensor_handle(t);
     let init = InitOperationIr::create(shape, dtype, || client.register_tensor_handle(handle));
-    let fused =
-        client.register(OperationStreams::default(), OperationIr::Init(init), NoOp::<CudaCube>::new()).output();
+    let fused = client.register(OperationStreams::default(), OperationIr::Init(init), NoOp::<CudaCube>::new()).output();
     Tensor::from_primitive(TensorPrimitive::Float(fused))
 }
 

@@ -186,7 +186,12 @@ impl<B: HookBackend, O> Stepper<'_, B, O> {
     /// One step on this rank's share of a batch: the gradients, averaged
     /// as the strategy does, then the update. Returns the model after it
     /// and the batch's loss, still on the device (see `pending.rs`).
-    fn step<M: TrainableClassifier<B>>(&mut self, model: M, x: Tensor<B, 4>, y: Tensor<B, 1, Int>) -> Result<(M, Tensor<B, 1>)>
+    fn step<M: TrainableClassifier<B>>(
+        &mut self,
+        model: M,
+        x: Tensor<B, 4>,
+        y: Tensor<B, 1, Int>,
+    ) -> Result<(M, Tensor<B, 1>)>
     where
         O: Optimizer<M, B>,
     {
