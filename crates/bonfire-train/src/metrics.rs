@@ -22,7 +22,9 @@ pub fn write_metrics(dir: &std::path::Path, report: &Report) -> Result<()> {
         );
     }
     std::fs::write(dir.join("metrics.csv"), csv)?;
-    // `seconds`: the step's own time; `elapsed`: since training began, at the step's end.
+    // `seconds`: the step's own time (on a GPU, from the end of the step
+    // before where it was queued while that one ran); `elapsed`: since
+    // training began, at the step's end (when its loss was read).
     let mut steps = String::from("step,loss,seconds,elapsed\n");
     for (((step, loss), seconds), elapsed) in report.step_losses.iter().zip(&report.step_seconds).zip(&report.step_ends)
     {

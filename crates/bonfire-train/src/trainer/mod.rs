@@ -6,7 +6,8 @@
 //!   gradient accumulation goes);
 //! - `state.rs`: resuming from a checkpoint and writing one;
 //! - `epoch.rs`: an epoch's progress bar and metrics;
-//! - `pending.rs`: a step's loss, read once the next step is queued;
+//! - `pending.rs`: a step's loss, read once the next step is queued where
+//!   the device runs ahead of the host;
 //! - `batch.rs`: batches, the loss's value, accuracy.
 
 mod batch;
@@ -112,6 +113,7 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
     let mut done_steps = position.steps_done as usize;
     let mut report = Report { rank, ..Report::default() };
     let mut losses = Losses::new(rank, Instant::now());
+    let runs_ahead = pending::runs_ahead::<B>(device);
     'epochs: for epoch in position.epoch as usize..options.epochs {
         // Resumed inside this epoch: the sampler's order is the same, so
         // skipping the steps done continues it.
@@ -140,7 +142,7 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
             // The last step of an epoch gets the epoch's checkpoint below.
             let checkpoint = checkpoints.filter(|_| every && step_in_epoch < steps_per_epoch);
             let last = options.max_steps.is_some_and(|m| done_steps >= m);
-            if checkpoint.is_none() && !last {
+            if checkpoint.is_none() && !last && runs_ahead {
                 queued = Some(step);
                 continue;
             }

@@ -1,11 +1,13 @@
-//! A step's loss, read one step late.
+//! A step's loss, read one step late where the device runs ahead.
 //!
-//! Reading a loss waits for the device to finish its step. The trainer
-//! queues step k+1 before it reads step k's loss, so that a GPU always has a
-//! step to run while the host waits; a CPU backend has finished by then and
-//! loses nothing. A step whose weights are about to be written (a
-//! checkpoint, the last step) is read at once, so that no file is ever
-//! written from weights a non-finite loss has reached.
+//! Reading a loss waits for the device to finish its step. On a GPU
+//! backend (cubecl's: wgpu, CUDA) the trainer queues step k+1 before it
+//! reads step k's loss, so that the device always has a step to run while
+//! the host waits. The CPU backends have finished a step when it returns,
+//! so there it is read at once, and each step's time in steps.csv is its
+//! own. A step whose weights are about to be written (a checkpoint, the
+//! last step) is always read at once, so that no file is ever written from
+//! weights a non-finite loss has reached.
 
 use std::time::Instant;
 
@@ -27,6 +29,13 @@ pub(super) struct Queued<B: Backend> {
     /// Images of the step over all ranks.
     pub images: usize,
     pub start: Instant,
+}
+
+/// Whether `B`'s device runs ahead of the host: its steps are queued, not
+/// finished, when they return. Told by the backend's name, as
+/// `bonfire_parallel::device_move` tells cubecl's backends.
+pub(super) fn runs_ahead<B: Backend>(device: &B::Device) -> bool {
+    B::name(device).contains("cubecl<")
 }
 
 /// What reading the losses keeps between steps.
