@@ -74,3 +74,50 @@ impl Losses {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use burn::backend::Flex;
+    use burn::tensor::Tensor;
+
+    use super::{runs_ahead, Losses, Queued};
+    use crate::trainer::config::Report;
+    use crate::trainer::epoch::Epoch;
+
+    fn step(loss: f32, number: usize, start: Instant) -> Queued<Flex> {
+        Queued { loss: Tensor::from_floats([loss], &Default::default()), number, at: number, images: 10, start }
+    }
+
+    #[test]
+    fn a_step_queued_while_the_one_before_ran_is_timed_from_that_ones_end() {
+        let began = Instant::now();
+        let (mut losses, mut report) = (Losses::new(0, began), Report::default());
+        let mut tally = Epoch::start(0, 1, 2, 0, false);
+        // Step 2 is queued before step 1's loss is read, as on a GPU.
+        let (first, second) = (step(2.0, 1, began), step(1.0, 2, began + Duration::from_millis(1)));
+        std::thread::sleep(Duration::from_millis(5));
+        losses.read(first, &mut report, &mut tally).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        losses.read(second, &mut report, &mut tally).unwrap();
+        let (s, e) = (&report.step_seconds, &report.step_ends);
+        assert!(s[0] >= 0.005 && (s[1] - (e[1] - e[0])).abs() < 1e-9, "{s:?} {e:?}");
+        assert_eq!(report.step_losses, vec![(1, 2.0), (2, 1.0)]);
+    }
+
+    #[test]
+    fn a_non_finite_loss_stops_the_run_naming_its_step_and_rank() {
+        let (mut losses, mut report) = (Losses::new(3, Instant::now()), Report::default());
+        let mut tally = Epoch::start(0, 1, 1, 0, false);
+        let err = losses.read(step(f32::NAN, 7, Instant::now()), &mut report, &mut tally).unwrap_err();
+        assert!(err.to_string().contains("at step 7 on rank 3"), "{err}");
+        assert!(report.step_losses.is_empty());
+    }
+
+    #[test]
+    fn only_cubecl_backends_run_ahead() {
+        assert!(!runs_ahead::<Flex>(&Default::default()));
+        assert!(!runs_ahead::<burn::backend::NdArray>(&Default::default()));
+    }
+}
