@@ -1,6 +1,7 @@
 //! `cargo xtask gpu-check`: prepares a folder that checks the CUDA path on a
 //! machine with an NVIDIA GPU, CUDA and PyTorch but no Rust toolchain:
-//! a stripped release `bonfire` built with the `cuda` feature, a
+//! a stripped release `bonfire` built with the `cuda` feature (gzipped:
+//! `run.sh` unpacks it, so that the folder fits what a check may carry), a
 //! Fashion-MNIST subset, the PyTorch baseline, `run.sh` and the speed
 //! table's `table.py`.
 
@@ -40,7 +41,7 @@ pub fn run(args: Args) -> Result<()> {
     let out = root().join(&args.out);
     let data = out.join("data");
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
-    std::fs::copy(release_dir().join("bonfire"), out.join("bonfire")).context("copying bonfire")?;
+    packed(&release_dir().join("bonfire"), &out.join("bonfire.gz"))?;
     if args.burn_ddp {
         eprintln!("building Burn's own DDP (bench/burn-ddp, release, its own build folder)...");
         let dir = target_dir().join("burn-ddp");
@@ -49,10 +50,13 @@ pub fn run(args: Args) -> Result<()> {
             &[("CARGO_TARGET_DIR", dir.to_str().context("a build folder path that is not UTF-8")?)],
             "bench/burn-ddp",
         )?;
-        std::fs::copy(dir.join("release/burn-ddp"), out.join("burn-ddp")).context("copying burn-ddp")?;
+        packed(&dir.join("release/burn-ddp"), &out.join("burn-ddp.gz"))?;
     } else {
         // Not one left from an earlier bundle of other sources.
-        let _ = std::fs::remove_file(out.join("burn-ddp"));
+        let _ = std::fs::remove_file(out.join("burn-ddp.gz"));
+    }
+    for unpacked in ["bonfire", "burn-ddp"] {
+        let _ = std::fs::remove_file(out.join(unpacked));
     }
     std::fs::copy(root().join("bench/torch_ddp_train.py"), out.join("torch_ddp_train.py"))?;
     std::fs::copy(root().join("xtask/gpu-check/table.py"), out.join("table.py"))?;
@@ -70,6 +74,16 @@ pub fn run(args: Args) -> Result<()> {
     if bytes > 60 << 20 {
         bail!("the bundle is {:.1} MiB, over the 60 MiB a check may carry", bytes as f64 / 1048576.0);
     }
+    Ok(())
+}
+
+/// Gzips the program `from` into `to`.
+fn packed(from: &Path, to: &Path) -> Result<()> {
+    let mut input = std::fs::File::open(from).with_context(|| format!("opening {}", from.display()))?;
+    let output = std::fs::File::create(to).with_context(|| format!("creating {}", to.display()))?;
+    let mut gz = flate2::write::GzEncoder::new(output, flate2::Compression::default());
+    std::io::copy(&mut input, &mut gz).with_context(|| format!("packing {}", from.display()))?;
+    gz.finish()?;
     Ok(())
 }
 
