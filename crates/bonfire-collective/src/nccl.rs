@@ -124,7 +124,7 @@ impl NcclCommunicator {
             id
         };
         let context = primary_context(device.index)?;
-        let stream = cu::stream::create(cu::stream::StreamKind::NonBlocking).map_err(|e| cuda_error("stream", e))?;
+        let stream = cu::stream::create(cu::stream::StreamKind::NonBlocking).map_err(device_error("stream"))?;
         let mut comm = std::mem::MaybeUninit::uninit();
         // SAFETY: `comm` is written by ncclCommInitRank on success; the id
         // is the group's, and rank < world was checked by DistEnv.
@@ -188,7 +188,7 @@ impl NcclCommunicator {
         <CudaCube as Backend>::sync(&self.device).map_err(device_error(op))?;
         let dst_ptr = dst.as_ref().unwrap_or(&src).resource().ptr;
         // SAFETY: the primary context retained in `connect`.
-        unsafe { cu::ctx::set_current(self.context) }.map_err(|e| cuda_error("set the CUDA context", e))?;
+        unsafe { cu::ctx::set_current(self.context) }.map_err(device_error("set the CUDA context"))?;
         // 2. The collective, on this communicator's stream.
         let launched =
             call(src.resource().ptr as *const _, dst_ptr as *mut _, count, dtype, self.comm, self.stream as _);
@@ -319,21 +319,18 @@ fn fused_tensor(t: DeviceTensor) -> CudaTensor {
 
 /// The device's primary context, the one cubecl-cuda runs Burn's kernels in.
 fn primary_context(index: usize) -> Result<cu_sys::CUcontext> {
-    cu::init().map_err(|e| cuda_error("cuInit", e))?;
-    let device = cu::device::get(index as i32).map_err(|e| cuda_error("cuDeviceGet", e))?;
+    cu::init().map_err(device_error("cuInit"))?;
+    let device = cu::device::get(index as i32).map_err(device_error("cuDeviceGet"))?;
     // SAFETY: a valid device; the primary context is retained for the process's life.
-    let context = unsafe { cu::primary_ctx::retain(device) }.map_err(|e| cuda_error("retain the context", e))?;
+    let context = unsafe { cu::primary_ctx::retain(device) }.map_err(device_error("retain the context"))?;
     // SAFETY: the context just retained.
-    unsafe { cu::ctx::set_current(context) }.map_err(|e| cuda_error("set the CUDA context", e))?;
+    unsafe { cu::ctx::set_current(context) }.map_err(device_error("set the CUDA context"))?;
     Ok(context)
 }
 
+/// A failed CUDA or cubecl call `op`, as an error.
 fn device_error<E: std::fmt::Debug>(op: &'static str) -> impl Fn(E) -> CommError {
     move |e| CommError::Device { op, detail: format!("{e:?}") }
-}
-
-fn cuda_error(op: &'static str, e: cu::DriverError) -> CommError {
-    CommError::Device { op, detail: format!("{e:?}") }
 }
 
 fn nccl_error(op: &'static str, e: nccl::NcclError) -> CommError {
