@@ -5,7 +5,9 @@
 # other networks), and its outgoing traffic limited to RATE by a token
 # bucket (tc tbf), so that every packet between two hosts crosses two
 # rate-limited links, as on a switched cluster network. The kernel here has
-# tbf but not netem: rates can be set, added delay cannot.
+# tbf but not netem: rates can be set, added delay cannot. Each host also has
+# a /dev/shm of its own (a folder under /tmp bound over it), so processes on
+# different hosts cannot pass bytes through shared memory, as on real hosts.
 #
 #   hosts.sh up NAME N SUBNET RATE     (RATE as tc takes it: 10gbit, 1gbit)
 #   hosts.sh down NAME N
@@ -23,6 +25,7 @@ up() {
     for ((i = 0; i < n; i++)); do
         local host="$name-h$i"
         ip netns add "$host"
+        mkdir -p "/tmp/$host-shm"
         ip link add "$name-v$i" type veth peer name eth0 netns "$host"
         ip link set "$name-v$i" master "$name-b" up
         ip -n "$host" link set lo up
@@ -37,7 +40,7 @@ down() {
     local name=$1 n=$2
     for ((i = 0; i < n; i++)); do
         ip netns del "$name-h$i" 2>/dev/null || true
-        rm -rf "/tmp/$name-h$i-mpi"
+        rm -rf "/tmp/$name-h$i-mpi" "/tmp/$name-h$i-shm"
     done
     ip link del "$name-b" 2>/dev/null || true
 }
@@ -48,7 +51,9 @@ case "${1:-}" in
     exec)
         host="$2-h$3"
         shift 3
-        exec ip netns exec "$host" "$@"
+        # `ip netns exec` gives the command a mount namespace of its own, so
+        # the bind stays inside it.
+        exec ip netns exec "$host" sh -c 'mount --bind "$0" /dev/shm && exec "$@"' "/tmp/$host-shm" "$@"
         ;;
     rsh)
         # mpirun passes its remote command as words of one shell line. The
@@ -57,7 +62,7 @@ case "${1:-}" in
         host="$2"
         shift 2
         mkdir -p "/tmp/$host-mpi"
-        exec ip netns exec "$host" env TMPDIR="/tmp/$host-mpi" sh -c "$*"
+        exec ip netns exec "$host" env TMPDIR="/tmp/$host-mpi" sh -c "mount --bind /tmp/$host-shm /dev/shm && $*"
         ;;
     *)
         echo "usage: $0 up NAME N SUBNET RATE | down NAME N | exec NAME I CMD..." >&2

@@ -20,9 +20,11 @@ pub struct Args {
     /// Buffer sizes in MiB of f32 (fractions too: 0.25 is 256 KiB).
     #[arg(long, value_delimiter = ',', default_value = "1,4,25,100")]
     sizes_mib: Vec<f64>,
-    /// Which communicators to measure: inproc, tcp, mpi (a build with the
-    /// `mpi` feature; ranks started by mpirun).
-    #[arg(long, value_delimiter = ',', default_value = "inproc,tcp")]
+    /// Which communicators to measure: inproc, shm (the ring between
+    /// processes through shared memory), tcp (the ring over its sockets
+    /// alone, as between hosts), mpi (a build with the `mpi` feature; ranks
+    /// started by mpirun).
+    #[arg(long, value_delimiter = ',', default_value = "inproc,shm,tcp")]
     r#impl: Vec<String>,
     /// Bytes per pipelined chunk of the TCP ring.
     #[arg(long)]
@@ -35,9 +37,12 @@ pub struct WorkerArgs {
     sizes_bytes: Vec<usize>,
     #[arg(long)]
     chunk_bytes: Option<usize>,
-    /// Join through MPI (this process is a rank of an mpirun job) instead of the TCP ring.
+    /// Join through MPI (this process is a rank of an mpirun job) instead of the ring.
     #[arg(long)]
     mpi: bool,
+    /// The ring over its sockets alone, without shared memory.
+    #[arg(long)]
+    sockets: bool,
 }
 
 /// Seconds per all-reduce of `bytes` of f32 on this rank.
@@ -74,9 +79,10 @@ pub fn run(args: Args) -> Result<()> {
     for kind in &args.r#impl {
         match kind.as_str() {
             "inproc" => inproc(&args)?,
-            "tcp" => tcp(&args)?,
+            "shm" => ring(&args, false)?,
+            "tcp" => ring(&args, true)?,
             "mpi" => mpi(&args)?,
-            other => bail!("unknown --impl {other:?}; expected inproc, tcp or mpi"),
+            other => bail!("unknown --impl {other:?}; expected inproc, shm, tcp or mpi"),
         }
     }
     Ok(())
@@ -95,7 +101,8 @@ fn inproc(args: &Args) -> Result<()> {
     Ok(())
 }
 
-fn tcp(args: &Args) -> Result<()> {
+/// The ring between processes of this program; `sockets`: without shared memory.
+fn ring(args: &Args, sockets: bool) -> Result<()> {
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let sizes: Vec<String> = args.sizes_mib.iter().map(|&s| bytes_of(s).to_string()).collect();
     let children = (0..args.world)
@@ -105,6 +112,9 @@ fn tcp(args: &Args) -> Result<()> {
             if let Some(c) = args.chunk_bytes {
                 cmd.arg("--chunk-bytes").arg(c.to_string());
             }
+            if sockets {
+                cmd.arg("--sockets");
+            }
             cmd.stdout(if rank == 0 { Stdio::inherit() } else { Stdio::null() })
                 .spawn()
                 .context("starting a benchmark worker")
@@ -113,7 +123,7 @@ fn tcp(args: &Args) -> Result<()> {
     for (rank, mut child) in children.into_iter().enumerate() {
         let status = child.wait()?;
         if !status.success() {
-            bail!("TCP benchmark worker {rank} failed: {status}");
+            bail!("ring benchmark worker {rank} failed: {status}");
         }
     }
     Ok(())
@@ -144,11 +154,11 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     let (kind, mut comm): (_, Box<dyn Communicator>) = if args.mpi {
         ("mpi", join_mpi()?)
     } else {
-        let mut config = TcpConfig::default();
+        let mut config = TcpConfig { shared_memory: !args.sockets, ..TcpConfig::default() };
         if let Some(c) = args.chunk_bytes {
             config.chunk_bytes = c;
         }
-        ("tcp", Box::new(TcpCommunicator::from_env(config)?))
+        (if args.sockets { "tcp" } else { "shm" }, Box::new(TcpCommunicator::from_env(config)?))
     };
     for &bytes in &args.sizes_bytes {
         let seconds = time_all_reduce(comm.as_mut(), bytes)?;

@@ -8,7 +8,7 @@
 //! as every synchronous data-parallel step must. Every variant runs 2
 //! workers on the Flex backend, on the same model, data and batch: as threads
 //! of this process over the in-process group, or (`--processes`) as two
-//! processes over the TCP ring.
+//! processes over the ring (through shared memory, or its sockets alone).
 //! A variant's step time is its slowest worker's, as for a training job
 //! (workers that never wait for each other drift apart). Each row also
 //! carries the page faults per worker and step, the cost of memory that is
@@ -48,8 +48,9 @@ pub struct Args {
     /// Samples per worker per step.
     #[arg(long, default_value_t = 32)]
     batch: usize,
-    /// Variants to run.
-    #[arg(long, value_delimiter = ',', default_value = "local,lockstep,default,overlap,no-overlap,per-parameter,burn")]
+    /// Variants to run ("sockets": DDP's default over the TCP ring without
+    /// shared memory, as between hosts; processes only).
+    #[arg(long, value_delimiter = ',', default_value = "local,lockstep,default,sockets,overlap,no-overlap,per-parameter,burn")]
     variants: Vec<String>,
     /// Rounds over all variants; each variant reports its median, and its
     /// median ratio to the floor, to lockstep and to Burn's own measured in
@@ -191,7 +192,7 @@ fn time_training(
 /// The configuration each Bonfire variant names.
 fn config(variant: &str) -> Option<DdpConfig> {
     match variant {
-        "default" => Some(DdpConfig::default()),
+        "default" | "sockets" => Some(DdpConfig::default()),
         "overlap" => Some(DdpConfig { overlap: Some(true), ..DdpConfig::default() }),
         "no-overlap" => Some(DdpConfig { overlap: Some(false), ..DdpConfig::default() }),
         "per-parameter" => Some(DdpConfig {
@@ -311,12 +312,13 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         (Some(config), _) if args.threads => {
             on_two_threads_in_group(|comm| bonfire_worker(steps, batch, Box::new(comm), config.clone()))?
         }
-        (Some(config), _) => {
-            let comm = TcpCommunicator::from_env(TcpConfig::default())?;
-            bonfire_worker(steps, batch, Box::new(comm), config)?
+        (Some(config), variant) => {
+            // "sockets": the ring as between hosts, without shared memory.
+            let tcp = TcpConfig { shared_memory: variant != "sockets", ..TcpConfig::default() };
+            bonfire_worker(steps, batch, Box::new(TcpCommunicator::from_env(tcp)?), config)?
         }
         (None, other) => {
-            bail!("unknown variant {other:?}; expected local, lockstep, default, overlap, no-overlap, per-parameter or burn")
+            bail!("unknown variant {other:?}; expected local, lockstep, default, sockets, overlap, no-overlap, per-parameter or burn")
         }
     };
     println!("{} {} {}", timing.step_ms, timing.faults_per_step, timing.overlap.unwrap_or(false));
@@ -375,8 +377,9 @@ fn paired_ratio(times: &[Timing], anchor: Option<&[Timing]>, ratio: fn(f64, f64)
 pub fn run(args: Args) -> Result<()> {
     let transport = if args.processes { "tcp" } else { "inproc" };
     // Burn's own path has no multi-process form.
-    let variants: Vec<&str> =
-        args.variants.iter().map(String::as_str).filter(|v| !(args.processes && *v == "burn")).collect();
+    // Burn's own path has no multi-process form; threads have no sockets.
+    let skipped = if args.processes { "burn" } else { "sockets" };
+    let variants: Vec<&str> = args.variants.iter().map(String::as_str).filter(|v| *v != skipped).collect();
     // Rounds interleave the variants, so a slow spell of the machine touches
     // all of them rather than one; each variant reports its median round.
     let mut timings = vec![Vec::new(); variants.len()];

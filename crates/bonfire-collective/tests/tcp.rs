@@ -27,13 +27,22 @@ fn run_ranks<R: Send>(
     timeout: Duration,
     f: impl Fn(Result<TcpCommunicator, CommError>) -> R + Sync,
 ) -> Vec<R> {
+    run_ranks_with(world, ranks, config(timeout), f)
+}
+
+fn run_ranks_with<R: Send>(
+    world: usize,
+    ranks: &[usize],
+    config: TcpConfig,
+    f: impl Fn(Result<TcpCommunicator, CommError>) -> R + Sync,
+) -> Vec<R> {
     let port = free_port();
     std::thread::scope(|s| {
         let handles: Vec<_> = ranks
             .iter()
             .map(|&rank| {
-                let f = &f;
-                s.spawn(move || f(TcpCommunicator::connect(&env(rank, world, port), config(timeout))))
+                let (f, config) = (&f, config.clone());
+                s.spawn(move || f(TcpCommunicator::connect(&env(rank, world, port), config)))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -46,6 +55,55 @@ fn threads_every_op_matches_a_plain_computation_for_worlds_1_to_4() {
         let all: Vec<usize> = (0..world).collect();
         for r in run_ranks(world, &all, Duration::from_secs(60), |c| common::check_all(&mut c.unwrap(), world <= 2)) {
             r.unwrap_or_else(|e| panic!("world {world}: {e}"));
+        }
+    }
+}
+
+/// Ranks on one host pass bytes through shared memory unless told not to:
+/// the sockets alone, as between hosts, give the same results.
+#[test]
+fn threads_over_sockets_alone_every_op_matches_a_plain_computation() {
+    for world in [2, 3] {
+        let all: Vec<usize> = (0..world).collect();
+        let sockets = TcpConfig { shared_memory: false, ..config(Duration::from_secs(60)) };
+        for r in run_ranks_with(world, &all, sockets, |c| common::check_all(&mut c.unwrap(), world <= 2)) {
+            r.unwrap_or_else(|e| panic!("world {world}: {e}"));
+        }
+    }
+}
+
+#[test]
+fn threads_on_one_host_pass_bytes_through_shared_memory_unless_told_not_to() {
+    for shared_memory in [true, false] {
+        let port = free_port();
+        let logs: Vec<String> = std::thread::scope(|s| {
+            let ranks: Vec<_> = (0..2)
+                .map(|rank| {
+                    s.spawn(move || {
+                        let log = bonfire_testkit::Captured::default();
+                        let sink = log.clone();
+                        let subscriber = tracing_subscriber::fmt()
+                            .with_ansi(false)
+                            .with_max_level(tracing::Level::DEBUG)
+                            .with_writer(move || sink.clone())
+                            .finish();
+                        let config = TcpConfig { shared_memory, ..config(Duration::from_secs(30)) };
+                        let mut comm = tracing::subscriber::with_default(subscriber, || {
+                            TcpCommunicator::connect(&env(rank, 2, port), config)
+                        })
+                        .unwrap();
+                        let mut buf = vec![1f32; 1 << 20];
+                        comm.all_reduce(buf.as_mut_slice().into(), ReduceOp::Sum).unwrap();
+                        assert!(buf.iter().all(|&v| v == 2.0));
+                        log.text()
+                    })
+                })
+                .collect();
+            ranks.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for log in logs {
+            let both_ways = log.contains("sends through shared memory: true; receives through it: true");
+            assert_eq!(both_ways, shared_memory, "{log}");
         }
     }
 }

@@ -14,7 +14,7 @@ pub fn allreduce(world: usize, sizes: &str, json: bool) -> Result<()> {
     let mut rows = json_lines(
         Command::new(&bench)
             .args(["allreduce", "--world", &world.to_string(), "--sizes-mib", sizes])
-            .args(["--impl", if mpi_installed() { "inproc,tcp,mpi" } else { "inproc,tcp" }]),
+            .args(["--impl", if mpi_installed() { "inproc,shm,tcp,mpi" } else { "inproc,shm,tcp" }]),
         "the all-reduce benchmark",
     )?;
     if let Some(py) = torch_python() {
@@ -51,8 +51,11 @@ pub fn allreduce(world: usize, sizes: &str, json: bool) -> Result<()> {
     if let Some(m) = memcpy {
         println!("machine memcpy, 1 thread, 256 MiB: {m:.2} GB/s");
     }
-    println!("| size | in-process | TCP ring | MPI | PyTorch Gloo | in-process / Gloo | TCP / Gloo | MPI / Gloo |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("ring: through shared memory between the processes, and over loopback sockets alone");
+    println!(
+        "| size | in-process | ring, shared memory | ring, sockets | MPI | PyTorch Gloo | in-process / Gloo | shared memory / Gloo | sockets / Gloo | MPI / Gloo |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (bytes, by_impl) in &table {
         let cell = |k: &str| by_impl.get(k).map_or("-".to_string(), |v| format!("{v:.2}"));
         let ratio = |k: &str| match (by_impl.get(k), by_impl.get("gloo")) {
@@ -60,13 +63,15 @@ pub fn allreduce(world: usize, sizes: &str, json: bool) -> Result<()> {
             _ => "-".to_string(),
         };
         println!(
-            "| {} MiB | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} MiB | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             bytes >> 20,
             cell("inproc"),
+            cell("shm"),
             cell("tcp"),
             cell("mpi"),
             cell("gloo"),
             ratio("inproc"),
+            ratio("shm"),
             ratio("tcp"),
             ratio("mpi")
         );

@@ -3,6 +3,8 @@
 mod header;
 mod pipeline;
 mod plan;
+#[cfg(target_os = "linux")]
+mod shm;
 #[cfg(test)]
 mod tests;
 mod transport;
@@ -33,6 +35,10 @@ pub struct TcpConfig {
     /// After this long without word from a peer, a call logs a stall warning
     /// naming the peer and the call (the timeout still applies).
     pub stall_warning: Duration,
+    /// Whether neighbours on one host pass bytes through shared memory
+    /// (a buffer of `socket_buffer` bytes each way, Linux only) instead of
+    /// the sockets.
+    pub shared_memory: bool,
 }
 
 impl TcpConfig {
@@ -49,6 +55,7 @@ impl Default for TcpConfig {
             chunk_bytes: 1 << 20,
             socket_buffer: 4 << 20,
             stall_warning: DEFAULT_STALL_WARNING,
+            shared_memory: true,
         }
     }
 }

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, SockRef, Socket, Type};
 
 use super::pipeline::{io_error, Link};
+#[cfg(target_os = "linux")]
+use super::shm::HostPair;
 use super::transport::TcpPair;
 use super::TcpConfig;
 use crate::env::DistEnv;
@@ -72,8 +74,19 @@ pub(super) fn form_ring(
     // sender's buffer alone: a rank that finished a call has seen every
     // rank send in it, so the next rank has read all but the last two.
     let granted = SockRef::from(&next).send_buffer_size().map_err(|e| CommError::io("ring socket options", e))?;
-    let transport = Box::new(TcpPair { next, prev });
-    Ok(Link { transport, next_rank, prev_rank, inline_bytes: granted / 8 })
+    let sockets = TcpPair { next, prev };
+    #[cfg(target_os = "linux")]
+    if config.shared_memory {
+        let pair = HostPair::negotiate(sockets, config.socket_buffer, deadline)
+            .map_err(|e| io_error("rendezvous", next_rank, timeout, e))?;
+        let (out, inp) = pair.shared();
+        tracing::debug!("ring: rank {rank} sends through shared memory: {out}; receives through it: {inp}");
+        // A buffer in shared memory is the only one between the ranks: a
+        // quarter of it leaves room for two calls' data unread, as above.
+        let inline_bytes = pair.out_capacity().map_or(granted / 8, |c| c / 4);
+        return Ok(Link { transport: Box::new(pair), next_rank, prev_rank, inline_bytes });
+    }
+    Ok(Link { transport: Box::new(sockets), next_rank, prev_rank, inline_bytes: granted / 8 })
 }
 
 fn tune(socket: &SockRef<'_>, buffer: usize) -> Result<()> {
