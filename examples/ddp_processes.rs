@@ -1,4 +1,5 @@
-//! DistributedDataParallel over processes, through the TCP ring.
+//! DistributedDataParallel over processes, through the ring (shared memory
+//! between processes of one host, TCP between hosts).
 //!
 //!     cargo run --example ddp_processes
 //!

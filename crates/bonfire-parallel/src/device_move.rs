@@ -21,12 +21,17 @@ use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn_autodiff::Autodiff;
 
-/// Whether `B` copies between two of its devices itself. Decided by the
-/// backend's name, the one thing Burn tells about it at run time: every
-/// backend copies directly except cubecl's runtimes other than CUDA.
+/// Whether `B` is one of cubecl's backends (wgpu, CUDA; fused or not): a
+/// device that runs queued work apart from the host. Told by the backend's
+/// name, the one thing Burn tells about it at run time.
+pub fn is_cubecl<B: Backend>(device: &B::Device) -> bool {
+    B::name(device).contains("cubecl<")
+}
+
+/// Whether `B` copies between two of its devices itself: every backend
+/// does except cubecl's runtimes other than CUDA.
 pub fn copies_directly<B: Backend>(device: &B::Device) -> bool {
-    let name = B::name(device);
-    !name.contains("cubecl<") || name.contains("cuda")
+    !is_cubecl::<B>(device) || B::name(device).contains("cuda")
 }
 
 /// `tensor` on `device`: Burn's `to_device` where the backend copies

@@ -27,7 +27,7 @@ mod tensor_bucket;
 pub use buffers::settle as settle_buffers;
 pub use comm_hook::CommHook;
 pub use ddp::{DdpConfig, DistributedDataParallel};
-pub use device_move::{copies_directly, move_differentiable, to_device, MoveBackend};
+pub use device_move::{copies_directly, is_cubecl, move_differentiable, to_device, MoveBackend};
 pub use dp::{DataParallel, Replicas};
 pub use error::{ParallelError, Result};
 pub use hook::HookBackend;

@@ -96,7 +96,7 @@ pub fn ddp(steps: usize, batch: usize, json: bool) -> Result<()> {
         }
         return Ok(());
     }
-    for (transport, title) in [("inproc", "2 workers as threads"), ("tcp", "2 processes over the TCP ring")] {
+    for (transport, title) in [("inproc", "2 workers as threads"), ("tcp", "2 processes over the ring")] {
         let row = |v: &str| rows.iter().find(|r| r["variant"] == v && r["transport"] == transport);
         println!("DDP step time, {title}, Flex CPU backend, 10.0 M parameters, batch {batch} per worker");
         println!("| variant | ms / step | x floor | x lockstep | speed-up over Burn's own | page faults / step |");
@@ -105,6 +105,7 @@ pub fn ddp(steps: usize, batch: usize, json: bool) -> Result<()> {
             ("local", "floor: 2 workers training alone, no communication"),
             ("lockstep", "floor in lockstep: one barrier a step, no gradients exchanged"),
             ("default", "Bonfire DDP, `DdpConfig::default()`"),
+            ("sockets", "Bonfire DDP, `DdpConfig::default()`, the ring's sockets alone"),
             ("overlap", "Bonfire DDP, buckets overlapping backward"),
             ("no-overlap", "Bonfire DDP, buckets after backward"),
             ("per-parameter", "Bonfire, one all-reduce per parameter"),

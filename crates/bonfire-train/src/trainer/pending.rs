@@ -32,10 +32,9 @@ pub(super) struct Queued<B: Backend> {
 }
 
 /// Whether `B`'s device runs ahead of the host: its steps are queued, not
-/// finished, when they return. Told by the backend's name, as
-/// `bonfire_parallel::device_move` tells cubecl's backends.
+/// finished, when they return, as on cubecl's backends.
 pub(super) fn runs_ahead<B: Backend>(device: &B::Device) -> bool {
-    B::name(device).contains("cubecl<")
+    bonfire_parallel::is_cubecl::<B>(device)
 }
 
 /// What reading the losses keeps between steps.
