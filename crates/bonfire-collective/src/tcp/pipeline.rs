@@ -321,6 +321,39 @@ pub(crate) fn io_error(op: &'static str, rank: usize, timeout: Duration, e: io::
     }
 }
 
+/// Runs an all-reduce of `len` values in chunks of `chunk` over a ring whose
+/// rank `r` sends and receives through `transports[r]`, and checks that
+/// every rank ends with the plain sum: what every transport's test asks.
+#[cfg(test)]
+pub(super) fn ring_sums(transports: Vec<Box<dyn Transport>>, len: usize, chunk: usize, inline_bytes: usize) {
+    use super::plan::{ring, Phases};
+    let world = transports.len();
+    let value = |rank: usize, i: usize| ((rank * 7919 + i * 31) % 97) as f32;
+    let results: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let ranks: Vec<_> = transports
+            .into_iter()
+            .enumerate()
+            .map(|(rank, transport)| {
+                s.spawn(move || {
+                    let (next_rank, prev_rank) = ((rank + 1) % world, (rank + world - 1) % world);
+                    let link = Link { transport, next_rank, prev_rank, inline_bytes };
+                    let timeout = Duration::from_secs(10);
+                    let watch = Watch { op: "all_reduce", seq: 0, rank, timeout, stall_warning: timeout };
+                    let mut buf: Vec<f32> = (0..len).map(|i| value(rank, i)).collect();
+                    let plan = ring(len, world, rank, chunk, Phases::Both);
+                    run(&watch, &link, &mut [&mut buf[..]], &plan, ReduceOp::Sum, 1.0, &mut Vec::new()).unwrap();
+                    buf
+                })
+            })
+            .collect();
+        ranks.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let want: Vec<f32> = (0..len).map(|i| (0..world).map(|r| value(r, i)).sum()).collect();
+    for (rank, got) in results.iter().enumerate() {
+        assert_eq!(got, &want, "world {world}, rank {rank}, inline below {inline_bytes} bytes");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! The pipeline over a transport without sockets: the seam another
@@ -329,7 +362,6 @@ mod tests {
     use std::collections::VecDeque;
     use std::sync::Arc;
 
-    use super::super::plan::{ring, Phases};
     use super::*;
 
     /// Bytes from one rank to the next, in memory; closed once interrupted.
@@ -390,41 +422,17 @@ mod tests {
 
     #[test]
     fn the_ring_runs_its_plan_over_a_transport_in_memory() {
-        let value = |rank: usize, i: usize| ((rank * 7919 + i * 31) % 97) as f32;
         for world in [2, 3] {
             // Everything on the calling thread, and sends on a thread of their own.
             for inline_bytes in [usize::MAX, 0] {
-                let len = 1001;
                 let pipes: Vec<Arc<Pipe>> = (0..world).map(|_| Arc::default()).collect();
-                let results: Vec<Vec<f32>> = std::thread::scope(|s| {
-                    let ranks: Vec<_> = (0..world)
-                        .map(|rank| {
-                            let prev_rank = (rank + world - 1) % world;
-                            let transport = MemoryPair { next: pipes[rank].clone(), prev: pipes[prev_rank].clone() };
-                            s.spawn(move || {
-                                let next_rank = (rank + 1) % world;
-                                let link = Link { transport: Box::new(transport), next_rank, prev_rank, inline_bytes };
-                                let watch = Watch {
-                                    op: "all_reduce",
-                                    seq: 0,
-                                    rank,
-                                    timeout: Duration::from_secs(10),
-                                    stall_warning: Duration::from_secs(10),
-                                };
-                                let mut buf: Vec<f32> = (0..len).map(|i| value(rank, i)).collect();
-                                let plan = ring(len, world, rank, 64, Phases::Both);
-                                run(&watch, &link, &mut [&mut buf[..]], &plan, ReduceOp::Sum, 1.0, &mut Vec::new())
-                                    .unwrap();
-                                buf
-                            })
-                        })
-                        .collect();
-                    ranks.into_iter().map(|h| h.join().unwrap()).collect()
-                });
-                let want: Vec<f32> = (0..len).map(|i| (0..world).map(|r| value(r, i)).sum()).collect();
-                for (rank, got) in results.iter().enumerate() {
-                    assert_eq!(got, &want, "world {world}, rank {rank}, inline below {inline_bytes} bytes");
-                }
+                let transports = (0..world)
+                    .map(|rank| {
+                        let prev = pipes[(rank + world - 1) % world].clone();
+                        Box::new(MemoryPair { next: pipes[rank].clone(), prev }) as Box<dyn Transport>
+                    })
+                    .collect();
+                ring_sums(transports, 1001, 64, inline_bytes);
             }
         }
     }

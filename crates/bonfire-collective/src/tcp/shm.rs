@@ -444,10 +444,8 @@ mod tests {
 
     use std::net::{TcpListener, TcpStream};
 
-    use super::super::pipeline::{run, Link, Watch};
-    use super::super::plan::{ring, Phases};
+    use super::super::pipeline::ring_sums;
     use super::*;
-    use crate::element::ReduceOp;
 
     /// The ring's sockets for `world` ranks, each rank's pair negotiated
     /// on a thread of its own (every rank reads its neighbour's offer).
@@ -467,45 +465,18 @@ mod tests {
         })
     }
 
-    fn watch(rank: usize) -> Watch {
-        let timeout = Duration::from_secs(10);
-        Watch { op: "all_reduce", seq: 0, rank, timeout, stall_warning: timeout }
-    }
-
     #[test]
     fn the_ring_runs_its_plan_through_shared_memory() {
-        let value = |rank: usize, i: usize| ((rank * 7919 + i * 31) % 97) as f32;
         for world in [2, 3] {
             // Everything on the calling thread (whose sends must fit in the
             // buffer), and sends on a thread of their own through a buffer
             // of one page, so that writes wrap around it and both sides
             // wait for each other.
             for (inline_bytes, capacity) in [(usize::MAX, 1 << 20), (0, 4096)] {
-                let len = 10_001;
                 let pairs = host_pairs(world, capacity);
                 assert!(pairs.iter().all(|p| p.shared() == (true, true)), "neighbours on one host share memory");
-                let results: Vec<Vec<f32>> = std::thread::scope(|s| {
-                    let ranks: Vec<_> = pairs
-                        .into_iter()
-                        .enumerate()
-                        .map(|(rank, pair)| {
-                            s.spawn(move || {
-                                let (next_rank, prev_rank) = ((rank + 1) % world, (rank + world - 1) % world);
-                                let link = Link { transport: Box::new(pair), next_rank, prev_rank, inline_bytes };
-                                let mut buf: Vec<f32> = (0..len).map(|i| value(rank, i)).collect();
-                                let plan = ring(len, world, rank, 333, Phases::Both);
-                                run(&watch(rank), &link, &mut [&mut buf[..]], &plan, ReduceOp::Sum, 1.0, &mut Vec::new())
-                                    .unwrap();
-                                buf
-                            })
-                        })
-                        .collect();
-                    ranks.into_iter().map(|h| h.join().unwrap()).collect()
-                });
-                let want: Vec<f32> = (0..len).map(|i| (0..world).map(|r| value(r, i)).sum()).collect();
-                for (rank, got) in results.iter().enumerate() {
-                    assert_eq!(got, &want, "world {world}, rank {rank}, inline below {inline_bytes} bytes");
-                }
+                let transports = pairs.into_iter().map(|p| Box::new(p) as Box<dyn Transport>).collect();
+                ring_sums(transports, 10_001, 333, inline_bytes);
             }
         }
     }
