@@ -50,7 +50,11 @@ pub struct Args {
     batch: usize,
     /// Variants to run ("sockets": DDP's default over the TCP ring without
     /// shared memory, as between hosts; processes only).
-    #[arg(long, value_delimiter = ',', default_value = "local,lockstep,default,sockets,overlap,no-overlap,per-parameter,burn")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "local,lockstep,default,sockets,overlap,no-overlap,per-parameter,burn"
+    )]
     variants: Vec<String>,
     /// Rounds over all variants; each variant reports its median, and its
     /// median ratio to the floor, to lockstep and to Burn's own measured in

@@ -68,7 +68,8 @@ pub enum BackendKind {
 /// How DDP workers exchange gradients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CommKind {
-    /// The host-staged TCP ring: any backend, and workers may share a GPU.
+    /// The host-staged ring (shared memory between workers on one host, TCP between hosts):
+    /// any backend, and workers may share a GPU.
     Ring,
     /// NCCL in GPU memory: --backend cuda, one GPU per worker.
     Nccl,

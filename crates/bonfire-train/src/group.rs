@@ -15,7 +15,7 @@ use crate::args::{BackendKind, CommKind, StrategyKind, TrainArgs};
 pub enum Exchange {
     /// Worker threads of this process, through shared memory (`--threads`).
     InProcess,
-    /// Processes, through the host-staged TCP ring.
+    /// Processes, through the host-staged ring (shared memory on one host, TCP between hosts).
     Ring,
     /// Processes started by mpirun or srun, through MPI.
     Mpi,

@@ -242,8 +242,12 @@ impl HostPair {
         (&sockets.next).write_all(&encode_offer(offer.as_ref().map(|(path, nonce, _)| (path, *nonce))))?;
         let inp = read_offer(&sockets.prev)?.and_then(|(path, nonce)| {
             let taken = open(&path, nonce);
-            let _ = std::fs::remove_file(&path); // both sides hold it mapped; nothing is left behind
-            taken.map_err(|e| tracing::debug!("ring: the previous rank's buffer {path:?} is not usable here ({e})")).ok()
+            if taken.is_ok() {
+                let _ = std::fs::remove_file(&path); // both sides hold it mapped; nothing is left behind
+            }
+            taken
+                .map_err(|e| tracing::debug!("ring: the previous rank's buffer {path:?} is not usable here ({e})"))
+                .ok()
         });
         (&sockets.prev).write_all(&[inp.is_some() as u8])?;
         let mut answer = [0u8];
@@ -298,7 +302,9 @@ impl Transport for HostPair {
             if started.elapsed() >= timeout {
                 return Err(io::ErrorKind::TimedOut.into());
             }
-            if !out.header().read.0.wait_for(self.poll_tick(), || out.has_room() || out.closed()) && hung_up(&self.sockets.next) {
+            if !out.header().read.0.wait_for(self.poll_tick(), || out.has_room() || out.closed())
+                && hung_up(&self.sockets.next)
+            {
                 return Err(io::ErrorKind::BrokenPipe.into());
             }
         }
@@ -352,7 +358,9 @@ fn hung_up(socket: &std::net::TcpStream) -> bool {
     let n = unsafe {
         libc::recv(socket.as_raw_fd(), (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
     };
-    n == 0 || (n < 0 && !matches!(io::Error::last_os_error().kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted))
+    n == 0
+        || (n < 0
+            && !matches!(io::Error::last_os_error().kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted))
 }
 
 /// A fresh buffer file, readable by this user alone, named at random.
