@@ -365,7 +365,7 @@ fn hung_up(socket: &std::net::TcpStream) -> bool {
 
 /// A fresh buffer file, readable by this user alone, named at random.
 fn create(capacity: usize) -> io::Result<(PathBuf, [u64; 2], Region)> {
-    let nonce = [random_u64()?, random_u64()?];
+    let nonce = random_nonce()?;
     let path = PathBuf::from(PREFIX.0).join(format!("{}{}-{:016x}", PREFIX.1, std::process::id(), nonce[0]));
     let file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&path)?;
     // Reserved now, so that a full `/dev/shm` fails here and not as a
@@ -396,26 +396,24 @@ fn open(path: &PathBuf, nonce: [u64; 2]) -> io::Result<Region> {
     if !name.starts_with(PREFIX.1) || name.contains('/') {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "not a ring buffer's name"));
     }
-    let file = OpenOptions::new().read(true).write(true).open(path)?;
+    let mut file = OpenOptions::new().read(true).write(true).open(path)?;
     let len = file.metadata()?.len() as usize;
     let capacity = len.checked_sub(DATA).filter(|c| c.is_power_of_two()).ok_or(io::ErrorKind::InvalidData)?;
-    let region = Region::map(&file, capacity)?;
-    let h = region.header();
-    let theirs = [h.nonce[0].load(Ordering::Relaxed), h.nonce[1].load(Ordering::Relaxed)];
-    if h.magic.load(Ordering::Acquire) != MAGIC || theirs != nonce {
-        // Not ours to close: forget the mapping without marking it closed.
-        // SAFETY: the mapping made just above.
-        unsafe { libc::munmap(region.base.cast(), DATA + capacity) };
-        std::mem::forget(region);
+    // The header's first words (magic, nonce), read before mapping, so that
+    // another file is never mapped, nor marked closed when dropped.
+    let mut head = [0u8; 24];
+    file.read_exact(&mut head)?;
+    let word = |i: usize| u64::from_ne_bytes(head[8 * i..8 * i + 8].try_into().unwrap());
+    if word(0) != MAGIC || [word(1), word(2)] != nonce {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "another file under that name"));
     }
-    Ok(region)
+    Region::map(&file, capacity)
 }
 
-fn random_u64() -> io::Result<u64> {
-    let mut bytes = [0u8; 8];
+fn random_nonce() -> io::Result<[u64; 2]> {
+    let mut bytes = [0u8; 16];
     File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    Ok(u64::from_le_bytes(bytes))
+    Ok([u64::from_le_bytes(bytes[..8].try_into().unwrap()), u64::from_le_bytes(bytes[8..].try_into().unwrap())])
 }
 
 /// An offer on the wire: the nonce, and the path's length and bytes (no
@@ -525,6 +523,15 @@ mod tests {
             assert_eq!(n, 0);
             assert!(waited < Duration::from_secs(5), "woken by the interrupt, not the tick: {waited:?}");
         });
+    }
+
+    #[test]
+    fn a_buffer_is_mapped_only_with_the_nonce_it_was_offered_with() {
+        let (path, nonce, _region) = create(4096).unwrap();
+        let err = open(&path, [nonce[0], !nonce[1]]).err().expect("refused");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(open(&path, nonce).unwrap().capacity, 4096);
+        std::fs::remove_file(path).unwrap();
     }
 
     #[test]
