@@ -45,6 +45,30 @@ impl NormShape {
     }
 }
 
+/// The sums of both halves of `term(a[i], b[i])` over `i`, in eight
+/// independent lanes: one running sum would be a chain of dependent
+/// additions, which the compiler may not reorder into vector adds.
+fn lane_sums(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> (f32, f32)) -> (f32, f32) {
+    const LANES: usize = 8;
+    let (mut first, mut second) = ([0.0f32; LANES], [0.0f32; LANES]);
+    let (a_blocks, b_blocks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail = a_blocks.remainder().iter().zip(b_blocks.remainder());
+    for (a, b) in a_blocks.zip(b_blocks) {
+        for lane in 0..LANES {
+            let (u, v) = term(a[lane], b[lane]);
+            first[lane] += u;
+            second[lane] += v;
+        }
+    }
+    let (mut u_sum, mut v_sum) = (first.iter().sum::<f32>(), second.iter().sum::<f32>());
+    for (&a, &b) in tail {
+        let (u, v) = term(a, b);
+        u_sum += u;
+        v_sum += v;
+    }
+    (u_sum, v_sum)
+}
+
 /// A training forward pass: the output and the batch's statistics.
 pub struct NormForward {
     /// The normalised output.
@@ -69,8 +93,7 @@ pub fn forward_train(s: &NormShape, x: &[f32], gamma: &[f32], beta: &[f32], epsi
             let shift = s.planes(x, c).next().and_then(|p| p.first()).copied().unwrap_or(0.0);
             let (mut sum, mut squares) = (0.0f64, 0.0f64);
             for plane in s.planes(x, c) {
-                let (a, b) =
-                    plane.iter().fold((0.0f32, 0.0f32), |(a, b), &v| (a + (v - shift), b + (v - shift) * (v - shift)));
+                let (a, b) = lane_sums(plane, plane, |v, _| (v - shift, (v - shift) * (v - shift)));
                 sum += a as f64;
                 squares += b as f64;
             }
@@ -145,8 +168,7 @@ pub fn backward(
             let (mu, inv) = (mean[c], invstd[c]);
             let (mut sum_dy, mut sum_dy_xhat) = (0.0f64, 0.0f64);
             for (xp, dyp) in s.planes(x, c).zip(s.planes(dy, c)) {
-                let (a, b) =
-                    xp.iter().zip(dyp).fold((0.0f32, 0.0f32), |(a, b), (&x, &g)| (a + g, b + g * (x - mu) * inv));
+                let (a, b) = lane_sums(xp, dyp, |x, g| (g, g * (x - mu) * inv));
                 sum_dy += a as f64;
                 sum_dy_xhat += b as f64;
             }

@@ -13,13 +13,14 @@
 //!
 //! A 1x1 convolution with stride 1 and no padding on any side needs no im2col: an image
 //! is its own column matrix. Images are split into one run per thread of the
-//! current rayon pool; each run reuses one column buffer, so the extra memory
-//! is one `in·kh·kw x Ho·Wo` matrix per thread. Groups other than 1 are not
+//! current rayon pool; each run reuses one column buffer, kept by its thread
+//! between calls, so the extra memory is one `in·kh·kw x Ho·Wo` matrix per thread. Groups other than 1 are not
 //! covered here (the modules fall back to Burn for them).
 
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Mat};
+use super::scratch::Scratch;
 
 /// The geometry of a convolution with `groups = 1`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,6 +164,10 @@ fn im2col(s: &Conv2dShape, image: &[f32], col: &mut [f32]) {
     for (row, col_row) in col.chunks_exact_mut(p).enumerate().take(s.patch()) {
         let (c, i, j) = (row / (kh * kw), row / kw % kh, row % kw);
         let plane = &image[c * s.height * s.width..][..s.height * s.width];
+        if s.stride == [1, 1] && s.out_width == s.width {
+            shifted_row(s, plane, i, j, col_row);
+            continue;
+        }
         let (w_lo, w_hi, w_first) = s.valid(1, j, s.out_width, s.width);
         for (oh, out) in col_row.chunks_exact_mut(s.out_width).enumerate() {
             let ih = (oh * s.stride[0]) as isize + (i * s.dilation[0]) as isize - s.padding[0] as isize;
@@ -178,10 +183,42 @@ fn im2col(s: &Conv2dShape, image: &[f32], col: &mut [f32]) {
                 let start = start as usize;
                 out[w_lo..w_hi].copy_from_slice(&src[start..start + (w_hi - w_lo)]);
             } else {
-                for (k, o) in out[w_lo..w_hi].iter_mut().enumerate() {
-                    *o = src[start as usize + k * s.stride[1]];
-                }
+                let taken = src[start as usize..].iter().step_by(s.stride[1]);
+                out[w_lo..w_hi].iter_mut().zip(taken).for_each(|(o, v)| *o = *v);
             }
+        }
+    }
+}
+
+/// One row of [`im2col`] where output rows are as wide as input rows (stride
+/// 1): the plane shifted by the tap's offset, so the valid output rows are one
+/// contiguous copy. Columns the shift wraps in from the neighbouring image
+/// row are padding, zeroed after the copy. This matters for small images,
+/// where per-row copies of 7–28 values cost more than the values.
+fn shifted_row(s: &Conv2dShape, plane: &[f32], i: usize, j: usize, out: &mut [f32]) {
+    let width = s.width;
+    let (h_lo, h_hi, h_first) = s.valid(0, i, s.out_height, s.height);
+    let (w_lo, w_hi, w_first) = s.valid(1, j, s.out_width, s.width);
+    out[..h_lo * width].fill(0.0);
+    out[h_hi * width..].fill(0.0);
+    if w_lo >= w_hi || h_lo >= h_hi {
+        out[h_lo * width..h_hi * width].fill(0.0);
+        return;
+    }
+    // Output q = oh·W + ow reads input q + shift: in the plane whenever
+    // (oh, ow) is valid, and only the invalid columns can fall outside it.
+    let shift = h_first * width as isize + w_first;
+    let (lo, hi) = (h_lo * width, h_hi * width);
+    let from = (lo as isize + shift).max(0) as usize;
+    let to = ((hi as isize + shift) as usize).min(plane.len());
+    let dst = (from as isize - shift) as usize;
+    out[lo..dst].fill(0.0);
+    out[dst..dst + (to - from)].copy_from_slice(&plane[from..to]);
+    out[dst + (to - from)..hi].fill(0.0);
+    if w_lo > 0 || w_hi < width {
+        for out_row in out[lo..hi].chunks_exact_mut(width) {
+            out_row[..w_lo].fill(0.0);
+            out_row[w_hi..].fill(0.0);
         }
     }
 }
@@ -241,7 +278,7 @@ pub fn forward(s: &Conv2dShape, x: &[f32], weight: &[f32], bias: Option<&[f32]>)
     }
     let run = images_per_run(s.batch);
     y.par_chunks_mut(run * s.out_image()).zip(x.par_chunks(run * s.image())).for_each(|(ys, xs)| {
-        let mut col = if s.is_pointwise() { Vec::new() } else { vec![0.0f32; k * p] };
+        let mut col = Scratch::take(if s.is_pointwise() { 0 } else { k * p });
         for (y_n, x_n) in ys.chunks_exact_mut(s.out_image()).zip(xs.chunks_exact(s.image())) {
             let col: &[f32] = if s.is_pointwise() {
                 x_n
@@ -289,12 +326,12 @@ pub fn backward(s: &Conv2dShape, x: &[f32], weight: &[f32], dy: &[f32], need_x: 
         .zip(dx_runs.par_iter_mut())
         .zip(x.par_chunks(run * s.image()).zip(dy.par_chunks(run * s.out_image())))
         .for_each(|((dw, dx_run), (xs, dys))| {
-            let mut col = if s.is_pointwise() { Vec::new() } else { vec![0.0f32; k * p] };
-            let mut dcol = match (&as_convolution, need_x && !s.is_pointwise()) {
-                (Some(t), _) => vec![0.0f32; t.patch() * t.positions()],
-                (None, true) => vec![0.0f32; k * p],
-                (None, false) => Vec::new(),
-            };
+            let mut col = Scratch::take(if s.is_pointwise() { 0 } else { k * p });
+            let mut dcol = Scratch::take(match (&as_convolution, need_x && !s.is_pointwise()) {
+                (Some(t), _) => t.patch() * t.positions(),
+                (None, true) => k * p,
+                (None, false) => 0,
+            });
             for (n, (x_n, dy_n)) in xs.chunks_exact(s.image()).zip(dys.chunks_exact(s.out_image())).enumerate() {
                 let col: &[f32] = if s.is_pointwise() {
                     x_n

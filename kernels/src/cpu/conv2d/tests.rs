@@ -41,6 +41,11 @@ fn forward_and_the_adjoint_of_im2col_match_the_definition() {
         ([3, 4, 5, 5], [2, 4, 1, 1], [1, 1], [0, 0], [0, 0], [1, 1]),
         ([2, 4, 5, 6], [3, 4, 1, 1], [1, 1], [0, 0], [1, 2], [1, 1]),
         ([2, 1, 6, 6], [2, 1, 5, 5], [1, 1], [2, 2], [2, 2], [1, 1]),
+        // Stride 1 with output rows as wide as input rows: im2col's shifted copies.
+        ([1, 2, 6, 7], [2, 2, 3, 3], [1, 1], [2, 2], [2, 2], [2, 2]),
+        ([1, 2, 5, 6], [3, 2, 2, 3], [1, 1], [0, 2], [1, 0], [1, 1]),
+        ([1, 1, 2, 1], [1, 1, 5, 5], [1, 1], [2, 2], [2, 2], [1, 1]),
+        ([2, 3, 3, 4], [2, 3, 3, 3], [1, 1], [3, 1], [0, 1], [1, 1]),
     ] {
         let s = Conv2dShape::new(x, w, stride, pad, pad_end, dil).unwrap();
         let (xv, wv) = (values(s.batch * s.image(), 1), values(s.out_channels * s.patch(), 2));
