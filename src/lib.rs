@@ -39,7 +39,8 @@ pub use bonfire_collective::{
     CommError, Communicator, DistEnv, Group, InProcCommunicator, ReduceOp, TcpCommunicator, TcpConfig, TensorCollective,
 };
 pub use bonfire_parallel::{
-    keep_freed_memory, CommHook, DataParallel, DdpConfig, DistributedDataParallel, HookBackend, ParallelError, Strategy,
+    comm_hook, keep_freed_memory, CommHook, DataParallel, DdpConfig, DistributedDataParallel, HookBackend,
+    ParallelError, Strategy,
 };
 
 /// `use bonfire::prelude::*;` gives the strategies, their configuration, the

@@ -1,6 +1,7 @@
 //! DistributedDataParallel: one replica per worker, gradients averaged in
 //! buckets while the backward pass is still running.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bonfire_collective::TensorCollective;
@@ -11,7 +12,7 @@ use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 
 use crate::bucket::BucketPlan;
 use crate::buffers;
-use crate::comm_hook::CommHook;
+use crate::comm_hook::{CommHook, Mean};
 use crate::comm_thread::CommThread;
 use crate::error::{ParallelError, Result};
 use crate::hook::{GradientSink, HookBackend};
@@ -36,8 +37,6 @@ pub struct DdpConfig {
     /// all-reduce is memory work on the cores that run backward),
     /// overlapping everywhere else.
     pub overlap: Option<bool>,
-    /// How a bucket is averaged.
-    pub comm_hook: CommHook,
     /// Give every rank rank 0's buffers (batch norm's running statistics) at
     /// the end of every synchronising `backward`, so that every rank holds
     /// the same model after each step. PyTorch's `broadcast_buffers` does the
@@ -53,7 +52,6 @@ impl Default for DdpConfig {
             first_bucket_cap_bytes: 1 << 20,
             find_unused_parameters: false,
             overlap: None,
-            comm_hook: CommHook::Mean,
             broadcast_buffers: true,
         }
     }
@@ -73,6 +71,7 @@ type Registrar<B> = Box<dyn Fn(Tensor<Inner<B>, 1>, &mut GradientsParams) + Send
 ///
 /// ```ignore
 /// let (mut ddp, mut model) = DistributedDataParallel::new(model, comm, DdpConfig::default())?;
+/// // Optional, before the first forward pass: ddp.register_comm_hook(Bf16Compress)?;
 /// for batch in my_shard {
 ///     let loss = loss_of(ddp.forward_module(&model), batch);
 ///     let grads = ddp.backward(loss)?; // averaged over all ranks
@@ -86,6 +85,10 @@ pub struct DistributedDataParallel<B: HookBackend> {
     /// The reducer as the gradient hooks see it.
     sink: Arc<dyn GradientSink<B::InnerBackend>>,
     overlap: bool,
+    /// What the reducer was made from, to make it again with another hook.
+    reducer_config: ReducerConfig,
+    /// Whether [`forward_module`](Self::forward_module) has handed out the reducer.
+    forwarded: AtomicBool,
     registrars: Vec<Registrar<B>>,
     broadcast_buffers: bool,
     /// Set by [`forward_module`](Self::forward_module), run by [`backward`](Self::backward).
@@ -122,15 +125,14 @@ impl<B: HookBackend> DistributedDataParallel<B> {
         let numels: Vec<Option<usize>> = infos.iter().map(|p| p.trainable.then(|| p.numel())).collect();
         let plan = BucketPlan::new(&numels, config.first_bucket_cap_bytes, config.bucket_cap_bytes);
         tracing::debug!("DDP: {} parameters in {} buckets of {:?} values", infos.len(), plan.lens.len(), plan.lens);
-        let names = infos.iter().map(|p| p.name.clone()).collect();
         let reducer_config = ReducerConfig {
             plan: plan.clone(),
-            names,
-            hook: config.comm_hook,
+            names: infos.iter().map(|p| p.name.clone()).collect(),
+            shapes: infos.iter().map(|p| p.shape.clone()).collect(),
             overlap: config.overlap,
             find_unused: config.find_unused_parameters,
         };
-        let (reducer, sink, overlap) = reducer(reducer_config, device.clone(), comm.clone());
+        let (reducer, sink, overlap) = reducer(reducer_config.clone(), Box::new(Mean), device.clone(), comm.clone());
         let registrars = registrars::<B, M>(&module);
         let ddp = DistributedDataParallel {
             comm,
@@ -138,12 +140,29 @@ impl<B: HookBackend> DistributedDataParallel<B> {
             reducer,
             sink,
             overlap,
+            reducer_config,
+            forwarded: AtomicBool::new(false),
             registrars,
             broadcast_buffers: config.broadcast_buffers,
             buffer_sync: Mutex::new(None),
             device,
         };
         Ok((ddp, module))
+    }
+
+    /// Averages gradient buckets with `hook` instead of [`Mean`], as
+    /// PyTorch's `register_comm_hook`; every rank must register the same kind
+    /// of hook. Only before the first [`forward_module`](Self::forward_module).
+    pub fn register_comm_hook(&mut self, hook: impl CommHook<B::InnerBackend>) -> Result<()> {
+        if self.forwarded.load(Ordering::Relaxed) {
+            return Err(ParallelError::Invalid(
+                "register_comm_hook after forward_module: register the hook before the first forward pass".into(),
+            ));
+        }
+        let config = self.reducer_config.clone();
+        (self.reducer, self.sink, self.overlap) =
+            reducer(config, Box::new(hook), self.device.clone(), self.comm.clone());
+        Ok(())
     }
 
     /// This worker's rank in its group.
@@ -166,6 +185,7 @@ impl<B: HookBackend> DistributedDataParallel<B> {
     /// on every trainable parameter. Gradients still land on `module`'s
     /// parameters, so the optimizer steps `module` itself.
     pub fn forward_module<M: AutodiffModule<B> + 'static>(&self, module: &M) -> M {
+        self.forwarded.store(true, Ordering::Relaxed);
         if self.broadcast_buffers && self.world_size() > 1 {
             let module = module.clone();
             let sync: BufferSync<B> = Box::new(move |comm| buffers::broadcast_from_rank0::<B, M>(comm, &module));

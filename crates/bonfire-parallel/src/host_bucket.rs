@@ -34,7 +34,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensorOps;
 use burn::tensor::{DType, Shape, Tensor, TensorData, TensorPrimitive};
 
-use crate::comm_hook::CommHook;
+use crate::comm_hook::{BucketParameter, CommHook};
 use crate::store::{BucketStore, Reduced};
 
 /// Whether `B`'s float tensors are Flex's, the one backend whose memory the
@@ -178,14 +178,16 @@ impl<B: Backend> BucketStore<B> for HostStore {
         Contents::Memory(self.buckets[b].filling.take().expect("made above"))
     }
 
-    /// The mean over all ranks, in place. Only the mean: DDP sends
-    /// compressed buckets as tensors.
+    /// The mean over all ranks, in place: DDP uses host buckets only with a
+    /// hook that is the plain mean, and sends other hooks' buckets as tensors.
     fn average(
         comm: &mut dyn TensorCollective<B>,
-        hook: CommHook,
+        hook: &mut dyn CommHook<B>,
+        _: usize,
+        _: Vec<BucketParameter>,
         mut contents: Contents,
     ) -> Result<Contents, CommError> {
-        debug_assert_eq!(hook, CommHook::Mean, "compression hooks use tensor buckets");
+        debug_assert!(hook.is_plain_mean(), "other hooks use tensor buckets");
         let mut segments: Vec<&mut [f32]> = match &mut contents {
             Contents::Memory(memory) => vec![memory.try_storage_mut::<f32>().expect("taken memory is held only here")],
             Contents::Gradients(grads) => grads.values_mut().map(values_mut).collect(),

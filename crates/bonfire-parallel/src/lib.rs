@@ -9,7 +9,7 @@
 
 mod bucket;
 mod buffers;
-mod comm_hook;
+pub mod comm_hook;
 mod comm_thread;
 mod ddp;
 mod device_move;
@@ -25,7 +25,7 @@ mod strategy;
 mod tensor_bucket;
 
 pub use buffers::settle as settle_buffers;
-pub use comm_hook::CommHook;
+pub use comm_hook::{Bf16Compress, CommHook, GradBucket, Mean};
 pub use ddp::{DdpConfig, DistributedDataParallel};
 pub use device_move::{copies_directly, is_cubecl, move_differentiable, to_device, MoveBackend};
 pub use dp::{DataParallel, Replicas};

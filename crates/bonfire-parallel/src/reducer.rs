@@ -15,7 +15,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ElementConversion;
 
 use crate::bucket::BucketPlan;
-use crate::comm_hook::CommHook;
+use crate::comm_hook::{BucketParameter, CommHook};
 use crate::comm_thread::CommThread;
 use crate::error::{ParallelError, Result};
 use crate::hook::GradientSink;
@@ -33,23 +33,26 @@ pub trait Reduce<B: Backend>: Send + Sync {
     fn finish(&self) -> Result<Vec<Reduced<B>>>;
 }
 
-/// How a reducer is set up.
+/// How a reducer is set up, besides its comm hook.
+#[derive(Clone)]
 pub struct ReducerConfig {
     pub plan: BucketPlan,
     /// `names[i]` names parameter i (visiting order) in error messages.
     pub names: Vec<String>,
-    pub hook: CommHook,
+    /// `shapes[i]` is parameter i's shape, for the comm hook.
+    pub shapes: Vec<Vec<usize>>,
     /// `DdpConfig::overlap`: None lets [`reducer`] choose.
     pub overlap: Option<bool>,
     pub find_unused: bool,
 }
 
-/// A reducer over `comm` on `device`, with the bucket store that suits the
-/// communicator, and whether it launches buckets while backward runs. This
-/// is the one place that reads the communicator's capabilities:
+/// A reducer over `comm` on `device` that averages buckets with `hook`, with
+/// the bucket store that suits the communicator, and whether it launches
+/// buckets while backward runs. This is the one place that reads the
+/// communicator's capabilities:
 ///
 /// - host buckets where the gradients are Flex's and a host communicator
-///   averages them (with the plain mean; compressed buckets are tensors),
+///   averages them with the plain mean (other hooks get tensors),
 ///   kept where backward left them when it reduces segments in place;
 /// - tensor buckets everywhere else;
 /// - buckets wait for the end of backward where the ranks are threads
@@ -58,20 +61,21 @@ pub struct ReducerConfig {
 ///   network or a GPU has time of its own to hide).
 pub fn reducer<B: Backend>(
     config: ReducerConfig,
+    hook: Box<dyn CommHook<B>>,
     device: B::Device,
     comm: Arc<CommThread<B>>,
 ) -> (Arc<dyn Reduce<B>>, Arc<dyn GradientSink<B>>, bool) {
     let caps: Capabilities = comm.call(|c| c.capabilities());
-    let host = caps.host_memory && host_bucket::is_flex::<B>() && config.hook == CommHook::Mean;
+    let host = caps.host_memory && host_bucket::is_flex::<B>() && hook.is_plain_mean();
     let overlap = config.overlap.unwrap_or(!(host && caps.ranks_are_threads));
     let buckets = config.plan.buckets();
     if host {
         let lens = (0..buckets).map(|b| config.plan.sent_len(b)).collect();
         let store = HostStore::new(lens, caps.reduces_segments_in_place);
-        let reducer = Arc::new(Reducer::new(config, comm, overlap, store));
+        let reducer = Arc::new(Reducer::new(config, hook, comm, overlap, store));
         (reducer.clone(), reducer, overlap)
     } else {
-        let reducer = Arc::new(Reducer::new(config, comm, overlap, TensorStore::new(buckets, device)));
+        let reducer = Arc::new(Reducer::new(config, hook, comm, overlap, TensorStore::new(buckets, device)));
         (reducer.clone(), reducer, overlap)
     }
 }
@@ -80,7 +84,10 @@ struct Reducer<B: Backend, S: BucketStore<B>> {
     plan: BucketPlan,
     names: Vec<String>,
     comm: Arc<CommThread<B>>,
-    hook: CommHook,
+    /// Used on the communication thread only, one bucket at a time.
+    hook: Arc<Mutex<Box<dyn CommHook<B>>>>,
+    /// Per bucket: where its gradients lie, as the hook is told.
+    parameters: Vec<Vec<BucketParameter>>,
     /// Launch buckets during backward (true) or only once it has finished.
     overlap: bool,
     find_unused: bool,
@@ -109,8 +116,20 @@ struct Done<F> {
 }
 
 impl<B: Backend, S: BucketStore<B>> Reducer<B, S> {
-    fn new(config: ReducerConfig, comm: Arc<CommThread<B>>, overlap: bool, store: S) -> Self {
-        let ReducerConfig { plan, names, hook, find_unused, .. } = config;
+    fn new(
+        config: ReducerConfig,
+        hook: Box<dyn CommHook<B>>,
+        comm: Arc<CommThread<B>>,
+        overlap: bool,
+        store: S,
+    ) -> Self {
+        let ReducerConfig { plan, names, shapes, find_unused, .. } = config;
+        let parameters = (0..plan.buckets())
+            .map(|b| {
+                let range = |i: usize| plan.slots[i].as_ref().map(|(_, r)| r.clone()).expect("a member has a slot");
+                plan.members(b).iter().map(|&i| BucketParameter { range: range(i), shape: shapes[i].clone() }).collect()
+            })
+            .collect();
         let (done_tx, done_rx) = mpsc::channel();
         Reducer {
             step: Mutex::new(Step {
@@ -125,7 +144,8 @@ impl<B: Backend, S: BucketStore<B>> Reducer<B, S> {
             plan,
             names,
             comm,
-            hook,
+            hook: Arc::new(Mutex::new(hook)),
+            parameters,
             overlap,
             find_unused,
             done_tx,
@@ -150,9 +170,11 @@ impl<B: Backend, S: BucketStore<B>> Reducer<B, S> {
                 st.store.fill(last, count, st.unused as f32);
             }
             let flight = st.store.send(bucket);
-            let (hook, done) = (self.hook, self.done_tx.clone());
+            let (hook, done) = (self.hook.clone(), self.done_tx.clone());
+            let parameters = self.parameters[bucket].clone();
             self.comm.submit(move |comm| {
-                let result = S::average(comm, hook, flight);
+                let mut hook = hook.lock().unwrap_or_else(|e| e.into_inner());
+                let result = S::average(comm, hook.as_mut(), bucket, parameters, flight);
                 let _ = done.send(Done { bucket, result });
             });
         }

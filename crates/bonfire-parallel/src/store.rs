@@ -14,7 +14,7 @@ use bonfire_collective::{CommError, TensorCollective};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use crate::comm_hook::CommHook;
+use crate::comm_hook::{BucketParameter, CommHook};
 
 /// The buckets of a DDP step, indexed by bucket, each holding the ranges
 /// that [`BucketPlan`](crate::bucket::BucketPlan) gives its gradients.
@@ -35,11 +35,13 @@ pub trait BucketStore<B: Backend>: Send + 'static {
     /// the next step's writes go elsewhere.
     fn send(&mut self, b: usize) -> Self::Flight;
 
-    /// Averages a bucket over every rank of `comm` as `hook` says; runs on
-    /// the communication thread.
+    /// Averages bucket `b`, whose gradients lie as `parameters` says, over
+    /// every rank of `comm` as `hook` says; runs on the communication thread.
     fn average(
         comm: &mut dyn TensorCollective<B>,
-        hook: CommHook,
+        hook: &mut dyn CommHook<B>,
+        b: usize,
+        parameters: Vec<BucketParameter>,
         flight: Self::Flight,
     ) -> Result<Self::Flight, CommError>;
 

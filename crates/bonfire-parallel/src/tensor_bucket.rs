@@ -20,7 +20,7 @@ use bonfire_collective::{CommError, TensorCollective};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 
-use crate::comm_hook::CommHook;
+use crate::comm_hook::{BucketParameter, CommHook, GradBucket};
 use crate::store::{BucketStore, Reduced};
 
 /// Buckets as tensors on the gradients' device.
@@ -70,11 +70,26 @@ impl<B: Backend> BucketStore<B> for TensorStore<B> {
         Flight::Parts { memory: self.memory[b].take(), parts }
     }
 
-    fn average(comm: &mut dyn TensorCollective<B>, hook: CommHook, flight: Flight<B>) -> Result<Flight<B>, CommError> {
+    fn average(
+        comm: &mut dyn TensorCollective<B>,
+        hook: &mut dyn CommHook<B>,
+        b: usize,
+        parameters: Vec<BucketParameter>,
+        flight: Flight<B>,
+    ) -> Result<Flight<B>, CommError> {
         let Flight::Parts { memory, parts } = flight else { unreachable!("a bucket is averaged once") };
         // Filled here rather than where the gradients arrived: a GPU stream
         // belongs to the thread that uses it.
-        Ok(Flight::Averaged(hook.apply(comm, fill(memory, parts))?))
+        let buffer = fill(memory, parts);
+        let len = buffer.dims()[0];
+        let averaged = hook.average(comm, GradBucket { index: b, buffer, parameters })?;
+        if averaged.dims()[0] != len {
+            return Err(CommError::Invalid {
+                op: "comm hook",
+                detail: format!("it returned {} values for bucket {b} of {len}", averaged.dims()[0]),
+            });
+        }
+        Ok(Flight::Averaged(averaged))
     }
 
     fn land(&mut self, b: usize, flight: Flight<B>) -> Reduced<B> {

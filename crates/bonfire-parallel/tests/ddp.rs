@@ -4,11 +4,14 @@ mod common;
 
 use std::time::Duration;
 
-use bonfire_collective::{Group, InProcCommunicator, ReduceOp, TcpCommunicator, TcpConfig, TensorCollective};
-use bonfire_parallel::{CommHook, DdpConfig, DistributedDataParallel, HookBackend, ParallelError};
+use bonfire_collective::{
+    CommError, Group, InProcCommunicator, ReduceOp, TcpCommunicator, TcpConfig, TensorCollective,
+};
+use bonfire_parallel::comm_hook::{Bf16Compress, BucketParameter, CommHook, GradBucket};
+use bonfire_parallel::{DdpConfig, DistributedDataParallel, HookBackend, ParallelError};
 use bonfire_testkit::{free_port, max_abs_diff, read_values, scratch_dir, write_values, SelfWorkers};
 use burn::backend::Autodiff;
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module};
 use burn::tensor::Tensor;
 use common::*;
 
@@ -215,7 +218,8 @@ fn bf16_compression_stays_within_its_error_bound() {
                         burn::tensor::TensorData::new(v, [n]),
                         &Default::default(),
                     );
-                    let averaged = CommHook::Bf16Compress.apply(&mut c, bucket).unwrap();
+                    let bucket = GradBucket { index: 0, buffer: bucket, parameters: Vec::new() };
+                    let averaged = Bf16Compress.average(&mut c, bucket).unwrap();
                     averaged.into_data().to_vec::<f32>().unwrap()
                 })
             })
@@ -234,12 +238,102 @@ fn bf16_compression_stays_within_its_error_bound() {
     assert!(worst > 0.0, "bf16 compression should not be exact");
 
     // Whole training: five steps with compressed gradients stay close.
-    let config = DdpConfig { comm_hook: CommHook::Bf16Compress, ..DdpConfig::default() };
     let device = Default::default();
     let want = train_single::<Flex, _>(seeded::<Flex, _>(ConvNet::new(&device), 1), PER_RANK * 2, 64);
-    for got in ddp_threads::<Flex, _>(2, |_, d| ConvNet::new(d), config, PER_RANK, 1, 64) {
+    let bf16 = |_: usize, ddp: &mut DistributedDataParallel<Flex>| ddp.register_comm_hook(Bf16Compress);
+    let devices = vec![Default::default(); 2];
+    for got in
+        ddp_threads_prepared::<Flex, _>(devices, |_, d| ConvNet::new(d), DdpConfig::default(), bf16, PER_RANK, 1, 64)
+    {
         let diff = max_abs_diff(&got.unwrap(), &want);
         assert!(diff <= 2e-3, "bf16 training drifted by {diff}");
+    }
+}
+
+/// A hook as a user writes one: a sum over ranks divided by the world size,
+/// noting each bucket it is given.
+struct SumThenDivide {
+    /// Per call: the bucket's index, its length and its parameters' ranges and shapes.
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(usize, usize, Vec<BucketParameter>)>>>,
+}
+
+impl<B: burn::tensor::backend::Backend> CommHook<B> for SumThenDivide {
+    fn average(
+        &mut self,
+        comm: &mut dyn TensorCollective<B>,
+        bucket: GradBucket<B>,
+    ) -> Result<burn::tensor::Tensor<B, 1>, CommError> {
+        let len = bucket.buffer.dims()[0];
+        self.seen.lock().unwrap().push((bucket.index, len, bucket.parameters));
+        let world = comm.world_size() as f64;
+        Ok(comm.all_reduce(bucket.buffer, ReduceOp::Sum)?.div_scalar(world))
+    }
+}
+
+#[test]
+fn a_comm_hook_written_by_the_user_averages_every_bucket_in_order() {
+    let device = Default::default();
+    let want = train_single::<Flex, _>(seeded::<Flex, _>(ConvNet::new(&device), 1), PER_RANK * 2, 64);
+    let params = ConvNet::<Flex>::new(&device).num_params();
+    let seen: Vec<_> = (0..2).map(|_| std::sync::Arc::new(std::sync::Mutex::new(Vec::new()))).collect();
+    let hook = |rank: usize, ddp: &mut DistributedDataParallel<Flex>| {
+        ddp.register_comm_hook(SumThenDivide { seen: seen[rank].clone() })
+    };
+    // Small buckets, so that a step has several.
+    let config = DdpConfig { bucket_cap_bytes: 4096, first_bucket_cap_bytes: 1024, ..DdpConfig::default() };
+    let devices = vec![Default::default(); 2];
+    for got in ddp_threads_prepared::<Flex, _>(devices, |_, d| ConvNet::new(d), config, hook, PER_RANK, 1, 64) {
+        let diff = max_abs_diff(&got.unwrap(), &want);
+        assert!(diff <= 1e-5, "a sum divided by the world size differs from one worker by {diff}");
+    }
+    for (rank, seen) in seen.iter().enumerate() {
+        let seen = seen.lock().unwrap();
+        // A step's calls run from one bucket 0 to the next.
+        let buckets = seen.iter().skip(1).position(|(index, ..)| *index == 0).map_or(seen.len(), |p| p + 1);
+        assert!(buckets > 1, "rank {rank}: one bucket only; the test wants several");
+        assert_eq!(seen.len(), buckets * STEPS, "rank {rank}: one call per bucket per step");
+        for (call, (index, len, parameters)) in seen.iter().enumerate() {
+            assert_eq!(*index, call % buckets, "rank {rank}: buckets out of order");
+            let mut end = 0;
+            for p in parameters {
+                assert_eq!(p.range.len(), p.shape.iter().product::<usize>(), "rank {rank}: {p:?}");
+                assert!(p.range.start >= end && p.range.end <= *len, "rank {rank}: {p:?} overlaps or overruns");
+                end = p.range.end;
+            }
+        }
+        let per_step: usize = seen[..buckets].iter().flat_map(|(_, _, ps)| ps.iter().map(|p| p.range.len())).sum();
+        assert_eq!(per_step, params, "rank {rank}: the buckets of a step hold every parameter once");
+    }
+}
+
+#[test]
+fn a_comm_hook_is_refused_after_the_first_forward_pass_and_a_wrong_length_fails() {
+    let device = Default::default();
+    let mut comms = InProcCommunicator::group(1).unwrap();
+    let model = ConvNet::<Flex>::new(&device);
+    let (mut ddp, model) =
+        DistributedDataParallel::new(model, Box::new(comms.remove(0)), DdpConfig::default()).unwrap();
+    let _ = ddp.forward_module(&model);
+    let err = ddp.register_comm_hook(Bf16Compress).unwrap_err();
+    assert!(err.to_string().contains("before the first forward pass"), "{err}");
+
+    struct Halves;
+    impl<B: burn::tensor::backend::Backend> CommHook<B> for Halves {
+        fn average(
+            &mut self,
+            _: &mut dyn TensorCollective<B>,
+            bucket: GradBucket<B>,
+        ) -> Result<burn::tensor::Tensor<B, 1>, CommError> {
+            let half = bucket.buffer.dims()[0] / 2;
+            Ok(bucket.buffer.slice([0..half]))
+        }
+    }
+    let devices = vec![Default::default(); 2];
+    let halves = |_: usize, ddp: &mut DistributedDataParallel<Flex>| ddp.register_comm_hook(Halves);
+    for got in ddp_threads_prepared::<Flex, _>(devices, |_, d| ConvNet::new(d), DdpConfig::default(), halves, 1, 1, 64)
+    {
+        let err = got.unwrap_err().to_string();
+        assert!(err.contains("comm hook") && err.contains("values for bucket"), "{err}");
     }
 }
 

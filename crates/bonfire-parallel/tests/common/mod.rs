@@ -316,6 +316,24 @@ where
     B: HookBackend,
     M: AutodiffModule<B> + Net<B> + 'static,
 {
+    ddp_threads_prepared::<B, M>(devices, make, config, |_, _| Ok(()), per_rank, micro, width)
+}
+
+/// [`ddp_threads_on`] with `prepare(rank, ddp)` run on each rank's strategy
+/// before training (to register a comm hook, say).
+pub fn ddp_threads_prepared<B, M>(
+    devices: Vec<B::Device>,
+    make: impl Fn(usize, &B::Device) -> M + Sync,
+    config: DdpConfig,
+    prepare: impl Fn(usize, &mut DistributedDataParallel<B>) -> Result<(), ParallelError> + Sync,
+    per_rank: usize,
+    micro: usize,
+    width: usize,
+) -> Vec<Result<Vec<f32>, ParallelError>>
+where
+    B: HookBackend,
+    M: AutodiffModule<B> + Net<B> + 'static,
+{
     let comms = InProcCommunicator::group(devices.len()).unwrap();
     std::thread::scope(|s| {
         let handles: Vec<_> = comms
@@ -323,10 +341,11 @@ where
             .zip(devices)
             .enumerate()
             .map(|(rank, (comm, device))| {
-                let (make, config) = (&make, config.clone());
+                let (make, prepare, config) = (&make, &prepare, config.clone());
                 s.spawn(move || {
                     let model = seeded::<B, M>(make(rank, &device), if rank == 0 { 1 } else { 100 + rank as u64 });
                     let (mut ddp, model) = DistributedDataParallel::new(model, Box::new(comm), config)?;
+                    prepare(rank, &mut ddp)?;
                     train_ddp(&mut ddp, model, per_rank, micro, width)
                 })
             })
