@@ -17,6 +17,8 @@
 
 use rayon::prelude::*;
 
+use super::sums::lane_sums;
+
 /// `[batch, channels, positions]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NormShape {
@@ -43,30 +45,6 @@ impl NormShape {
         let (p, stride) = (self.positions, self.channels * self.positions);
         (0..self.batch).map(move |n| &data[n * stride + c * p..][..p])
     }
-}
-
-/// The sums of both halves of `term(a[i], b[i])` over `i`, in eight
-/// independent lanes: one running sum would be a chain of dependent
-/// additions, which the compiler may not reorder into vector adds.
-fn lane_sums(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> (f32, f32)) -> (f32, f32) {
-    const LANES: usize = 8;
-    let (mut first, mut second) = ([0.0f32; LANES], [0.0f32; LANES]);
-    let (a_blocks, b_blocks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail = a_blocks.remainder().iter().zip(b_blocks.remainder());
-    for (a, b) in a_blocks.zip(b_blocks) {
-        for lane in 0..LANES {
-            let (u, v) = term(a[lane], b[lane]);
-            first[lane] += u;
-            second[lane] += v;
-        }
-    }
-    let (mut u_sum, mut v_sum) = (first.iter().sum::<f32>(), second.iter().sum::<f32>());
-    for (&a, &b) in tail {
-        let (u, v) = term(a, b);
-        u_sum += u;
-        v_sum += v;
-    }
-    (u_sum, v_sum)
 }
 
 /// A training forward pass: the output and the batch's statistics.

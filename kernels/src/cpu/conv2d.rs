@@ -21,6 +21,7 @@ use rayon::prelude::*;
 
 use super::gemm::{matmul, Mat};
 use super::scratch::Scratch;
+use super::sums::sum;
 
 /// The geometry of a convolution with `groups = 1`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,23 +169,23 @@ fn im2col(s: &Conv2dShape, image: &[f32], col: &mut [f32]) {
             shifted_row(s, plane, i, j, col_row);
             continue;
         }
+        // Zeroed whole once, then the valid values written: a row holds only
+        // a few padding values, and a fill each would be a memset call.
+        col_row.fill(0.0);
         let (w_lo, w_hi, w_first) = s.valid(1, j, s.out_width, s.width);
-        for (oh, out) in col_row.chunks_exact_mut(s.out_width).enumerate() {
-            let ih = (oh * s.stride[0]) as isize + (i * s.dilation[0]) as isize - s.padding[0] as isize;
-            if ih < 0 || ih >= s.height as isize {
-                out.fill(0.0);
-                continue;
-            }
-            let src = &plane[ih as usize * s.width..][..s.width];
-            out[..w_lo].fill(0.0);
-            out[w_hi..].fill(0.0);
-            let start = (w_lo * s.stride[1]) as isize + w_first;
+        let (h_lo, h_hi, h_first) = s.valid(0, i, s.out_height, s.height);
+        if w_lo == w_hi {
+            continue;
+        }
+        let start = ((w_lo * s.stride[1]) as isize + w_first) as usize;
+        for oh in h_lo..h_hi {
+            let ih = ((oh * s.stride[0]) as isize + h_first) as usize;
+            let src = &plane[ih * s.width..][..s.width];
+            let out = &mut col_row[oh * s.out_width..][w_lo..w_hi];
             if s.stride[1] == 1 {
-                let start = start as usize;
-                out[w_lo..w_hi].copy_from_slice(&src[start..start + (w_hi - w_lo)]);
+                out.copy_from_slice(&src[start..start + (w_hi - w_lo)]);
             } else {
-                let taken = src[start as usize..].iter().step_by(s.stride[1]);
-                out[w_lo..w_hi].iter_mut().zip(taken).for_each(|(o, v)| *o = *v);
+                out.iter_mut().zip(src[start..].iter().step_by(s.stride[1])).for_each(|(o, v)| *o = *v);
             }
         }
     }
@@ -215,10 +216,11 @@ fn shifted_row(s: &Conv2dShape, plane: &[f32], i: usize, j: usize, out: &mut [f3
     out[lo..dst].fill(0.0);
     out[dst..dst + (to - from)].copy_from_slice(&plane[from..to]);
     out[dst + (to - from)..hi].fill(0.0);
-    if w_lo > 0 || w_hi < width {
-        for out_row in out[lo..hi].chunks_exact_mut(width) {
-            out_row[..w_lo].fill(0.0);
-            out_row[w_hi..].fill(0.0);
+    // Column by column: a few values a row, where per-row fills would be a
+    // memset call each.
+    for column in (0..w_lo).chain(w_hi..width) {
+        for v in out[lo + column..hi].iter_mut().step_by(width) {
+            *v = 0.0;
         }
     }
 }
@@ -297,18 +299,18 @@ pub fn forward(s: &Conv2dShape, x: &[f32], weight: &[f32], bias: Option<&[f32]>)
     y
 }
 
-/// The gradients of a convolution; the input's only when asked for.
+/// The gradients of a convolution; the input's and the bias's only when asked for.
 pub struct Conv2dGrads {
     /// The input's gradient.
     pub x: Option<Vec<f32>>,
     /// The weight's gradient.
     pub weight: Vec<f32>,
     /// The bias's gradient.
-    pub bias: Vec<f32>,
+    pub bias: Option<Vec<f32>>,
 }
 
 /// Gradients of `conv(x, weight) + bias` given `dy`, `[batch, out, Ho, Wo]`.
-pub fn backward(s: &Conv2dShape, x: &[f32], weight: &[f32], dy: &[f32], need_x: bool) -> Conv2dGrads {
+pub fn backward(s: &Conv2dShape, x: &[f32], weight: &[f32], dy: &[f32], need_x: bool, need_bias: bool) -> Conv2dGrads {
     let (k, p, o) = (s.patch(), s.positions(), s.out_channels);
     assert_eq!(x.len(), s.batch * s.image(), "input size");
     assert_eq!(dy.len(), s.batch * s.out_image(), "output gradient size");
@@ -363,12 +365,15 @@ pub fn backward(s: &Conv2dShape, x: &[f32], weight: &[f32], dy: &[f32], need_x: 
     for partial in partials.chunks_exact(o * k) {
         dw.iter_mut().zip(partial).for_each(|(a, b)| *a += b);
     }
-    let mut bias = vec![0.0f32; o];
-    for dy_n in dy.chunks_exact(s.out_image()) {
-        for (b, row) in bias.iter_mut().zip(dy_n.chunks_exact(p)) {
-            *b += row.iter().sum::<f32>();
+    let bias = need_bias.then(|| {
+        let mut bias = vec![0.0f32; o];
+        for dy_n in dy.chunks_exact(s.out_image()) {
+            for (b, row) in bias.iter_mut().zip(dy_n.chunks_exact(p)) {
+                *b += sum(row);
+            }
         }
-    }
+        bias
+    });
     Conv2dGrads { x: need_x.then_some(dx), weight: dw, bias }
 }
 

@@ -5,3 +5,4 @@ pub mod conv2d;
 pub mod gemm;
 pub mod max_pool2d;
 mod scratch;
+mod sums;

@@ -43,15 +43,20 @@ struct Conv2dBackward;
 #[derive(Debug)]
 struct Conv2dNoBiasBackward;
 
-/// The gradients of the input (when asked for), the weight and the bias.
-fn gradients(saved: Saved, dy: FlexTensor, need_x: bool) -> (Option<FlexTensor>, FlexTensor, FlexTensor) {
+/// The gradients of the input and the bias (when asked for) and the weight.
+fn gradients(
+    saved: Saved,
+    dy: FlexTensor,
+    need_x: bool,
+    need_bias: bool,
+) -> (Option<FlexTensor>, FlexTensor, Option<FlexTensor>) {
     let s = saved.shape;
     let dy = super::contiguous(dy);
-    let g = kernel::backward(&s, values(&saved.x), values(&saved.weight), values(&dy), need_x);
+    let g = kernel::backward(&s, values(&saved.x), values(&saved.weight), values(&dy), need_x, need_bias);
     (
         g.x.map(|dx| flex(dx, [s.batch, s.in_channels, s.height, s.width])),
         flex(g.weight, [s.out_channels, s.in_channels, s.kernel[0], s.kernel[1]]),
-        flex(g.bias, [s.out_channels]),
+        g.bias.map(|db| flex(db, [s.out_channels])),
     )
 }
 
@@ -61,14 +66,14 @@ impl Backward<Flex, 3> for Conv2dBackward {
     fn backward(self, ops: Ops<Saved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [x, weight, bias] = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node);
-        let (dx, dw, db) = gradients(ops.state, dy, x.is_some());
+        let (dx, dw, db) = gradients(ops.state, dy, x.is_some(), bias.is_some());
         if let (Some(node), Some(dx)) = (x, dx) {
             grads.register::<Flex>(node.id, dx);
         }
         if let Some(node) = weight {
             grads.register::<Flex>(node.id, dw);
         }
-        if let Some(node) = bias {
+        if let (Some(node), Some(db)) = (bias, db) {
             grads.register::<Flex>(node.id, db);
         }
     }
@@ -80,7 +85,7 @@ impl Backward<Flex, 2> for Conv2dNoBiasBackward {
     fn backward(self, ops: Ops<Saved, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [x, weight] = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node);
-        let (dx, dw, _) = gradients(ops.state, dy, x.is_some());
+        let (dx, dw, _) = gradients(ops.state, dy, x.is_some(), false);
         if let (Some(node), Some(dx)) = (x, dx) {
             grads.register::<Flex>(node.id, dx);
         }
