@@ -1,12 +1,15 @@
 //! Communication hooks: how a bucket of gradients is averaged across ranks,
 //! what PyTorch's `register_comm_hook` takes. A hook is a trait a user can
-//! implement; [`Mean`] (the default) and [`Bf16Compress`] are two of them.
+//! implement; [`Mean`] (the default), [`Bf16Compress`] and [`PowerSgd`] are
+//! three of them.
 
 use std::ops::Range;
 
 use bonfire_collective::{CommError, ReduceOp, TensorCollective};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
+
+pub use crate::power_sgd::PowerSgd;
 
 /// A bucket of gradients as a hook receives it.
 pub struct GradBucket<B: Backend> {

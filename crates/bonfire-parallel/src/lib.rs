@@ -19,13 +19,14 @@ mod hook;
 mod host_bucket;
 mod host_memory;
 mod params;
+mod power_sgd;
 mod reducer;
 mod store;
 mod strategy;
 mod tensor_bucket;
 
 pub use buffers::settle as settle_buffers;
-pub use comm_hook::{Bf16Compress, CommHook, GradBucket, Mean};
+pub use comm_hook::{Bf16Compress, CommHook, GradBucket, Mean, PowerSgd};
 pub use ddp::{DdpConfig, DistributedDataParallel};
 pub use device_move::{copies_directly, is_cubecl, move_differentiable, to_device, MoveBackend};
 pub use dp::{DataParallel, Replicas};

@@ -7,7 +7,7 @@ use std::time::Duration;
 use bonfire_collective::{
     CommError, Group, InProcCommunicator, ReduceOp, TcpCommunicator, TcpConfig, TensorCollective,
 };
-use bonfire_parallel::comm_hook::{Bf16Compress, BucketParameter, CommHook, GradBucket};
+use bonfire_parallel::comm_hook::{Bf16Compress, BucketParameter, CommHook, GradBucket, PowerSgd};
 use bonfire_parallel::{DdpConfig, DistributedDataParallel, HookBackend, ParallelError};
 use bonfire_testkit::{free_port, max_abs_diff, read_values, scratch_dir, write_values, SelfWorkers};
 use burn::backend::Autodiff;
@@ -304,6 +304,36 @@ fn a_comm_hook_written_by_the_user_averages_every_bucket_in_order() {
         let per_step: usize = seen[..buckets].iter().flat_map(|(_, _, ps)| ps.iter().map(|p| p.range.len())).sum();
         assert_eq!(per_step, params, "rank {rank}: the buckets of a step hold every parameter once");
     }
+}
+
+#[test]
+fn power_sgd_at_full_rank_equals_one_worker_and_at_rank_one_still_learns() {
+    let device = Default::default();
+    let start = seeded::<Flex, _>(ConvNet::new(&device), 1);
+    let want = train_single::<Flex, _>(start.clone(), PER_RANK * 2, 64);
+    let devices = || vec![Default::default(); 2];
+    // At a rank of every matrix's size, P·Qᵀ is the mean itself.
+    let full = |_: usize, ddp: &mut DistributedDataParallel<Flex>| {
+        ddp.register_comm_hook(PowerSgd::new(4096).with_min_compression_rate(0.0))
+    };
+    for got in
+        ddp_threads_prepared::<Flex, _>(devices(), |_, d| ConvNet::new(d), DdpConfig::default(), full, PER_RANK, 1, 64)
+    {
+        let diff = max_abs_diff(&got.unwrap(), &want);
+        assert!(diff <= 1e-4, "PowerSGD at full rank differs from one worker by {diff}");
+    }
+    // At rank 1 the ranks still agree, and the weights move.
+    let low = |_: usize, ddp: &mut DistributedDataParallel<Flex>| {
+        ddp.register_comm_hook(PowerSgd::new(1).with_min_compression_rate(0.0))
+    };
+    let got: Vec<Vec<f32>> =
+        ddp_threads_prepared::<Flex, _>(devices(), |_, d| ConvNet::new(d), DdpConfig::default(), low, PER_RANK, 1, 64)
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+    assert_eq!(got[0], got[1], "ranks differ after PowerSGD steps");
+    let moved = max_abs_diff(&got[0], &bonfire_testkit::flat_values::<Flex, _>(&start));
+    assert!(moved > 1e-4, "rank-1 PowerSGD did not move the weights ({moved})");
 }
 
 #[test]
