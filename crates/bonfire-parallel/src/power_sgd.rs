@@ -199,6 +199,3 @@ impl<B: Backend> CommHook<B> for PowerSgd<B> {
         Ok(Tensor::cat(pieces.into_iter().map(|(_, t)| t).collect(), 0))
     }
 }
-
-#[cfg(test)]
-mod tests;

@@ -1,8 +1,9 @@
-use bonfire_collective::InProcCommunicator;
-use burn::backend::Flex;
+//! PowerSGD's comm hook on its own, over real in-process ranks.
 
-use super::*;
-use crate::comm_hook::BucketParameter;
+use bonfire_collective::InProcCommunicator;
+use bonfire_parallel::comm_hook::{BucketParameter, CommHook, GradBucket, PowerSgd};
+use burn::backend::Flex;
+use burn::tensor::{Tensor, TensorData};
 
 fn values(n: usize, seed: usize) -> Vec<f32> {
     (0..n).map(|i| ((i * 7919 + seed * 104_729) % 23) as f32 / 8.0 - 1.375).collect()
