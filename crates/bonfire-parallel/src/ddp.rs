@@ -80,12 +80,12 @@ type Registrar<B> = Box<dyn Fn(Tensor<Inner<B>, 1>, &mut GradientsParams) + Send
 /// ```
 pub struct DistributedDataParallel<B: HookBackend> {
     comm: Arc<CommThread<B::InnerBackend>>,
-    plan: BucketPlan,
     reducer: Arc<dyn Reduce<B::InnerBackend>>,
     /// The reducer as the gradient hooks see it.
     sink: Arc<dyn GradientSink<B::InnerBackend>>,
     overlap: bool,
-    /// What the reducer was made from, to make it again with another hook.
+    /// What the reducer was made from (the bucket plan among it), to make it
+    /// again with another hook.
     reducer_config: ReducerConfig,
     /// Whether [`forward_module`](Self::forward_module) has handed out the reducer.
     forwarded: AtomicBool,
@@ -126,7 +126,7 @@ impl<B: HookBackend> DistributedDataParallel<B> {
         let plan = BucketPlan::new(&numels, config.first_bucket_cap_bytes, config.bucket_cap_bytes);
         tracing::debug!("DDP: {} parameters in {} buckets of {:?} values", infos.len(), plan.lens.len(), plan.lens);
         let reducer_config = ReducerConfig {
-            plan: plan.clone(),
+            plan,
             names: infos.iter().map(|p| p.name.clone()).collect(),
             shapes: infos.iter().map(|p| p.shape.clone()).collect(),
             overlap: config.overlap,
@@ -136,7 +136,6 @@ impl<B: HookBackend> DistributedDataParallel<B> {
         let registrars = registrars::<B, M>(&module);
         let ddp = DistributedDataParallel {
             comm,
-            plan,
             reducer,
             sink,
             overlap,
@@ -214,7 +213,7 @@ impl<B: HookBackend> DistributedDataParallel<B> {
             sync(&self.comm)?;
         }
         let mut grads = GradientsParams::new();
-        for (index, slot) in self.plan.slots.iter().enumerate() {
+        for (index, slot) in self.reducer_config.plan.slots.iter().enumerate() {
             if let Some((bucket, range)) = slot {
                 (self.registrars[index])(buckets[*bucket].take(range.clone()), &mut grads);
             }
