@@ -6,7 +6,15 @@
 # one GPU, beside PyTorch (and Burn's own DDP, where its program is in the
 # folder) on the same GPU in the same run. Every training step asserts what
 # it shows (a difference within tolerance, a run that learned).
+#
+# `./run.sh check` runs the equivalence steps, `./run.sh speed` the speed
+# table, `./run.sh` both. Each step has a time limit, so that one that hangs
+# or compiles too long costs its limit, not the check.
 cd "$(dirname "$0")"
+part=${1:-all}
+case $part in check|speed|all) ;; *) echo "usage: ./run.sh [check|speed|all]"; exit 2;; esac
+# cubecl.toml (in this folder) keeps compiled kernels and autotune results
+# here, so that each program after the first neither compiles nor tunes again.
 # The programs come gzipped, so that the folder fits what a check may carry.
 for program in bonfire burn-ddp; do
   if [ -f $program.gz ]; then gzip -dc $program.gz > $program && chmod +x $program || exit 1; fi
@@ -17,32 +25,60 @@ PY=${PYTHON:-python3}
 NV_LIBS=$($PY -c 'import nvidia, os; b = list(nvidia.__path__)[0]; print(":".join(os.path.join(b, d, "lib") for d in sorted(os.listdir(b)) if os.path.isdir(os.path.join(b, d, "lib"))))' 2>/dev/null)
 [ -n "$NV_LIBS" ] && export LD_LIBRARY_PATH="$NV_LIBS:${LD_LIBRARY_PATH:-}"
 failed=0
-step() { echo; echo "== $1"; shift; "$@" || { echo "!! failed: exit $?"; failed=1; }; }
+# `step NAME COMMAND...`: runs COMMAND, each program in it for at most
+# STEP_LIMIT seconds (a shell function here limits its own programs).
+STEP_LIMIT=${STEP_LIMIT:-240}
+step() {
+  echo; echo "== $1"; shift
+  start=$(date +%s)
+  case $(type "$1" 2>/dev/null) in
+    *function*) "$@" ;;
+    *) timeout "$STEP_LIMIT" "$@" ;;
+  esac
+  code=$?
+  echo "   ($(( $(date +%s) - start )) s)"
+  [ $code = 0 ] || { echo "!! failed: exit $code$([ $code = 124 ] && echo ", over $STEP_LIMIT s")"; failed=1; }
+}
 COMMON="--dataset fashion-mnist --data-dir data --model lenet --batch-size 100 --no-shuffle --seed 7"
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 # A launched worker joins the others (NCCL by default on CUDA), even alone.
 NCCL_DDP="./bonfire launch --nproc-per-node 1 -- ./bonfire train --backend cuda --strategy ddp --workers 1"
 # `like_cpu NAME ARGS...`: 20 steps of `bonfire train ARGS` from the shared
-# weights equal 20 steps of one CPU worker on the whole batch.
+# weights equal 20 steps of one CPU worker on the whole batch, and (for the
+# parallel paths) 20 steps of one GPU worker, whose arithmetic they share:
+# the second comparison isolates Bonfire's collectives from the backend's
+# kernels (cubek's matmuls stage f32 as TF32 on tensor cores).
 like_cpu() {
   name=$1; shift
-  "$@" $COMMON --steps 20 --init runs/init.safetensors --save "runs/$name.safetensors" --out "runs/$name" &&
-    ./bonfire diff-weights "runs/$name.safetensors" runs/cpu.safetensors --tolerance 1e-3
+  timeout "$STEP_LIMIT" "$@" $COMMON --steps 20 --init runs/init.safetensors --save "runs/$name.safetensors" \
+    --out "runs/$name" || return
+  status=0
+  if [ "$name" != gpu ] && [ -f runs/gpu.safetensors ]; then
+    echo "against one GPU worker:"
+    ./bonfire diff-weights "runs/$name.safetensors" runs/gpu.safetensors --tolerance 1e-3 || status=1
+    echo "against one CPU worker:"
+  fi
+  ./bonfire diff-weights "runs/$name.safetensors" runs/cpu.safetensors --tolerance 1e-3 || status=1
+  return $status
 }
 
 step "device" nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-# At world 1 NCCL's reduction is a copy: this checks the calls and the memory handling, not a sum across ranks.
-step "NCCL all-reduce, world 1: calls, memory handling, bandwidth" ./bonfire nccl-check --sizes-mib 1,16,64,256
-step "one CPU worker, 20 steps from shared weights (the reference)" sh -c '
-  ./bonfire train --backend cpu --strategy single '"$COMMON"' --steps 1 --lr 0 --save runs/init.safetensors --out runs/init &&
-  ./bonfire train --backend cpu --strategy single '"$COMMON"' --steps 20 --init runs/init.safetensors --save runs/cpu.safetensors --out runs/cpu'
-step "DDP through NCCL (world 1) against the CPU" like_cpu nccl $NCCL_DDP
-step "DP, 2 replicas on the one GPU, against the CPU" like_cpu dp ./bonfire train --backend cuda --strategy dp --workers 2
-step "host ring, 2 workers sharing the GPU, against the CPU" \
-  like_cpu ring ./bonfire train --backend cuda --strategy ddp --workers 2 --comm ring
-if [ "$GPUS" -ge 2 ]; then
-  step "DDP through NCCL over 2 GPUs, against the CPU" like_cpu ddp2 ./bonfire train --backend cuda --strategy ddp --workers 2
+if [ $part != speed ]; then
+  # At world 1 NCCL's reduction is a copy: this checks the calls and the memory handling, not a sum across ranks.
+  step "NCCL all-reduce, world 1: calls, memory handling, bandwidth" ./bonfire nccl-check --sizes-mib 1,16,64,256
+  step "one CPU worker, 20 steps from shared weights (the reference)" sh -c '
+    ./bonfire train --backend cpu --strategy single '"$COMMON"' --steps 1 --lr 0 --save runs/init.safetensors --out runs/init &&
+    ./bonfire train --backend cpu --strategy single '"$COMMON"' --steps 20 --init runs/init.safetensors --save runs/cpu.safetensors --out runs/cpu'
+  step "one GPU worker against the CPU (the backend's own arithmetic)" like_cpu gpu ./bonfire train --backend cuda --strategy single
+  step "DDP through NCCL (world 1) against the CPU" like_cpu nccl $NCCL_DDP
+  step "DP, 2 replicas on the one GPU, against the CPU" like_cpu dp ./bonfire train --backend cuda --strategy dp --workers 2
+  step "host ring, 2 workers sharing the GPU, against the CPU" \
+    like_cpu ring ./bonfire train --backend cuda --strategy ddp --workers 2 --comm ring
+  if [ "$GPUS" -ge 2 ]; then
+    step "DDP through NCCL over 2 GPUs, against the CPU" like_cpu ddp2 ./bonfire train --backend cuda --strategy ddp --workers 2
+  fi
 fi
+[ $part = check ] && exit $failed
 
 # Speed. `speed MODEL BATCH STEPS ROW COMMAND...`: a Bonfire run that the
 # table reads from runs/speed/MODEL-ROW (images/s after the warm-up, loss,
@@ -56,12 +92,13 @@ speed() {
 for spec in "lenet 100 300" "resnet 256 60"; do
   set -- $spec
   model=$1 batch=$2 steps=$3
+  # The anchor first: it needs no kernel compiled or tuned.
+  step "$model, PyTorch" sh -c "$PY torch_ddp_train.py --world 1 --device cuda --model $model --batch $batch \
+    --steps $steps --data-dir data --json > runs/speed/$model-torch.json"
   speed "$model" "$batch" "$steps" alone ./bonfire train --backend cuda --strategy single
   speed "$model" "$batch" "$steps" ddp-nccl-1 $NCCL_DDP
   speed "$model" "$batch" "$steps" dp-2 ./bonfire train --backend cuda --strategy dp --workers 2
   speed "$model" "$batch" "$steps" ring-2 ./bonfire train --backend cuda --strategy ddp --workers 2 --comm ring
-  step "$model, PyTorch" sh -c "$PY torch_ddp_train.py --world 1 --device cuda --model $model --batch $batch \
-    --steps $steps --data-dir data --json > runs/speed/$model-torch.json"
   if [ -x ./burn-ddp ]; then
     step "$model, Burn's own DDP (world 1)" sh -c "./burn-ddp --model $model --batch $batch --steps $steps \
       --data-dir data > runs/speed/$model-burn-ddp.json"

@@ -2,7 +2,8 @@
 
 Each Bonfire row is a `bonfire train --out DIR/MODEL-ROW` run: images/s over
 its steps after the warm-up (each step's own time, so that the evaluations
-between epochs are left out), its loss at the start and the end, and the
+between epochs are left out; the ratios use it), images/s at its median step
+(the steady state, without one-off stalls such as a kernel compiled late), its loss at the start and the end, and the
 test accuracy after its last step. PyTorch's row (MODEL-torch.json) and
 Burn's own DDP (MODEL-burn-ddp.json) come from their programs. A row that
 did not learn (the mean loss of its last 10 steps above 0.6 times that of
@@ -13,6 +14,7 @@ usage: python table.py DIR
 import csv
 import json
 import os
+import statistics
 import sys
 
 MODELS = {"lenet": {"batch": 100, "warmup": 20}, "resnet": {"batch": 256, "warmup": 10}}
@@ -29,9 +31,11 @@ def bonfire_row(folder, batch, warmup):
     losses = [float(s["loss"]) for s in steps]
     timed = steps[warmup:]
     seconds = sum(float(s["seconds"]) for s in timed)
+    median = statistics.median(float(s["seconds"]) for s in timed)
     accuracy = next((float(e["test_accuracy"]) for e in reversed(epochs) if e["test_accuracy"]), None)
     return {
         "images_per_sec": len(timed) * batch / seconds if seconds > 0 else None,
+        "median_images_per_sec": batch / median if median > 0 else None,
         "loss_start": sum(losses[:5]) / 5,
         "loss_end": sum(losses[-10:]) / 10,
         "test_accuracy": accuracy,
@@ -77,15 +81,18 @@ def ratio(x):
 
 def main(run_dir):
     failed = False
-    print("| model | row | images/s | / PyTorch | / alone | loss first 5 -> last 10 | test acc | learned |")
-    print("|---|---|---:|---:|---:|---|---:|---|")
+    print(
+        "| model | row | images/s | / PyTorch | / alone | median step, images/s "
+        "| loss first 5 -> last 10 | test acc | learned |"
+    )
+    print("|---|---|---:|---:|---:|---:|---|---:|---|")
     for model in MODELS:
         rows = read_rows(run_dir, model)
         torch = rows["PyTorch"].get("images_per_sec")
         alone = rows["alone"].get("images_per_sec")
         for name, row in rows.items():
             if "error" in row:
-                print(f"| {model} | {name} | not measured: {row['error']} | | | | | |")
+                print(f"| {model} | {name} | not measured: {row['error']} | | | | | | |")
                 # Burn's DDP is an optional row: its program may not be in the bundle.
                 failed |= name != "Burn DDP"
                 continue
@@ -96,7 +103,7 @@ def main(run_dir):
             vs_alone = ips / alone if ips and alone else None
             print(
                 f"| {model} | {name} | {fmt(ips, '.0f')} | {ratio(vs_torch)} | {ratio(vs_alone)} "
-                f"| {row['loss_start']:.3f} -> {row['loss_end']:.3f} | {fmt(row.get('test_accuracy'), '.3f')} "
+                f"| {fmt(row.get('median_images_per_sec'), '.0f')} | {row['loss_start']:.3f} -> {row['loss_end']:.3f} | {fmt(row.get('test_accuracy'), '.3f')} "
                 f"| {'yes' if ok else 'NO'} |"
             )
     return 1 if failed else 0

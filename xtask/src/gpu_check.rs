@@ -66,6 +66,7 @@ pub fn run(args: Args) -> Result<()> {
             subset(&args.data_dir.join(&name), &data.join(&name), n, record)?;
         }
     }
+    std::fs::write(out.join("cubecl.toml"), CUBECL_TOML)?;
     let script = out.join("run.sh");
     std::fs::write(&script, RUN_SH)?;
     Command::new("chmod").arg("+x").arg(&script).status()?;
@@ -122,3 +123,8 @@ fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
 /// The check itself. Each step prints what it measured; the script goes on
 /// after a failed step and exits non-zero at the end if any failed.
 const RUN_SH: &str = include_str!("../gpu-check/run.sh");
+
+/// CubeCL's settings for the check: compiled kernels (PTX) and autotune
+/// results kept in the folder, so that only the first program of a run
+/// compiles and tunes each kernel.
+const CUBECL_TOML: &str = "[compilation]\ncache = \"local\"\n\n[autotune]\ncache = \"local\"\n";
