@@ -24,7 +24,8 @@
 //!
 //! `examples/` holds complete programs: `quickstart` (the README's),
 //! `ddp_custom_loop` (threads), `ddp_processes` (processes over TCP),
-//! `data_parallel`, `learner` (burn-train's Learner) and `wgpu`.
+//! `comm_hooks` (PowerSGD and a hook of one's own), `data_parallel`,
+//! `learner` (burn-train's Learner) and `wgpu`.
 #![warn(missing_docs)]
 
 pub use bonfire_collective as collective;

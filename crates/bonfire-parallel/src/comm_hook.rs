@@ -1,11 +1,13 @@
 //! Communication hooks: how a bucket of gradients is averaged across ranks,
 //! what PyTorch's `register_comm_hook` takes. A hook is a trait a user can
 //! implement; [`Mean`] (the default), [`Bf16Compress`] and [`PowerSgd`] are
-//! three of them.
+//! three of them, and [`Metered`] counts the bytes another one sends.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use bonfire_collective::{CommError, ReduceOp, TensorCollective};
+use bonfire_collective::{Capabilities, CommError, Group, ReduceOp, TensorCollective};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 
@@ -86,5 +88,97 @@ impl<B: Backend> CommHook<B> for Bf16Compress {
     ) -> Result<Tensor<B, 1>, CommError> {
         let packed = bucket.buffer.cast(DType::BF16);
         Ok(comm.all_reduce(packed, ReduceOp::Mean)?.cast(DType::F32))
+    }
+}
+
+/// Another hook, with a count of the bytes it hands to collectives on this
+/// rank (each call's payload; a ring moves about twice that over the wire).
+/// It never says [`is_plain_mean`](CommHook::is_plain_mean), so DDP always
+/// calls it, and the mean is counted too.
+pub struct Metered<H> {
+    hook: H,
+    bytes: Arc<AtomicU64>,
+}
+
+impl<H> Metered<H> {
+    /// Counts what `hook` sends, from 0.
+    pub fn new(hook: H) -> Self {
+        Metered { hook, bytes: Arc::default() }
+    }
+
+    /// The count, readable after the hook is registered (and moved).
+    pub fn counter(&self) -> SentBytes {
+        SentBytes(self.bytes.clone())
+    }
+}
+
+/// The bytes a [`Metered`] hook has sent so far.
+#[derive(Debug, Clone)]
+pub struct SentBytes(Arc<AtomicU64>);
+
+impl SentBytes {
+    /// Bytes handed to collectives since the hook was made.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl<B: Backend, H: CommHook<B>> CommHook<B> for Metered<H> {
+    fn average(
+        &mut self,
+        comm: &mut dyn TensorCollective<B>,
+        bucket: GradBucket<B>,
+    ) -> Result<Tensor<B, 1>, CommError> {
+        self.hook.average(&mut Metering { comm, bytes: &self.bytes }, bucket)
+    }
+}
+
+/// A collective that counts the payload of each call before passing it on.
+struct Metering<'a, B: Backend> {
+    comm: &'a mut dyn TensorCollective<B>,
+    bytes: &'a AtomicU64,
+}
+
+impl<B: Backend> Metering<'_, B> {
+    fn count(&self, tensor: &Tensor<B, 1>) {
+        let bytes = tensor.shape().num_elements() * tensor.dtype().size();
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+}
+
+impl<B: Backend> Group for Metering<'_, B> {
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+}
+
+impl<B: Backend> TensorCollective<B> for Metering<'_, B> {
+    fn all_reduce(&mut self, tensor: Tensor<B, 1>, op: ReduceOp) -> Result<Tensor<B, 1>, CommError> {
+        self.count(&tensor);
+        self.comm.all_reduce(tensor, op)
+    }
+
+    fn broadcast(&mut self, tensor: Tensor<B, 1>, root: usize) -> Result<Tensor<B, 1>, CommError> {
+        self.count(&tensor);
+        self.comm.broadcast(tensor, root)
+    }
+
+    fn all_gather(&mut self, tensor: Tensor<B, 1>) -> Result<Tensor<B, 1>, CommError> {
+        self.count(&tensor);
+        self.comm.all_gather(tensor)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.comm.capabilities()
+    }
+
+    fn all_reduce_host(&mut self, segments: &mut [&mut [f32]], op: ReduceOp) -> Result<(), CommError> {
+        let values: usize = segments.iter().map(|s| s.len()).sum();
+        self.bytes.fetch_add((values * 4) as u64, Ordering::Relaxed);
+        self.comm.all_reduce_host(segments, op)
     }
 }

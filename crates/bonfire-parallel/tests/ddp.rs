@@ -7,7 +7,7 @@ use std::time::Duration;
 use bonfire_collective::{
     CommError, Group, InProcCommunicator, ReduceOp, TcpCommunicator, TcpConfig, TensorCollective,
 };
-use bonfire_parallel::comm_hook::{Bf16Compress, BucketParameter, CommHook, GradBucket, PowerSgd};
+use bonfire_parallel::comm_hook::{Bf16Compress, BucketParameter, CommHook, GradBucket, Metered, PowerSgd};
 use bonfire_parallel::{DdpConfig, DistributedDataParallel, HookBackend, ParallelError};
 use bonfire_testkit::{free_port, max_abs_diff, read_values, scratch_dir, write_values, SelfWorkers};
 use burn::backend::Autodiff;
@@ -276,8 +276,12 @@ fn a_comm_hook_written_by_the_user_averages_every_bucket_in_order() {
     let want = train_single::<Flex, _>(seeded::<Flex, _>(ConvNet::new(&device), 1), PER_RANK * 2, 64);
     let params = ConvNet::<Flex>::new(&device).num_params();
     let seen: Vec<_> = (0..2).map(|_| std::sync::Arc::new(std::sync::Mutex::new(Vec::new()))).collect();
+    let sent: Vec<_> = (0..2).map(|_| std::sync::Mutex::new(None)).collect();
     let hook = |rank: usize, ddp: &mut DistributedDataParallel<Flex>| {
-        ddp.register_comm_hook(SumThenDivide { seen: seen[rank].clone() })
+        // Metered counts what the hook hands to collectives.
+        let hook = Metered::new(SumThenDivide { seen: seen[rank].clone() });
+        *sent[rank].lock().unwrap() = Some(hook.counter());
+        ddp.register_comm_hook(hook)
     };
     // Small buckets, so that a step has several.
     let config = DdpConfig { bucket_cap_bytes: 4096, first_bucket_cap_bytes: 1024, ..DdpConfig::default() };
@@ -303,6 +307,10 @@ fn a_comm_hook_written_by_the_user_averages_every_bucket_in_order() {
         }
         let per_step: usize = seen[..buckets].iter().flat_map(|(_, _, ps)| ps.iter().map(|p| p.range.len())).sum();
         assert_eq!(per_step, params, "rank {rank}: the buckets of a step hold every parameter once");
+        // One f32 all-reduce of each whole bucket.
+        let values: usize = seen.iter().map(|(_, len, _)| len).sum();
+        let counted = sent[rank].lock().unwrap().as_ref().unwrap().get();
+        assert_eq!(counted, 4 * values as u64, "rank {rank}: Metered's count");
     }
 }
 

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use bonfire_train::data;
 use bonfire_train::launch::{self, LaunchArgs};
 use bonfire_train::model::ModelKind;
-use bonfire_train::trainer::{self, OptimizerKind};
+use bonfire_train::trainer::{self, CommHookKind, OptimizerKind};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::wgpu_devices;
@@ -85,6 +85,14 @@ pub enum StrategyKind {
     Ddp,
 }
 
+/// `--comm-hook`'s values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CommHookFlag {
+    Mean,
+    Bf16,
+    PowerSgd,
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrainArgs {
     #[arg(long, value_enum, default_value = "cpu")]
@@ -105,6 +113,13 @@ pub struct TrainArgs {
     /// How DDP workers exchange gradients [default: nccl with --backend cuda, else ring].
     #[arg(long, value_enum)]
     pub comm: Option<CommKind>,
+    /// How DDP averages gradients: the plain mean, the mean sent as bf16, or PowerSGD's
+    /// low-rank factors with error feedback (rank --power-sgd-rank).
+    #[arg(long, value_enum, default_value = "mean")]
+    pub comm_hook: CommHookFlag,
+    /// The rank of PowerSGD's factors (with --comm-hook power-sgd).
+    #[arg(long, default_value_t = 1)]
+    pub power_sgd_rank: usize,
     #[arg(long, value_enum, default_value = "fashion-mnist")]
     pub dataset: data::DatasetKind,
     /// Folder of the data set files (Fashion-MNIST defaults to Debian's).
@@ -167,6 +182,17 @@ pub struct TrainArgs {
     pub out: PathBuf,
 }
 
+impl TrainArgs {
+    /// The comm hook `--comm-hook` and `--power-sgd-rank` ask for.
+    pub fn comm_hook(&self) -> CommHookKind {
+        match self.comm_hook {
+            CommHookFlag::Mean => CommHookKind::Mean,
+            CommHookFlag::Bf16 => CommHookKind::Bf16,
+            CommHookFlag::PowerSgd => CommHookKind::PowerSgd { rank: self.power_sgd_rank },
+        }
+    }
+}
+
 fn positive_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
@@ -198,6 +224,15 @@ pub fn check_flags(args: &TrainArgs, launched: bool) -> Result<()> {
     }
     if args.epochs == 0 || args.steps == Some(0) {
         bail!("--epochs and --steps must be at least 1");
+    }
+    if args.comm_hook != CommHookFlag::Mean && args.strategy != StrategyKind::Ddp {
+        bail!("--comm-hook applies to --strategy ddp");
+    }
+    if args.power_sgd_rank == 0 {
+        bail!("--power-sgd-rank must be at least 1");
+    }
+    if args.power_sgd_rank != 1 && args.comm_hook != CommHookFlag::PowerSgd {
+        bail!("--power-sgd-rank applies to --comm-hook power-sgd");
     }
     if !args.devices.is_empty() && args.backend != BackendKind::Wgpu {
         bail!("--devices applies to --backend wgpu");

@@ -62,6 +62,9 @@ pub fn run<B: HookBackend>(
         if let Some(acc) = report.epochs.last().and_then(|e| e.test_accuracy) {
             println!("test accuracy: {acc:.4}");
         }
+        if let Some(bytes) = report.hook_bytes_per_step {
+            println!("comm hook: {bytes:.0} bytes a step handed to collectives by rank 0");
+        }
     }
     Ok(())
 }
@@ -77,6 +80,7 @@ fn options(args: &TrainArgs) -> TrainOptions {
         optimizer: args.optimizer,
         lr: args.lr,
         momentum: args.momentum,
+        comm_hook: args.comm_hook(),
         seed: args.seed,
         shuffle: !args.no_shuffle,
         progress: true,

@@ -124,6 +124,65 @@ fn single_and_dp_strategies_train() {
     }
 }
 
+/// `--comm-hook power-sgd`: DDP over 2 threads learns with rank-1 PowerSGD,
+/// and rank 0 reports the bytes its hook sent a step: fewer than the mean's
+/// f32 values of every gradient.
+#[test]
+fn ddp_trains_with_power_sgd_and_reports_the_bytes_it_sends() {
+    let bytes_per_step = |o: &std::process::Output| -> f64 {
+        let line = text(o).lines().find(|l| l.starts_with("comm hook: ")).map(str::to_owned);
+        let line = line.unwrap_or_else(|| panic!("no bytes reported: {}", text(o)));
+        line["comm hook: ".len()..].split(' ').next().unwrap().parse().unwrap()
+    };
+    let mut sent = Vec::new();
+    for hook in ["bf16", "power-sgd"] {
+        let dir = out_dir(hook);
+        let o = bonfire(&[
+            "train",
+            "--threads",
+            "--steps",
+            "60",
+            "--dataset",
+            "synthetic",
+            "--lr",
+            "0.05",
+            "--comm-hook",
+            hook,
+            "--out",
+            dir.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{hook}: {}", text(&o));
+        assert!(final_accuracy(&o) > 0.5, "{hook}: {}", text(&o));
+        sent.push(bytes_per_step(&o));
+    }
+    // bf16 sends every value in 2 bytes; rank-1 factors send far fewer.
+    assert!(sent[1] > 0.0 && sent[1] < sent[0] / 4.0, "bf16 {} bytes a step, PowerSGD {}", sent[0], sent[1]);
+}
+
+/// Workers as threads share Burn's one random generator per process, yet
+/// every run starts from the weights one worker starts from: the seeded
+/// initial weights do not depend on how the threads interleave.
+#[test]
+fn workers_as_threads_start_from_the_seeded_weights_every_time() {
+    let saved = |name: &str, strategy: &[&str]| {
+        let dir = out_dir(name);
+        let file = dir.join("w.safetensors");
+        let mut args = vec!["train", "--steps", "1", "--lr", "0", "--dataset", "synthetic"];
+        args.extend_from_slice(&["--out", dir.to_str().unwrap(), "--save"]);
+        args.push(file.to_str().unwrap());
+        args.extend_from_slice(strategy);
+        let o = bonfire(&args);
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        file
+    };
+    let one = saved("seed-single", &["--strategy", "single"]);
+    for run in 0..3 {
+        let threads = saved(&format!("seed-threads-{run}"), &["--threads", "--workers", "4"]);
+        let o = bonfire(&["diff-weights", one.to_str().unwrap(), threads.to_str().unwrap(), "--tolerance", "0"]);
+        assert!(o.status.success(), "run {run}: {}", text(&o));
+    }
+}
+
 /// The benchmark ResNet (batch norm, residual blocks) trains under DDP over
 /// 2 processes, and its steps are timed in steps.csv.
 #[test]
@@ -162,7 +221,7 @@ fn bad_input_gets_clear_errors() {
     // Each refused once, by the launching process, before any worker starts.
     let without_mpi = "built without MPI";
     let mpi = |with: &'static str| if cfg!(feature = "mpi") { with } else { without_mpi };
-    let cases: [(&[&str], &str); 17] = [
+    let cases: [(&[&str], &str); 20] = [
         (&["train", "--threads", "--batch-size", "101"], "multiple of the 2 workers"),
         (&["train", "--batch-size", "0"], "--batch-size 0 must be a positive multiple of the 2 workers"),
         (&["train", "--lr", "nan"], "--lr NaN must be a number of at least 0"),
@@ -186,6 +245,9 @@ fn bad_input_gets_clear_errors() {
             &["train", "--workers", "3", "--batch-size", "99", "--min-workers", "2", "--checkpoint-dir", "/tmp/c"],
             "--min-workers 2 may leave 2 worker(s)",
         ),
+        (&["train", "--strategy", "dp", "--comm-hook", "bf16"], "--comm-hook applies to --strategy ddp"),
+        (&["train", "--comm-hook", "power-sgd", "--power-sgd-rank", "0"], "--power-sgd-rank must be at least 1"),
+        (&["train", "--power-sgd-rank", "2"], "--power-sgd-rank applies to --comm-hook power-sgd"),
         (&["train", "--backend", "tpu"], "invalid value 'tpu'"),
         (&["train", "--devices", "cpu"], "--devices applies to --backend wgpu"),
         (&["train", "--backend", "wgpu", "--devices", "default,gpu1"], "\"gpu1\" is not a wgpu device"),
@@ -194,7 +256,7 @@ fn bad_input_gets_clear_errors() {
         let o = bonfire(args);
         assert!(!o.status.success(), "{args:?} succeeded");
         assert_eq!(text(&o).matches(want).count(), 1, "{args:?}: {}", text(&o));
-        assert!(!text(&o).contains("rank"), "{args:?} started workers: {}", text(&o));
+        assert!(!text(&o).contains("rank 0"), "{args:?} started workers: {}", text(&o));
     }
     for args in [&["train", "--backend", "cuda"][..], &["nccl-check"]] {
         let o = bonfire(args);

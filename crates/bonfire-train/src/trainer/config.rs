@@ -17,6 +17,21 @@ pub enum OptimizerKind {
     Adam,
 }
 
+/// How DDP averages each bucket of gradients (`--comm-hook`): the built-in
+/// comm hooks of `bonfire_parallel::comm_hook`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommHookKind {
+    /// The plain mean, in f32.
+    Mean,
+    /// The mean with each bucket sent as bf16.
+    Bf16,
+    /// PowerSGD: each matrix sent as two factors of this rank.
+    PowerSgd {
+        /// The factors' rank (PyTorch's `matrix_approximation_rank`).
+        rank: usize,
+    },
+}
+
 /// What one training run does; the command's flags, as the trainer takes them.
 #[derive(Debug, Clone)]
 pub struct TrainOptions {
@@ -34,6 +49,8 @@ pub struct TrainOptions {
     pub lr: f64,
     /// SGD's momentum.
     pub momentum: f64,
+    /// How DDP averages gradients (ignored by single-device and DP runs).
+    pub comm_hook: CommHookKind,
     /// The seed of the weights and of the data order.
     pub seed: u64,
     /// Whether each epoch visits the data in a new order.
@@ -109,4 +126,7 @@ pub struct Report {
     pub step_seconds: Vec<f64>,
     /// Seconds since training began at the end of every step.
     pub step_ends: Vec<f64>,
+    /// Bytes this rank's comm hook handed to collectives per step (DDP with
+    /// `--comm-hook` other than the mean).
+    pub hook_bytes_per_step: Option<f64>,
 }

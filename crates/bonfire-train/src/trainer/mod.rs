@@ -20,17 +20,20 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use bonfire_data::{DistributedSampler, ImageDataset};
+use bonfire_parallel::comm_hook::{Bf16Compress, CommHook, Metered, PowerSgd, SentBytes};
 use bonfire_parallel::{DataParallel, DdpConfig, DistributedDataParallel, HookBackend, Strategy};
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, Optimizer, SgdConfig};
+use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use crate::checkpoint::Position;
 use crate::model::{LeNet, ModelKind, ResNet, TrainableClassifier};
 pub use batch::{accuracy, check_batch};
 use batch::{ensure_finite, to_tensors};
-pub use config::{EpochMetrics, OptimizerKind, Parallel, Report, Resume, TrainOptions};
+pub use config::{CommHookKind, EpochMetrics, OptimizerKind, Parallel, Report, Resume, TrainOptions};
 use epoch::Epoch;
 use pending::{Losses, Queued};
 
@@ -44,17 +47,39 @@ pub fn train<B: HookBackend>(
     options: &TrainOptions,
     parallel: Parallel<B>,
 ) -> Result<Report> {
-    B::seed(device, options.seed);
     match options.model {
         ModelKind::Lenet => {
-            let model = LeNet::<B>::new(train.channels, train.height, train.classes, device);
+            let model = seeded::<B, _>(device, options.seed, || {
+                LeNet::new(train.channels, train.height, train.classes, device)
+            });
             with_optimizer(device, train, test, options, parallel, model)
         }
         ModelKind::Resnet => {
-            let model = ResNet::<B>::new(train.channels, train.classes, device);
+            let model = seeded::<B, _>(device, options.seed, || ResNet::new(train.channels, train.classes, device));
             with_optimizer(device, train, test, options, parallel, model)
         }
     }
+}
+
+/// `make()` with the backend's random numbers seeded by `seed`. Burn's CPU
+/// backends keep one generator per process: workers that are threads take
+/// turns, or their draws would interleave and rank 0's initial weights
+/// (which every rank gets) would change from run to run. Burn draws a
+/// parameter's initial values when it is first read, so every parameter is
+/// read within the turn.
+fn seeded<B: HookBackend, M: Module<B>>(device: &B::Device, seed: u64, make: impl FnOnce() -> M) -> M {
+    struct ReadEach;
+    impl<B: Backend> ModuleVisitor<B> for ReadEach {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let _ = param.val();
+        }
+    }
+    static SEEDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = SEEDING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    B::seed(device, seed);
+    let model = make();
+    model.visit(&mut ReadEach);
+    model
 }
 
 fn with_optimizer<B: HookBackend, M: TrainableClassifier<B>>(
@@ -90,13 +115,19 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
     opt: O,
 ) -> Result<Report> {
     let state::Start { mut model, opt, position, from } = state::resume(options, device, model, opt)?;
+    let mut sent = None;
     let strategy = match parallel {
         Parallel::Single => Strategy::Single,
         Parallel::Dp { devices } => Strategy::Dp(DataParallel::<B>::new(devices)?),
         Parallel::Ddp { comm } => {
             // Every rank starts from rank 0's weights.
-            let (ddp, m) = DistributedDataParallel::new(model, comm, DdpConfig::default())?;
+            let (mut ddp, m) = DistributedDataParallel::new(model, comm, DdpConfig::default())?;
             model = m;
+            sent = match options.comm_hook {
+                CommHookKind::Mean => None,
+                CommHookKind::Bf16 => Some(metered(&mut ddp, Bf16Compress)?),
+                CommHookKind::PowerSgd { rank } => Some(metered(&mut ddp, PowerSgd::new(rank))?),
+            };
             Strategy::Ddp(Box::new(ddp))
         }
     };
@@ -169,11 +200,24 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
             state::save(dir, at, &model, &stepper.opt)?;
         }
     }
+    let steps_run = done_steps - position.steps_done as usize;
+    report.hook_bytes_per_step = sent.filter(|_| steps_run > 0).map(|s| s.get() as f64 / steps_run as f64);
     if let (Some(file), 0) = (&options.save, rank) {
         ensure_finite(&model, "--save")?;
         crate::weights::save(&model, file)?;
     }
     Ok(report)
+}
+
+/// Registers `hook` with a count of the bytes it sends.
+fn metered<B: HookBackend>(
+    ddp: &mut DistributedDataParallel<B>,
+    hook: impl CommHook<B::InnerBackend>,
+) -> Result<SentBytes> {
+    let hook = Metered::new(hook);
+    let sent = hook.counter();
+    ddp.register_comm_hook(hook)?;
+    Ok(sent)
 }
 
 /// What a training step needs besides the model.
