@@ -27,6 +27,10 @@ use crate::comm_hook::{CommHook, GradBucket};
 pub struct PowerSgd<B: Backend> {
     rank: usize,
     min_compression_rate: f64,
+    /// Steps averaged as they are before compression starts.
+    start_step: usize,
+    /// Steps begun so far (a step begins with its bucket 0).
+    steps: usize,
     /// Per (bucket, start of the gradient in it): the error and `Q`.
     state: HashMap<(usize, usize), Factors<B>>,
 }
@@ -49,7 +53,16 @@ impl<B: Backend> PowerSgd<B> {
     /// Rank-`rank` compression of every matrix where it sends at most half
     /// the values (PyTorch's default `min_compression_rate` of 2).
     pub fn new(rank: usize) -> Self {
-        PowerSgd { rank: rank.max(1), min_compression_rate: 2.0, state: HashMap::new() }
+        PowerSgd { rank: rank.max(1), min_compression_rate: 2.0, start_step: 0, steps: 0, state: HashMap::new() }
+    }
+
+    /// Averages the first `steps` steps' gradients as they are, and
+    /// compresses from then on (PyTorch's `start_powerSGD_iter`, whose
+    /// default is 1,000; here it is 0). The early gradients change fast, and
+    /// low-rank factors of them slow the start of training.
+    pub fn with_start_step(mut self, steps: usize) -> Self {
+        self.start_step = steps;
+        self
     }
 
     /// Compresses a matrix only where `rows·cols > rate · rank·(rows + cols)`;
@@ -125,7 +138,10 @@ impl<B: Backend> CommHook<B> for PowerSgd<B> {
         comm: &mut dyn TensorCollective<B>,
         bucket: GradBucket<B>,
     ) -> Result<Tensor<B, 1>, CommError> {
-        let matrices = self.matrices(&bucket);
+        if bucket.index == 0 {
+            self.steps += 1;
+        }
+        let matrices = if self.steps > self.start_step { self.matrices(&bucket) } else { Vec::new() };
         if matrices.is_empty() {
             return comm.all_reduce(bucket.buffer, ReduceOp::Mean);
         }

@@ -81,3 +81,15 @@ fn small_matrices_and_vectors_are_sent_as_they_are() {
     let out = vec_of(PowerSgd::<Flex>::new(2).average(&mut comm, bucket(&v)).unwrap());
     assert_eq!(out, v);
 }
+
+#[test]
+fn before_its_start_step_it_is_the_plain_mean() {
+    let mut comm = InProcCommunicator::group(1).unwrap().remove(0);
+    let gradient = values(35, 5);
+    let mut hook = PowerSgd::<Flex>::new(1).with_min_compression_rate(0.0).with_start_step(3);
+    for step in 0..4 {
+        let out = vec_of(hook.average(&mut comm, bucket(&gradient)).unwrap());
+        // At world 1 the mean is the gradient itself; rank 1 is not.
+        assert_eq!(out == gradient, step < 3, "step {step}");
+    }
+}
