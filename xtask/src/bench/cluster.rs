@@ -142,7 +142,7 @@ fn ring(bench: &Path, name: &str, hosts: usize, subnet: usize) -> Result<Vec<Val
                 "MASTER_PORT=29500".into(),
                 "BONFIRE_JOB_TOKEN=bench".into(),
             ];
-            script()
+            hosts_script()
                 .args(["exec", name, &i.to_string(), "env"])
                 .args(vars)
                 .arg(bench)
@@ -168,7 +168,7 @@ fn mpi(bench: &Path, name: &str, hosts: usize) -> Result<Vec<Value>> {
     let hostfile = std::env::temp_dir().join(format!("{name}-hostfile"));
     std::fs::write(&hostfile, (0..hosts).map(|i| format!("{name}-h{i} slots=1\n")).collect::<String>())?;
     let agent = format!("bash {} rsh", root().join("tests/cluster/hosts.sh").display());
-    let out = script()
+    let out = hosts_script()
         .args(["exec", name, "0", "env", "OMPI_ALLOW_RUN_AS_ROOT=1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1", "mpirun"])
         .args(["--hostfile", hostfile.to_str().unwrap(), "--mca", "plm_rsh_agent", &agent])
         .args(["--mca", "btl_tcp_if_include", "eth0", "--mca", "oob_tcp_if_include", "eth0"])
@@ -186,23 +186,24 @@ fn mpi(bench: &Path, name: &str, hosts: usize) -> Result<Vec<Value>> {
     Ok(json_objects(&out.stdout))
 }
 
-fn script() -> Command {
+/// `tests/cluster/hosts.sh`, to be given its arguments.
+pub(super) fn hosts_script() -> Command {
     let mut cmd = Command::new("bash");
     cmd.arg(root().join("tests/cluster/hosts.sh"));
     cmd
 }
 
 /// The simulated hosts of one run; dropping removes them.
-struct Hosts {
+pub(super) struct Hosts {
     name: String,
     count: usize,
 }
 
 impl Hosts {
-    fn up(name: &str, count: usize, subnet: usize, rate: &str) -> Result<Hosts> {
+    pub(super) fn up(name: &str, count: usize, subnet: usize, rate: &str) -> Result<Hosts> {
         // Leftovers of an interrupted run would make `ip` refuse the names.
-        let _ = script().args(["down", name, &count.to_string()]).output();
-        let out = script().args(["up", name, &count.to_string(), &subnet.to_string(), rate]).output()?;
+        let _ = hosts_script().args(["down", name, &count.to_string()]).output();
+        let out = hosts_script().args(["up", name, &count.to_string(), &subnet.to_string(), rate]).output()?;
         if !out.status.success() {
             bail!("making the simulated hosts (needs root and iproute2): {}", String::from_utf8_lossy(&out.stderr));
         }
@@ -212,6 +213,6 @@ impl Hosts {
 
 impl Drop for Hosts {
     fn drop(&mut self) {
-        let _ = script().args(["down", &self.name, &self.count.to_string()]).output();
+        let _ = hosts_script().args(["down", &self.name, &self.count.to_string()]).output();
     }
 }

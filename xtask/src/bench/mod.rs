@@ -3,6 +3,7 @@
 //! Python with torch), and prints both as JSON lines or as a table of ratios.
 
 mod cluster;
+mod comm_hooks;
 mod micro;
 mod training;
 
@@ -75,6 +76,19 @@ enum What {
         #[arg(long, default_value = "10gbit,1gbit")]
         rates: String,
     },
+    /// Comm hooks (mean, bf16, PowerSGD at rank 1, 2, 4): LeNet's step time over 2 simulated hosts on
+    /// rate-limited links (root only), and bytes a step and test accuracy after some epochs on this host.
+    CommHooks {
+        /// Link rates to measure, as tc writes them.
+        #[arg(long, default_value = "100mbit,1gbit")]
+        rates: String,
+        /// Steps per run over the hosts (the first 10 are left out).
+        #[arg(long, default_value_t = 150)]
+        steps: usize,
+        /// Epochs of Fashion-MNIST per run on this host.
+        #[arg(long, default_value_t = 2)]
+        epochs: usize,
+    },
     /// DP step time over two distinct wgpu devices against two replicas on one device and one device alone.
     DpWgpu {
         /// Timed steps per run (after 5 warm-up steps).
@@ -99,6 +113,7 @@ pub fn run(args: Args) -> Result<()> {
         What::Kernels { batch, reps, threads } => micro::kernels(batch, reps, threads, args.json),
         What::Train { steps, batch, models } => training::train(steps, batch, &models, args.json),
         What::DpWgpu { steps, batch, models, devices } => training::dp_wgpu(steps, batch, &models, &devices, args.json),
+        What::CommHooks { rates, steps, epochs } => comm_hooks::run(&rates, steps, epochs, args.json),
         What::Cluster { hosts, rates } => cluster::run(&build_bench()?, hosts, &rates, mpi_installed(), args.json),
     }
 }
