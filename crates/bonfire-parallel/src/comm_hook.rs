@@ -178,7 +178,7 @@ impl<B: Backend> TensorCollective<B> for Metering<'_, B> {
 
     fn all_reduce_host(&mut self, segments: &mut [&mut [f32]], op: ReduceOp) -> Result<(), CommError> {
         let values: usize = segments.iter().map(|s| s.len()).sum();
-        self.bytes.fetch_add((values * 4) as u64, Ordering::Relaxed);
+        self.bytes.fetch_add((values * std::mem::size_of::<f32>()) as u64, Ordering::Relaxed);
         self.comm.all_reduce_host(segments, op)
     }
 }

@@ -85,14 +85,6 @@ pub enum StrategyKind {
     Ddp,
 }
 
-/// `--comm-hook`'s values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum CommHookFlag {
-    Mean,
-    Bf16,
-    PowerSgd,
-}
-
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrainArgs {
     #[arg(long, value_enum, default_value = "cpu")]
@@ -116,7 +108,7 @@ pub struct TrainArgs {
     /// How DDP averages gradients: the plain mean, the mean sent as bf16, or PowerSGD's
     /// low-rank factors with error feedback (rank --power-sgd-rank).
     #[arg(long, value_enum, default_value = "mean")]
-    pub comm_hook: CommHookFlag,
+    pub comm_hook: CommHookKind,
     /// The rank of PowerSGD's factors (with --comm-hook power-sgd).
     #[arg(long, default_value_t = 1)]
     pub power_sgd_rank: usize,
@@ -182,17 +174,6 @@ pub struct TrainArgs {
     pub out: PathBuf,
 }
 
-impl TrainArgs {
-    /// The comm hook `--comm-hook` and `--power-sgd-rank` ask for.
-    pub fn comm_hook(&self) -> CommHookKind {
-        match self.comm_hook {
-            CommHookFlag::Mean => CommHookKind::Mean,
-            CommHookFlag::Bf16 => CommHookKind::Bf16,
-            CommHookFlag::PowerSgd => CommHookKind::PowerSgd { rank: self.power_sgd_rank },
-        }
-    }
-}
-
 fn positive_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
@@ -225,13 +206,13 @@ pub fn check_flags(args: &TrainArgs, launched: bool) -> Result<()> {
     if args.epochs == 0 || args.steps == Some(0) {
         bail!("--epochs and --steps must be at least 1");
     }
-    if args.comm_hook != CommHookFlag::Mean && args.strategy != StrategyKind::Ddp {
+    if args.comm_hook != CommHookKind::Mean && args.strategy != StrategyKind::Ddp {
         bail!("--comm-hook applies to --strategy ddp");
     }
     if args.power_sgd_rank == 0 {
         bail!("--power-sgd-rank must be at least 1");
     }
-    if args.power_sgd_rank != 1 && args.comm_hook != CommHookFlag::PowerSgd {
+    if args.power_sgd_rank != 1 && args.comm_hook != CommHookKind::PowerSgd {
         bail!("--power-sgd-rank applies to --comm-hook power-sgd");
     }
     if !args.devices.is_empty() && args.backend != BackendKind::Wgpu {

@@ -19,17 +19,14 @@ pub enum OptimizerKind {
 
 /// How DDP averages each bucket of gradients (`--comm-hook`): the built-in
 /// comm hooks of `bonfire_parallel::comm_hook`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum CommHookKind {
     /// The plain mean, in f32.
     Mean,
     /// The mean with each bucket sent as bf16.
     Bf16,
-    /// PowerSGD: each matrix sent as two factors of this rank.
-    PowerSgd {
-        /// The factors' rank (PyTorch's `matrix_approximation_rank`).
-        rank: usize,
-    },
+    /// PowerSGD: each matrix sent as two factors of rank `--power-sgd-rank`.
+    PowerSgd,
 }
 
 /// What one training run does; the command's flags, as the trainer takes them.
@@ -51,6 +48,8 @@ pub struct TrainOptions {
     pub momentum: f64,
     /// How DDP averages gradients (ignored by single-device and DP runs).
     pub comm_hook: CommHookKind,
+    /// The rank of PowerSGD's factors (PyTorch's `matrix_approximation_rank`).
+    pub power_sgd_rank: usize,
     /// The seed of the weights and of the data order.
     pub seed: u64,
     /// Whether each epoch visits the data in a new order.

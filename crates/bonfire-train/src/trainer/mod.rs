@@ -126,7 +126,7 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
             sent = match options.comm_hook {
                 CommHookKind::Mean => None,
                 CommHookKind::Bf16 => Some(metered(&mut ddp, Bf16Compress)?),
-                CommHookKind::PowerSgd { rank } => Some(metered(&mut ddp, PowerSgd::new(rank))?),
+                CommHookKind::PowerSgd => Some(metered(&mut ddp, PowerSgd::new(options.power_sgd_rank))?),
             };
             Strategy::Ddp(Box::new(ddp))
         }
