@@ -131,6 +131,27 @@ fn conv2d_with_asymmetric_padding_matches_burn() {
     }
 }
 
+/// Wide images with at least 16 input channels take the shifted form (one
+/// GEMM per tap, no column matrix) for the weight gradient at stride 1.
+#[test]
+fn conv2d_on_wide_images_with_many_channels_matches_burn() {
+    let window = |padding: [usize; 2], padding_end: [usize; 2], dilation: usize| Window2d {
+        stride: [1, 1],
+        padding,
+        padding_end,
+        dilation: [dilation; 2],
+    };
+    let cases = [
+        ([2, 16, 5, 26], [16, 16, 3, 3], window([1, 1], [1, 1], 1)),
+        ([1, 16, 4, 25], [20, 16, 3, 3], window([1, 0], [1, 2], 1)),
+        ([1, 17, 6, 28], [12, 17, 3, 3], window([2, 2], [2, 2], 2)),
+        ([1, 16, 3, 30], [8, 16, 3, 2], window([0, 1], [0, 0], 1)),
+    ];
+    for (i, (x, weight, window)) in cases.into_iter().enumerate() {
+        check_conv(x, weight, window, i % 2 == 0, 2000 + i as u64);
+    }
+}
+
 #[test]
 fn max_pool2d_matches_burn_with_ties_forward_and_backward() {
     for (dims, kernel, stride, pad) in

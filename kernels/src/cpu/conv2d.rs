@@ -12,7 +12,9 @@
 //! - bias gradient: the row sums of `dY`.
 //!
 //! A 1x1 convolution with stride 1 and no padding on any side needs no im2col: an image
-//! is its own column matrix. Images are split into one run per thread of the
+//! is its own column matrix. The weight gradient of a stride-1 convolution
+//! on wide images with many channels skips it too: one GEMM per kernel tap
+//! on the padded image ([`shifted`]). Images are split into one run per thread of the
 //! current rayon pool; each run reuses one column buffer, kept by its thread
 //! between calls, so the extra memory is one `in·kh·kw x Ho·Wo` matrix per thread. Groups other than 1 are not
 //! covered here (the modules fall back to Burn for them).
@@ -22,6 +24,9 @@ use rayon::prelude::*;
 use super::gemm::{matmul, Mat};
 use super::scratch::Scratch;
 use super::sums::sum;
+use shifted::Padded;
+
+mod shifted;
 
 /// The geometry of a convolution with `groups = 1`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -321,6 +326,7 @@ pub fn backward(s: &Conv2dShape, x: &[f32], weight: &[f32], dy: &[f32], need_x: 
     let mut partials = vec![0.0f32; runs * o * k];
     let as_convolution = if need_x && !s.is_pointwise() { s.input_gradient_shape() } else { None };
     let flipped_weight = as_convolution.as_ref().map(|_| flipped(s, weight));
+    let shifted = Padded::where_it_pays(s);
     let mut dx_runs: Vec<&mut [f32]> =
         if need_x { dx.chunks_mut(run * s.image()).collect() } else { (0..runs).map(|_| &mut [][..]).collect() };
     partials
@@ -328,20 +334,24 @@ pub fn backward(s: &Conv2dShape, x: &[f32], weight: &[f32], dy: &[f32], need_x: 
         .zip(dx_runs.par_iter_mut())
         .zip(x.par_chunks(run * s.image()).zip(dy.par_chunks(run * s.out_image())))
         .for_each(|((dw, dx_run), (xs, dys))| {
-            let mut col = Scratch::take(if s.is_pointwise() { 0 } else { k * p });
+            let mut col = Scratch::take(if s.is_pointwise() || shifted.is_some() { 0 } else { k * p });
             let mut dcol = Scratch::take(match (&as_convolution, need_x && !s.is_pointwise()) {
                 (Some(t), _) => t.patch() * t.positions(),
                 (None, true) => k * p,
                 (None, false) => 0,
             });
             for (n, (x_n, dy_n)) in xs.chunks_exact(s.image()).zip(dys.chunks_exact(s.out_image())).enumerate() {
-                let col: &[f32] = if s.is_pointwise() {
-                    x_n
+                if let Some(g) = &shifted {
+                    shifted::weight_grad_image(s, g, x_n, dy_n, dw, n > 0);
                 } else {
-                    im2col(s, x_n, &mut col);
-                    &col
-                };
-                matmul(dw, Mat::new(dy_n, o, p), Mat::transposed(col, p, k), n > 0);
+                    let col: &[f32] = if s.is_pointwise() {
+                        x_n
+                    } else {
+                        im2col(s, x_n, &mut col);
+                        &col
+                    };
+                    matmul(dw, Mat::new(dy_n, o, p), Mat::transposed(col, p, k), n > 0);
+                }
                 if need_x {
                     let dx_n = &mut dx_run[n * s.image()..][..s.image()];
                     if s.is_pointwise() {

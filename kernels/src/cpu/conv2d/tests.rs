@@ -70,3 +70,41 @@ fn a_kernel_wider_than_the_padded_image_has_no_shape() {
     assert_eq!(Conv2dShape::new([1, 1, 2, 2], [1, 1, 5, 5], [1, 1], [1, 1], [1, 1], [1, 1]), None);
     assert_eq!(Conv2dShape::new([1, 2, 8, 8], [1, 1, 3, 3], [1, 1], [0, 0], [0, 0], [1, 1]), None);
 }
+
+#[test]
+fn the_shifted_weight_gradient_matches_im2cols() {
+    for (x, w, pad, pad_end, dil) in [
+        ([2, 3, 7, 6], [4, 3, 3, 3], [1, 1], [1, 1], [1, 1]),
+        ([1, 2, 6, 7], [2, 2, 3, 3], [2, 2], [2, 2], [2, 2]),
+        ([1, 2, 5, 6], [3, 2, 2, 3], [0, 2], [1, 0], [1, 1]),
+        ([2, 3, 3, 4], [2, 3, 3, 3], [3, 1], [0, 1], [1, 1]),
+        ([1, 2, 6, 5], [2, 2, 3, 3], [0, 0], [0, 0], [1, 1]),
+        ([2, 3, 4, 4], [2, 3, 1, 1], [1, 0], [0, 2], [1, 1]),
+        ([1, 1, 2, 1], [1, 1, 5, 5], [2, 2], [2, 2], [1, 1]),
+    ] {
+        let s = Conv2dShape::new(x, w, [1, 1], pad, pad_end, dil).unwrap();
+        let g = Padded::new(&s).unwrap();
+        let (xv, wv) = (values(s.batch * s.image(), 1), values(s.out_channels * s.patch(), 2));
+        let dy = values(s.batch * s.out_image(), 3);
+        let mut dw = vec![f32::NAN; wv.len()];
+        for (n, (x_n, dy_n)) in xv.chunks_exact(s.image()).zip(dy.chunks_exact(s.out_image())).enumerate() {
+            shifted::weight_grad_image(&s, &g, x_n, dy_n, &mut dw, n > 0);
+        }
+        assert!(Padded::where_it_pays(&s).is_none(), "the reference below must be im2col's");
+        let want = backward(&s, &xv, &wv, &dy, false, false).weight;
+        let worst = bonfire_testkit::max_abs_diff(&dw, &want);
+        assert!(worst < 1e-4, "weight gradient {s:?}: {worst}");
+    }
+}
+
+#[test]
+fn only_stride_one_has_a_shifted_form_and_it_is_picked_for_wide_images_with_many_channels() {
+    let shape = |c: usize, width: usize, k: usize, stride: usize, pad: usize| {
+        Conv2dShape::new([1, c, 8, width], [c, c, k, k], [stride; 2], [pad; 2], [pad; 2], [1, 1]).unwrap()
+    };
+    assert!(Padded::new(&shape(4, 8, 3, 2, 1)).is_none());
+    assert!(Padded::where_it_pays(&shape(16, 28, 3, 1, 1)).is_some());
+    assert!(Padded::where_it_pays(&shape(8, 28, 3, 1, 1)).is_none(), "few channels");
+    assert!(Padded::where_it_pays(&shape(64, 14, 3, 1, 1)).is_none(), "narrow rows");
+    assert!(Padded::where_it_pays(&shape(16, 28, 1, 1, 0)).is_none(), "a 1x1 kernel needs no copy at all");
+}
