@@ -24,11 +24,16 @@
 //!
 //! `examples/` holds complete programs: `quickstart` (the README's),
 //! `ddp_custom_loop` (threads), `ddp_processes` (processes over TCP),
-//! `comm_hooks` (PowerSGD and a hook of one's own), `data_parallel`,
+//! `comm_hooks` (PowerSGD and a hook of one's own), `sync_batch_norm`
+//! (batch norm over every worker's batch), `data_parallel`,
 //! `learner` (burn-train's Learner) and `wgpu`.
 #![warn(missing_docs)]
 
 pub use bonfire_collective as collective;
+/// Bonfire's CPU kernels and the drop-in modules that use them
+/// (`kernels::nn::{Conv2d, BatchNorm, MaxPool2d}`); their `BatchNorm` is the
+/// one DDP's `sync_batch_norm` synchronises.
+pub use bonfire_kernels as kernels;
 /// burn-train's `Learner` with Bonfire's DDP (feature `learner`, on by default).
 #[cfg(feature = "learner")]
 pub use bonfire_learner as learner;

@@ -20,6 +20,7 @@ use crate::params::{
     describe, encode_layout, first_difference, param_infos, values_from_host, values_to_host, ParamInfo,
 };
 use crate::reducer::{reducer, Reduce, ReducerConfig};
+use crate::sync_batch_norm::{RankSum, SyncStats};
 
 /// Options of [`DistributedDataParallel`]; the defaults are PyTorch's.
 #[derive(Debug, Clone)]
@@ -43,6 +44,13 @@ pub struct DdpConfig {
     /// same at the start of each forward pass; in training mode batch norm
     /// normalises with the batch's own statistics, so the two train alike.
     pub broadcast_buffers: bool,
+    /// Normalise with the whole batch's statistics across all ranks
+    /// (PyTorch's `SyncBatchNorm`): every `bonfire_kernels::nn::BatchNorm`
+    /// run in training on the thread that calls
+    /// [`forward_module`](DistributedDataParallel::forward_module) sums each
+    /// channel's count, sum and sum of squares over the ranks, and its
+    /// backward the gradients of those sums. Off at world size 1.
+    pub sync_batch_norm: bool,
 }
 
 impl Default for DdpConfig {
@@ -53,6 +61,7 @@ impl Default for DdpConfig {
             find_unused_parameters: false,
             overlap: None,
             broadcast_buffers: true,
+            sync_batch_norm: false,
         }
     }
 }
@@ -95,6 +104,8 @@ pub struct DistributedDataParallel<B: HookBackend> {
     buffer_sync: Mutex<Option<BufferSync<B>>>,
     /// The module's device, where small collectives ([`any_rank`](Self::any_rank)) run.
     device: B::Device,
+    /// Batch norm's sum across ranks, with [`DdpConfig::sync_batch_norm`].
+    sync_stats: Option<Arc<SyncStats<B>>>,
 }
 
 impl<B: HookBackend> DistributedDataParallel<B> {
@@ -134,6 +145,8 @@ impl<B: HookBackend> DistributedDataParallel<B> {
         };
         let (reducer, sink, overlap) = reducer(reducer_config.clone(), Box::new(Mean), device.clone(), comm.clone());
         let registrars = registrars::<B, M>(&module);
+        let sync_stats = (config.sync_batch_norm && comm.world_size() > 1)
+            .then(|| Arc::new(SyncStats { ranks: Arc::new(RankSum::new(comm.clone())) }));
         let ddp = DistributedDataParallel {
             comm,
             reducer,
@@ -145,6 +158,7 @@ impl<B: HookBackend> DistributedDataParallel<B> {
             broadcast_buffers: config.broadcast_buffers,
             buffer_sync: Mutex::new(None),
             device,
+            sync_stats,
         };
         Ok((ddp, module))
     }
@@ -183,8 +197,13 @@ impl<B: HookBackend> DistributedDataParallel<B> {
     /// The module to run the forward pass with: `module` with a gradient hook
     /// on every trainable parameter. Gradients still land on `module`'s
     /// parameters, so the optimizer steps `module` itself.
+    /// With [`DdpConfig::sync_batch_norm`], batch norm on the calling
+    /// thread sums its statistics across the ranks from here on.
     pub fn forward_module<M: AutodiffModule<B> + 'static>(&self, module: &M) -> M {
         self.forwarded.store(true, Ordering::Relaxed);
+        if let Some(sync) = &self.sync_stats {
+            bonfire_kernels::nn::sync_batch_statistics::<B>(Some(sync.clone()));
+        }
         if self.broadcast_buffers && self.world_size() > 1 {
             let module = module.clone();
             let sync: BufferSync<B> = Box::new(move |comm| buffers::broadcast_from_rank0::<B, M>(comm, &module));
@@ -209,6 +228,7 @@ impl<B: HookBackend> DistributedDataParallel<B> {
         self.reducer.begin(true);
         run();
         let mut buckets = self.reducer.finish()?;
+        self.sync_failure()?;
         if let Some(sync) = self.buffer_sync.lock().expect("not poisoned").take() {
             sync(&self.comm)?;
         }
@@ -234,7 +254,15 @@ impl<B: HookBackend> DistributedDataParallel<B> {
     pub fn backward_no_sync_with(&mut self, run: impl FnOnce()) -> Result<()> {
         self.reducer.begin(false);
         run();
-        Ok(())
+        self.sync_failure()
+    }
+
+    /// The first failed sum of batch statistics since the last check.
+    fn sync_failure(&self) -> Result<()> {
+        match self.sync_stats.as_ref().and_then(|sync| sync.ranks.take_failure()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Whether `flag` holds on any rank: a collective that every rank calls
@@ -245,6 +273,16 @@ impl<B: HookBackend> DistributedDataParallel<B> {
             c.all_reduce(t, bonfire_collective::ReduceOp::Max)
         })?;
         Ok(max[0] > 0.0)
+    }
+}
+
+impl<B: HookBackend> Drop for DistributedDataParallel<B> {
+    /// Batch norm on this thread stops summing across the group, whose
+    /// peers may be gone.
+    fn drop(&mut self) {
+        if self.sync_stats.is_some() {
+            bonfire_kernels::nn::sync_batch_statistics::<B>(None);
+        }
     }
 }
 
@@ -290,7 +328,7 @@ fn registrars<B: HookBackend, M: AutodiffModule<B>>(module: &M) -> Vec<Registrar
 
 /// Runs a collective on `values`, as an f32 tensor on `device`, on the
 /// communication thread, and returns the result's values.
-fn host_call<B: Backend>(
+pub(crate) fn host_call<B: Backend>(
     comm: &CommThread<B>,
     device: &B::Device,
     values: Vec<f32>,

@@ -25,10 +25,11 @@ pub trait GradientSink<B: Backend>: Send + Sync {
     fn ready(&self, index: usize, grad: B::FloatTensorPrimitive);
 }
 
-/// An autodiff backend Bonfire trains on: it can hook parameter gradients
-/// and move tensors between its devices ([`MoveBackend`]). Every
-/// `Autodiff<B, C>`; the hook itself is Bonfire's own business (sealed).
-pub trait HookBackend: MoveBackend + sealed::GradientHook {}
+/// An autodiff backend Bonfire trains on: it can hook parameter gradients,
+/// sum batch statistics across ranks and move tensors between its devices
+/// ([`MoveBackend`]). Every `Autodiff<B, C>`; the hook and the sum are
+/// Bonfire's own business (sealed).
+pub trait HookBackend: MoveBackend + sealed::GradientHook + crate::sync_batch_norm::sealed::SumAcrossRanksOp {}
 
 impl<B: Backend, C: CheckpointStrategy> HookBackend for Autodiff<B, C> {}
 

@@ -23,6 +23,7 @@ mod power_sgd;
 mod reducer;
 mod store;
 mod strategy;
+mod sync_batch_norm;
 mod tensor_bucket;
 
 pub use buffers::settle as settle_buffers;

@@ -112,6 +112,10 @@ pub struct TrainArgs {
     /// The rank of PowerSGD's factors (with --comm-hook power-sgd).
     #[arg(long, default_value_t = 1)]
     pub power_sgd_rank: usize,
+    /// Normalise batch norm with the statistics of the whole batch across all DDP workers
+    /// (PyTorch's SyncBatchNorm) rather than each worker's own (--model resnet).
+    #[arg(long)]
+    pub sync_batch_norm: bool,
     #[arg(long, value_enum, default_value = "fashion-mnist")]
     pub dataset: data::DatasetKind,
     /// Folder of the data set files (Fashion-MNIST defaults to Debian's).
@@ -214,6 +218,12 @@ pub fn check_flags(args: &TrainArgs, launched: bool) -> Result<()> {
     }
     if args.power_sgd_rank != 1 && args.comm_hook != CommHookKind::PowerSgd {
         bail!("--power-sgd-rank applies to --comm-hook power-sgd");
+    }
+    if args.sync_batch_norm && args.strategy != StrategyKind::Ddp {
+        bail!("--sync-batch-norm applies to --strategy ddp");
+    }
+    if args.sync_batch_norm && args.model != ModelKind::Resnet {
+        bail!("--sync-batch-norm needs a model with batch norm: --model resnet");
     }
     if !args.devices.is_empty() && args.backend != BackendKind::Wgpu {
         bail!("--devices applies to --backend wgpu");

@@ -82,6 +82,7 @@ fn options(args: &TrainArgs) -> TrainOptions {
         momentum: args.momentum,
         comm_hook: args.comm_hook,
         power_sgd_rank: args.power_sgd_rank,
+        sync_batch_norm: args.sync_batch_norm,
         seed: args.seed,
         shuffle: !args.no_shuffle,
         progress: true,

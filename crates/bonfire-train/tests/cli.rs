@@ -216,12 +216,41 @@ fn resnet_trains_under_ddp() {
     assert!(elapsed.windows(2).zip(&seconds[1..]).all(|(e, s)| e[1] - e[0] >= *s), "{steps}");
 }
 
+/// `--sync-batch-norm`: the ResNet under DDP over 2 workers normalises with
+/// the whole batch, so a few steps end where one worker on the whole batch
+/// ends (the sampler's shards of a step are that batch's samples), running
+/// statistics included; without it they end elsewhere.
+#[test]
+fn the_resnet_with_sync_batch_norm_ends_where_one_worker_on_the_whole_batch_does() {
+    let dir = out_dir("sync-batch-norm");
+    let train = |name: &str, how: &[&str]| {
+        let save = dir.join(format!("{name}.safetensors"));
+        let mut args = vec!["train", "--model", "resnet", "--dataset", "synthetic", "--steps", "3"];
+        args.extend_from_slice(&["--batch-size", "16", "--lr", "0.05", "--seed", "3", "--out"]);
+        let out = dir.join(name);
+        args.push(out.to_str().unwrap());
+        args.push("--save");
+        args.push(save.to_str().unwrap());
+        args.extend_from_slice(how);
+        let o = bonfire(&args);
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        save.to_str().unwrap().to_string()
+    };
+    let one = train("single", &["--strategy", "single"]);
+    let synced = train("synced", &["--threads", "--sync-batch-norm"]);
+    let plain = train("plain", &["--threads"]);
+    let o = bonfire(&["diff-weights", &one, &synced, "--tolerance", "1e-4"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = bonfire(&["diff-weights", &one, &plain, "--tolerance", "1e-3"]);
+    assert!(!o.status.success(), "plain batch norm over 2 workers ends where one worker does: {}", text(&o));
+}
+
 #[test]
 fn bad_input_gets_clear_errors() {
     // Each refused once, by the launching process, before any worker starts.
     let without_mpi = "built without MPI";
     let mpi = |with: &'static str| if cfg!(feature = "mpi") { with } else { without_mpi };
-    let cases: [(&[&str], &str); 20] = [
+    let cases: [(&[&str], &str); 22] = [
         (&["train", "--threads", "--batch-size", "101"], "multiple of the 2 workers"),
         (&["train", "--batch-size", "0"], "--batch-size 0 must be a positive multiple of the 2 workers"),
         (&["train", "--lr", "nan"], "--lr NaN must be a number of at least 0"),
@@ -248,6 +277,11 @@ fn bad_input_gets_clear_errors() {
         (&["train", "--strategy", "dp", "--comm-hook", "bf16"], "--comm-hook applies to --strategy ddp"),
         (&["train", "--comm-hook", "power-sgd", "--power-sgd-rank", "0"], "--power-sgd-rank must be at least 1"),
         (&["train", "--power-sgd-rank", "2"], "--power-sgd-rank applies to --comm-hook power-sgd"),
+        (
+            &["train", "--strategy", "single", "--model", "resnet", "--sync-batch-norm"],
+            "--sync-batch-norm applies to --strategy ddp",
+        ),
+        (&["train", "--sync-batch-norm"], "--sync-batch-norm needs a model with batch norm: --model resnet"),
         (&["train", "--backend", "tpu"], "invalid value 'tpu'"),
         (&["train", "--devices", "cpu"], "--devices applies to --backend wgpu"),
         (&["train", "--backend", "wgpu", "--devices", "default,gpu1"], "\"gpu1\" is not a wgpu device"),

@@ -26,11 +26,17 @@ struct TrainRun<'a> {
     backend: &'a str,
     /// `bonfire train --devices`, where given.
     devices: Option<&'a str>,
+    /// `bonfire train --sync-batch-norm` (no PyTorch row: its SyncBatchNorm
+    /// needs CUDA devices).
+    sync_batch_norm: bool,
 }
 
 impl<'a> TrainRun<'a> {
     fn label(&self) -> String {
         match self.strategy {
+            "ddp" if self.sync_batch_norm => {
+                format!("DDP, {} processes x {} thread, SyncBatchNorm", self.workers, self.threads)
+            }
             "ddp" => format!("DDP, {} processes x {} thread", self.workers, self.threads),
             "dp" => format!("DP, 1 process, {} replicas, {} threads", self.workers, self.threads),
             _ => format!("alone, 1 process, {} thread(s)", self.threads),
@@ -38,7 +44,16 @@ impl<'a> TrainRun<'a> {
     }
 
     fn cpu(model: &'a str, strategy: &'a str, workers: usize, threads: usize, global_batch: usize) -> Self {
-        TrainRun { model, strategy, workers, threads, global_batch, backend: "cpu", devices: None }
+        TrainRun {
+            model,
+            strategy,
+            workers,
+            threads,
+            global_batch,
+            backend: "cpu",
+            devices: None,
+            sync_batch_norm: false,
+        }
     }
 }
 
@@ -53,6 +68,9 @@ pub fn train(steps: usize, batch: usize, models: &str, json: bool) -> Result<()>
     let mut runs = Vec::new();
     for &model in &models {
         runs.push(TrainRun::cpu(model, "ddp", 2, 1, batch));
+        if model == "resnet" {
+            runs.push(TrainRun { sync_batch_norm: true, ..TrainRun::cpu(model, "ddp", 2, 1, batch) });
+        }
         runs.push(TrainRun::cpu(model, "dp", 2, cores, batch));
         runs.push(TrainRun::cpu(model, "single", 1, 1, batch / 2));
         runs.push(TrainRun::cpu(model, "single", 1, cores, batch / 2));
@@ -63,7 +81,7 @@ pub fn train(steps: usize, batch: usize, models: &str, json: bool) -> Result<()>
         rows.push(row("bonfire", run, ips));
         // PyTorch's DataParallel needs CUDA devices: on the CPU it runs the
         // module once, so there is no PyTorch DP row.
-        if let (Some(py), false) = (&python, run.strategy == "dp") {
+        if let (Some(py), false) = (&python, run.strategy == "dp" || run.sync_batch_norm) {
             eprintln!("PyTorch: {}, {}, batch {}...", run.model, run.label(), run.global_batch);
             let out = json_lines(
                 Command::new(py).arg(root().join("bench/torch_ddp_train.py")).args([
@@ -115,6 +133,16 @@ pub fn train(steps: usize, batch: usize, models: &str, json: bool) -> Result<()>
         };
         println!("| {} | {} | {} | {} | {ratio} |", run.model, run.label(), fmt(ours), fmt(theirs));
     }
+    for synced in runs.iter().filter(|r| r.sync_batch_norm) {
+        let plain = TrainRun { sync_batch_norm: false, ..*synced };
+        if let (Some(a), Some(b)) = (ips("bonfire", synced), ips("bonfire", &plain)) {
+            println!(
+                "{}: SyncBatchNorm trains at {:.2}x the images/s of plain batch norm under DDP",
+                synced.model,
+                a / b
+            );
+        }
+    }
     Ok(())
 }
 
@@ -137,6 +165,7 @@ pub fn dp_wgpu(steps: usize, batch: usize, models: &str, devices: &str, json: bo
             global_batch: batch,
             backend: "wgpu",
             devices: Some(devices),
+            sync_batch_norm: false,
         };
         let runs = [
             ("two devices", run("dp", 2, devices)),
@@ -209,6 +238,9 @@ fn bonfire_images_per_sec(bonfire: &std::path::Path, run: &TrainRun, steps: usiz
     ]);
     if let Some(devices) = run.devices {
         command.args(["--devices", devices]);
+    }
+    if run.sync_batch_norm {
+        command.arg("--sync-batch-norm");
     }
     let output = same_allocator(&mut command)
         .args(["--steps", &(WARMUP_STEPS + steps).to_string(), "--batch-size", &run.global_batch.to_string()])

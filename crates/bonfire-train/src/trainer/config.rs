@@ -50,6 +50,8 @@ pub struct TrainOptions {
     pub comm_hook: CommHookKind,
     /// The rank of PowerSGD's factors (PyTorch's `matrix_approximation_rank`).
     pub power_sgd_rank: usize,
+    /// Whether DDP's batch norm normalises with every rank's batch (SyncBatchNorm).
+    pub sync_batch_norm: bool,
     /// The seed of the weights and of the data order.
     pub seed: u64,
     /// Whether each epoch visits the data in a new order.

@@ -121,7 +121,8 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
         Parallel::Dp { devices } => Strategy::Dp(DataParallel::<B>::new(devices)?),
         Parallel::Ddp { comm } => {
             // Every rank starts from rank 0's weights.
-            let (mut ddp, m) = DistributedDataParallel::new(model, comm, DdpConfig::default())?;
+            let config = DdpConfig { sync_batch_norm: options.sync_batch_norm, ..DdpConfig::default() };
+            let (mut ddp, m) = DistributedDataParallel::new(model, comm, config)?;
             model = m;
             sent = match options.comm_hook {
                 CommHookKind::Mean => None,
