@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use bonfire_collective::TensorCollective;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::optim::GradientsParams;
+use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 
@@ -21,6 +21,7 @@ use crate::params::{
 };
 use crate::reducer::{reducer, Reduce, ReducerConfig};
 use crate::sync_batch_norm::{RankSum, SyncStats};
+use crate::zero::ShardedOptimizer;
 
 /// Options of [`DistributedDataParallel`]; the defaults are PyTorch's.
 #[derive(Debug, Clone)]
@@ -263,6 +264,22 @@ impl<B: HookBackend> DistributedDataParallel<B> {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// ZeRO stage 1 (PyTorch's `ZeroRedundancyOptimizer`): `optimizer`
+    /// wrapped so that this rank steps, and keeps state for, only its shard
+    /// of `module`'s trainable parameters (about 1/world of the values), and
+    /// every rank gets the others' updated values after each step. Step it
+    /// with [`backward`](Self::backward)'s gradients; it ends where
+    /// `optimizer` on every rank ends.
+    pub fn shard_optimizer<M: AutodiffModule<B>, O: Optimizer<M, B>>(
+        &self,
+        optimizer: O,
+        module: &M,
+    ) -> ShardedOptimizer<B, M, O> {
+        let numels: Vec<Option<usize>> =
+            param_infos::<B, M>(module).iter().map(|p| p.trainable.then(|| p.numel())).collect();
+        ShardedOptimizer::new(optimizer, self.comm.clone(), self.device.clone(), &numels)
     }
 
     /// Whether `flag` holds on any rank: a collective that every rank calls

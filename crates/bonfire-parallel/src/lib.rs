@@ -4,6 +4,8 @@
 //!   processes), gradients averaged in buckets while backward runs.
 //! - [`DataParallel`]: one process driving several devices.
 //! - [`Strategy`]: one step call over both and a single device.
+//! - [`ShardedOptimizer`]: ZeRO stage 1, each DDP rank keeping the
+//!   optimizer state of its shard of the parameters.
 //! - [`keep_freed_memory`]: no page faults from step to step on the CPU.
 #![warn(missing_docs)]
 
@@ -25,6 +27,7 @@ mod store;
 mod strategy;
 mod sync_batch_norm;
 mod tensor_bucket;
+mod zero;
 
 pub use buffers::settle as settle_buffers;
 pub use comm_hook::{Bf16Compress, CommHook, GradBucket, Mean, PowerSgd};
@@ -35,3 +38,4 @@ pub use error::{ParallelError, Result};
 pub use hook::HookBackend;
 pub use host_memory::keep_freed_memory;
 pub use strategy::Strategy;
+pub use zero::ShardedOptimizer;

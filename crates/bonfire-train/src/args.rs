@@ -116,6 +116,10 @@ pub struct TrainArgs {
     /// (PyTorch's SyncBatchNorm) rather than each worker's own (--model resnet).
     #[arg(long)]
     pub sync_batch_norm: bool,
+    /// Each DDP worker keeps the optimizer state of its shard of the parameters only and steps
+    /// that shard (PyTorch's ZeroRedundancyOptimizer); not with checkpoints.
+    #[arg(long)]
+    pub shard_optimizer: bool,
     #[arg(long, value_enum, default_value = "fashion-mnist")]
     pub dataset: data::DatasetKind,
     /// Folder of the data set files (Fashion-MNIST defaults to Debian's).
@@ -218,6 +222,12 @@ pub fn check_flags(args: &TrainArgs, launched: bool) -> Result<()> {
     }
     if args.power_sgd_rank != 1 && args.comm_hook != CommHookKind::PowerSgd {
         bail!("--power-sgd-rank applies to --comm-hook power-sgd");
+    }
+    if args.shard_optimizer && args.strategy != StrategyKind::Ddp {
+        bail!("--shard-optimizer applies to --strategy ddp");
+    }
+    if args.shard_optimizer && args.checkpoint_dir.is_some() {
+        bail!("--shard-optimizer cannot write checkpoints yet: leave out --checkpoint-dir");
     }
     if args.sync_batch_norm && args.strategy != StrategyKind::Ddp {
         bail!("--sync-batch-norm applies to --strategy ddp");

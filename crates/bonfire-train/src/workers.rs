@@ -83,6 +83,7 @@ fn options(args: &TrainArgs) -> TrainOptions {
         comm_hook: args.comm_hook,
         power_sgd_rank: args.power_sgd_rank,
         sync_batch_norm: args.sync_batch_norm,
+        shard_optimizer: args.shard_optimizer,
         seed: args.seed,
         shuffle: !args.no_shuffle,
         progress: true,

@@ -245,12 +245,40 @@ fn the_resnet_with_sync_batch_norm_ends_where_one_worker_on_the_whole_batch_does
     assert!(!o.status.success(), "plain batch norm over 2 workers ends where one worker does: {}", text(&o));
 }
 
+/// `--shard-optimizer`: DDP over 2 workers with Adam, each worker stepping
+/// its shard of the parameters, ends where Adam whole on every worker ends.
+#[test]
+fn ddp_with_a_sharded_adam_ends_where_the_whole_adam_does() {
+    let dir = out_dir("shard-optimizer");
+    let train = |name: &str, how: &[&str]| {
+        let save = dir.join(format!("{name}.safetensors"));
+        let out = dir.join(name);
+        let mut args = vec!["train", "--threads", "--dataset", "synthetic", "--steps", "10", "--optimizer", "adam"];
+        args.extend_from_slice(&["--lr", "0.001", "--out", out.to_str().unwrap(), "--save", save.to_str().unwrap()]);
+        args.extend_from_slice(how);
+        let o = bonfire(&args);
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        let shard = text(&o)
+            .lines()
+            .find_map(|l| l.strip_prefix("shard-optimizer: rank 0 keeps optimizer state for "))
+            .map(|rest| rest.split(' ').filter_map(|w| w.parse::<usize>().ok()).collect::<Vec<_>>());
+        (save.to_str().unwrap().to_string(), shard)
+    };
+    let ((whole, none), (sharded, shard)) = (train("whole", &[]), train("sharded", &["--shard-optimizer"]));
+    assert_eq!(none, None, "the whole optimizer reports no shard");
+    // Shards hold whole parameters, largest first: LeNet's fc1 weight
+    // (48,000 of its 61,706 values) on rank 0, all the rest on rank 1.
+    assert_eq!(shard, Some(vec![48_000, 61_706]));
+    let o = bonfire(&["diff-weights", &whole, &sharded, "--tolerance", "1e-6"]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
 #[test]
 fn bad_input_gets_clear_errors() {
     // Each refused once, by the launching process, before any worker starts.
     let without_mpi = "built without MPI";
     let mpi = |with: &'static str| if cfg!(feature = "mpi") { with } else { without_mpi };
-    let cases: [(&[&str], &str); 22] = [
+    let cases: [(&[&str], &str); 24] = [
         (&["train", "--threads", "--batch-size", "101"], "multiple of the 2 workers"),
         (&["train", "--batch-size", "0"], "--batch-size 0 must be a positive multiple of the 2 workers"),
         (&["train", "--lr", "nan"], "--lr NaN must be a number of at least 0"),
@@ -282,6 +310,11 @@ fn bad_input_gets_clear_errors() {
             "--sync-batch-norm applies to --strategy ddp",
         ),
         (&["train", "--sync-batch-norm"], "--sync-batch-norm needs a model with batch norm: --model resnet"),
+        (&["train", "--strategy", "dp", "--shard-optimizer"], "--shard-optimizer applies to --strategy ddp"),
+        (
+            &["train", "--shard-optimizer", "--checkpoint-dir", "/tmp/x"],
+            "--shard-optimizer cannot write checkpoints yet",
+        ),
         (&["train", "--backend", "tpu"], "invalid value 'tpu'"),
         (&["train", "--devices", "cpu"], "--devices applies to --backend wgpu"),
         (&["train", "--backend", "wgpu", "--devices", "default,gpu1"], "\"gpu1\" is not a wgpu device"),

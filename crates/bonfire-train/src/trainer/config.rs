@@ -52,6 +52,8 @@ pub struct TrainOptions {
     pub power_sgd_rank: usize,
     /// Whether DDP's batch norm normalises with every rank's batch (SyncBatchNorm).
     pub sync_batch_norm: bool,
+    /// Whether each DDP rank steps, and keeps optimizer state for, its shard of the parameters (ZeRO-1).
+    pub shard_optimizer: bool,
     /// The seed of the weights and of the data order.
     pub seed: u64,
     /// Whether each epoch visits the data in a new order.

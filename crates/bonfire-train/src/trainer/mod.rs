@@ -18,14 +18,14 @@ mod state;
 
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use bonfire_data::{DistributedSampler, ImageDataset};
 use bonfire_parallel::comm_hook::{Bf16Compress, CommHook, Metered, PowerSgd, SentBytes};
-use bonfire_parallel::{DataParallel, DdpConfig, DistributedDataParallel, HookBackend, Strategy};
+use bonfire_parallel::{DataParallel, DdpConfig, DistributedDataParallel, HookBackend, ShardedOptimizer, Strategy};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use burn::optim::momentum::MomentumConfig;
-use burn::optim::{AdamConfig, Optimizer, SgdConfig};
+use burn::optim::{AdamConfig, GradientsParams, Optimizer, SgdConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
@@ -116,6 +116,7 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
 ) -> Result<Report> {
     let state::Start { mut model, opt, position, from } = state::resume(options, device, model, opt)?;
     let mut sent = None;
+    let mut opt = Stepping::Whole(opt);
     let strategy = match parallel {
         Parallel::Single => Strategy::Single,
         Parallel::Dp { devices } => Strategy::Dp(DataParallel::<B>::new(devices)?),
@@ -129,6 +130,13 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
                 CommHookKind::Bf16 => Some(metered(&mut ddp, Bf16Compress)?),
                 CommHookKind::PowerSgd => Some(metered(&mut ddp, PowerSgd::new(options.power_sgd_rank))?),
             };
+            if options.shard_optimizer {
+                opt = opt.sharded_by(&ddp, &model);
+                if let (Stepping::Sharded(sharded), 0) = (&opt, ddp.rank()) {
+                    let (mine, all) = (sharded.shard_len(), model.num_params());
+                    println!("shard-optimizer: rank 0 keeps optimizer state for {mine} of {all} parameter values");
+                }
+            }
             Strategy::Ddp(Box::new(ddp))
         }
     };
@@ -185,7 +193,7 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
                     step_in_epoch: step_in_epoch as u64,
                     steps_done: done_steps as u64,
                 };
-                state::save(dir, at, &model, &stepper.opt)?;
+                state::save(dir, at, &model, stepper.opt.whole()?)?;
             }
             if last {
                 report.epochs.push(tally.finish(rank, &model, test, device));
@@ -198,7 +206,7 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
         report.epochs.push(tally.finish(rank, &model, test, device));
         if let Some(dir) = checkpoints {
             let at = Position { epoch: epoch as u64 + 1, step_in_epoch: 0, steps_done: done_steps as u64 };
-            state::save(dir, at, &model, &stepper.opt)?;
+            state::save(dir, at, &model, stepper.opt.whole()?)?;
         }
     }
     let steps_run = done_steps - position.steps_done as usize;
@@ -221,32 +229,55 @@ fn metered<B: HookBackend>(
     Ok(sent)
 }
 
+/// The optimizer: whole on every rank, or each DDP rank stepping its
+/// shard of the parameters (`--shard-optimizer`, ZeRO stage 1).
+enum Stepping<B: HookBackend, M, O> {
+    Whole(O),
+    Sharded(ShardedOptimizer<B, M, O>),
+}
+
+impl<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>> Stepping<B, M, O> {
+    fn sharded_by(self, ddp: &DistributedDataParallel<B>, model: &M) -> Self {
+        match self {
+            Stepping::Whole(opt) => Stepping::Sharded(ddp.shard_optimizer(opt, model)),
+            sharded => sharded,
+        }
+    }
+
+    /// The whole optimizer, for a checkpoint.
+    fn whole(&self) -> Result<&O> {
+        match self {
+            Stepping::Whole(opt) => Ok(opt),
+            Stepping::Sharded(_) => bail!("checkpoints of a sharded optimizer's state are not supported"),
+        }
+    }
+
+    fn step(&mut self, lr: f64, model: M, grads: GradientsParams) -> Result<M> {
+        match self {
+            Stepping::Whole(opt) => Ok(opt.step(lr, model, grads)),
+            Stepping::Sharded(opt) => opt.step(lr, model, grads).context("the sharded optimizer's step"),
+        }
+    }
+}
+
 /// What a training step needs besides the model.
-struct Stepper<'a, B: HookBackend, O> {
+struct Stepper<'a, B: HookBackend, M, O> {
     strategy: Strategy<B>,
-    opt: O,
+    opt: Stepping<B, M, O>,
     loss: CrossEntropyLoss<B>,
     options: &'a TrainOptions,
 }
 
-impl<B: HookBackend, O> Stepper<'_, B, O> {
+impl<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>> Stepper<'_, B, M, O> {
     /// One step on this rank's share of a batch: the gradients, averaged
     /// as the strategy does, then the update. Returns the model after it
     /// and the batch's loss, still on the device (see `pending.rs`).
-    fn step<M: TrainableClassifier<B>>(
-        &mut self,
-        model: M,
-        x: Tensor<B, 4>,
-        y: Tensor<B, 1, Int>,
-    ) -> Result<(M, Tensor<B, 1>)>
-    where
-        O: Optimizer<M, B>,
-    {
+    fn step(&mut self, model: M, x: Tensor<B, 4>, y: Tensor<B, 1, Int>) -> Result<(M, Tensor<B, 1>)> {
         let loss_fn = &self.loss;
         let (loss, grads) = self
             .strategy
             .step(&model, x, y, |m, x| m.forward(x), |logits, y| loss_fn.forward(logits, y))
             .context("the training step")?;
-        Ok((self.opt.step(self.options.lr, model, grads), loss))
+        Ok((self.opt.step(self.options.lr, model, grads)?, loss))
     }
 }

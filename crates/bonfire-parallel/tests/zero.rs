@@ -1,0 +1,124 @@
+//! ZeRO stage 1 (`DistributedDataParallel::shard_optimizer`): Adam stepped
+//! shard by shard, each rank keeping state for its shard alone, ends where
+//! DDP with the whole optimizer on every rank ends.
+
+mod common;
+
+use bonfire_collective::InProcCommunicator;
+use bonfire_parallel::{DdpConfig, DistributedDataParallel, HookBackend};
+use bonfire_testkit::{flat_values, max_abs_diff};
+use burn::backend::Autodiff;
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::{AdamConfig, Optimizer};
+use burn::tensor::backend::Backend;
+use burn::tensor::{activation::relu, Tensor};
+use common::*;
+
+type Flex = Autodiff<burn::backend::Flex>;
+type Wgpu = Autodiff<burn::backend::Wgpu>;
+
+const ZERO_STEPS: usize = 20;
+const PER_RANK: usize = 6;
+
+/// Five layers of different sizes, so that shards differ in what they hold.
+#[derive(Module, Debug)]
+struct Deep<B: Backend> {
+    layers: Vec<Linear<B>>,
+}
+
+impl<B: Backend> Deep<B> {
+    fn new(device: &B::Device) -> Self {
+        let widths = [FEATURES, 32, 24, 16, 12, CLASSES];
+        Deep { layers: widths.windows(2).map(|w| LinearConfig::new(w[0], w[1]).init(device)).collect() }
+    }
+}
+
+impl<B: Backend> Net<B> for Deep<B> {
+    fn logits(&self, mut x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let last = self.layers.len() - 1;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(x);
+            if i < last {
+                x = relu(x);
+            }
+        }
+        x
+    }
+}
+
+/// What one rank ends with.
+struct Outcome {
+    weights: Vec<f32>,
+    /// Parameters the rank's optimizer holds state for.
+    states: usize,
+    /// Values of the parameters it steps (all of them unsharded).
+    stepped: usize,
+}
+
+/// DDP over `world` threads with Adam, sharded or whole.
+fn train<B: HookBackend>(world: usize, sharded: bool) -> Vec<Outcome> {
+    let comms = InProcCommunicator::group(world).unwrap();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, comm)| {
+                s.spawn(move || {
+                    let device = Default::default();
+                    let model = seeded::<B, _>(Deep::<B>::new(&device), 1 + rank as u64);
+                    let (mut ddp, mut model) =
+                        DistributedDataParallel::new(model, Box::new(comm), DdpConfig::default()).unwrap();
+                    let total = model.num_params();
+                    let mut sharded_adam = sharded.then(|| ddp.shard_optimizer(AdamConfig::new().init(), &model));
+                    let mut whole = AdamConfig::new().init::<B, Deep<B>>();
+                    for step in 0..ZERO_STEPS {
+                        let first = (step * world + rank) * PER_RANK;
+                        let (x, y) = batch::<B>(first..first + PER_RANK, FEATURES, &device);
+                        let grads = ddp.backward(loss(&ddp.forward_module(&model), x, y)).unwrap();
+                        model = match &mut sharded_adam {
+                            Some(opt) => opt.step(1e-2, model, grads).unwrap(),
+                            None => whole.step(1e-2, model, grads),
+                        };
+                    }
+                    let (states, stepped) = match &sharded_adam {
+                        Some(opt) => (opt.inner().to_record().len(), opt.shard_len()),
+                        None => (whole.to_record().len(), total),
+                    };
+                    Outcome { weights: flat_values::<B, Deep<B>>(&model), states, stepped }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn assert_sharded_matches_whole<B: HookBackend>(world: usize, tolerance: f32) {
+    let whole = train::<B>(world, false);
+    let sharded = train::<B>(world, true);
+    let total = whole[0].stepped;
+    for (rank, got) in sharded.iter().enumerate() {
+        let diff = max_abs_diff(&got.weights, &whole[0].weights);
+        assert!(diff <= tolerance, "world {world} rank {rank}: max |difference| {diff} > {tolerance}");
+        // A shard is about 1/world of the values: never more than an even
+        // share plus the largest parameter (32x24 = 768 values).
+        assert!(got.stepped <= total / world + 768, "world {world} rank {rank}: {} of {total} values", got.stepped);
+    }
+    // Every parameter has its state on exactly one rank.
+    let params = whole[0].states;
+    assert_eq!(params, 10, "the whole optimizer holds state for every parameter");
+    assert_eq!(sharded.iter().map(|o| o.states).sum::<usize>(), params, "world {world}");
+    assert_eq!(sharded.iter().map(|o| o.stepped).sum::<usize>(), total, "world {world}");
+    assert!(sharded.iter().all(|o| o.states > 0), "world {world}: a rank without a shard");
+}
+
+#[test]
+fn flex_adam_sharded_over_2_and_3_threads_ends_where_the_whole_optimizer_does() {
+    assert_sharded_matches_whole::<Flex>(2, 1e-6);
+    assert_sharded_matches_whole::<Flex>(3, 1e-6);
+}
+
+#[test]
+fn wgpu_adam_sharded_over_2_threads_ends_where_the_whole_optimizer_does() {
+    assert_sharded_matches_whole::<Wgpu>(2, 1e-6);
+}
