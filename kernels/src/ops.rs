@@ -3,6 +3,8 @@
 //! kernel covers), Burn's own operation everywhere else, so that a model
 //! written with them runs on every backend.
 
+use std::sync::Arc;
+
 use burn::tensor::backend::Backend;
 use burn::tensor::module::{conv2d as burn_conv2d, max_pool2d as burn_max_pool2d};
 use burn::tensor::ops::PaddedConvOptions;
@@ -10,7 +12,8 @@ use burn::tensor::Tensor;
 
 use crate::cpu::conv2d::Conv2dShape;
 use crate::cpu::max_pool2d::Pool2dShape;
-use crate::flex::{dispatch, has_kernels, is_f32};
+use crate::flex::{dispatch, has_kernels, is_f32, NormOutput, SumAcross};
+use crate::nn::SumAcrossRanks;
 
 /// Where a 2-D convolution or pooling window moves and what it adds around
 /// the image.
@@ -75,11 +78,72 @@ pub fn batch_norm_train<B: Backend, const D: usize>(
     let positions = dims[2..].iter().product::<usize>();
     let x = x.reshape([batch, channels, positions]);
     let (y, mean, var) = if has_kernels::<B>() && is_f32(&x) && is_f32(&gamma) && is_f32(&beta) {
-        dispatch!(B, batch_norm_train(x, gamma, beta, epsilon))
+        let out: (NormOutput<B>, f64) = dispatch!(B, batch_norm_train(x, gamma, beta, epsilon, None::<SumAcross>));
+        out.0
     } else {
         batch_norm_train_reference(x, gamma, beta, epsilon)
     };
     (y.reshape(dims), mean, var)
+}
+
+/// [`batch_norm_train`] with the statistics of every rank's batch, summed
+/// by `group` (PyTorch's `SyncBatchNorm`): the output, and the mean and the
+/// unbiased variance over all ranks (outside the autodiff graph). Each
+/// channel's sum, sum of squares and count take one call to the group in
+/// forward, and the sums of the gradient another in backward.
+pub fn batch_norm_train_across<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    gamma: Tensor<B, 1>,
+    beta: Tensor<B, 1>,
+    epsilon: f64,
+    group: &Arc<dyn SumAcrossRanks<B>>,
+) -> (Tensor<B, D>, Tensor<B, 1>, Tensor<B, 1>) {
+    let dims = x.dims();
+    if !(has_kernels::<B>() && is_f32(&x) && is_f32(&gamma) && is_f32(&beta)) {
+        return batch_norm_train_across_reference(x, gamma, beta, epsilon, group.as_ref());
+    }
+    let (batch, channels) = (dims[0], dims[1]);
+    let x = x.reshape([batch, channels, dims[2..].iter().product::<usize>()]);
+    let sum: SumAcross = {
+        let group = group.clone();
+        Arc::new(move |values: &mut [f32]| group.sum_host(values))
+    };
+    let ((y, mean, var), count): (NormOutput<B>, f64) =
+        dispatch!(B, batch_norm_train(x, gamma, beta, epsilon, Some(sum)));
+    let unbiased = var.mul_scalar(count / (count - 1.0).max(1.0));
+    (y.reshape(dims), mean, unbiased)
+}
+
+/// [`batch_norm_train_across`] in Burn's tensor operations, for every
+/// backend: the statistics summed through the group's differentiable sum,
+/// whose backward sums their gradients across the ranks.
+fn batch_norm_train_across_reference<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    gamma: Tensor<B, 1>,
+    beta: Tensor<B, 1>,
+    epsilon: f64,
+    group: &dyn SumAcrossRanks<B>,
+) -> (Tensor<B, D>, Tensor<B, 1>, Tensor<B, 1>) {
+    let dims = x.dims();
+    let (channels, count) = (dims[1], dims[0] * dims[2..].iter().product::<usize>());
+    let per_channel = |t: Tensor<B, D>| t.swap_dims(0, 1).reshape([channels, count]).sum_dim(1).reshape([channels]);
+    let counted = Tensor::<B, 1>::from_floats([count as f32], &x.device());
+    let local = Tensor::cat(vec![per_channel(x.clone()), per_channel(x.clone().powi_scalar(2)), counted], 0);
+    let total = group.sum(local);
+    let n = total.clone().slice(2 * channels..2 * channels + 1);
+    let mean = total.clone().slice(0..channels).div(n.clone());
+    // E[x²] - E[x]², clamped: rounding can take it a hair below 0.
+    let var = total.slice(channels..2 * channels).div(n.clone()).sub(mean.clone().powi_scalar(2)).clamp_min(0.0);
+    let channel_axis = |t: Tensor<B, 1>| {
+        let mut shape = [1; D];
+        shape[1] = channels;
+        t.reshape(shape)
+    };
+    let scale = gamma.div(var.clone().add_scalar(epsilon).sqrt());
+    let y = x.sub(channel_axis(mean.clone())).mul(channel_axis(scale)).add(channel_axis(beta));
+    let n = n.detach();
+    let unbiased = var.detach().mul(n.clone().div(n.sub_scalar(1.0).clamp_min(1.0)));
+    (y, mean.detach(), unbiased)
 }
 
 /// Batch norm of `x` `[batch, channels, ...]` with given statistics

@@ -147,7 +147,7 @@ impl<B: HookBackend> DistributedDataParallel<B> {
         let (reducer, sink, overlap) = reducer(reducer_config.clone(), Box::new(Mean), device.clone(), comm.clone());
         let registrars = registrars::<B, M>(&module);
         let sync_stats = (config.sync_batch_norm && comm.world_size() > 1)
-            .then(|| Arc::new(SyncStats { ranks: Arc::new(RankSum::new(comm.clone())) }));
+            .then(|| Arc::new(SyncStats { ranks: Arc::new(RankSum::new(comm.clone(), device.clone())) }));
         let ddp = DistributedDataParallel {
             comm,
             reducer,

@@ -32,12 +32,24 @@ use crate::hook::HookBackend;
 /// (public only to the sealed trait below: the module is private).
 pub struct RankSum<B: Backend> {
     comm: Arc<CommThread<B>>,
+    /// Where host values become a tensor for the collective.
+    device: B::Device,
     failure: Mutex<Option<ParallelError>>,
 }
 
 impl<B: Backend> RankSum<B> {
-    pub(crate) fn new(comm: Arc<CommThread<B>>) -> Self {
-        RankSum { comm, failure: Mutex::new(None) }
+    pub(crate) fn new(comm: Arc<CommThread<B>>, device: B::Device) -> Self {
+        RankSum { comm, device, failure: Mutex::new(None) }
+    }
+
+    /// Sums `values` in place; on failure keeps them and the error.
+    fn sum_host(&self, values: &mut [f32]) {
+        match host_call(&self.comm, &self.device, values.to_vec(), |c, t| c.all_reduce(t, ReduceOp::Sum)) {
+            Ok(sum) => values.copy_from_slice(&sum),
+            Err(e) => {
+                self.failure.lock().expect("not poisoned").get_or_insert(e);
+            }
+        }
     }
 
     fn sum(&self, values: FloatTensor<B>) -> FloatTensor<B> {
@@ -70,6 +82,10 @@ impl<B: HookBackend> SumAcrossRanks<B> for SyncStats<B> {
     fn sum(&self, values: Tensor<B, 1>) -> Tensor<B, 1> {
         let summed = B::sum_across_ranks(values.into_primitive().tensor(), self.ranks.clone());
         Tensor::from_primitive(TensorPrimitive::Float(summed))
+    }
+
+    fn sum_host(&self, values: &mut [f32]) {
+        self.ranks.sum_host(values)
     }
 }
 

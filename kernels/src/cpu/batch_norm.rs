@@ -139,6 +139,80 @@ pub fn backward(
     gamma: &[f32],
     need_x: bool,
 ) -> NormGrads {
+    let (beta_grad, gamma_grad) = gradient_sums(s, x, dy, mean, invstd);
+    let dx = need_x.then(|| input_grad(s, x, dy, mean, invstd, gamma, (&beta_grad, &gamma_grad), s.count()));
+    NormGrads { x: dx, gamma: gamma_grad, beta: beta_grad }
+}
+
+/// Adds every rank's values to this rank's, in place: a data-parallel
+/// group's all-reduce, for batch norm across ranks.
+pub type SumAcross<'a> = &'a dyn Fn(&mut [f32]);
+
+/// [`forward_train`] with the statistics of the batch of every rank of a
+/// group (PyTorch's `SyncBatchNorm`): each channel's sum and sum of squares
+/// and the count go through `sum` in one call. Also returns the count over
+/// all ranks.
+pub fn forward_train_across(
+    s: &NormShape,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    epsilon: f64,
+    sum: SumAcross<'_>,
+) -> (NormForward, f64) {
+    assert_eq!(x.len(), s.len(), "input size");
+    let sums: Vec<(f64, f64)> = (0..s.channels)
+        .into_par_iter()
+        .map(|c| {
+            s.planes(x, c).fold((0.0, 0.0), |(a, b), plane| {
+                let (p, q) = lane_sums(plane, plane, |v, _| (v, v * v));
+                (a + p as f64, b + q as f64)
+            })
+        })
+        .collect();
+    let mut stats: Vec<f32> = sums.iter().map(|t| t.0 as f32).chain(sums.iter().map(|t| t.1 as f32)).collect();
+    stats.push(s.count() as f32);
+    sum(&mut stats);
+    let n = stats[2 * s.channels] as f64;
+    let m = n.max(1.0);
+    let (mut mean, mut var, mut invstd) = (Vec::new(), Vec::new(), Vec::new());
+    for c in 0..s.channels {
+        let mu = stats[c] as f64 / m;
+        let v = (stats[s.channels + c] as f64 / m - mu * mu).max(0.0);
+        mean.push(mu as f32);
+        var.push(v as f32);
+        invstd.push((1.0 / (v + epsilon).sqrt()) as f32);
+    }
+    let scale: Vec<f32> = invstd.iter().zip(gamma).map(|(i, g)| i * g).collect();
+    let shift: Vec<f32> = (0..s.channels).map(|c| beta[c] - mean[c] * scale[c]).collect();
+    (NormForward { y: affine(s, x, &scale, &shift), mean, var, invstd }, n)
+}
+
+/// [`backward`] of [`forward_train_across`]: the input's gradient needs the
+/// sums of `dy` and `dy·x̂` over every rank's batch (one call to `sum`) and
+/// the count over all ranks; `gamma`'s and `beta`'s are this rank's own,
+/// which DDP averages with the others'.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_across(
+    s: &NormShape,
+    x: &[f32],
+    dy: &[f32],
+    mean: &[f32],
+    invstd: &[f32],
+    gamma: &[f32],
+    count: f64,
+    sum: SumAcross<'_>,
+) -> NormGrads {
+    let (beta_grad, gamma_grad) = gradient_sums(s, x, dy, mean, invstd);
+    let mut total: Vec<f32> = beta_grad.iter().chain(&gamma_grad).copied().collect();
+    sum(&mut total);
+    let (sum_dy, sum_dy_xhat) = total.split_at(s.channels);
+    let dx = input_grad(s, x, dy, mean, invstd, gamma, (sum_dy, sum_dy_xhat), count as usize);
+    NormGrads { x: Some(dx), gamma: gamma_grad, beta: beta_grad }
+}
+
+/// Each channel's sum of `dy` and of `dy·x̂`: `beta`'s and `gamma`'s gradients.
+fn gradient_sums(s: &NormShape, x: &[f32], dy: &[f32], mean: &[f32], invstd: &[f32]) -> (Vec<f32>, Vec<f32>) {
     assert_eq!((x.len(), dy.len()), (s.len(), s.len()), "input and gradient sizes");
     let sums: Vec<(f32, f32)> = (0..s.channels)
         .into_par_iter()
@@ -153,28 +227,37 @@ pub fn backward(
             (sum_dy as f32, sum_dy_xhat as f32)
         })
         .collect();
-    let beta_grad: Vec<f32> = sums.iter().map(|t| t.0).collect();
-    let gamma_grad: Vec<f32> = sums.iter().map(|t| t.1).collect();
-    let dx = need_x.then(|| {
-        let m = s.count().max(1) as f32;
-        let mut dx = vec![0.0f32; x.len()];
-        if dx.is_empty() {
-            return dx;
-        }
-        dx.par_chunks_mut(s.positions)
-            .zip(x.par_chunks(s.positions).zip(dy.par_chunks(s.positions)))
-            .enumerate()
-            .for_each(|(plane, (dx, (x, dy)))| {
-                let c = plane % s.channels;
-                let (mu, inv, k) = (mean[c], invstd[c], gamma[c] * invstd[c]);
-                let (mean_dy, mean_dy_xhat) = (beta_grad[c] / m, gamma_grad[c] / m);
-                for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(dy) {
-                    *dx = k * (g - mean_dy - (x - mu) * inv * mean_dy_xhat);
-                }
-            });
-        dx
-    });
-    NormGrads { x: dx, gamma: gamma_grad, beta: beta_grad }
+    (sums.iter().map(|t| t.0).collect(), sums.iter().map(|t| t.1).collect())
+}
+
+/// The input's gradient from the sums of `dy` and `dy·x̂` over `count` values a channel.
+#[allow(clippy::too_many_arguments)]
+fn input_grad(
+    s: &NormShape,
+    x: &[f32],
+    dy: &[f32],
+    mean: &[f32],
+    invstd: &[f32],
+    gamma: &[f32],
+    (sum_dy, sum_dy_xhat): (&[f32], &[f32]),
+    count: usize,
+) -> Vec<f32> {
+    let m = count.max(1) as f32;
+    let mut dx = vec![0.0f32; x.len()];
+    if dx.is_empty() {
+        return dx;
+    }
+    dx.par_chunks_mut(s.positions).zip(x.par_chunks(s.positions).zip(dy.par_chunks(s.positions))).enumerate().for_each(
+        |(plane, (dx, (x, dy)))| {
+            let c = plane % s.channels;
+            let (mu, inv, k) = (mean[c], invstd[c], gamma[c] * invstd[c]);
+            let (mean_dy, mean_dy_xhat) = (sum_dy[c] / m, sum_dy_xhat[c] / m);
+            for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(dy) {
+                *dx = k * (g - mean_dy - (x - mu) * inv * mean_dy_xhat);
+            }
+        },
+    );
+    dx
 }
 
 #[cfg(test)]
@@ -192,5 +275,54 @@ mod tests {
             let var = v.iter().map(|y| (y - mean) * (y - mean)).sum::<f32>() / v.len() as f32;
             assert!(mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-4, "channel {c}: mean {mean}, var {var}");
         }
+    }
+
+    /// Two halves of a batch, each normalised with the statistics summed
+    /// across both, give the whole batch's forward pass and input gradient;
+    /// `gamma`'s and `beta`'s gradients are each half's own and add up to
+    /// the whole's.
+    #[test]
+    fn halves_summed_across_equal_the_whole_batch() {
+        let whole = NormShape { batch: 4, channels: 3, positions: 5 };
+        let half = NormShape { batch: 2, ..whole };
+        let x: Vec<f32> = (0..whole.len()).map(|i| ((i * 37) % 11) as f32 * 0.3 - 1.0 + (i / 30) as f32).collect();
+        let dy: Vec<f32> = (0..whole.len()).map(|i| ((i * 17) % 13) as f32 * 0.1 - 0.6).collect();
+        let (gamma, beta) = ([1.5, 0.5, -1.0], [0.1, 0.2, 0.3]);
+        let want = forward_train(&whole, &x, &gamma, &beta, 1e-5);
+        let want_grads = backward(&whole, &x, &dy, &want.mean, &want.invstd, &gamma, true);
+        // The other half's sums, computed apart, stand in for the other rank.
+        let split = half.len();
+        let (sums_of, other) = (
+            |xs: &[f32], ys: &[f32], mean: &[f32], invstd: &[f32]| {
+                let (a, b) = gradient_sums(&half, xs, ys, mean, invstd);
+                a.into_iter().chain(b).collect::<Vec<f32>>()
+            },
+            |part: usize| (&x[part * split..][..split], &dy[part * split..][..split]),
+        );
+        let (mut dx, mut d_gamma) = (Vec::new(), vec![0.0f32; 3]);
+        for part in 0..2 {
+            let (xs, ys) = other(part);
+            let (xo, _) = other(1 - part);
+            let stats_of_other: Vec<f32> = (0..3)
+                .map(|c| half.planes(xo, c).flatten().sum::<f32>())
+                .chain((0..3).map(|c| half.planes(xo, c).flatten().map(|v| v * v).sum::<f32>()))
+                .chain([half.count() as f32])
+                .collect();
+            let add_stats = |v: &mut [f32]| v.iter_mut().zip(&stats_of_other).for_each(|(a, b)| *a += b);
+            let (out, n) = forward_train_across(&half, xs, &gamma, &beta, 1e-5, &add_stats);
+            assert_eq!(n, whole.count() as f64);
+            let y_err = out.y.iter().zip(&want.y[part * split..]).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(y_err < 1e-5, "half {part}: forward off by {y_err}");
+            let (yo, _) = other(1 - part);
+            let grad_sums_of_other = sums_of(yo, other(1 - part).1, &out.mean, &out.invstd);
+            let add_grads = |v: &mut [f32]| v.iter_mut().zip(&grad_sums_of_other).for_each(|(a, b)| *a += b);
+            let g = backward_across(&half, xs, ys, &out.mean, &out.invstd, &gamma, n, &add_grads);
+            dx.extend(g.x.unwrap());
+            d_gamma.iter_mut().zip(&g.gamma).for_each(|(a, b)| *a += b);
+        }
+        let dx_err = dx.iter().zip(want_grads.x.as_ref().unwrap()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(dx_err < 1e-5, "input gradient off by {dx_err}");
+        let g_err = d_gamma.iter().zip(&want_grads.gamma).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(g_err < 1e-5, "gamma's gradient off by {g_err}");
     }
 }

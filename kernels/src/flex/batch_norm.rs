@@ -10,15 +10,28 @@ use burn_autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind};
 
-use super::{contiguous, flex, node, primitive, tensor, tracked, values, NormOutput};
+use super::{contiguous, flex, node, primitive, tensor, tracked, values, NormOutput, SumAcross};
 use crate::cpu::batch_norm::{self as kernel, NormForward, NormShape};
 
 fn shape_of(dims: [usize; 3]) -> NormShape {
     NormShape { batch: dims[0], channels: dims[1], positions: dims[2] }
 }
 
-fn run(x: &FlexTensor, gamma: &FlexTensor, beta: &FlexTensor, s: &NormShape, epsilon: f64) -> NormForward {
-    kernel::forward_train(s, values(x), values(gamma), values(beta), epsilon)
+/// The forward kernel, with this rank's statistics or every rank's; also
+/// the count of values a channel the statistics cover.
+fn run(
+    x: &FlexTensor,
+    gamma: &FlexTensor,
+    beta: &FlexTensor,
+    s: &NormShape,
+    epsilon: f64,
+    across: Option<&SumAcross>,
+) -> (NormForward, f64) {
+    let (x, gamma, beta) = (values(x), values(gamma), values(beta));
+    match across {
+        Some(sum) => kernel::forward_train_across(s, x, gamma, beta, epsilon, sum.as_ref()),
+        None => (kernel::forward_train(s, x, gamma, beta, epsilon), (s.batch * s.positions) as f64),
+    }
 }
 
 pub fn forward_train(
@@ -26,11 +39,13 @@ pub fn forward_train(
     gamma: Tensor<Flex, 1>,
     beta: Tensor<Flex, 1>,
     epsilon: f64,
-) -> NormOutput<Flex> {
+    across: Option<SumAcross>,
+) -> (NormOutput<Flex>, f64) {
     let dims = x.dims();
     let s = shape_of(dims);
-    let out = run(&primitive(x), &primitive(gamma), &primitive(beta), &s, epsilon);
-    (tensor(flex(out.y, dims)), tensor(flex(out.mean, [s.channels])), tensor(flex(out.var, [s.channels])))
+    let (out, count) = run(&primitive(x), &primitive(gamma), &primitive(beta), &s, epsilon, across.as_ref());
+    let output = (tensor(flex(out.y, dims)), tensor(flex(out.mean, [s.channels])), tensor(flex(out.var, [s.channels])));
+    (output, count)
 }
 
 pub fn forward_inference(
@@ -57,7 +72,8 @@ pub fn forward_inference(
 }
 
 /// What backward needs: the input (shared, not copied), the batch
-/// statistics and the scale.
+/// statistics and the scale; for statistics across ranks, the sum and the
+/// count over all ranks.
 #[derive(Debug, Clone)]
 struct Saved {
     x: FlexTensor,
@@ -65,6 +81,19 @@ struct Saved {
     invstd: Arc<Vec<f32>>,
     gamma: FlexTensor,
     shape: NormShape,
+    across: Option<Across>,
+}
+
+#[derive(Clone)]
+struct Across {
+    sum: SumAcross,
+    count: f64,
+}
+
+impl std::fmt::Debug for Across {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Across {{ count: {} }}", self.count)
+    }
 }
 
 #[derive(Debug)]
@@ -78,15 +107,13 @@ impl Backward<Flex, 3> for BatchNormBackward {
         let dy = contiguous(grads.consume::<Flex>(&ops.node));
         let saved = ops.state;
         let s = saved.shape;
-        let g = kernel::backward(
-            &s,
-            values(&saved.x),
-            values(&dy),
-            &saved.mean,
-            &saved.invstd,
-            values(&saved.gamma),
-            x.is_some(),
-        );
+        let (xv, dyv, gv) = (values(&saved.x), values(&dy), values(&saved.gamma));
+        // Across ranks the sums are a collective: every rank makes the call,
+        // whether or not it needs the input's gradient.
+        let g = match &saved.across {
+            Some(a) => kernel::backward_across(&s, xv, dyv, &saved.mean, &saved.invstd, gv, a.count, a.sum.as_ref()),
+            None => kernel::backward(&s, xv, dyv, &saved.mean, &saved.invstd, gv, x.is_some()),
+        };
         if let (Some(node), Some(dx)) = (x, g.x) {
             grads.register::<Flex>(node.id, flex(dx, [s.batch, s.channels, s.positions]));
         }
@@ -104,20 +131,23 @@ pub fn forward_train_autodiff<C: CheckpointStrategy>(
     gamma: Tensor<Autodiff<Flex, C>, 1>,
     beta: Tensor<Autodiff<Flex, C>, 1>,
     epsilon: f64,
-) -> NormOutput<Autodiff<Flex, C>> {
+    across: Option<SumAcross>,
+) -> (NormOutput<Autodiff<Flex, C>>, f64) {
     let dims = x.dims();
     let s = shape_of(dims);
     let (x, gamma, beta) = (node(x), node(gamma), node(beta));
     let (xv, gv) = (contiguous(x.primitive.clone()), contiguous(gamma.primitive.clone()));
-    let out = run(&xv, &gv, &contiguous(beta.primitive.clone()), &s, epsilon);
+    let (out, count) = run(&xv, &gv, &contiguous(beta.primitive.clone()), &s, epsilon, across.as_ref());
+    let across = across.map(|sum| Across { sum, count });
     let y = flex(out.y, dims);
     let (mean, var) = (flex(out.mean.clone(), [s.channels]), flex(out.var, [s.channels]));
     let y = match BatchNormBackward.prepare::<C>([x.node, gamma.node, beta.node]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let saved = Saved { x: xv, mean: Arc::new(out.mean), invstd: Arc::new(out.invstd), gamma: gv, shape: s };
+            let saved =
+                Saved { x: xv, mean: Arc::new(out.mean), invstd: Arc::new(out.invstd), gamma: gv, shape: s, across };
             prep.finish(saved, y)
         }
         OpsKind::UnTracked(prep) => prep.finish(y),
     };
-    (tracked(y), Tensor::from_inner(tensor(mean)), Tensor::from_inner(tensor(var)))
+    ((tracked(y), Tensor::from_inner(tensor(mean)), Tensor::from_inner(tensor(var))), count)
 }

@@ -28,6 +28,10 @@ use crate::cpu::max_pool2d::Pool2dShape;
 /// and biased variance of every channel.
 pub(crate) type NormOutput<B> = (Tensor<B, 3>, Tensor<B, 1>, Tensor<B, 1>);
 
+/// Adds every rank's values to this rank's, in place (batch norm across
+/// the ranks of a data-parallel group).
+pub(crate) type SumAcross = std::sync::Arc<dyn Fn(&mut [f32]) + Send + Sync>;
+
 /// The operations Bonfire's kernels provide, on a backend that has them.
 pub(crate) trait Kernels: Backend {
     fn conv2d(
@@ -40,14 +44,16 @@ pub(crate) trait Kernels: Backend {
     fn max_pool2d(x: Tensor<Self, 4>, shape: Pool2dShape) -> Tensor<Self, 4>;
 
     /// Batch norm of `[batch, channels, positions]` with the batch's
-    /// statistics: the output, and the batch mean and biased variance
-    /// (outside the autodiff graph).
+    /// statistics, or with those of every rank's batch where `across` sums
+    /// them: the output, the mean and biased variance (outside the autodiff
+    /// graph), and the count of values a channel they cover.
     fn batch_norm_train(
         x: Tensor<Self, 3>,
         gamma: Tensor<Self, 1>,
         beta: Tensor<Self, 1>,
         epsilon: f64,
-    ) -> NormOutput<Self>;
+        across: Option<SumAcross>,
+    ) -> (NormOutput<Self>, f64);
 
     /// Batch norm of `[batch, channels, positions]` with given statistics.
     fn batch_norm_inference(
@@ -153,8 +159,9 @@ impl Kernels for Flex {
         gamma: Tensor<Self, 1>,
         beta: Tensor<Self, 1>,
         epsilon: f64,
-    ) -> NormOutput<Self> {
-        batch_norm::forward_train(x, gamma, beta, epsilon)
+        across: Option<SumAcross>,
+    ) -> (NormOutput<Self>, f64) {
+        batch_norm::forward_train(x, gamma, beta, epsilon, across)
     }
 
     fn batch_norm_inference(
@@ -188,8 +195,9 @@ impl<C: CheckpointStrategy> Kernels for Autodiff<Flex, C> {
         gamma: Tensor<Self, 1>,
         beta: Tensor<Self, 1>,
         epsilon: f64,
-    ) -> NormOutput<Self> {
-        batch_norm::forward_train_autodiff::<C>(x, gamma, beta, epsilon)
+        across: Option<SumAcross>,
+    ) -> (NormOutput<Self>, f64) {
+        batch_norm::forward_train_autodiff::<C>(x, gamma, beta, epsilon, across)
     }
 
     /// Inference on an autodiff backend keeps Burn's operations, so that

@@ -7,8 +7,8 @@ use burn::nn::{BatchNorm as BurnBatchNorm, BatchNormConfig as BurnBatchNormConfi
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use super::sync::{installed, SumAcrossRanks};
-use crate::ops::{batch_norm_inference, batch_norm_train};
+use super::sync::installed;
+use crate::ops::{batch_norm_inference, batch_norm_train, batch_norm_train_across};
 
 /// Burn's `BatchNormConfig`, whose `init` makes this crate's [`BatchNorm`].
 #[derive(Debug, Clone)]
@@ -92,41 +92,16 @@ impl<B: Backend> BatchNorm<B> {
 
     fn forward_train<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         if let Some(group) = installed::<B>() {
-            return self.forward_synced(x, group.as_ref());
+            let (y, mean, unbiased) =
+                batch_norm_train_across(x, self.gamma.val(), self.beta.val(), self.epsilon, &group);
+            self.update_running(mean, unbiased);
+            return y;
         }
         let dims = x.dims();
         let count = dims[0] * dims[2..].iter().product::<usize>();
         let (y, mean, var) = batch_norm_train(x, self.gamma.val(), self.beta.val(), self.epsilon);
         let unbiased = var.mul_scalar(count as f64 / count.saturating_sub(1).max(1) as f64);
         self.update_running(mean, unbiased);
-        y
-    }
-
-    /// Training with the statistics of every rank's batch: each channel's
-    /// count, sum and sum of squares summed across the ranks in one call
-    /// (uneven batches weigh by their counts), then the normalisation as
-    /// tensor operations, whose backward reaches the sum's own.
-    fn forward_synced<const D: usize>(&self, x: Tensor<B, D>, group: &dyn SumAcrossRanks<B>) -> Tensor<B, D> {
-        let dims = x.dims();
-        let (channels, count) = (dims[1], dims[0] * dims[2..].iter().product::<usize>());
-        let per_channel = |t: Tensor<B, D>| t.swap_dims(0, 1).reshape([channels, count]).sum_dim(1).reshape([channels]);
-        let counted = Tensor::<B, 1>::from_floats([count as f32], &x.device());
-        let local = Tensor::cat(vec![per_channel(x.clone()), per_channel(x.clone().powi_scalar(2)), counted], 0);
-        let total = group.sum(local);
-        let n = total.clone().slice(2 * channels..2 * channels + 1);
-        let mean = total.clone().slice(0..channels).div(n.clone());
-        // E[x²] - E[x]², clamped: rounding can take it a hair below 0.
-        let var = total.slice(channels..2 * channels).div(n.clone()).sub(mean.clone().powi_scalar(2)).clamp_min(0.0);
-        let channel_axis = |t: Tensor<B, 1>| {
-            let mut shape = [1; D];
-            shape[1] = channels;
-            t.reshape(shape)
-        };
-        let scale = self.gamma.val().div(var.clone().add_scalar(self.epsilon).sqrt());
-        let y = x.sub(channel_axis(mean.clone())).mul(channel_axis(scale)).add(channel_axis(self.beta.val()));
-        let n = n.detach();
-        let unbiased = var.detach().mul(n.clone().div(n.sub_scalar(1.0).clamp_min(1.0)));
-        self.update_running(mean.detach(), unbiased);
         y
     }
 

@@ -1,7 +1,9 @@
 //! Batch statistics summed across the ranks of a data-parallel group: what
 //! makes every [`BatchNorm`](super::BatchNorm) that runs forward on this
 //! thread in training a synchronised batch norm (PyTorch's `SyncBatchNorm`),
-//! with no change to the model's type or its records.
+//! with no change to the model's type or its records. On Flex the batch
+//! norm kernel makes the calls itself (`sum_host`), forward and backward;
+//! on other backends the statistics go through the differentiable `sum`.
 //!
 //! A data-parallel strategy (Bonfire's DDP with `sync_batch_norm`) installs
 //! its group's [`SumAcrossRanks`] on the thread that runs the forward pass,
@@ -25,6 +27,11 @@ use burn::tensor::Tensor;
 pub trait SumAcrossRanks<B: Backend>: Send + Sync {
     /// The element-wise sum of every rank's `values`.
     fn sum(&self, values: Tensor<B, 1>) -> Tensor<B, 1>;
+
+    /// The same sum on values in host memory, in place, outside any
+    /// autodiff graph: what the CPU kernel calls in its forward and in its
+    /// own backward.
+    fn sum_host(&self, values: &mut [f32]);
 }
 
 thread_local! {
