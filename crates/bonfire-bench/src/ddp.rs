@@ -38,7 +38,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{activation::relu, Distribution, Int, Tensor};
 
 type Inner = burn::backend::Flex;
-type B = Autodiff<Inner>;
+pub(crate) type B = Autodiff<Inner>;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -84,7 +84,7 @@ pub struct WorkerArgs {
 
 /// 784-2048-2048-2048-10: 10.0 M parameters, 40 MB of gradients a step.
 #[derive(Module, Debug)]
-struct Wide<B: Backend> {
+pub(crate) struct Wide<B: Backend> {
     fc1: Linear<B>,
     fc2: Linear<B>,
     fc3: Linear<B>,
@@ -92,7 +92,7 @@ struct Wide<B: Backend> {
 }
 
 impl<B: Backend> Wide<B> {
-    fn new(device: &B::Device) -> Self {
+    pub(crate) fn new(device: &B::Device) -> Self {
         Wide {
             fc1: LinearConfig::new(784, 2048).init(device),
             fc2: LinearConfig::new(2048, 2048).init(device),
@@ -101,7 +101,7 @@ impl<B: Backend> Wide<B> {
         }
     }
 
-    fn loss(&self, x: Tensor<B, 2>, y: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    pub(crate) fn loss(&self, x: Tensor<B, 2>, y: Tensor<B, 1, Int>) -> Tensor<B, 1> {
         let h = relu(self.fc1.forward(x));
         let h = relu(self.fc2.forward(h));
         let h = relu(self.fc3.forward(h));
@@ -109,9 +109,9 @@ impl<B: Backend> Wide<B> {
     }
 }
 
-const WARMUP: usize = 3;
+pub(crate) const WARMUP: usize = 3;
 
-fn data(batch: usize) -> (Tensor<B, 2>, Tensor<B, 1, Int>) {
+pub(crate) fn data(batch: usize) -> (Tensor<B, 2>, Tensor<B, 1, Int>) {
     let device = Default::default();
     let x = Tensor::random([batch, 784], Distribution::Uniform(-1.0, 1.0), &device);
     let y = Tensor::<B, 1, Int>::random([batch], Distribution::Uniform(0.0, 10.0), &device);

@@ -4,6 +4,7 @@
 mod allreduce;
 mod ddp;
 mod kernels;
+mod zero;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +31,8 @@ enum Command {
     Ddp(ddp::Args),
     /// Forward and backward time of each kernel against Burn's own op, at LeNet's and the ResNet's shapes.
     Kernels(kernels::Args),
+    /// Adam's state per rank and the step time, whole and sharded (ZeRO-1), over DDP.
+    Zero(zero::Args),
     /// Single-thread memcpy bandwidth of 256 MiB: the ceiling of a host-staged collective.
     Memcpy,
     /// One rank of the TCP all-reduce benchmark (started by `allreduce`).
@@ -46,6 +49,7 @@ fn main() -> anyhow::Result<()> {
         Command::Allreduce(args) => allreduce::run(args),
         Command::Ddp(args) => ddp::run(args),
         Command::Kernels(args) => kernels::run(args),
+        Command::Zero(args) => zero::run(args),
         Command::Memcpy => {
             allreduce::memcpy();
             Ok(())

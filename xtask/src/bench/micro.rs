@@ -134,6 +134,41 @@ pub fn ddp(steps: usize, batch: usize, json: bool) -> Result<()> {
     Ok(())
 }
 
+pub fn zero(steps: usize, worlds: &str, json: bool) -> Result<()> {
+    let bench = build_bench()?;
+    let rows = json_lines(
+        Command::new(&bench).args(["zero", "--steps", &steps.to_string(), "--worlds", worlds]),
+        "the ZeRO benchmark",
+    )?;
+    if json {
+        for r in &rows {
+            println!("{r}");
+        }
+        return Ok(());
+    }
+    println!(
+        "DDP with Adam, workers as threads, Flex CPU backend, 10.0 M parameters, batch 32 per worker, {steps} steps"
+    );
+    println!("| workers | Adam | state per rank (MB, each rank) | ms / step | x whole |");
+    println!("|---:|---|---|---:|---:|");
+    for r in &rows {
+        let whole = rows.iter().find(|w| w["world"] == r["world"] && w["optimizer"] == "whole");
+        let ms = r["median_step_ms"].as_f64().unwrap_or(f64::NAN);
+        let ratio = whole.and_then(|w| w["median_step_ms"].as_f64()).map_or(f64::NAN, |w| ms / w);
+        let bytes: Vec<String> = r["state_bytes"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|b| b.as_f64()).map(|b| format!("{:.1}", b / 1e6)).collect())
+            .unwrap_or_default();
+        println!(
+            "| {} | {} | {} | {ms:.1} | {ratio:.2}x |",
+            r["world"],
+            r["optimizer"].as_str().unwrap_or("?"),
+            bytes.join(", ")
+        );
+    }
+    Ok(())
+}
+
 pub fn kernels(batch: usize, reps: usize, threads: usize, json: bool) -> Result<()> {
     let bench = build_bench()?;
     let (batch, reps, threads) = (batch.to_string(), reps.to_string(), threads.to_string());

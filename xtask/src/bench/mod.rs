@@ -42,6 +42,15 @@ enum What {
         #[arg(long, default_value_t = 32)]
         batch: usize,
     },
+    /// Adam's state per rank and the step time of DDP (10 M parameters, CPU), whole and sharded (ZeRO-1).
+    Zero {
+        /// Timed steps per run.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// World sizes, comma-separated.
+        #[arg(long, default_value = "2,4")]
+        worlds: String,
+    },
     /// Forward and backward time of each kernel against Burn's op and PyTorch, at LeNet's and the ResNet's shapes.
     Kernels {
         /// Images per batch.
@@ -111,6 +120,7 @@ pub fn run(args: Args) -> Result<()> {
         What::Allreduce { world, sizes_mib } => micro::allreduce(world, &sizes_mib, args.json),
         What::Ddp { steps, batch } => micro::ddp(steps, batch, args.json),
         What::Kernels { batch, reps, threads } => micro::kernels(batch, reps, threads, args.json),
+        What::Zero { steps, worlds } => micro::zero(steps, &worlds, args.json),
         What::Train { steps, batch, models } => training::train(steps, batch, &models, args.json),
         What::DpWgpu { steps, batch, models, devices } => training::dp_wgpu(steps, batch, &models, &devices, args.json),
         What::CommHooks { rates, steps, epochs } => comm_hooks::run(&rates, steps, epochs, args.json),
