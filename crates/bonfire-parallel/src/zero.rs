@@ -4,9 +4,8 @@
 //! A step: DDP's `backward` has averaged every gradient on every rank; the
 //! rank steps its own shard with the wrapped optimizer, which therefore
 //! builds state (Adam's moments, SGD's momentum) for that shard alone; then
-//! every rank's updated shard is all-gathered (one call, each shard padded
-//! to the longest), and each rank takes the others' values. PyTorch's
-//! version has the same traffic pattern: DDP's all-reduce, then a
+//! each owner broadcasts its updated shard, and each rank takes the others'
+//! values. PyTorch's version has the same traffic: DDP's all-reduce, then a
 //! broadcast from each shard's owner.
 //!
 //! The shards are drawn as PyTorch draws them: parameters largest first,
@@ -106,22 +105,32 @@ impl<B: HookBackend, M: AutodiffModule<B>, O: Optimizer<M, B>> ShardedOptimizer<
         self.gather(module)
     }
 
-    /// Every shard's values from its owner, on every rank.
+    /// Every shard's values from its owner, on every rank: one broadcast
+    /// a rank, each of its shard's own length (an all-gather would pad every
+    /// shard to the longest, and whole parameters make shards uneven).
     fn gather(&self, module: M) -> Result<M> {
-        let longest = self.partition.shard_lens.iter().copied().max().unwrap_or(0);
-        if self.comm.world_size() == 1 || longest == 0 {
+        let world = self.comm.world_size();
+        if world == 1 {
             return Ok(module);
         }
         let mut pack = Pack::<B> {
-            shard: vec![0.0; longest],
+            shard: vec![0.0; self.partition.shard_lens[self.rank]],
             partition: &self.partition,
             rank: self.rank,
             index: 0,
             _b: PhantomData,
         };
         module.visit(&mut pack);
-        let all = host_call(&self.comm, &self.device, pack.shard, |c, t| c.all_gather(t))?;
-        let mut unpack = Unpack { all: &all, longest, partition: &self.partition, rank: self.rank, index: 0 };
+        let mut shards = Vec::with_capacity(world);
+        for (root, &len) in self.partition.shard_lens.iter().enumerate() {
+            let values = if root == self.rank { std::mem::take(&mut pack.shard) } else { vec![0.0; len] };
+            shards.push(if len == 0 {
+                values
+            } else {
+                host_call(&self.comm, &self.device, values, move |c, t| c.broadcast(t, root))?
+            });
+        }
+        let mut unpack = Unpack { shards: &shards, partition: &self.partition, rank: self.rank, index: 0 };
         Ok(module.map(&mut unpack))
     }
 
@@ -183,10 +192,9 @@ impl<B: HookBackend> ModuleVisitor<B> for Pack<'_, B> {
     }
 }
 
-/// The other ranks' parameters from the gathered shards.
+/// The other ranks' parameters from their shards.
 struct Unpack<'a> {
-    all: &'a [f32],
-    longest: usize,
+    shards: &'a [Vec<f32>],
     partition: &'a Partition,
     rank: usize,
     index: usize,
@@ -200,11 +208,10 @@ impl<B: HookBackend> ModuleMapper<B> for Unpack<'_> {
             Some(owner) if owner != self.rank => owner,
             _ => return param,
         };
-        let start = owner * self.longest + self.partition.offsets[index];
-        let all = self.all;
+        let (shard, start) = (&self.shards[owner], self.partition.offsets[index]);
         param.map(|tensor| {
             let shape = tensor.dims();
-            let values = all[start..start + shape.iter().product::<usize>()].to_vec();
+            let values = shard[start..start + shape.iter().product::<usize>()].to_vec();
             let data = TensorData::new(values, shape).convert_dtype(tensor.dtype());
             Tensor::from_data(data, &tensor.device()).set_require_grad(tensor.is_require_grad())
         })
