@@ -52,19 +52,13 @@ impl<B: Backend> RankSum<B> {
         }
     }
 
+    /// Sums a tensor through [`sum_host`](Self::sum_host).
     fn sum(&self, values: FloatTensor<B>) -> FloatTensor<B> {
         let tensor = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(values));
         let (device, dtype, len) = (tensor.device(), tensor.dtype(), tensor.dims()[0]);
-        let host = tensor.clone().into_data().convert::<f32>().to_vec::<f32>().expect("converted to f32");
-        match host_call(&self.comm, &device, host, |c, t| c.all_reduce(t, ReduceOp::Sum)) {
-            Ok(sum) => {
-                Tensor::<B, 1>::from_data(TensorData::new(sum, [len]), &device).cast(dtype).into_primitive().tensor()
-            }
-            Err(e) => {
-                self.failure.lock().expect("not poisoned").get_or_insert(e);
-                tensor.into_primitive().tensor()
-            }
-        }
+        let mut host = tensor.into_data().convert::<f32>().to_vec::<f32>().expect("converted to f32");
+        self.sum_host(&mut host);
+        Tensor::<B, 1>::from_data(TensorData::new(host, [len]), &device).cast(dtype).into_primitive().tensor()
     }
 
     /// The first failed sum since the last call, if any.

@@ -4,7 +4,6 @@
 
 mod common;
 
-use bonfire_collective::InProcCommunicator;
 use bonfire_parallel::{settle_buffers, DdpConfig, DistributedDataParallel, HookBackend};
 use bonfire_testkit::{flat_values, max_abs_diff};
 use burn::backend::Autodiff;
@@ -48,32 +47,21 @@ fn ddp<B: HookBackend>(sizes: &[usize], sync_batch_norm: bool) -> Vec<Vec<f32>> 
     let global: usize = sizes.iter().sum();
     let world = sizes.len();
     let config = DdpConfig { sync_batch_norm, ..DdpConfig::default() };
-    let comms = InProcCommunicator::group(world).unwrap();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .enumerate()
-            .map(|(rank, comm)| {
-                let config = config.clone();
-                s.spawn(move || {
-                    let device = Default::default();
-                    let model = seeded::<B, _>(KernelConvNet::<B>::new(&device), 1 + rank as u64 * 100);
-                    let (mut ddp, mut model) = DistributedDataParallel::new(model, Box::new(comm), config).unwrap();
-                    let mut opt = sgd::<B, KernelConvNet<B>>();
-                    let offset: usize = sizes[..rank].iter().sum();
-                    let weight = (sizes[rank] * world) as f32 / global as f32;
-                    for step in 0..STEPS {
-                        let first = step * global + offset;
-                        let (x, y) = batch::<B>(first..first + sizes[rank], 64, &device);
-                        let l = loss(&ddp.forward_module(&model), x, y) * weight;
-                        let grads = ddp.backward(l).unwrap();
-                        model = opt.step(LR, model, grads);
-                    }
-                    state(&model)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    on_rank_threads(world, |rank, comm| {
+        let device = Default::default();
+        let model = seeded::<B, _>(KernelConvNet::<B>::new(&device), 1 + rank as u64 * 100);
+        let (mut ddp, mut model) = DistributedDataParallel::new(model, Box::new(comm), config.clone()).unwrap();
+        let mut opt = sgd::<B, KernelConvNet<B>>();
+        let offset: usize = sizes[..rank].iter().sum();
+        let weight = (sizes[rank] * world) as f32 / global as f32;
+        for step in 0..STEPS {
+            let first = step * global + offset;
+            let (x, y) = batch::<B>(first..first + sizes[rank], 64, &device);
+            let l = loss(&ddp.forward_module(&model), x, y) * weight;
+            let grads = ddp.backward(l).unwrap();
+            model = opt.step(LR, model, grads);
+        }
+        state(&model)
     })
 }
 

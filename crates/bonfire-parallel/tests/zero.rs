@@ -4,7 +4,6 @@
 
 mod common;
 
-use bonfire_collective::InProcCommunicator;
 use bonfire_parallel::{DdpConfig, DistributedDataParallel, HookBackend};
 use bonfire_testkit::{flat_values, max_abs_diff};
 use burn::backend::Autodiff;
@@ -58,38 +57,27 @@ struct Outcome {
 
 /// DDP over `world` threads with Adam, sharded or whole.
 fn train<B: HookBackend>(world: usize, sharded: bool) -> Vec<Outcome> {
-    let comms = InProcCommunicator::group(world).unwrap();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .enumerate()
-            .map(|(rank, comm)| {
-                s.spawn(move || {
-                    let device = Default::default();
-                    let model = seeded::<B, _>(Deep::<B>::new(&device), 1 + rank as u64);
-                    let (mut ddp, mut model) =
-                        DistributedDataParallel::new(model, Box::new(comm), DdpConfig::default()).unwrap();
-                    let total = model.num_params();
-                    let mut sharded_adam = sharded.then(|| ddp.shard_optimizer(AdamConfig::new().init(), &model));
-                    let mut whole = AdamConfig::new().init::<B, Deep<B>>();
-                    for step in 0..ZERO_STEPS {
-                        let first = (step * world + rank) * PER_RANK;
-                        let (x, y) = batch::<B>(first..first + PER_RANK, FEATURES, &device);
-                        let grads = ddp.backward(loss(&ddp.forward_module(&model), x, y)).unwrap();
-                        model = match &mut sharded_adam {
-                            Some(opt) => opt.step(1e-2, model, grads).unwrap(),
-                            None => whole.step(1e-2, model, grads),
-                        };
-                    }
-                    let (states, stepped) = match &sharded_adam {
-                        Some(opt) => (opt.inner().to_record().len(), opt.shard_len()),
-                        None => (whole.to_record().len(), total),
-                    };
-                    Outcome { weights: flat_values::<B, Deep<B>>(&model), states, stepped }
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    on_rank_threads(world, |rank, comm| {
+        let device = Default::default();
+        let model = seeded::<B, _>(Deep::<B>::new(&device), 1 + rank as u64);
+        let (mut ddp, mut model) = DistributedDataParallel::new(model, Box::new(comm), DdpConfig::default()).unwrap();
+        let total = model.num_params();
+        let mut sharded_adam = sharded.then(|| ddp.shard_optimizer(AdamConfig::new().init(), &model));
+        let mut whole = AdamConfig::new().init::<B, Deep<B>>();
+        for step in 0..ZERO_STEPS {
+            let first = (step * world + rank) * PER_RANK;
+            let (x, y) = batch::<B>(first..first + PER_RANK, FEATURES, &device);
+            let grads = ddp.backward(loss(&ddp.forward_module(&model), x, y)).unwrap();
+            model = match &mut sharded_adam {
+                Some(opt) => opt.step(1e-2, model, grads).unwrap(),
+                None => whole.step(1e-2, model, grads),
+            };
+        }
+        let (states, stepped) = match &sharded_adam {
+            Some(opt) => (opt.inner().to_record().len(), opt.shard_len()),
+            None => (whole.to_record().len(), total),
+        };
+        Outcome { weights: flat_values::<B, Deep<B>>(&model), states, stepped }
     })
 }
 

@@ -301,6 +301,17 @@ pub fn train_dp<B: bonfire_parallel::MoveBackend, M: AutodiffModule<B> + Net<B>>
     flat_values::<B, M>(&model)
 }
 
+/// Runs `rank(r, comm)` for every rank of an in-process group of `world`,
+/// each on a thread of its own, and returns the results in rank order.
+pub fn on_rank_threads<T: Send>(world: usize, rank: impl Fn(usize, InProcCommunicator) -> T + Sync) -> Vec<T> {
+    let comms = InProcCommunicator::group(world).unwrap();
+    std::thread::scope(|s| {
+        let rank = &rank;
+        let handles: Vec<_> = comms.into_iter().enumerate().map(|(r, comm)| s.spawn(move || rank(r, comm))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// Runs one DDP rank per device as threads (rank r on `devices[r]`). Rank 0
 /// starts from seed 1, the others from other values, which the initial
 /// broadcast must replace.
