@@ -50,10 +50,7 @@ impl DistributedSampler {
 
     /// This rank's sample indices for `epoch`, in order.
     pub fn indices(&self, epoch: u64) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.len).collect();
-        if self.shuffle {
-            order.shuffle(&mut StdRng::seed_from_u64(self.seed.wrapping_add(epoch)));
-        }
+        let mut order = self.order(epoch);
         let total = self.per_rank() * self.world;
         let mut k = 0;
         while order.len() < total {
@@ -62,6 +59,22 @@ impl DistributedSampler {
         }
         order.truncate(total);
         order.into_iter().skip(self.rank).step_by(self.world).collect()
+    }
+
+    /// This rank's samples for `epoch` with neither padding nor dropping:
+    /// every sample once over all ranks, the shares differing by at most
+    /// one (for DDP with uneven inputs).
+    pub fn exact_share(&self, epoch: u64) -> Vec<usize> {
+        self.order(epoch).into_iter().skip(self.rank).step_by(self.world).collect()
+    }
+
+    /// Every sample, in the epoch's order.
+    fn order(&self, epoch: u64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.len).collect();
+        if self.shuffle {
+            order.shuffle(&mut StdRng::seed_from_u64(self.seed.wrapping_add(epoch)));
+        }
+        order
     }
 }
 
@@ -101,6 +114,18 @@ mod tests {
         let s: Vec<Vec<usize>> =
             (0..3).map(|r| DistributedSampler::new(7, r, 3, false, 0, false).unwrap().indices(0)).collect();
         assert_eq!(s, vec![vec![0, 3, 6], vec![1, 4, 0], vec![2, 5, 1]]);
+    }
+
+    #[test]
+    fn exact_shares_hold_every_sample_once_in_the_epochs_order() {
+        let shares: Vec<Vec<usize>> =
+            (0..3).map(|r| DistributedSampler::new(7, r, 3, true, 5, false).unwrap().exact_share(2)).collect();
+        assert_eq!(shares.iter().map(Vec::len).collect::<Vec<_>>(), vec![3, 2, 2]);
+        let mut all = shares.concat();
+        all.sort();
+        assert_eq!(all, (0..7).collect::<Vec<_>>());
+        let padded = DistributedSampler::new(7, 1, 3, true, 5, false).unwrap().indices(2);
+        assert_eq!(padded[..2], shares[1][..], "the same order as the padded shares, without the padding");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Buffers: a module's float tensors that get no gradient, above all batch
 //! norm's running statistics (Burn's `RunningState`). Each rank updates them
-//! from its own batches; DDP gives every rank rank 0's values, as PyTorch's
-//! `broadcast_buffers` does.
+//! from its own batches; DDP gives every rank one rank's values (rank 0's,
+//! or with uneven inputs those of the highest rank still training), as
+//! PyTorch's `broadcast_buffers` does.
 //!
 //! Two facts of Burn 0.21 shape this file. A `RunningState` keeps the value
 //! of its latest update aside (per thread) until something settles it, and
@@ -25,11 +26,12 @@ pub fn settle<B: Backend, M: Module<B>>(module: &M) {
     drop(module.clone().into_record());
 }
 
-/// Gives every rank rank 0's buffers of `module` (and of every module that
+/// Gives every rank `root`'s buffers of `module` (and of every module that
 /// shares them). A module without buffers costs no collective.
-pub fn broadcast_from_rank0<B: AutodiffBackend, M: AutodiffModule<B>>(
+pub fn broadcast<B: AutodiffBackend, M: AutodiffModule<B>>(
     comm: &CommThread<B::InnerBackend>,
     module: &M,
+    root: usize,
 ) -> Result<()> {
     settle::<B, M>(module);
     let mut gather = Gather::<B>(Vec::new());
@@ -41,7 +43,7 @@ pub fn broadcast_from_rank0<B: AutodiffBackend, M: AutodiffModule<B>>(
     // are: cubecl orders a thread's GPU work on that thread's own stream,
     // and NCCL reads the memory directly.
     let parts = gather.0;
-    let values = comm.call(move |c| c.broadcast(Tensor::cat(parts, 0), 0))?;
+    let values = comm.call(move |c| c.broadcast(Tensor::cat(parts, 0), root))?;
     drop(module.clone().map(&mut Scatter::<B> { values, offset: 0 }));
     Ok(())
 }

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bonfire_collective::TensorCollective;
+use bonfire_collective::{ReduceOp, TensorCollective};
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -16,6 +16,7 @@ use crate::comm_hook::{CommHook, Mean};
 use crate::comm_thread::CommThread;
 use crate::error::{ParallelError, Result};
 use crate::hook::{GradientSink, HookBackend};
+use crate::join::{self, Announcement, Call, StepLog};
 use crate::params::{
     describe, encode_layout, first_difference, param_infos, values_from_host, values_to_host, ParamInfo,
 };
@@ -39,7 +40,8 @@ pub struct DdpConfig {
     /// all-reduce is memory work on the cores that run backward),
     /// overlapping everywhere else.
     pub overlap: Option<bool>,
-    /// Give every rank rank 0's buffers (batch norm's running statistics) at
+    /// Give every rank rank 0's buffers (batch norm's running statistics;
+    /// with uneven inputs, those of the highest rank still training) at
     /// the end of every synchronising `backward`, so that every rank holds
     /// the same model after each step. PyTorch's `broadcast_buffers` does the
     /// same at the start of each forward pass; in training mode batch norm
@@ -52,6 +54,14 @@ pub struct DdpConfig {
     /// channel's count, sum and sum of squares over the ranks, and its
     /// backward the gradients of those sums. Off at world size 1.
     pub sync_batch_norm: bool,
+    /// Ranks may have different numbers of batches (PyTorch's `Join`): a
+    /// rank that has run out calls
+    /// [`join`](DistributedDataParallel::join), which takes part in the
+    /// steps the others still take. Costs one small all-reduce a step; with
+    /// it every step must start with
+    /// [`forward_module`](DistributedDataParallel::forward_module) and end
+    /// with [`backward`](DistributedDataParallel::backward) (no `no_sync`).
+    pub uneven_inputs: bool,
 }
 
 impl Default for DdpConfig {
@@ -63,6 +73,7 @@ impl Default for DdpConfig {
             overlap: None,
             broadcast_buffers: true,
             sync_batch_norm: false,
+            uneven_inputs: false,
         }
     }
 }
@@ -70,8 +81,8 @@ impl Default for DdpConfig {
 /// The inner (non-autodiff) backend of `B`, where gradients live.
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 
-/// Gives every rank rank 0's buffers of the module last run forward.
-type BufferSync<B> = Box<dyn FnOnce(&CommThread<Inner<B>>) -> Result<()> + Send>;
+/// Gives every rank one rank's buffers of the module last run forward.
+type BufferSync<B> = Box<dyn FnOnce(&CommThread<Inner<B>>, usize) -> Result<()> + Send>;
 
 /// Registers a parameter's gradient from its averaged values (flattened, f32).
 type Registrar<B> = Box<dyn Fn(Tensor<Inner<B>, 1>, &mut GradientsParams) + Send + Sync>;
@@ -107,6 +118,14 @@ pub struct DistributedDataParallel<B: HookBackend> {
     device: B::Device,
     /// Batch norm's sum across ranks, with [`DdpConfig::sync_batch_norm`].
     sync_stats: Option<Arc<SyncStats<B>>>,
+    /// [`DdpConfig::uneven_inputs`], at a world size above 1.
+    uneven_inputs: bool,
+    /// The collectives of this rank's steps, recorded with uneven inputs.
+    log: Arc<StepLog>,
+    /// This step's announcement, from `forward_module` to `backward`.
+    announcement: Mutex<Option<Announcement>>,
+    /// The highest rank that took the last step anyone took.
+    last_trainer: Mutex<Option<usize>>,
 }
 
 impl<B: HookBackend> DistributedDataParallel<B> {
@@ -137,17 +156,20 @@ impl<B: HookBackend> DistributedDataParallel<B> {
         let numels: Vec<Option<usize>> = infos.iter().map(|p| p.trainable.then(|| p.numel())).collect();
         let plan = BucketPlan::new(&numels, config.first_bucket_cap_bytes, config.bucket_cap_bytes);
         tracing::debug!("DDP: {} parameters in {} buckets of {:?} values", infos.len(), plan.lens.len(), plan.lens);
+        let uneven_inputs = config.uneven_inputs && comm.world_size() > 1;
+        let log = Arc::new(StepLog::new(uneven_inputs));
         let reducer_config = ReducerConfig {
             plan,
             names: infos.iter().map(|p| p.name.clone()).collect(),
             shapes: infos.iter().map(|p| p.shape.clone()).collect(),
             overlap: config.overlap,
             find_unused: config.find_unused_parameters,
+            log: log.clone(),
         };
         let (reducer, sink, overlap) = reducer(reducer_config.clone(), Box::new(Mean), device.clone(), comm.clone());
         let registrars = registrars::<B, M>(&module);
         let sync_stats = (config.sync_batch_norm && comm.world_size() > 1)
-            .then(|| Arc::new(SyncStats { ranks: Arc::new(RankSum::new(comm.clone(), device.clone())) }));
+            .then(|| Arc::new(SyncStats { ranks: Arc::new(RankSum::new(comm.clone(), device.clone(), log.clone())) }));
         let ddp = DistributedDataParallel {
             comm,
             reducer,
@@ -160,6 +182,10 @@ impl<B: HookBackend> DistributedDataParallel<B> {
             buffer_sync: Mutex::new(None),
             device,
             sync_stats,
+            uneven_inputs,
+            log,
+            announcement: Mutex::new(None),
+            last_trainer: Mutex::new(None),
         };
         Ok((ddp, module))
     }
@@ -189,6 +215,12 @@ impl<B: HookBackend> DistributedDataParallel<B> {
         self.comm.world_size()
     }
 
+    /// Whether ranks may have different numbers of batches
+    /// ([`DdpConfig::uneven_inputs`], at a world size above 1).
+    pub fn uneven_inputs(&self) -> bool {
+        self.uneven_inputs
+    }
+
     /// Whether buckets are all-reduced while backward runs (what
     /// [`DdpConfig::overlap`] asked for, or chose).
     pub fn overlaps(&self) -> bool {
@@ -199,15 +231,21 @@ impl<B: HookBackend> DistributedDataParallel<B> {
     /// on every trainable parameter. Gradients still land on `module`'s
     /// parameters, so the optimizer steps `module` itself.
     /// With [`DdpConfig::sync_batch_norm`], batch norm on the calling
-    /// thread sums its statistics across the ranks from here on.
+    /// thread sums its statistics across the ranks from here on. With
+    /// [`DdpConfig::uneven_inputs`] it starts a step, which every rank still
+    /// training or joined takes part in.
     pub fn forward_module<M: AutodiffModule<B> + 'static>(&self, module: &M) -> M {
         self.forwarded.store(true, Ordering::Relaxed);
+        if self.uneven_inputs {
+            self.log.start();
+            *self.announcement.lock().expect("not poisoned") = Some(join::announce(&self.comm, &self.device, true));
+        }
         if let Some(sync) = &self.sync_stats {
             bonfire_kernels::nn::sync_batch_statistics::<B>(Some(sync.clone()));
         }
         if self.broadcast_buffers && self.world_size() > 1 {
             let module = module.clone();
-            let sync: BufferSync<B> = Box::new(move |comm| buffers::broadcast_from_rank0::<B, M>(comm, &module));
+            let sync: BufferSync<B> = Box::new(move |comm, root| buffers::broadcast::<B, M>(comm, &module, root));
             *self.buffer_sync.lock().expect("not poisoned") = Some(sync);
         }
         module.clone().map(&mut Hooker::<B> { sink: self.sink.clone(), index: 0, _b: Default::default() })
@@ -230,9 +268,11 @@ impl<B: HookBackend> DistributedDataParallel<B> {
         run();
         let mut buckets = self.reducer.finish()?;
         self.sync_failure()?;
+        let root = self.step_root()?;
         if let Some(sync) = self.buffer_sync.lock().expect("not poisoned").take() {
-            sync(&self.comm)?;
+            sync(&self.comm, root)?;
         }
+        self.log.finish();
         let mut grads = GradientsParams::new();
         for (index, slot) in self.reducer_config.plan.slots.iter().enumerate() {
             if let Some((bucket, range)) = slot {
@@ -253,9 +293,110 @@ impl<B: HookBackend> DistributedDataParallel<B> {
     /// [`backward_no_sync`](Self::backward_no_sync) for a loop that runs the
     /// backward pass itself, as [`backward_with`](Self::backward_with).
     pub fn backward_no_sync_with(&mut self, run: impl FnOnce()) -> Result<()> {
+        if self.uneven_inputs {
+            return Err(ParallelError::Invalid(
+                "backward_no_sync with uneven inputs: a joined rank shadows whole steps, so every step must \
+                 synchronise (accumulate in the loss instead, or turn DdpConfig::uneven_inputs off)"
+                    .into(),
+            ));
+        }
         self.reducer.begin(false);
         run();
         self.sync_failure()
+    }
+
+    /// The rank whose buffers every rank takes at the end of this step:
+    /// rank 0, or with uneven inputs the highest rank that takes the step.
+    fn step_root(&self) -> Result<usize> {
+        if !self.uneven_inputs {
+            return Ok(0);
+        }
+        let Some(announcement) = self.announcement.lock().expect("not poisoned").take() else {
+            return Err(ParallelError::Invalid(
+                "backward without forward_module: with uneven inputs each step starts with forward_module".into(),
+            ));
+        };
+        let root = join::answer(announcement)?.expect("this rank announced itself");
+        *self.last_trainer.lock().expect("not poisoned") = Some(root);
+        Ok(root)
+    }
+
+    /// Uneven inputs ([`DdpConfig::uneven_inputs`]; PyTorch's `Join`): call
+    /// it with the model once this rank has run out of batches. Until every
+    /// rank has called it, it takes part in each step the others still take
+    /// as a rank whose gradients and batch norm sums are zeros (the mean
+    /// still divides by the whole world size, as PyTorch's does by default).
+    /// Then every rank gets the parameters and buffers of the highest rank
+    /// that took the last step, and the model goes on from there; the
+    /// optimizer state stays this rank's own. Collectives of one's own
+    /// between steps ([`any_rank`](Self::any_rank)) are not shadowed, and
+    /// [`shard_optimizer`](Self::shard_optimizer)'s step cannot be joined.
+    pub fn join<M: AutodiffModule<B>>(&mut self, module: M) -> Result<M> {
+        if self.world_size() == 1 {
+            return Ok(module);
+        }
+        if !self.uneven_inputs {
+            return Err(ParallelError::Invalid(
+                "join without uneven inputs: set DdpConfig::uneven_inputs on every rank".into(),
+            ));
+        }
+        while let Some(root) = join::answer(join::announce(&self.comm, &self.device, false))? {
+            *self.last_trainer.lock().expect("not poisoned") = Some(root);
+            self.shadow_step(&module, root)?;
+        }
+        let Some(root) = *self.last_trainer.lock().expect("not poisoned") else {
+            return Ok(module);
+        };
+        let values = values_to_host::<B, M>(&module);
+        let module = if values.is_empty() {
+            module
+        } else {
+            let values = host_call(&self.comm, &self.device, values, move |c, t| c.broadcast(t, root))?;
+            values_from_host::<B, M>(module, &values)
+        };
+        buffers::broadcast::<B, M>(&self.comm, &module, root)?;
+        Ok(module)
+    }
+
+    /// A joined rank's part in a step that `root` and others take: the
+    /// collectives of this rank's own last step, on zeros, in its order.
+    fn shadow_step<M: AutodiffModule<B>>(&self, module: &M, root: usize) -> Result<()> {
+        let calls = match self.log.last() {
+            Some(calls) => calls,
+            None if self.sync_stats.is_none() => (0..self.reducer_config.plan.buckets()).map(Call::Bucket).collect(),
+            None => {
+                return Err(ParallelError::Invalid(
+                    "this rank joined before taking a step, so it cannot know the batch norm sums of the others' \
+                     steps: give every rank at least one batch"
+                        .into(),
+                ))
+            }
+        };
+        let (mut buckets, mut first_error) = (0, None);
+        for call in calls {
+            match call {
+                Call::Sum(len) => {
+                    let zeros = vec![0.0; len];
+                    if let Err(e) = host_call(&self.comm, &self.device, zeros, |c, t| c.all_reduce(t, ReduceOp::Sum)) {
+                        first_error.get_or_insert(e);
+                    }
+                }
+                Call::Bucket(b) => {
+                    self.reducer.shadow(b);
+                    buckets += 1;
+                }
+            }
+        }
+        // Every launched bucket is waited for, even after an error.
+        let shadows = self.reducer.finish_shadows(buckets);
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        shadows?;
+        if self.broadcast_buffers {
+            buffers::broadcast::<B, M>(&self.comm, module, root)?;
+        }
+        Ok(())
     }
 
     /// The first failed sum of batch statistics since the last check.
@@ -287,7 +428,7 @@ impl<B: HookBackend> DistributedDataParallel<B> {
     /// or early-stopped run) rather than some waiting for the others.
     pub fn any_rank(&self, flag: bool) -> Result<bool> {
         let max = host_call(&self.comm, &self.device, vec![f32::from(u8::from(flag))], |c, t| {
-            c.all_reduce(t, bonfire_collective::ReduceOp::Max)
+            c.all_reduce(t, ReduceOp::Max)
         })?;
         Ok(max[0] > 0.0)
     }

@@ -20,6 +20,7 @@ mod error;
 mod hook;
 mod host_bucket;
 mod host_memory;
+mod join;
 mod params;
 mod power_sgd;
 mod reducer;

@@ -20,6 +20,7 @@ use crate::comm_thread::CommThread;
 use crate::error::{ParallelError, Result};
 use crate::hook::GradientSink;
 use crate::host_bucket::{self, HostStore};
+use crate::join::{Call, StepLog};
 use crate::store::{BucketStore, Reduced};
 use crate::tensor_bucket::TensorStore;
 
@@ -31,6 +32,14 @@ pub trait Reduce<B: Backend>: Send + Sync {
     /// Ends a synchronised backward pass: launches what is left and returns
     /// every bucket averaged over all ranks, in bucket order.
     fn finish(&self) -> Result<Vec<Reduced<B>>>;
+
+    /// A joined rank's part in bucket `b` of a step it does not take: the
+    /// bucket's collectives on zeros, no parameter counted as unused.
+    fn shadow(&self, b: usize);
+
+    /// Waits for the `buckets` buckets [`shadow`](Self::shadow) launched;
+    /// their results are dropped.
+    fn finish_shadows(&self, buckets: usize) -> Result<()>;
 }
 
 /// How a reducer is set up, besides its comm hook.
@@ -44,6 +53,8 @@ pub struct ReducerConfig {
     /// `DdpConfig::overlap`: None lets [`reducer`] choose.
     pub overlap: Option<bool>,
     pub find_unused: bool,
+    /// Where each step's bucket launches are recorded, for uneven inputs.
+    pub log: Arc<StepLog>,
 }
 
 /// A reducer over `comm` on `device` that averages buckets with `hook`, with
@@ -91,6 +102,7 @@ struct Reducer<B: Backend, S: BucketStore<B>> {
     /// Launch buckets during backward (true) or only once it has finished.
     overlap: bool,
     find_unused: bool,
+    log: Arc<StepLog>,
     step: Mutex<Step<S>>,
     done_tx: mpsc::Sender<Done<S::Flight>>,
     done_rx: Mutex<mpsc::Receiver<Done<S::Flight>>>,
@@ -123,7 +135,7 @@ impl<B: Backend, S: BucketStore<B>> Reducer<B, S> {
         overlap: bool,
         store: S,
     ) -> Self {
-        let ReducerConfig { plan, names, shapes, find_unused, .. } = config;
+        let ReducerConfig { plan, names, shapes, find_unused, log, .. } = config;
         let parameters = (0..plan.buckets())
             .map(|b| {
                 let range = |i: usize| plan.slots[i].as_ref().map(|(_, r)| r.clone()).expect("a member has a slot");
@@ -148,6 +160,7 @@ impl<B: Backend, S: BucketStore<B>> Reducer<B, S> {
             parameters,
             overlap,
             find_unused,
+            log,
             done_tx,
             done_rx: Mutex::new(done_rx),
         }
@@ -162,21 +175,47 @@ impl<B: Backend, S: BucketStore<B>> Reducer<B, S> {
         while st.next_launch < self.plan.buckets() && st.pending[st.next_launch] == 0 {
             let bucket = st.next_launch;
             st.next_launch += 1;
-            // The count is exact when the last bucket goes early too:
-            // launching is in order, so a bucket holding an unused parameter
-            // (known only at finish) holds the last one back.
-            let (last, count) = self.plan.count_slot();
-            if bucket == last {
-                st.store.fill(last, count, st.unused as f32);
+            self.log.record(Call::Bucket(bucket));
+            self.launch(st, bucket);
+        }
+    }
+
+    /// Sends `bucket` to the communication thread to be averaged.
+    fn launch(&self, st: &mut Step<S>, bucket: usize) {
+        // The count is exact when the last bucket goes early too:
+        // launching is in order, so a bucket holding an unused parameter
+        // (known only at finish) holds the last one back.
+        let (last, count) = self.plan.count_slot();
+        if bucket == last {
+            st.store.fill(last, count, st.unused as f32);
+        }
+        let flight = st.store.send(bucket);
+        let (hook, done) = (self.hook.clone(), self.done_tx.clone());
+        let parameters = self.parameters[bucket].clone();
+        self.comm.submit(move |comm| {
+            let mut hook = hook.lock().unwrap_or_else(|e| e.into_inner());
+            let result = S::average(comm, hook.as_mut(), bucket, parameters, flight);
+            let _ = done.send(Done { bucket, result });
+        });
+    }
+
+    /// Receives `buckets` averaged buckets and lands them; the first error.
+    fn receive(&self, buckets: usize) -> Result<Vec<Option<Reduced<B>>>> {
+        let mut reduced: Vec<Option<Reduced<B>>> = (0..self.plan.buckets()).map(|_| None).collect();
+        let mut first_error = None;
+        let rx = self.done_rx.lock().unwrap_or_else(|e| e.into_inner());
+        for _ in 0..buckets {
+            let done = rx.recv().expect("the communication thread ended early");
+            match done.result {
+                Ok(flight) => reduced[done.bucket] = Some(self.lock().store.land(done.bucket, flight)),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
             }
-            let flight = st.store.send(bucket);
-            let (hook, done) = (self.hook.clone(), self.done_tx.clone());
-            let parameters = self.parameters[bucket].clone();
-            self.comm.submit(move |comm| {
-                let mut hook = hook.lock().unwrap_or_else(|e| e.into_inner());
-                let result = S::average(comm, hook.as_mut(), bucket, parameters, flight);
-                let _ = done.send(Done { bucket, result });
-            });
+        }
+        match first_error {
+            Some(e) => Err(e.into()),
+            None => Ok(reduced),
         }
     }
 
@@ -236,26 +275,25 @@ impl<B: Backend, S: BucketStore<B>> Reduce<B> for Reducer<B, S> {
             st.pending.iter_mut().for_each(|p| *p = 0);
             self.launch_ready(st);
         }
-        let mut reduced: Vec<Option<Reduced<B>>> = (0..self.plan.buckets()).map(|_| None).collect();
-        let mut first_error = None;
-        {
-            let rx = self.done_rx.lock().unwrap_or_else(|e| e.into_inner());
-            for _ in 0..reduced.len() {
-                let done = rx.recv().expect("the communication thread ended early");
-                match done.result {
-                    Ok(flight) => reduced[done.bucket] = Some(self.lock().store.land(done.bucket, flight)),
-                    Err(e) => {
-                        first_error.get_or_insert(e);
-                    }
-                }
-            }
-        }
-        if let Some(e) = first_error {
-            return Err(e.into());
-        }
+        let reduced = self.receive(self.plan.buckets())?;
         let mut reduced: Vec<Reduced<B>> = reduced.into_iter().map(|b| b.expect("every bucket returns")).collect();
         self.verdict(&unused, &mut reduced)?;
         Ok(reduced)
+    }
+
+    fn shadow(&self, b: usize) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        for &i in self.plan.members(b) {
+            let (_, range) = self.plan.slots[i].clone().expect("a member has a slot");
+            st.store.fill(b, range, 0.0);
+        }
+        st.unused = 0;
+        self.launch(st, b);
+    }
+
+    fn finish_shadows(&self, buckets: usize) -> Result<()> {
+        self.receive(buckets).map(drop)
     }
 }
 

@@ -58,6 +58,17 @@ impl<B: HookBackend> Strategy<B> {
         }
     }
 
+    /// Under DDP with uneven inputs, [`DistributedDataParallel::join`]:
+    /// once this worker has run out of batches, it takes part in the steps
+    /// the others still take, and all go on with the same model. Otherwise
+    /// `model` as it is.
+    pub fn join<M: AutodiffModule<B>>(&mut self, model: M) -> Result<M> {
+        match self {
+            Strategy::Ddp(ddp) if ddp.uneven_inputs() => ddp.join(model),
+            _ => Ok(model),
+        }
+    }
+
     /// This worker's rank: 0 but under DDP.
     pub fn rank(&self) -> usize {
         match self {

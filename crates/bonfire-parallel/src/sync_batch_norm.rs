@@ -27,6 +27,7 @@ use crate::comm_thread::CommThread;
 use crate::ddp::host_call;
 use crate::error::ParallelError;
 use crate::hook::HookBackend;
+use crate::join::{Call, StepLog};
 
 /// Sums tensors of the inner backend over the group, through the host
 /// (public only to the sealed trait below: the module is private).
@@ -35,15 +36,18 @@ pub struct RankSum<B: Backend> {
     /// Where host values become a tensor for the collective.
     device: B::Device,
     failure: Mutex<Option<ParallelError>>,
+    /// Where each sum is recorded, for uneven inputs.
+    log: Arc<StepLog>,
 }
 
 impl<B: Backend> RankSum<B> {
-    pub(crate) fn new(comm: Arc<CommThread<B>>, device: B::Device) -> Self {
-        RankSum { comm, device, failure: Mutex::new(None) }
+    pub(crate) fn new(comm: Arc<CommThread<B>>, device: B::Device, log: Arc<StepLog>) -> Self {
+        RankSum { comm, device, failure: Mutex::new(None), log }
     }
 
     /// Sums `values` in place; on failure keeps them and the error.
     fn sum_host(&self, values: &mut [f32]) {
+        self.log.record(Call::Sum(values.len()));
         match host_call(&self.comm, &self.device, values.to_vec(), |c, t| c.all_reduce(t, ReduceOp::Sum)) {
             Ok(sum) => values.copy_from_slice(&sum),
             Err(e) => {

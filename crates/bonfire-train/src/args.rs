@@ -120,6 +120,11 @@ pub struct TrainArgs {
     /// that shard (PyTorch's ZeroRedundancyOptimizer); not with checkpoints.
     #[arg(long)]
     pub shard_optimizer: bool,
+    /// Each DDP worker trains its exact share of every epoch, without the repeated samples that
+    /// even the shares out; a worker with a batch fewer joins the others' last step (PyTorch's
+    /// Join). Not with --steps, checkpoints or --shard-optimizer.
+    #[arg(long)]
+    pub uneven_inputs: bool,
     #[arg(long, value_enum, default_value = "fashion-mnist")]
     pub dataset: data::DatasetKind,
     /// Folder of the data set files (Fashion-MNIST defaults to Debian's).
@@ -228,6 +233,15 @@ pub fn check_flags(args: &TrainArgs, launched: bool) -> Result<()> {
     }
     if args.shard_optimizer && args.checkpoint_dir.is_some() {
         bail!("--shard-optimizer cannot write checkpoints yet: leave out --checkpoint-dir");
+    }
+    if args.uneven_inputs && args.strategy != StrategyKind::Ddp {
+        bail!("--uneven-inputs applies to --strategy ddp");
+    }
+    if args.uneven_inputs && (args.steps.is_some() || args.checkpoint_dir.is_some() || args.shard_optimizer) {
+        bail!(
+            "--uneven-inputs gives the workers different numbers of steps: leave out --steps, --checkpoint-dir \
+             and --shard-optimizer, which count on the same steps everywhere"
+        );
     }
     if args.sync_batch_norm && args.strategy != StrategyKind::Ddp {
         bail!("--sync-batch-norm applies to --strategy ddp");

@@ -84,6 +84,7 @@ fn options(args: &TrainArgs) -> TrainOptions {
         power_sgd_rank: args.power_sgd_rank,
         sync_batch_norm: args.sync_batch_norm,
         shard_optimizer: args.shard_optimizer,
+        uneven_inputs: args.uneven_inputs,
         seed: args.seed,
         shuffle: !args.no_shuffle,
         progress: true,

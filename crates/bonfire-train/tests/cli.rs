@@ -273,12 +273,27 @@ fn ddp_with_a_sharded_adam_ends_where_the_whole_adam_does() {
     assert!(o.status.success(), "{}", text(&o));
 }
 
+/// `--uneven-inputs`: 7 workers share the 6,000 synthetic samples exactly
+/// (858 for rank 0, 857 for the others); at 857 a worker a step, rank 0
+/// takes a second step of one sample, which the others join, two epochs
+/// running.
+#[test]
+fn workers_with_a_step_fewer_join_the_last_step_of_each_epoch() {
+    let dir = out_dir("uneven-inputs");
+    let mut args = vec!["train", "--threads", "--workers", "7", "--dataset", "synthetic", "--epochs", "2"];
+    args.extend_from_slice(&["--batch-size", "5999", "--uneven-inputs", "--timeout", "60"]);
+    args.extend_from_slice(&["--out", dir.to_str().unwrap()]);
+    let o = bonfire(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("epoch 1: 2 steps") && text(&o).contains("epoch 2: 2 steps"), "{}", text(&o));
+}
+
 #[test]
 fn bad_input_gets_clear_errors() {
     // Each refused once, by the launching process, before any worker starts.
     let without_mpi = "built without MPI";
     let mpi = |with: &'static str| if cfg!(feature = "mpi") { with } else { without_mpi };
-    let cases: [(&[&str], &str); 24] = [
+    let cases: [(&[&str], &str); 26] = [
         (&["train", "--threads", "--batch-size", "101"], "multiple of the 2 workers"),
         (&["train", "--batch-size", "0"], "--batch-size 0 must be a positive multiple of the 2 workers"),
         (&["train", "--lr", "nan"], "--lr NaN must be a number of at least 0"),
@@ -315,6 +330,8 @@ fn bad_input_gets_clear_errors() {
             &["train", "--shard-optimizer", "--checkpoint-dir", "/tmp/x"],
             "--shard-optimizer cannot write checkpoints yet",
         ),
+        (&["train", "--strategy", "dp", "--uneven-inputs"], "--uneven-inputs applies to --strategy ddp"),
+        (&["train", "--uneven-inputs", "--steps", "3"], "leave out --steps, --checkpoint-dir and --shard-optimizer"),
         (&["train", "--backend", "tpu"], "invalid value 'tpu'"),
         (&["train", "--devices", "cpu"], "--devices applies to --backend wgpu"),
         (&["train", "--backend", "wgpu", "--devices", "default,gpu1"], "\"gpu1\" is not a wgpu device"),

@@ -54,6 +54,8 @@ pub struct TrainOptions {
     pub sync_batch_norm: bool,
     /// Whether each DDP rank steps, and keeps optimizer state for, its shard of the parameters (ZeRO-1).
     pub shard_optimizer: bool,
+    /// Whether each DDP rank trains its exact share of an epoch, joining the others' last steps.
+    pub uneven_inputs: bool,
     /// The seed of the weights and of the data order.
     pub seed: u64,
     /// Whether each epoch visits the data in a new order.

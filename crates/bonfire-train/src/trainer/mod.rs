@@ -122,7 +122,11 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
         Parallel::Dp { devices } => Strategy::Dp(DataParallel::<B>::new(devices)?),
         Parallel::Ddp { comm } => {
             // Every rank starts from rank 0's weights.
-            let config = DdpConfig { sync_batch_norm: options.sync_batch_norm, ..DdpConfig::default() };
+            let config = DdpConfig {
+                sync_batch_norm: options.sync_batch_norm,
+                uneven_inputs: options.uneven_inputs,
+                ..DdpConfig::default()
+            };
             let (mut ddp, m) = DistributedDataParallel::new(model, comm, config)?;
             model = m;
             sent = match options.comm_hook {
@@ -144,7 +148,12 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
     check_batch(options.global_batch, world)?;
     let per_rank = options.global_batch / world;
     let sampler = DistributedSampler::new(train.len(), rank, world, options.shuffle, options.seed, false)?;
-    let steps_per_epoch = sampler.per_rank().div_ceil(per_rank);
+    let shard = |epoch: usize| match options.uneven_inputs {
+        true => sampler.exact_share(epoch as u64),
+        false => sampler.indices(epoch as u64),
+    };
+    // A share's length is the same every epoch.
+    let steps_per_epoch = shard(0).len().div_ceil(per_rank);
     let mut stepper = Stepper { strategy, opt, loss: CrossEntropyLossConfig::new().init(device), options };
     if let (Some(file), 0) = (&from, rank) {
         state::announce(position, file);
@@ -161,7 +170,7 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
         let mut tally = Epoch::start(epoch, options.epochs, steps_per_epoch, skip, options.progress && rank == 0);
         let mut step_in_epoch = skip;
         let mut queued = None;
-        for indices in sampler.indices(epoch as u64).chunks(per_rank).skip(skip) {
+        for indices in shard(epoch).chunks(per_rank).skip(skip) {
             let start = Instant::now();
             let (x, y) = to_tensors::<B>(train, indices, device);
             let loss;
@@ -203,6 +212,8 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
         if let Some(step) = queued {
             losses.read(step, &mut report, &mut tally)?;
         }
+        // A rank with fewer batches takes part in the others' last steps.
+        model = stepper.strategy.join(model)?;
         report.epochs.push(tally.finish(rank, &model, test, device));
         if let Some(dir) = checkpoints {
             let at = Position { epoch: epoch as u64 + 1, step_in_epoch: 0, steps_done: done_steps as u64 };
