@@ -46,7 +46,7 @@ pub use bonfire_collective::{
 };
 pub use bonfire_parallel::{
     comm_hook, keep_freed_memory, CommHook, DataParallel, DdpConfig, DistributedDataParallel, HookBackend,
-    ParallelError, ShardedOptimizer, Strategy,
+    ParallelError, PerParameterRecord, ShardedOptimizer, Strategy,
 };
 
 /// `use bonfire::prelude::*;` gives the strategies, their configuration, the

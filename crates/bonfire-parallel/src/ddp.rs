@@ -22,7 +22,7 @@ use crate::params::{
 };
 use crate::reducer::{reducer, Reduce, ReducerConfig};
 use crate::sync_batch_norm::{RankSum, SyncStats};
-use crate::zero::ShardedOptimizer;
+use crate::zero::{PerParameterRecord, ShardedOptimizer};
 
 /// Options of [`DistributedDataParallel`]; the defaults are PyTorch's.
 #[derive(Debug, Clone)]
@@ -412,15 +412,20 @@ impl<B: HookBackend> DistributedDataParallel<B> {
     /// of `module`'s trainable parameters (about 1/world of the values), and
     /// every rank gets the others' updated values after each step. Step it
     /// with [`backward`](Self::backward)'s gradients; it ends where
-    /// `optimizer` on every rank ends.
+    /// `optimizer` on every rank ends. State `optimizer` already holds (a
+    /// checkpoint's [`ShardedOptimizer::record`], or an unsharded one's)
+    /// is kept for this rank's shard only.
     pub fn shard_optimizer<M: AutodiffModule<B>, O: Optimizer<M, B>>(
         &self,
         optimizer: O,
         module: &M,
-    ) -> ShardedOptimizer<B, M, O> {
+    ) -> ShardedOptimizer<B, M, O>
+    where
+        O::Record: PerParameterRecord,
+    {
         let numels: Vec<Option<usize>> =
             param_infos::<B, M>(module).iter().map(|p| p.trainable.then(|| p.numel())).collect();
-        ShardedOptimizer::new(optimizer, self.comm.clone(), self.device.clone(), &numels)
+        ShardedOptimizer::new(optimizer, self.comm.clone(), self.device.clone(), module, &numels)
     }
 
     /// Whether `flag` holds on any rank: a collective that every rank calls

@@ -39,4 +39,4 @@ pub use error::{ParallelError, Result};
 pub use hook::HookBackend;
 pub use host_memory::keep_freed_memory;
 pub use strategy::Strategy;
-pub use zero::ShardedOptimizer;
+pub use zero::{PerParameterRecord, ShardedOptimizer};

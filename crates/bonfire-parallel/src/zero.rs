@@ -12,19 +12,53 @@
 //! each to the rank with the fewest values so far ([`partition`]), the same
 //! on every rank because every rank has the same parameters in the same
 //! order (DDP checks that).
+//!
+//! A checkpoint holds the whole optimizer's state, as PyTorch's
+//! `consolidate_state_dict` gathers it: every rank serialises its shard's
+//! record and broadcasts it, and each rank joins the shards into the record
+//! one optimizer stepping every parameter would have. Records are keyed by
+//! parameter id, and each rank made its module, and so its ids, itself:
+//! shards travel keyed by the parameters' places in visiting order instead. Sharding an optimizer
+//! that holds such a record keeps the shard's entries only, so a checkpoint
+//! moves between sharded and whole runs, and between world sizes.
 
+use std::collections::HashSet;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::LearningRate;
 use burn::optim::{GradientsParams, Optimizer};
+use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
 use burn::tensor::{Tensor, TensorData};
+use hashbrown::HashMap;
 
 use crate::comm_thread::CommThread;
 use crate::ddp::host_call;
-use crate::error::Result;
+use crate::error::{ParallelError, Result};
 use crate::hook::HookBackend;
+
+/// An optimizer record of one entry per parameter, as the records of Burn's
+/// optimizers (`OptimizerAdaptor`) are: a [`ShardedOptimizer`] keeps its
+/// shard's entries and joins every rank's into the whole optimizer's record.
+pub trait PerParameterRecord {
+    /// Gives each entry the id `rekey` maps its id to, and drops the
+    /// entries it maps to `None`.
+    fn rekey(&mut self, rekey: &dyn Fn(ParamId) -> Option<ParamId>);
+
+    /// Adds `other`'s entries.
+    fn absorb(&mut self, other: Self);
+}
+
+impl<T> PerParameterRecord for HashMap<ParamId, T> {
+    fn rekey(&mut self, rekey: &dyn Fn(ParamId) -> Option<ParamId>) {
+        *self = self.drain().filter_map(|(id, entry)| rekey(id).map(|id| (id, entry))).collect();
+    }
+
+    fn absorb(&mut self, other: Self) {
+        self.extend(other);
+    }
+}
 
 /// Where the parameters go: their owners and their places in the shards.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,18 +109,77 @@ pub struct ShardedOptimizer<B: HookBackend, M, O> {
     device: B::Device,
     partition: Partition,
     rank: usize,
+    /// Every float parameter's id on this rank, in visiting order.
+    ids: Vec<ParamId>,
     _module: PhantomData<M>,
 }
 
-impl<B: HookBackend, M: AutodiffModule<B>, O: Optimizer<M, B>> ShardedOptimizer<B, M, O> {
+impl<B: HookBackend, M: AutodiffModule<B>, O: Optimizer<M, B>> ShardedOptimizer<B, M, O>
+where
+    O::Record: PerParameterRecord,
+{
+    /// `inner` sharded for `module`, whose float parameters have `numels`
+    /// values (None: frozen); whatever state `inner` holds beyond this
+    /// rank's shard is dropped.
     pub(crate) fn new(
         inner: O,
         comm: Arc<CommThread<B::InnerBackend>>,
         device: B::Device,
+        module: &M,
         numels: &[Option<usize>],
     ) -> Self {
         let (rank, world) = (comm.rank(), comm.world_size());
-        ShardedOptimizer { inner, comm, device, partition: partition(numels, world), rank, _module: PhantomData }
+        let partition = partition(numels, world);
+        let mut ids = Ids::<B>(Vec::new(), PhantomData);
+        module.visit(&mut ids);
+        let ids = ids.0;
+        let own: HashSet<ParamId> =
+            ids.iter().zip(&partition.owners).filter(|(_, o)| **o == Some(rank)).map(|(id, _)| *id).collect();
+        let mut record = inner.to_record();
+        record.rekey(&|id| own.contains(&id).then_some(id));
+        let inner = inner.load_record(record);
+        ShardedOptimizer { inner, comm, device, partition, rank, ids, _module: PhantomData }
+    }
+
+    /// The whole optimizer's state, on every rank: each rank's shard
+    /// serialised, broadcast, and joined. A collective: every rank calls it
+    /// at the same point. It is what a checkpoint saves; an optimizer loaded
+    /// with it steps every parameter as this one would, sharded or not.
+    pub fn record(&self) -> Result<O::Record> {
+        let recorder = NamedMpkBytesRecorder::<FullPrecisionSettings>::default();
+        let places: HashMap<ParamId, u64> = self.ids.iter().enumerate().map(|(i, id)| (*id, i as u64)).collect();
+        let mut shard = self.inner.to_record();
+        shard.rekey(&|id| places.get(&id).map(|&i| ParamId::from(i)));
+        let encoded = Recorder::<B>::record(&recorder, shard, ())
+            .map_err(|e| ParallelError::Invalid(format!("encoding the optimizer shard: {e:?}")))?;
+        let mut whole: Option<O::Record> = None;
+        for (root, bytes) in self.exchange(encoded)?.into_iter().enumerate() {
+            let mut shard: O::Record = Recorder::<B>::load(&recorder, bytes, &self.device)
+                .map_err(|e| ParallelError::Invalid(format!("decoding rank {root}'s optimizer shard: {e:?}")))?;
+            shard.rekey(&|place| self.ids.get(place.val() as usize).copied());
+            match &mut whole {
+                Some(whole) => whole.absorb(shard),
+                None => whole = Some(shard),
+            }
+        }
+        Ok(whole.expect("a world of at least one rank"))
+    }
+
+    /// Every rank's `bytes`, in rank order, on every rank.
+    fn exchange(&self, bytes: Vec<u8>) -> Result<Vec<Vec<u8>>> {
+        let world = self.comm.world_size();
+        if world == 1 {
+            return Ok(vec![bytes]);
+        }
+        let lens = host_call(&self.comm, &self.device, split_len(bytes.len()).to_vec(), |c, t| c.all_gather(t))?;
+        let mut all = Vec::with_capacity(world);
+        for root in 0..world {
+            let len = joined_len([lens[2 * root], lens[2 * root + 1]]);
+            let values = if root == self.rank { pack(&bytes) } else { vec![0.0; len.div_ceil(3)] };
+            let values = host_call(&self.comm, &self.device, values, move |c, t| c.broadcast(t, root))?;
+            all.push(unpack(&values, len));
+        }
+        Ok(all)
     }
 
     /// Steps this rank's shard with `grads` (DDP's averaged gradients; the
@@ -148,6 +241,37 @@ impl<B: HookBackend, M: AutodiffModule<B>, O: Optimizer<M, B>> ShardedOptimizer<
     /// Whether this rank steps the `index`-th float parameter (visiting order).
     pub fn owns(&self, index: usize) -> bool {
         self.partition.owners.get(index).copied().flatten() == Some(self.rank)
+    }
+}
+
+/// Bytes as f32 values, three to a value, each value an integer below
+/// 2^24: exact in f32 whatever the collective or the device does with it.
+fn pack(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks(3).map(|c| c.iter().rev().fold(0u32, |v, &b| (v << 8) | u32::from(b)) as f32).collect()
+}
+
+/// The first `len` bytes of [`pack`]ed values.
+fn unpack(values: &[f32], len: usize) -> Vec<u8> {
+    let mut bytes: Vec<u8> = values.iter().flat_map(|&v| (v as u32).to_le_bytes().into_iter().take(3)).collect();
+    bytes.truncate(len);
+    bytes
+}
+
+/// A length as two f32 values of 24 bits each.
+fn split_len(len: usize) -> [f32; 2] {
+    [(len >> 24) as f32, (len & 0xFF_FFFF) as f32]
+}
+
+fn joined_len([high, low]: [f32; 2]) -> usize {
+    ((high as usize) << 24) | low as usize
+}
+
+/// Every float parameter's id, in visiting order.
+struct Ids<B>(Vec<ParamId>, PhantomData<B>);
+
+impl<B: HookBackend> ModuleVisitor<B> for Ids<B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.0.push(param.id);
     }
 }
 
@@ -231,6 +355,19 @@ mod tests {
         // Within a shard, visiting order: rank 0 holds indices 0, 2, 4.
         assert_eq!((p.offsets[0], p.offsets[2], p.offsets[4]), (0, 10, 50));
         assert_eq!((p.offsets[3], p.offsets[5]), (0, 30));
+    }
+
+    #[test]
+    fn bytes_and_lengths_survive_their_f32_form() {
+        for len in [0, 1, 2, 3, 4, 5, 1000] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 97 % 256) as u8).collect();
+            assert_eq!(unpack(&pack(&bytes), len), bytes);
+            assert!(pack(&bytes).iter().all(|&v| v < (1 << 24) as f32 && v.fract() == 0.0));
+        }
+        assert_eq!(unpack(&pack(&[255, 255, 255]), 3), vec![255, 255, 255]);
+        for len in [0, 5, (1 << 24) - 1, 1 << 24, 80_000_123, 1 << 40] {
+            assert_eq!(joined_len(split_len(len)), len);
+        }
     }
 
     #[test]

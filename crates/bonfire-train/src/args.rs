@@ -117,7 +117,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub sync_batch_norm: bool,
     /// Each DDP worker keeps the optimizer state of its shard of the parameters only and steps
-    /// that shard (PyTorch's ZeroRedundancyOptimizer); not with checkpoints.
+    /// that shard (PyTorch's ZeroRedundancyOptimizer); checkpoints hold the whole optimizer's state.
     #[arg(long)]
     pub shard_optimizer: bool,
     /// Each DDP worker trains its exact share of every epoch, without the repeated samples that
@@ -230,9 +230,6 @@ pub fn check_flags(args: &TrainArgs, launched: bool) -> Result<()> {
     }
     if args.shard_optimizer && args.strategy != StrategyKind::Ddp {
         bail!("--shard-optimizer applies to --strategy ddp");
-    }
-    if args.shard_optimizer && args.checkpoint_dir.is_some() {
-        bail!("--shard-optimizer cannot write checkpoints yet: leave out --checkpoint-dir");
     }
     if args.uneven_inputs && args.strategy != StrategyKind::Ddp {
         bail!("--uneven-inputs applies to --strategy ddp");

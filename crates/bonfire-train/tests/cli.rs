@@ -250,10 +250,10 @@ fn the_resnet_with_sync_batch_norm_ends_where_one_worker_on_the_whole_batch_does
 #[test]
 fn ddp_with_a_sharded_adam_ends_where_the_whole_adam_does() {
     let dir = out_dir("shard-optimizer");
-    let train = |name: &str, how: &[&str]| {
+    let train_for = |name: &str, steps: &str, how: &[&str]| {
         let save = dir.join(format!("{name}.safetensors"));
         let out = dir.join(name);
-        let mut args = vec!["train", "--threads", "--dataset", "synthetic", "--steps", "10", "--optimizer", "adam"];
+        let mut args = vec!["train", "--threads", "--dataset", "synthetic", "--steps", steps, "--optimizer", "adam"];
         args.extend_from_slice(&["--lr", "0.001", "--out", out.to_str().unwrap(), "--save", save.to_str().unwrap()]);
         args.extend_from_slice(how);
         let o = bonfire(&args);
@@ -262,7 +262,11 @@ fn ddp_with_a_sharded_adam_ends_where_the_whole_adam_does() {
             .lines()
             .find_map(|l| l.strip_prefix("shard-optimizer: rank 0 keeps optimizer state for "))
             .map(|rest| rest.split(' ').filter_map(|w| w.parse::<usize>().ok()).collect::<Vec<_>>());
-        (save.to_str().unwrap().to_string(), shard)
+        (save.to_str().unwrap().to_string(), shard, text(&o))
+    };
+    let train = |name: &str, how: &[&str]| {
+        let (save, shard, _) = train_for(name, "10", how);
+        (save, shard)
     };
     let ((whole, none), (sharded, shard)) = (train("whole", &[]), train("sharded", &["--shard-optimizer"]));
     assert_eq!(none, None, "the whole optimizer reports no shard");
@@ -271,6 +275,25 @@ fn ddp_with_a_sharded_adam_ends_where_the_whole_adam_does() {
     assert_eq!(shard, Some(vec![48_000, 61_706]));
     let o = bonfire(&["diff-weights", &whole, &sharded, "--tolerance", "1e-6"]);
     assert!(o.status.success(), "{}", text(&o));
+
+    // A checkpoint after 5 steps holds the whole optimizer's state: a
+    // sharded run's resumes whole and a whole run's resumes sharded, each
+    // ending where the whole optimizer ends after 10.
+    for (first, then) in [("--shard-optimizer", ""), ("", "--shard-optimizer")] {
+        let ckpt = dir.join(format!("ckpt{first}"));
+        let ckpt = ckpt.to_str().unwrap();
+        let flags = |more: &[&'static str], flag: &'static str| {
+            let mut flags = vec!["--checkpoint-dir", ckpt, "--checkpoint-every", "5"];
+            flags.extend_from_slice(more);
+            flags.extend((!flag.is_empty()).then_some(flag));
+            flags
+        };
+        train_for(&format!("first{first}"), "5", &flags(&[], first));
+        let (resumed, _, said) = train_for(&format!("then{then}"), "10", &flags(&["--resume"], then));
+        assert!(said.contains("after its step 5 (5 steps done)"), "{first} then {then}: {said}");
+        let o = bonfire(&["diff-weights", &whole, &resumed, "--tolerance", "1e-6"]);
+        assert!(o.status.success(), "{first} then {then}: {}", text(&o));
+    }
 }
 
 /// `--uneven-inputs`: 7 workers share the 6,000 synthetic samples exactly
@@ -293,7 +316,7 @@ fn bad_input_gets_clear_errors() {
     // Each refused once, by the launching process, before any worker starts.
     let without_mpi = "built without MPI";
     let mpi = |with: &'static str| if cfg!(feature = "mpi") { with } else { without_mpi };
-    let cases: [(&[&str], &str); 26] = [
+    let cases: [(&[&str], &str); 25] = [
         (&["train", "--threads", "--batch-size", "101"], "multiple of the 2 workers"),
         (&["train", "--batch-size", "0"], "--batch-size 0 must be a positive multiple of the 2 workers"),
         (&["train", "--lr", "nan"], "--lr NaN must be a number of at least 0"),
@@ -326,10 +349,6 @@ fn bad_input_gets_clear_errors() {
         ),
         (&["train", "--sync-batch-norm"], "--sync-batch-norm needs a model with batch norm: --model resnet"),
         (&["train", "--strategy", "dp", "--shard-optimizer"], "--shard-optimizer applies to --strategy ddp"),
-        (
-            &["train", "--shard-optimizer", "--checkpoint-dir", "/tmp/x"],
-            "--shard-optimizer cannot write checkpoints yet",
-        ),
         (&["train", "--strategy", "dp", "--uneven-inputs"], "--uneven-inputs applies to --strategy ddp"),
         (&["train", "--uneven-inputs", "--steps", "3"], "leave out --steps, --checkpoint-dir and --shard-optimizer"),
         (&["train", "--backend", "tpu"], "invalid value 'tpu'"),

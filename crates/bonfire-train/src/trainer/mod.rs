@@ -18,10 +18,12 @@ mod state;
 
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use bonfire_data::{DistributedSampler, ImageDataset};
 use bonfire_parallel::comm_hook::{Bf16Compress, CommHook, Metered, PowerSgd, SentBytes};
-use bonfire_parallel::{DataParallel, DdpConfig, DistributedDataParallel, HookBackend, ShardedOptimizer, Strategy};
+use bonfire_parallel::{
+    DataParallel, DdpConfig, DistributedDataParallel, HookBackend, PerParameterRecord, ShardedOptimizer, Strategy,
+};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use burn::optim::momentum::MomentumConfig;
@@ -113,7 +115,10 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
     parallel: Parallel<B>,
     model: M,
     opt: O,
-) -> Result<Report> {
+) -> Result<Report>
+where
+    O::Record: PerParameterRecord,
+{
     let state::Start { mut model, opt, position, from } = state::resume(options, device, model, opt)?;
     let mut sent = None;
     let mut opt = Stepping::Whole(opt);
@@ -158,7 +163,9 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
     if let (Some(file), 0) = (&from, rank) {
         state::announce(position, file);
     }
-    let checkpoints = options.checkpoint_dir.as_deref().filter(|_| rank == 0);
+    // Every rank decides alike when to write one (a sharded optimizer's
+    // state is gathered from all); rank 0 writes it.
+    let checkpoints = options.checkpoint_dir.as_deref();
     let mut done_steps = position.steps_done as usize;
     let mut report = Report { rank, ..Report::default() };
     let mut losses = Losses::new(rank, Instant::now());
@@ -202,7 +209,7 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
                     step_in_epoch: step_in_epoch as u64,
                     steps_done: done_steps as u64,
                 };
-                state::save(dir, at, &model, stepper.opt.whole()?)?;
+                stepper.checkpoint(dir, at, &model, rank)?;
             }
             if last {
                 report.epochs.push(tally.finish(rank, &model, test, device));
@@ -217,7 +224,7 @@ fn run<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
         report.epochs.push(tally.finish(rank, &model, test, device));
         if let Some(dir) = checkpoints {
             let at = Position { epoch: epoch as u64 + 1, step_in_epoch: 0, steps_done: done_steps as u64 };
-            state::save(dir, at, &model, stepper.opt.whole()?)?;
+            stepper.checkpoint(dir, at, &model, rank)?;
         }
     }
     let steps_run = done_steps - position.steps_done as usize;
@@ -247,7 +254,10 @@ enum Stepping<B: HookBackend, M, O> {
     Sharded(ShardedOptimizer<B, M, O>),
 }
 
-impl<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>> Stepping<B, M, O> {
+impl<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>> Stepping<B, M, O>
+where
+    O::Record: PerParameterRecord,
+{
     fn sharded_by(self, ddp: &DistributedDataParallel<B>, model: &M) -> Self {
         match self {
             Stepping::Whole(opt) => Stepping::Sharded(ddp.shard_optimizer(opt, model)),
@@ -255,12 +265,16 @@ impl<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>> Stepping<B, 
         }
     }
 
-    /// The whole optimizer, for a checkpoint.
-    fn whole(&self) -> Result<&O> {
-        match self {
-            Stepping::Whole(opt) => Ok(opt),
-            Stepping::Sharded(_) => bail!("checkpoints of a sharded optimizer's state are not supported"),
-        }
+    /// The whole optimizer's state on rank 0, for its checkpoint (other
+    /// ranks only help gather a sharded optimizer's shards).
+    fn record_on(&self, rank: usize) -> Result<Option<O::Record>> {
+        Ok(match self {
+            Stepping::Whole(opt) => (rank == 0).then(|| opt.to_record()),
+            Stepping::Sharded(opt) => {
+                let whole = opt.record().context("gathering the sharded optimizer's state")?;
+                (rank == 0).then_some(whole)
+            }
+        })
     }
 
     fn step(&mut self, lr: f64, model: M, grads: GradientsParams) -> Result<M> {
@@ -279,7 +293,10 @@ struct Stepper<'a, B: HookBackend, M, O> {
     options: &'a TrainOptions,
 }
 
-impl<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>> Stepper<'_, B, M, O> {
+impl<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>> Stepper<'_, B, M, O>
+where
+    O::Record: PerParameterRecord,
+{
     /// One step on this rank's share of a batch: the gradients, averaged
     /// as the strategy does, then the update. Returns the model after it
     /// and the batch's loss, still on the device (see `pending.rs`).
@@ -290,5 +307,14 @@ impl<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>> Stepper<'_, 
             .step(&model, x, y, |m, x| m.forward(x), |logits, y| loss_fn.forward(logits, y))
             .context("the training step")?;
         Ok((self.opt.step(self.options.lr, model, grads)?, loss))
+    }
+
+    /// Rank 0 writes a checkpoint of `model` and the whole optimizer at
+    /// `at`; every rank calls it at the same point.
+    fn checkpoint(&self, dir: &std::path::Path, at: Position, model: &M, rank: usize) -> Result<()> {
+        match self.opt.record_on(rank)? {
+            Some(record) => state::save::<B, M, O>(dir, at, model, record),
+            None => Ok(()),
+        }
     }
 }

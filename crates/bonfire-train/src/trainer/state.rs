@@ -69,20 +69,21 @@ pub(super) fn announce(position: Position, file: &Path) {
     }
 }
 
-/// Rank 0's checkpoint of `model` and `opt` at `position`, refused when the
-/// weights hold a non-finite number (the previous checkpoints stay).
+/// Rank 0's checkpoint of `model` and the optimizer state `opt` at
+/// `position`, refused when the weights hold a non-finite number (the
+/// previous checkpoints stay).
 pub(super) fn save<B: HookBackend, M: TrainableClassifier<B>, O: Optimizer<M, B>>(
     dir: &Path,
     position: Position,
     model: &M,
-    opt: &O,
+    opt: O::Record,
 ) -> Result<()> {
     ensure_finite(model, "checkpoint")?;
     let to_bytes = |e| anyhow::anyhow!("encoding the checkpoint: {e:?}");
     let ckpt = Checkpoint {
         position,
         model: recorder().record(model.clone().into_record(), ()).map_err(to_bytes)?,
-        optimizer: recorder().record(opt.to_record(), ()).map_err(to_bytes)?,
+        optimizer: recorder().record(opt, ()).map_err(to_bytes)?,
     };
     checkpoint::save(dir, &ckpt)?;
     Ok(())
