@@ -164,12 +164,10 @@ impl Conv2dShape {
 
 /// Writes the column matrix of one image: row `(c, i, j)` holds, for every
 /// output position, the input value under kernel tap `(i, j)` of channel `c`
-/// (0 in the padding). Row r starts at `col[r·ld]` (`ld` is the positions
-/// for one image alone, more where several images' matrices sit side by side).
-fn im2col(s: &Conv2dShape, image: &[f32], col: &mut [f32], ld: usize) {
+/// (0 in the padding).
+fn im2col(s: &Conv2dShape, image: &[f32], col: &mut [f32]) {
     let (p, [kh, kw]) = (s.positions(), s.kernel);
-    for row in 0..s.patch() {
-        let col_row = &mut col[row * ld..][..p];
+    for (row, col_row) in col.chunks_exact_mut(p).enumerate().take(s.patch()) {
         let (c, i, j) = (row / (kh * kw), row / kw % kh, row % kw);
         let plane = &image[c * s.height * s.width..][..s.height * s.width];
         if s.stride == [1, 1] && s.out_width == s.width {
@@ -232,12 +230,11 @@ fn shifted_row(s: &Conv2dShape, plane: &[f32], i: usize, j: usize, out: &mut [f3
     }
 }
 
-/// Adds every entry of a column matrix (rows `ld` apart) back onto the
-/// input position it came from (the adjoint of [`im2col`]).
-fn col2im(s: &Conv2dShape, col: &[f32], image: &mut [f32], ld: usize) {
+/// Adds every entry of a column matrix back onto the input position it came
+/// from (the adjoint of [`im2col`]).
+fn col2im(s: &Conv2dShape, col: &[f32], image: &mut [f32]) {
     let (p, [kh, kw]) = (s.positions(), s.kernel);
-    for row in 0..s.patch() {
-        let col_row = &col[row * ld..][..p];
+    for (row, col_row) in col.chunks_exact(p).enumerate().take(s.patch()) {
         let (c, i, j) = (row / (kh * kw), row / kw % kh, row % kw);
         let plane = &mut image[c * s.height * s.width..][..s.height * s.width];
         let (w_lo, w_hi, w_first) = s.valid(1, j, s.out_width, s.width);
@@ -272,44 +269,6 @@ fn flipped(s: &Conv2dShape, weight: &[f32]) -> Vec<f32> {
     out
 }
 
-/// Columns a product should have at least: below that, a product's fixed
-/// costs (packing the weights; reading and writing the whole weight
-/// gradient for an inner dimension of one image's positions) outweigh its
-/// arithmetic, as on the ResNet's 14x14 and 7x7 maps.
-const COLUMNS: usize = 768;
-
-/// Images whose column matrices sit side by side in one product, so that
-/// it has about [`COLUMNS`] columns; 1 where an image is its own column
-/// matrix.
-fn images_per_product(s: &Conv2dShape) -> usize {
-    if s.is_pointwise() {
-        1
-    } else {
-        COLUMNS.div_ceil(s.positions().max(1))
-    }
-}
-
-/// `g` images of `rows x p` values, one after another, as the column blocks
-/// of one `rows x g·p` matrix.
-fn side_by_side(images: &[f32], rows: usize, p: usize, matrix: &mut [f32]) {
-    let g = images.len() / (rows * p);
-    for (n, image) in images.chunks_exact(rows * p).enumerate() {
-        for (r, row) in image.chunks_exact(p).enumerate() {
-            matrix[r * g * p + n * p..][..p].copy_from_slice(row);
-        }
-    }
-}
-
-/// The inverse of [`side_by_side`].
-fn one_after_another(matrix: &[f32], rows: usize, p: usize, images: &mut [f32]) {
-    let g = images.len() / (rows * p);
-    for (n, image) in images.chunks_exact_mut(rows * p).enumerate() {
-        for (r, row) in image.chunks_exact_mut(p).enumerate() {
-            row.copy_from_slice(&matrix[r * g * p + n * p..][..p]);
-        }
-    }
-}
-
 /// Images per run: the batch split evenly over the pool's threads.
 fn images_per_run(batch: usize) -> usize {
     batch.div_ceil(rayon::current_num_threads().max(1)).max(1)
@@ -325,31 +284,21 @@ pub fn forward(s: &Conv2dShape, x: &[f32], weight: &[f32], bias: Option<&[f32]>)
         return y;
     }
     let run = images_per_run(s.batch);
-    let group = images_per_product(s).min(run);
     y.par_chunks_mut(run * s.out_image()).zip(x.par_chunks(run * s.image())).for_each(|(ys, xs)| {
-        let mut col = Scratch::take(if s.is_pointwise() { 0 } else { k * p * group });
-        let mut out = Scratch::take(if group > 1 { o * p * group } else { 0 });
-        for (ys, xs) in ys.chunks_mut(group * s.out_image()).zip(xs.chunks(group * s.image())) {
-            let width = xs.len() / s.image() * p;
+        let mut col = Scratch::take(if s.is_pointwise() { 0 } else { k * p });
+        for (y_n, x_n) in ys.chunks_exact_mut(s.out_image()).zip(xs.chunks_exact(s.image())) {
             let col: &[f32] = if s.is_pointwise() {
-                xs
+                x_n
             } else {
-                for (n, x_n) in xs.chunks_exact(s.image()).enumerate() {
-                    im2col(s, x_n, &mut col[n * p..], width);
-                }
-                &col[..k * width]
+                im2col(s, x_n, &mut col);
+                &col
             };
-            let grouped = width > p;
-            let dst: &mut [f32] = if grouped { &mut out[..o * width] } else { ys };
             if let Some(bias) = bias {
-                for (row, b) in dst.chunks_exact_mut(width).zip(bias) {
+                for (row, b) in y_n.chunks_exact_mut(p).zip(bias) {
                     row.fill(*b);
                 }
             }
-            matmul(dst, Mat::new(weight, o, k), Mat::new(col, k, width), bias.is_some());
-            if grouped {
-                one_after_another(&out[..o * width], o, p, ys);
-            }
+            matmul(y_n, Mat::new(weight, o, k), Mat::new(col, k, p), bias.is_some());
         }
     });
     y
@@ -367,13 +316,12 @@ pub struct Conv2dGrads {
 
 /// Gradients of `conv(x, weight) + bias` given `dy`, `[batch, out, Ho, Wo]`.
 pub fn backward(s: &Conv2dShape, x: &[f32], weight: &[f32], dy: &[f32], need_x: bool, need_bias: bool) -> Conv2dGrads {
-    let (k, p, o, c) = (s.patch(), s.positions(), s.out_channels, s.in_channels);
+    let (k, p, o) = (s.patch(), s.positions(), s.out_channels);
     assert_eq!(x.len(), s.batch * s.image(), "input size");
     assert_eq!(dy.len(), s.batch * s.out_image(), "output gradient size");
     let mut dx = if need_x { vec![0.0f32; x.len()] } else { Vec::new() };
     let run = images_per_run(s.batch);
     let runs = s.batch.div_ceil(run);
-    let group = images_per_product(s).min(run);
     // Each run sums its images' weight gradients into its own partial.
     let mut partials = vec![0.0f32; runs * o * k];
     let as_convolution = if need_x && !s.is_pointwise() { s.input_gradient_shape() } else { None };
@@ -386,63 +334,39 @@ pub fn backward(s: &Conv2dShape, x: &[f32], weight: &[f32], dy: &[f32], need_x: 
         .zip(dx_runs.par_iter_mut())
         .zip(x.par_chunks(run * s.image()).zip(dy.par_chunks(run * s.out_image())))
         .for_each(|((dw, dx_run), (xs, dys))| {
-            let mut col = Scratch::take(if s.is_pointwise() || shifted.is_some() { 0 } else { k * p * group });
+            let mut col = Scratch::take(if s.is_pointwise() || shifted.is_some() { 0 } else { k * p });
             let mut dcol = Scratch::take(match (&as_convolution, need_x && !s.is_pointwise()) {
-                (Some(t), _) => t.patch() * t.positions() * group,
-                (None, true) => k * p * group,
+                (Some(t), _) => t.patch() * t.positions(),
+                (None, true) => k * p,
                 (None, false) => 0,
             });
-            // A group's dY side by side, and (as a convolution) its dX.
-            let mut dy_side = Scratch::take(if group > 1 { o * p * group } else { 0 });
-            let mut dx_side = Scratch::take(if group > 1 && as_convolution.is_some() { s.image() * group } else { 0 });
-            let groups = xs.chunks(group * s.image()).zip(dys.chunks(group * s.out_image()));
-            for (first, (xs, dys)) in groups.enumerate() {
-                let (g, accumulate) = (xs.len() / s.image(), first > 0);
-                let width = g * p;
-                let dy_g: &[f32] = if g > 1 {
-                    side_by_side(dys, o, p, &mut dy_side);
-                    &dy_side[..o * width]
-                } else {
-                    dys
-                };
-                if let Some(padded) = &shifted {
-                    for (n, (x_n, dy_n)) in xs.chunks_exact(s.image()).zip(dys.chunks_exact(s.out_image())).enumerate()
-                    {
-                        shifted::weight_grad_image(s, padded, x_n, dy_n, dw, accumulate || n > 0);
-                    }
+            for (n, (x_n, dy_n)) in xs.chunks_exact(s.image()).zip(dys.chunks_exact(s.out_image())).enumerate() {
+                if let Some(g) = &shifted {
+                    shifted::weight_grad_image(s, g, x_n, dy_n, dw, n > 0);
                 } else {
                     let col: &[f32] = if s.is_pointwise() {
-                        xs
+                        x_n
                     } else {
-                        for (n, x_n) in xs.chunks_exact(s.image()).enumerate() {
-                            im2col(s, x_n, &mut col[n * p..], width);
-                        }
-                        &col[..k * width]
+                        im2col(s, x_n, &mut col);
+                        &col
                     };
-                    matmul(dw, Mat::new(dy_g, o, width), Mat::transposed(col, width, k), accumulate);
+                    matmul(dw, Mat::new(dy_n, o, p), Mat::transposed(col, p, k), n > 0);
                 }
-                if !need_x {
-                    continue;
-                }
-                let dx_g = &mut dx_run[first * group * s.image()..][..g * s.image()];
-                if s.is_pointwise() {
-                    matmul(dx_g, Mat::transposed(weight, k, o), Mat::new(dy_g, o, p), false);
-                } else if let (Some(t), Some(w)) = (&as_convolution, &flipped_weight) {
-                    let (tk, tp) = (t.patch(), t.positions());
-                    for (n, dy_n) in dys.chunks_exact(s.out_image()).enumerate() {
-                        im2col(t, dy_n, &mut dcol[n * tp..], g * tp);
-                    }
-                    let product = Mat::new(&dcol[..tk * g * tp], tk, g * tp);
-                    if g > 1 {
-                        matmul(&mut dx_side[..c * g * tp], Mat::new(w, c, tk), product, false);
-                        one_after_another(&dx_side[..c * g * tp], c, tp, dx_g);
+                if need_x {
+                    let dx_n = &mut dx_run[n * s.image()..][..s.image()];
+                    if s.is_pointwise() {
+                        matmul(dx_n, Mat::transposed(weight, k, o), Mat::new(dy_n, o, p), false);
+                    } else if let (Some(t), Some(w)) = (&as_convolution, &flipped_weight) {
+                        im2col(t, dy_n, &mut dcol);
+                        matmul(
+                            dx_n,
+                            Mat::new(w, t.out_channels, t.patch()),
+                            Mat::new(&dcol, t.patch(), t.positions()),
+                            false,
+                        );
                     } else {
-                        matmul(dx_g, Mat::new(w, c, tk), product, false);
-                    }
-                } else {
-                    matmul(&mut dcol[..k * width], Mat::transposed(weight, k, o), Mat::new(dy_g, o, width), false);
-                    for (n, dx_n) in dx_g.chunks_exact_mut(s.image()).enumerate() {
-                        col2im(s, &dcol[n * p..], dx_n, width);
+                        matmul(&mut dcol, Mat::transposed(weight, k, o), Mat::new(dy_n, o, p), false);
+                        col2im(s, &dcol, dx_n);
                     }
                 }
             }

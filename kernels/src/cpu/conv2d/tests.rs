@@ -56,9 +56,9 @@ fn forward_and_the_adjoint_of_im2col_match_the_definition() {
         // <im2col(x), c> == <x, col2im(c)> for any c.
         let c = values(s.patch() * s.positions(), 3);
         let mut col = vec![0.0; c.len()];
-        im2col(&s, &xv[..s.image()], &mut col, s.positions());
+        im2col(&s, &xv[..s.image()], &mut col);
         let mut back = vec![0.0; s.image()];
-        col2im(&s, &c, &mut back, s.positions());
+        col2im(&s, &c, &mut back);
         let lhs: f64 = col.iter().zip(&c).map(|(a, b)| (a * b) as f64).sum();
         let rhs: f64 = xv[..s.image()].iter().zip(&back).map(|(a, b)| (a * b) as f64).sum();
         assert!((lhs - rhs).abs() < 1e-6 * lhs.abs().max(1.0), "{s:?}: {lhs} vs {rhs}");
@@ -107,50 +107,4 @@ fn only_stride_one_has_a_shifted_form_and_it_is_picked_for_wide_images_with_many
     assert!(Padded::where_it_pays(&shape(8, 28, 3, 1, 1)).is_none(), "few channels");
     assert!(Padded::where_it_pays(&shape(64, 14, 3, 1, 1)).is_none(), "narrow rows");
     assert!(Padded::where_it_pays(&shape(16, 28, 1, 1, 0)).is_none(), "a 1x1 kernel needs no copy at all");
-}
-
-/// Small images go through products of several images side by side: the
-/// batch's gradients and outputs must be those of its images one by one
-/// (batch 1, one product each), in pools of 1 and 2 threads, with full
-/// and partial groups.
-#[test]
-fn images_side_by_side_equal_images_one_by_one() {
-    for (x, w, stride, pad) in [
-        // Stride 1, as many input channels as output ones: dX as a convolution.
-        ([23, 3, 9, 9], [3, 3, 3, 3], [1, 1], [1, 1]),
-        // Stride 2: dX through col2im.
-        ([23, 2, 9, 8], [4, 2, 3, 3], [2, 2], [1, 1]),
-        // Stride 1 with more output channels than input ones: col2im too.
-        ([23, 2, 7, 7], [5, 2, 3, 3], [1, 1], [0, 0]),
-        // Pointwise: one image a product.
-        ([23, 3, 6, 6], [2, 3, 1, 1], [1, 1], [0, 0]),
-    ] {
-        let s = Conv2dShape::new(x, w, stride, pad, pad, [1, 1]).unwrap();
-        assert!(s.is_pointwise() || images_per_product(&s) > 1, "{s:?} is grouped");
-        let (xv, wv, bias) =
-            (values(s.batch * s.image(), 1), values(s.out_channels * s.patch(), 2), values(s.out_channels, 4));
-        let dy = values(s.batch * s.out_image(), 3);
-        let one = Conv2dShape { batch: 1, ..s };
-        let (mut y, mut dx, mut dw, mut db) = (Vec::new(), Vec::new(), vec![0.0; wv.len()], vec![0.0; s.out_channels]);
-        for (x_n, dy_n) in xv.chunks_exact(s.image()).zip(dy.chunks_exact(s.out_image())) {
-            y.extend(forward(&one, x_n, &wv, Some(&bias)));
-            let g = backward(&one, x_n, &wv, dy_n, true, true);
-            dx.extend(g.x.unwrap());
-            dw.iter_mut().zip(&g.weight).for_each(|(a, b)| *a += b);
-            db.iter_mut().zip(&g.bias.unwrap()).for_each(|(a, b)| *a += b);
-        }
-        for threads in [1, 2] {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            let (got_y, got) =
-                pool.install(|| (forward(&s, &xv, &wv, Some(&bias)), backward(&s, &xv, &wv, &dy, true, true)));
-            let close = |a: &[f32], b: &[f32], what: &str| {
-                let worst = bonfire_testkit::max_abs_diff(a, b);
-                assert!(worst < 1e-4, "{what} {s:?}, {threads} thread(s): {worst}");
-            };
-            close(&got_y, &y, "output");
-            close(got.x.as_ref().unwrap(), &dx, "input gradient");
-            close(&got.weight, &dw, "weight gradient");
-            close(got.bias.as_ref().unwrap(), &db, "bias gradient");
-        }
-    }
 }
