@@ -299,16 +299,20 @@ fn ddp_with_a_sharded_adam_ends_where_the_whole_adam_does() {
 /// `--uneven-inputs`: 7 workers share the 6,000 synthetic samples exactly
 /// (858 for rank 0, 857 for the others); at 857 a worker a step, rank 0
 /// takes a second step of one sample, which the others join, two epochs
-/// running.
+/// running, as threads and as processes over the ring.
 #[test]
 fn workers_with_a_step_fewer_join_the_last_step_of_each_epoch() {
-    let dir = out_dir("uneven-inputs");
-    let mut args = vec!["train", "--threads", "--workers", "7", "--dataset", "synthetic", "--epochs", "2"];
-    args.extend_from_slice(&["--batch-size", "5999", "--uneven-inputs", "--timeout", "60"]);
-    args.extend_from_slice(&["--out", dir.to_str().unwrap()]);
-    let o = bonfire(&args);
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("epoch 1: 2 steps") && text(&o).contains("epoch 2: 2 steps"), "{}", text(&o));
+    for threads in [true, false] {
+        let dir = out_dir(if threads { "uneven-inputs-threads" } else { "uneven-inputs-processes" });
+        let mut args = vec!["train", "--workers", "7", "--dataset", "synthetic", "--epochs", "2"];
+        args.extend_from_slice(&["--batch-size", "5999", "--uneven-inputs", "--timeout", "60"]);
+        args.extend_from_slice(&["--out", dir.to_str().unwrap()]);
+        args.extend(threads.then_some("--threads"));
+        let o = bonfire(&args);
+        assert!(o.status.success(), "threads {threads}: {}", text(&o));
+        let said = text(&o);
+        assert!(said.contains("epoch 1: 2 steps") && said.contains("epoch 2: 2 steps"), "threads {threads}: {said}");
+    }
 }
 
 #[test]
