@@ -145,13 +145,7 @@ impl<B: HookBackend> DistributedDataParallel<B> {
         let device: B::Device = module.devices().into_iter().next().unwrap_or_default();
         let comm = Arc::new(CommThread::start(comm));
         check_layout(&comm, &infos, &device)?;
-        let values = values_to_host::<B, M>(&module);
-        let module = if values.is_empty() {
-            module
-        } else {
-            let values = host_call(&comm, &device, values, |c, t| c.broadcast(t, 0))?;
-            values_from_host::<B, M>(module, &values)
-        };
+        let module = parameters_from::<B, M>(&comm, &device, module, 0)?;
 
         let numels: Vec<Option<usize>> = infos.iter().map(|p| p.trainable.then(|| p.numel())).collect();
         let plan = BucketPlan::new(&numels, config.first_bucket_cap_bytes, config.bucket_cap_bytes);
@@ -347,13 +341,7 @@ impl<B: HookBackend> DistributedDataParallel<B> {
         let Some(root) = *self.last_trainer.lock().expect("not poisoned") else {
             return Ok(module);
         };
-        let values = values_to_host::<B, M>(&module);
-        let module = if values.is_empty() {
-            module
-        } else {
-            let values = host_call(&self.comm, &self.device, values, move |c, t| c.broadcast(t, root))?;
-            values_from_host::<B, M>(module, &values)
-        };
+        let module = parameters_from::<B, M>(&self.comm, &self.device, module, root)?;
         buffers::broadcast::<B, M>(&self.comm, &module, root)?;
         Ok(module)
     }
@@ -487,6 +475,21 @@ fn registrars<B: HookBackend, M: AutodiffModule<B>>(module: &M) -> Vec<Registrar
     let mut make = Make::<B>(Vec::new(), Default::default());
     module.visit(&mut make);
     make.0
+}
+
+/// `module` with `root`'s values of every float parameter, on every rank.
+fn parameters_from<B: HookBackend, M: AutodiffModule<B>>(
+    comm: &CommThread<B::InnerBackend>,
+    device: &B::Device,
+    module: M,
+    root: usize,
+) -> Result<M> {
+    let values = values_to_host::<B, M>(&module);
+    if values.is_empty() {
+        return Ok(module);
+    }
+    let values = host_call(comm, device, values, move |c, t| c.broadcast(t, root))?;
+    Ok(values_from_host::<B, M>(module, &values))
 }
 
 /// Runs a collective on `values`, as an f32 tensor on `device`, on the

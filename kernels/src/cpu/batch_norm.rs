@@ -84,6 +84,19 @@ pub fn forward_train(s: &NormShape, x: &[f32], gamma: &[f32], beta: &[f32], epsi
     let mean: Vec<f32> = stats.iter().map(|t| t.0).collect();
     let var: Vec<f32> = stats.iter().map(|t| t.1).collect();
     let invstd: Vec<f32> = stats.iter().map(|t| t.2).collect();
+    normalised(s, x, gamma, beta, mean, var, invstd)
+}
+
+/// `x` normalised with a training pass's statistics, and those statistics.
+fn normalised(
+    s: &NormShape,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    mean: Vec<f32>,
+    var: Vec<f32>,
+    invstd: Vec<f32>,
+) -> NormForward {
     let scale: Vec<f32> = invstd.iter().zip(gamma).map(|(i, g)| i * g).collect();
     let shift: Vec<f32> = (0..s.channels).map(|c| beta[c] - mean[c] * scale[c]).collect();
     NormForward { y: affine(s, x, &scale, &shift), mean, var, invstd }
@@ -183,9 +196,7 @@ pub fn forward_train_across(
         var.push(v as f32);
         invstd.push((1.0 / (v + epsilon).sqrt()) as f32);
     }
-    let scale: Vec<f32> = invstd.iter().zip(gamma).map(|(i, g)| i * g).collect();
-    let shift: Vec<f32> = (0..s.channels).map(|c| beta[c] - mean[c] * scale[c]).collect();
-    (NormForward { y: affine(s, x, &scale, &shift), mean, var, invstd }, n)
+    (normalised(s, x, gamma, beta, mean, var, invstd), n)
 }
 
 /// [`backward`] of [`forward_train_across`]: the input's gradient needs the
