@@ -18,9 +18,10 @@
 //! record and broadcasts it, and each rank joins the shards into the record
 //! one optimizer stepping every parameter would have. Records are keyed by
 //! parameter id, and each rank made its module, and so its ids, itself:
-//! shards travel keyed by the parameters' places in visiting order instead. Sharding an optimizer
-//! that holds such a record keeps the shard's entries only, so a checkpoint
-//! moves between sharded and whole runs, and between world sizes.
+//! shards travel keyed by the parameters' places in visiting order instead.
+//! Sharding an optimizer that holds such a record keeps the shard's entries
+//! only, so a checkpoint moves between sharded and whole runs, and between
+//! world sizes.
 
 use std::collections::HashSet;
 use std::marker::PhantomData;
