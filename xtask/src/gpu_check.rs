@@ -126,5 +126,19 @@ const RUN_SH: &str = include_str!("../gpu-check/run.sh");
 
 /// CubeCL's settings for the check: compiled kernels (PTX) and autotune
 /// results kept in the folder, so that only the first program of a run
-/// compiles and tunes each kernel.
-const CUBECL_TOML: &str = "[compilation]\ncache = \"local\"\n\n[autotune]\ncache = \"local\"\n";
+/// compiles and tunes each kernel; and each compilation and tuning logged, so
+/// that `run.sh` can count what a step's time went to.
+const CUBECL_TOML: &str = r#"[compilation]
+cache = "local"
+
+[compilation.logger]
+level = "basic"
+file = "runs/cubecl-compilation.log"
+
+[autotune]
+cache = "local"
+
+[autotune.logger]
+level = "minimal"
+file = "runs/cubecl-autotune.log"
+"#;
