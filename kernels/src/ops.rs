@@ -88,9 +88,10 @@ pub fn batch_norm_train<B: Backend, const D: usize>(
 
 /// [`batch_norm_train`] with the statistics of every rank's batch, summed
 /// by `group` (PyTorch's `SyncBatchNorm`): the output, and the mean and the
-/// unbiased variance over all ranks (outside the autodiff graph). Each
-/// channel's sum, sum of squares and count take one call to the group in
-/// forward, and the sums of the gradient another in backward.
+/// unbiased variance over all ranks (outside the autodiff graph). Every
+/// rank's count and each channel's mean and sum of squared deviations take
+/// one call to the group in forward (each rank's in its own slot), and the
+/// sums of the gradient another in backward.
 pub fn batch_norm_train_across<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     gamma: Tensor<B, 1>,
@@ -104,9 +105,13 @@ pub fn batch_norm_train_across<B: Backend, const D: usize>(
     }
     let (batch, channels) = (dims[0], dims[1]);
     let x = x.reshape([batch, channels, dims[2..].iter().product::<usize>()]);
-    let sum: SumAcross = {
-        let group = group.clone();
-        Arc::new(move |values: &mut [f32]| group.sum_host(values))
+    let sum = SumAcross {
+        rank: group.rank(),
+        ranks: group.ranks(),
+        sum: {
+            let group = group.clone();
+            Arc::new(move |values: &mut [f32]| group.sum_host(values))
+        },
     };
     let ((y, mean, var), count): (NormOutput<B>, f64) =
         dispatch!(B, batch_norm_train(x, gamma, beta, epsilon, Some(sum)));
@@ -115,8 +120,10 @@ pub fn batch_norm_train_across<B: Backend, const D: usize>(
 }
 
 /// [`batch_norm_train_across`] in Burn's tensor operations, for every
-/// backend: the statistics summed through the group's differentiable sum,
-/// whose backward sums their gradients across the ranks.
+/// backend, with the kernel's statistics: each rank's count, means and sums
+/// of squared deviations in its own slot of the group's differentiable sum
+/// (whose backward sums their gradients across the ranks), combined as
+/// Chan et al.'s parallel variance.
 fn batch_norm_train_across_reference<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     gamma: Tensor<B, 1>,
@@ -124,24 +131,37 @@ fn batch_norm_train_across_reference<B: Backend, const D: usize>(
     epsilon: f64,
     group: &dyn SumAcrossRanks<B>,
 ) -> (Tensor<B, D>, Tensor<B, 1>, Tensor<B, 1>) {
-    let dims = x.dims();
+    let (dims, device) = (x.dims(), x.device());
     let (channels, count) = (dims[1], dims[0] * dims[2..].iter().product::<usize>());
-    let per_channel = |t: Tensor<B, D>| t.swap_dims(0, 1).reshape([channels, count]).sum_dim(1).reshape([channels]);
-    let counted = Tensor::<B, 1>::from_floats([count as f32], &x.device());
-    let local = Tensor::cat(vec![per_channel(x.clone()), per_channel(x.clone().powi_scalar(2)), counted], 0);
-    let total = group.sum(local);
-    let n = total.clone().slice(2 * channels..2 * channels + 1);
-    let mean = total.clone().slice(0..channels).div(n.clone());
-    // E[x²] - E[x]², clamped: rounding can take it a hair below 0.
-    let var = total.slice(channels..2 * channels).div(n.clone()).sub(mean.clone().powi_scalar(2)).clamp_min(0.0);
+    let (rank, ranks, width) = (group.rank(), group.ranks(), 2 * channels + 1);
     let channel_axis = |t: Tensor<B, 1>| {
         let mut shape = [1; D];
         shape[1] = channels;
         t.reshape(shape)
     };
+    let per_channel = |t: Tensor<B, D>| t.swap_dims(0, 1).reshape([channels, count]).sum_dim(1).reshape([channels]);
+    let own_mean = per_channel(x.clone()).div_scalar(count as f64);
+    let own_squares = per_channel((x.clone() - channel_axis(own_mean.clone())).powi_scalar(2));
+    let zeros = |n: usize| Tensor::<B, 1>::zeros([n], &device);
+    let mut slots = Vec::new();
+    if rank > 0 {
+        slots.push(zeros(rank * width));
+    }
+    slots.extend([own_mean, own_squares, Tensor::from_floats([count as f32], &device)]);
+    if rank + 1 < ranks {
+        slots.push(zeros((ranks - rank - 1) * width));
+    }
+    let all = group.sum(Tensor::cat(slots, 0)).reshape([ranks, width]);
+    let counts = all.clone().slice([0..ranks, 2 * channels..width]);
+    let means = all.clone().slice([0..ranks, 0..channels]);
+    let squares = all.slice([0..ranks, channels..2 * channels]);
+    let n = counts.clone().sum().detach();
+    let mean = (means.clone() * counts.clone()).sum_dim(0).reshape([channels]).div(n.clone());
+    let spread = (means - mean.clone().reshape([1, channels])).powi_scalar(2) * counts;
+    // Clamped: rounding can take it a hair below 0.
+    let var = (squares + spread).sum_dim(0).reshape([channels]).div(n.clone()).clamp_min(0.0);
     let scale = gamma.div(var.clone().add_scalar(epsilon).sqrt());
     let y = x.sub(channel_axis(mean.clone())).mul(channel_axis(scale)).add(channel_axis(beta));
-    let n = n.detach();
     let unbiased = var.detach().mul(n.clone().div(n.sub_scalar(1.0).clamp_min(1.0)));
     (y, mean.detach(), unbiased)
 }

@@ -50,9 +50,10 @@ pub struct DdpConfig {
     /// Normalise with the whole batch's statistics across all ranks
     /// (PyTorch's `SyncBatchNorm`): every `bonfire_kernels::nn::BatchNorm`
     /// run in training on the thread that calls
-    /// [`forward_module`](DistributedDataParallel::forward_module) sums each
-    /// channel's count, sum and sum of squares over the ranks, and its
-    /// backward the gradients of those sums. Off at world size 1.
+    /// [`forward_module`](DistributedDataParallel::forward_module) gathers
+    /// every rank's count and each channel's mean and sum of squared
+    /// deviations, and its backward sums the gradients of those statistics.
+    /// Off at world size 1.
     pub sync_batch_norm: bool,
     /// Ranks may have different numbers of batches (PyTorch's `Join`): a
     /// rank that has run out calls

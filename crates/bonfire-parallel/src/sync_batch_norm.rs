@@ -85,6 +85,14 @@ impl<B: HookBackend> SumAcrossRanks<B> for SyncStats<B> {
     fn sum_host(&self, values: &mut [f32]) {
         self.ranks.sum_host(values)
     }
+
+    fn rank(&self) -> usize {
+        self.ranks.comm.rank()
+    }
+
+    fn ranks(&self) -> usize {
+        self.ranks.comm.world_size()
+    }
 }
 
 pub(crate) mod sealed {

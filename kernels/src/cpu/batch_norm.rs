@@ -2,7 +2,8 @@
 //! with height and width flattened), in two passes each way:
 //!
 //! - training forward: one pass for every channel's sum and sum of squares
-//!   (shifted by one of its values, summed in f64 across planes), one pass writing `y = (x - mean) · invstd · gamma + beta`;
+//!   (shifted by one of its values, summed in f64 across planes), one pass
+//!   writing `y = (x - mean) · invstd · gamma + beta`;
 //! - backward: one pass for `Σ dy` and `Σ dy · x̂` per channel, one pass
 //!   writing `dx = gamma · invstd · (dy - Σdy / M - x̂ · Σ(dy·x̂) / M)`,
 //!   with `x̂` recomputed from `x`, so nothing but the per-channel mean and
@@ -63,11 +64,24 @@ pub struct NormForward {
 pub fn forward_train(s: &NormShape, x: &[f32], gamma: &[f32], beta: &[f32], epsilon: f64) -> NormForward {
     assert_eq!(x.len(), s.len(), "input size");
     let m = s.count().max(1) as f64;
-    let stats: Vec<(f32, f32, f32)> = (0..s.channels)
+    let (mut mean, mut var, mut invstd) = (Vec::new(), Vec::new(), Vec::new());
+    for (mu, squares) in moments(s, x) {
+        let v = (squares / m).max(0.0);
+        mean.push(mu as f32);
+        var.push(v as f32);
+        invstd.push((1.0 / (v + epsilon).sqrt()) as f32);
+    }
+    normalised(s, x, gamma, beta, mean, var, invstd)
+}
+
+/// Each channel's mean and sum of squared deviations from it. The sums are
+/// of `x - shift`, shift being one of the channel's values, so that a mean
+/// far from zero does not cancel the variance away.
+fn moments(s: &NormShape, x: &[f32]) -> Vec<(f64, f64)> {
+    let m = s.count().max(1) as f64;
+    (0..s.channels)
         .into_par_iter()
         .map(|c| {
-            // Sums of (x - shift), shift being one of the channel's values,
-            // so that a mean far from zero does not cancel the variance away.
             let shift = s.planes(x, c).next().and_then(|p| p.first()).copied().unwrap_or(0.0);
             let (mut sum, mut squares) = (0.0f64, 0.0f64);
             for plane in s.planes(x, c) {
@@ -76,15 +90,9 @@ pub fn forward_train(s: &NormShape, x: &[f32], gamma: &[f32], beta: &[f32], epsi
                 squares += b as f64;
             }
             let centred = sum / m;
-            let mean = shift as f64 + centred;
-            let var = (squares / m - centred * centred).max(0.0);
-            (mean as f32, var as f32, (1.0 / (var + epsilon).sqrt()) as f32)
+            (shift as f64 + centred, (squares - sum * centred).max(0.0))
         })
-        .collect();
-    let mean: Vec<f32> = stats.iter().map(|t| t.0).collect();
-    let var: Vec<f32> = stats.iter().map(|t| t.1).collect();
-    let invstd: Vec<f32> = stats.iter().map(|t| t.2).collect();
-    normalised(s, x, gamma, beta, mean, var, invstd)
+        .collect()
 }
 
 /// `x` normalised with a training pass's statistics, and those statistics.
@@ -162,41 +170,59 @@ pub fn backward(
 pub type SumAcross<'a> = &'a dyn Fn(&mut [f32]);
 
 /// [`forward_train`] with the statistics of the batch of every rank of a
-/// group (PyTorch's `SyncBatchNorm`): each channel's sum and sum of squares
-/// and the count go through `sum` in one call. Also returns the count over
-/// all ranks.
+/// group (PyTorch's `SyncBatchNorm`). Each rank writes its count and each
+/// channel's mean and sum of squared deviations into its own slot of a
+/// vector of zeros, `sum` (one call) hands every rank all the slots, and
+/// they combine as Chan et al.'s parallel variance: no rank sums raw
+/// squares, whose difference from the squared mean cancels the variance
+/// away when the mean is far from zero. PyTorch gathers the same
+/// statistics. Also returns the count over all ranks.
+#[allow(clippy::too_many_arguments)]
 pub fn forward_train_across(
     s: &NormShape,
     x: &[f32],
     gamma: &[f32],
     beta: &[f32],
     epsilon: f64,
+    rank: usize,
+    ranks: usize,
     sum: SumAcross<'_>,
 ) -> (NormForward, f64) {
     assert_eq!(x.len(), s.len(), "input size");
-    let sums: Vec<(f64, f64)> = (0..s.channels)
-        .into_par_iter()
-        .map(|c| {
-            s.planes(x, c).fold((0.0, 0.0), |(a, b), plane| {
-                let (p, q) = lane_sums(plane, plane, |v, _| (v, v * v));
-                (a + p as f64, b + q as f64)
-            })
-        })
-        .collect();
-    let mut stats: Vec<f32> = sums.iter().map(|t| t.0 as f32).chain(sums.iter().map(|t| t.1 as f32)).collect();
-    stats.push(s.count() as f32);
-    sum(&mut stats);
-    let n = stats[2 * s.channels] as f64;
+    assert!(rank < ranks, "rank {rank} of {ranks}");
+    let width = slot_width(s);
+    let mut slots = vec![0.0f32; ranks * width];
+    slots[rank * width..][..width].copy_from_slice(&slot(s, x));
+    sum(&mut slots);
+    let slots: Vec<&[f32]> = slots.chunks_exact(width).collect();
+    let count = |slot: &[f32]| slot[2 * s.channels] as f64;
+    let n: f64 = slots.iter().map(|slot| count(slot)).sum();
     let m = n.max(1.0);
     let (mut mean, mut var, mut invstd) = (Vec::new(), Vec::new(), Vec::new());
     for c in 0..s.channels {
-        let mu = stats[c] as f64 / m;
-        let v = (stats[s.channels + c] as f64 / m - mu * mu).max(0.0);
+        let mu = slots.iter().map(|slot| count(slot) * slot[c] as f64).sum::<f64>() / m;
+        let squares: f64 =
+            slots.iter().map(|slot| slot[s.channels + c] as f64 + count(slot) * (slot[c] as f64 - mu).powi(2)).sum();
+        let v = (squares / m).max(0.0);
         mean.push(mu as f32);
         var.push(v as f32);
         invstd.push((1.0 / (v + epsilon).sqrt()) as f32);
     }
     (normalised(s, x, gamma, beta, mean, var, invstd), n)
+}
+
+/// Values in one rank's slot of [`forward_train_across`]'s sum.
+fn slot_width(s: &NormShape) -> usize {
+    2 * s.channels + 1
+}
+
+/// One rank's slot: each channel's mean, then each channel's sum of squared
+/// deviations, then the count.
+fn slot(s: &NormShape, x: &[f32]) -> Vec<f32> {
+    let moments = moments(s, x);
+    let means = moments.iter().map(|t| t.0 as f32);
+    let squares = moments.iter().map(|t| t.1 as f32);
+    means.chain(squares).chain([s.count() as f32]).collect()
 }
 
 /// [`backward`] of [`forward_train_across`]: the input's gradient needs the
@@ -288,6 +314,36 @@ mod tests {
         }
     }
 
+    /// What the sum across ranks adds for another rank holding `x` at `rank`:
+    /// its slot, into the zeros this rank left there.
+    fn other_rank_adds(s: &NormShape, x: &[f32], rank: usize) -> impl Fn(&mut [f32]) {
+        let (theirs, width) = (slot(s, x), slot_width(s));
+        move |v: &mut [f32]| v[rank * width..][..width].iter_mut().zip(&theirs).for_each(|(a, b)| *a += b)
+    }
+
+    /// Statistics across ranks of values far from zero (a mean of 1000, a
+    /// spread of about 1) equal the whole batch's: sums of raw squares lose
+    /// the variance in f32 there.
+    #[test]
+    fn halves_far_from_zero_keep_the_variance() {
+        let whole = NormShape { batch: 4, channels: 2, positions: 64 };
+        let half = NormShape { batch: 2, ..whole };
+        let x: Vec<f32> = (0..whole.len()).map(|i| 1000.0 + ((i * 37) % 23) as f32 * 0.1 - 1.1).collect();
+        let (gamma, beta) = ([1.0, 2.0], [0.0, 0.5]);
+        let want = forward_train(&whole, &x, &gamma, &beta, 1e-5);
+        for part in 0..2 {
+            let (xs, xo) = (&x[part * half.len()..][..half.len()], &x[(1 - part) * half.len()..][..half.len()]);
+            let (out, _) =
+                forward_train_across(&half, xs, &gamma, &beta, 1e-5, part, 2, &other_rank_adds(&half, xo, 1 - part));
+            for c in 0..2 {
+                let rel = (out.var[c] - want.var[c]).abs() / want.var[c];
+                assert!(rel < 1e-4, "half {part}, channel {c}: variance {} against {}", out.var[c], want.var[c]);
+            }
+            let y_err = out.y.iter().zip(&want.y[part * half.len()..]).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(y_err < 1e-3, "half {part}: forward off by {y_err}");
+        }
+    }
+
     /// Two halves of a batch, each normalised with the statistics summed
     /// across both, give the whole batch's forward pass and input gradient;
     /// `gamma`'s and `beta`'s gradients are each half's own and add up to
@@ -314,13 +370,8 @@ mod tests {
         for part in 0..2 {
             let (xs, ys) = other(part);
             let (xo, _) = other(1 - part);
-            let stats_of_other: Vec<f32> = (0..3)
-                .map(|c| half.planes(xo, c).flatten().sum::<f32>())
-                .chain((0..3).map(|c| half.planes(xo, c).flatten().map(|v| v * v).sum::<f32>()))
-                .chain([half.count() as f32])
-                .collect();
-            let add_stats = |v: &mut [f32]| v.iter_mut().zip(&stats_of_other).for_each(|(a, b)| *a += b);
-            let (out, n) = forward_train_across(&half, xs, &gamma, &beta, 1e-5, &add_stats);
+            let add_stats = other_rank_adds(&half, xo, 1 - part);
+            let (out, n) = forward_train_across(&half, xs, &gamma, &beta, 1e-5, part, 2, &add_stats);
             assert_eq!(n, whole.count() as f64);
             let y_err = out.y.iter().zip(&want.y[part * split..]).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
             assert!(y_err < 1e-5, "half {part}: forward off by {y_err}");

@@ -29,7 +29,9 @@ fn run(
 ) -> (NormForward, f64) {
     let (x, gamma, beta) = (values(x), values(gamma), values(beta));
     match across {
-        Some(sum) => kernel::forward_train_across(s, x, gamma, beta, epsilon, sum.as_ref()),
+        Some(group) => {
+            kernel::forward_train_across(s, x, gamma, beta, epsilon, group.rank, group.ranks, group.sum.as_ref())
+        }
         None => (kernel::forward_train(s, x, gamma, beta, epsilon), (s.batch * s.positions) as f64),
     }
 }
@@ -111,7 +113,9 @@ impl Backward<Flex, 3> for BatchNormBackward {
         // Across ranks the sums are a collective: every rank makes the call,
         // whether or not it needs the input's gradient.
         let g = match &saved.across {
-            Some(a) => kernel::backward_across(&s, xv, dyv, &saved.mean, &saved.invstd, gv, a.count, a.sum.as_ref()),
+            Some(a) => {
+                kernel::backward_across(&s, xv, dyv, &saved.mean, &saved.invstd, gv, a.count, a.sum.sum.as_ref())
+            }
             None => kernel::backward(&s, xv, dyv, &saved.mean, &saved.invstd, gv, x.is_some()),
         };
         if let (Some(node), Some(dx)) = (x, g.x) {

@@ -28,9 +28,15 @@ use crate::cpu::max_pool2d::Pool2dShape;
 /// and biased variance of every channel.
 pub(crate) type NormOutput<B> = (Tensor<B, 3>, Tensor<B, 1>, Tensor<B, 1>);
 
-/// Adds every rank's values to this rank's, in place (batch norm across
-/// the ranks of a data-parallel group).
-pub(crate) type SumAcross = std::sync::Arc<dyn Fn(&mut [f32]) + Send + Sync>;
+/// A data-parallel group as batch norm across its ranks sees it: this
+/// rank's place, and the sum that adds every rank's values to this rank's,
+/// in place.
+#[derive(Clone)]
+pub(crate) struct SumAcross {
+    pub rank: usize,
+    pub ranks: usize,
+    pub sum: std::sync::Arc<dyn Fn(&mut [f32]) + Send + Sync>,
+}
 
 /// The operations Bonfire's kernels provide, on a backend that has them.
 pub(crate) trait Kernels: Backend {

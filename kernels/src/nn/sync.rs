@@ -8,10 +8,11 @@
 //! A data-parallel strategy (Bonfire's DDP with `sync_batch_norm`) installs
 //! its group's [`SumAcrossRanks`] on the thread that runs the forward pass,
 //! as PyTorch's `SyncBatchNorm` uses the default process group. Batch norm
-//! then sums each channel's count, sum and sum of squares over all ranks in
-//! one call, and the sum's backward sums the statistics' gradients the same
-//! way, so that every rank normalises with the global batch's statistics
-//! and gets the gradient of the global batch.
+//! then gathers every rank's count and each channel's mean and sum of
+//! squared deviations in one call (each rank's in its own slot of a sum)
+//! and combines them, and the sum's backward sums the statistics' gradients
+//! the same way, so that every rank normalises with the global batch's
+//! statistics and gets the gradient of the global batch.
 
 use std::any::Any;
 use std::cell::RefCell;
@@ -32,6 +33,12 @@ pub trait SumAcrossRanks<B: Backend>: Send + Sync {
     /// autodiff graph: what the CPU kernel calls in its forward and in its
     /// own backward.
     fn sum_host(&self, values: &mut [f32]);
+
+    /// This rank's place in the group, `0..ranks()`.
+    fn rank(&self) -> usize;
+
+    /// The ranks in the group.
+    fn ranks(&self) -> usize;
 }
 
 thread_local! {

@@ -77,7 +77,7 @@ impl<B: Backend> Net<B> for ConvNet<B> {
 /// module with buffers.
 #[derive(Module, Debug)]
 pub struct KernelConvNet<B: Backend> {
-    conv: bonfire_kernels::nn::Conv2d<B>,
+    pub conv: bonfire_kernels::nn::Conv2d<B>,
     pub bn: bonfire_kernels::nn::BatchNorm<B>,
     pool: bonfire_kernels::nn::MaxPool2d,
     fc: Linear<B>,
