@@ -107,8 +107,11 @@ for model in ${MODELS:-lenet resnet}; do
   # Untimed: CubeCL compiles and tunes the model's kernels for the batch of
   # one GPU and for the half batch of DP's replicas and the ring's workers,
   # past the first evaluation, so that no timed row pays those first-time costs.
+  # From a cold folder that takes minutes (WARM_LIMIT each, 600 s by default).
+  limit=$STEP_LIMIT STEP_LIMIT=${WARM_LIMIT:-600}
   speed "$model" "$batch" $((epoch + 5)) warm-whole ./bonfire train --backend cuda --strategy single
   speed "$model" "$batch" $((epoch + 5)) warm-half ./bonfire train --backend cuda --strategy ddp --workers 2 --comm ring
+  STEP_LIMIT=$limit
   speed "$model" "$batch" "$steps" alone ./bonfire train --backend cuda --strategy single
   speed "$model" "$batch" "$steps" ddp-nccl-1 $NCCL_DDP
   speed "$model" "$batch" "$steps" dp-2 ./bonfire train --backend cuda --strategy dp --workers 2
