@@ -9,7 +9,7 @@ Burn's own DDP (MODEL-burn-ddp.json) come from their programs. A row that
 did not learn (the mean loss of its last 10 steps above 0.6 times that of
 its first 5, or LeNet's test accuracy under 0.6) fails the check.
 
-usage: python table.py DIR
+usage: [MODELS="lenet resnet"] python table.py DIR
 """
 import csv
 import json
@@ -86,7 +86,10 @@ def main(run_dir):
         "| loss first 5 -> last 10 | test acc | learned |"
     )
     print("|---|---|---:|---:|---:|---:|---|---:|---|")
-    for model in MODELS:
+    # The models run.sh measured (its MODELS, both by default).
+    for model in os.environ.get("MODELS", " ".join(MODELS)).split():
+        if model not in MODELS:
+            sys.exit(f"unknown model {model} in MODELS (lenet, resnet)")
         rows = read_rows(run_dir, model)
         torch = rows["PyTorch"].get("images_per_sec")
         alone = rows["alone"].get("images_per_sec")
