@@ -3,8 +3,11 @@
 Each Bonfire row is a `bonfire train --out DIR/MODEL-ROW` run: images/s over
 its steps after the warm-up (each step's own time, so that the evaluations
 between epochs are left out; the ratios use it), images/s at its median step
-(the steady state, without one-off stalls such as a kernel compiled late), its loss at the start and the end, and the
-test accuracy after its last step. PyTorch's row (MODEL-torch.json) and
+(the steady state, without one-off stalls such as a kernel compiled late),
+the host's median time in each phase of a step (making the batch, the
+gradients with the strategy's averaging, the update, reading the loss:
+where the host waits for the device), its loss at the start and the end,
+and the test accuracy after its last step. PyTorch's row (MODEL-torch.json) and
 Burn's own DDP (MODEL-burn-ddp.json) come from their programs. A row that
 did not learn (the mean loss of its last 10 steps above 0.6 times that of
 its first 5, or LeNet's test accuracy under 0.6) fails the check.
@@ -21,6 +24,7 @@ MODELS = {"lenet": {"batch": 100, "warmup": 20}, "resnet": {"batch": 256, "warmu
 ROWS = ["alone", "ddp-nccl-1", "dp-2", "ring-2"]
 ACCURACY_FLOOR = {"lenet": 0.6}
 LEARNED = 0.6
+PHASES = ["data", "gradients", "update", "read"]
 
 
 def bonfire_row(folder, batch, warmup):
@@ -33,7 +37,11 @@ def bonfire_row(folder, batch, warmup):
     seconds = sum(float(s["seconds"]) for s in timed)
     median = statistics.median(float(s["seconds"]) for s in timed)
     accuracy = next((float(e["test_accuracy"]) for e in reversed(epochs) if e["test_accuracy"]), None)
+    # The host's time in each phase of a step, median over the timed steps:
+    # where it stops for the device shows here (see HostPhases).
+    phases = {p: statistics.median(float(s[p]) for s in timed) for p in PHASES if p in timed[0]}
     return {
+        "host_ms": "/".join(f"{1e3 * phases[p]:.2f}" for p in PHASES) if len(phases) == len(PHASES) else None,
         "images_per_sec": len(timed) * batch / seconds if seconds > 0 else None,
         "median_images_per_sec": batch / median if median > 0 else None,
         "loss_start": sum(losses[:5]) / 5,
@@ -83,9 +91,9 @@ def main(run_dir):
     failed = False
     print(
         "| model | row | images/s | / PyTorch | / alone | median step, images/s "
-        "| loss first 5 -> last 10 | test acc | learned |"
+        "| host ms a step: data/gradients/update/read | loss first 5 -> last 10 | test acc | learned |"
     )
-    print("|---|---|---:|---:|---:|---:|---|---:|---|")
+    print("|---|---|---:|---:|---:|---:|---|---|---:|---|")
     # The models run.sh measured (its MODELS, both by default).
     for model in os.environ.get("MODELS", " ".join(MODELS)).split():
         if model not in MODELS:
@@ -95,7 +103,7 @@ def main(run_dir):
         alone = rows["alone"].get("images_per_sec")
         for name, row in rows.items():
             if "error" in row:
-                print(f"| {model} | {name} | not measured: {row['error']} | | | | | | |")
+                print(f"| {model} | {name} | not measured: {row['error']} | | | | | | | |")
                 # Burn's DDP is an optional row: its program may not be in the bundle.
                 failed |= name != "Burn DDP"
                 continue
@@ -106,7 +114,8 @@ def main(run_dir):
             vs_alone = ips / alone if ips and alone else None
             print(
                 f"| {model} | {name} | {fmt(ips, '.0f')} | {ratio(vs_torch)} | {ratio(vs_alone)} "
-                f"| {fmt(row.get('median_images_per_sec'), '.0f')} | {row['loss_start']:.3f} -> {row['loss_end']:.3f} | {fmt(row.get('test_accuracy'), '.3f')} "
+                f"| {fmt(row.get('median_images_per_sec'), '.0f')} | {row.get('host_ms') or '-'} "
+                f"| {row['loss_start']:.3f} -> {row['loss_end']:.3f} | {fmt(row.get('test_accuracy'), '.3f')} "
                 f"| {'yes' if ok else 'NO'} |"
             )
     return 1 if failed else 0

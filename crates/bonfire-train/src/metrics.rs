@@ -24,11 +24,15 @@ pub fn write_metrics(dir: &std::path::Path, report: &Report) -> Result<()> {
     std::fs::write(dir.join("metrics.csv"), csv)?;
     // `seconds`: the step's own time (on a GPU, from the end of the step
     // before where it was queued while that one ran); `elapsed`: since
-    // training began, at the step's end (when its loss was read).
-    let mut steps = String::from("step,loss,seconds,elapsed\n");
-    for (((step, loss), seconds), elapsed) in report.step_losses.iter().zip(&report.step_seconds).zip(&report.step_ends)
-    {
-        steps += &format!("{step},{loss:.6},{seconds:.6},{elapsed:.6}\n");
+    // training began, at the step's end (when its loss was read); then the
+    // host's seconds in each phase of the step (`HostPhases`).
+    let mut steps = String::from("step,loss,seconds,elapsed,data,gradients,update,read\n");
+    let rows = report.step_losses.iter().zip(&report.step_seconds).zip(&report.step_ends).zip(&report.step_phases);
+    for ((((step, loss), seconds), elapsed), p) in rows {
+        steps += &format!(
+            "{step},{loss:.6},{seconds:.6},{elapsed:.6},{:.6},{:.6},{:.6},{:.6}\n",
+            p.data, p.gradients, p.update, p.read
+        );
     }
     std::fs::write(dir.join("steps.csv"), steps)?;
     std::fs::write(dir.join("metrics.json"), serde_json::to_string_pretty(&report.epochs)?)?;

@@ -214,6 +214,13 @@ fn resnet_trains_under_ddp() {
     // `elapsed` grows by at least each step's own time.
     let (seconds, elapsed) = (column(2), column(3));
     assert!(elapsed.windows(2).zip(&seconds[1..]).all(|(e, s)| e[1] - e[0] >= *s), "{steps}");
+    // The host's phases: the gradients take time, and no phase outlasts its step.
+    assert!(steps.starts_with("step,loss,seconds,elapsed,data,gradients,update,read\n"), "{steps}");
+    assert!(column(5).iter().all(|&g| g > 0.0), "{steps}");
+    for (i, s) in seconds.iter().enumerate() {
+        let phases: f64 = (4..8).map(|c| column(c)[i]).sum();
+        assert!(phases <= s + 1e-3, "step {i}: phases {phases} s in a step of {s} s\n{steps}");
+    }
 }
 
 /// `--sync-batch-norm`: the ResNet under DDP over 2 workers normalises with

@@ -55,6 +55,9 @@ fn the_gpu_checks_table_reads_the_runs_it_times() {
     for row in ["alone", "ddp-nccl-1", "dp-2", "ring-2", "PyTorch"] {
         let line = printed.lines().find(|l| l.starts_with(&format!("| lenet | {row} |")));
         assert!(line.is_some_and(|l| l.ends_with("| yes |")), "no learned row {row}:\n{printed}");
+        // Bonfire's rows carry the host's time in each phase of a step.
+        let phases = line.unwrap().split('|').nth(7).unwrap().trim();
+        assert_eq!(phases.split('/').count(), if row == "PyTorch" { 1 } else { 4 }, "{row}: {phases}");
     }
     // Burn's own DDP needs CUDA: its row is the one left unmeasured.
     assert!(printed.contains("| lenet | Burn DDP | not measured"), "{printed}");

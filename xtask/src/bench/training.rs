@@ -254,7 +254,7 @@ fn bonfire_images_per_sec(bonfire: &std::path::Path, run: &TrainRun, steps: usiz
     }
     let csv = std::fs::read_to_string(out.join("steps.csv")).context("reading steps.csv")?;
     let _ = std::fs::remove_dir_all(&out);
-    let ends: Vec<f64> = csv.lines().skip(1).filter_map(|l| l.rsplit(',').next()?.parse::<f64>().ok()).collect();
+    let ends: Vec<f64> = csv.lines().skip(1).filter_map(|l| l.split(',').nth(3)?.parse::<f64>().ok()).collect();
     if ends.len() != WARMUP_STEPS + steps {
         bail!("steps.csv of bonfire train has {} steps, not {}", ends.len(), WARMUP_STEPS + steps);
     }

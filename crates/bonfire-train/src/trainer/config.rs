@@ -118,6 +118,22 @@ pub struct EpochMetrics {
     pub seconds: f64,
 }
 
+/// The host's seconds in the phases of one step. On a GPU backend the
+/// device runs behind the host: a phase is the time to queue its work, and
+/// a wait shows where the host stops for the device (DDP's averaged
+/// gradients in `gradients`, the loss in `read`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HostPhases {
+    /// Making the batch's tensors.
+    pub data: f64,
+    /// Forward, backward and the strategy's averaging of the gradients.
+    pub gradients: f64,
+    /// The optimizer's update.
+    pub update: f64,
+    /// Reading the step's loss.
+    pub read: f64,
+}
+
 /// What a run measured, epoch by epoch and step by step.
 #[derive(Default)]
 pub struct Report {
@@ -131,6 +147,8 @@ pub struct Report {
     pub step_seconds: Vec<f64>,
     /// Seconds since training began at the end of every step.
     pub step_ends: Vec<f64>,
+    /// Where the host spent every step, in order.
+    pub step_phases: Vec<HostPhases>,
     /// Bytes this rank's comm hook handed to collectives per step (DDP with
     /// `--comm-hook` other than the mean).
     pub hook_bytes_per_step: Option<f64>,

@@ -35,7 +35,7 @@ use crate::checkpoint::Position;
 use crate::model::{LeNet, ModelKind, ResNet, TrainableClassifier};
 pub use batch::{accuracy, check_batch};
 use batch::{ensure_finite, to_tensors};
-pub use config::{CommHookKind, EpochMetrics, OptimizerKind, Parallel, Report, Resume, TrainOptions};
+pub use config::{CommHookKind, EpochMetrics, HostPhases, OptimizerKind, Parallel, Report, Resume, TrainOptions};
 use epoch::Epoch;
 use pending::{Losses, Queued};
 
@@ -180,8 +180,9 @@ where
         for indices in shard(epoch).chunks(per_rank).skip(skip) {
             let start = Instant::now();
             let (x, y) = to_tensors::<B>(train, indices, device);
-            let loss;
-            (model, loss) = stepper.step(model, x, y)?;
+            let data = start.elapsed().as_secs_f64();
+            let (loss, phases);
+            (model, loss, phases) = stepper.step(model, x, y)?;
             done_steps += 1;
             step_in_epoch += 1;
             let step = Queued {
@@ -190,6 +191,7 @@ where
                 at: epoch * steps_per_epoch + step_in_epoch,
                 images: indices.len() * world,
                 start,
+                phases: HostPhases { data, ..phases },
             };
             if let Some(previous) = queued.take() {
                 losses.read(previous, &mut report, &mut tally)?;
@@ -298,15 +300,20 @@ where
     O::Record: PerParameterRecord,
 {
     /// One step on this rank's share of a batch: the gradients, averaged
-    /// as the strategy does, then the update. Returns the model after it
-    /// and the batch's loss, still on the device (see `pending.rs`).
-    fn step(&mut self, model: M, x: Tensor<B, 4>, y: Tensor<B, 1, Int>) -> Result<(M, Tensor<B, 1>)> {
+    /// as the strategy does, then the update. Returns the model after it,
+    /// the batch's loss, still on the device (see `pending.rs`), and the
+    /// host's time in the two.
+    fn step(&mut self, model: M, x: Tensor<B, 4>, y: Tensor<B, 1, Int>) -> Result<(M, Tensor<B, 1>, HostPhases)> {
         let loss_fn = &self.loss;
+        let start = Instant::now();
         let (loss, grads) = self
             .strategy
             .step(&model, x, y, |m, x| m.forward(x), |logits, y| loss_fn.forward(logits, y))
             .context("the training step")?;
-        Ok((self.opt.step(self.options.lr, model, grads)?, loss))
+        let gradients = start.elapsed().as_secs_f64();
+        let model = self.opt.step(self.options.lr, model, grads)?;
+        let update = start.elapsed().as_secs_f64() - gradients;
+        Ok((model, loss, HostPhases { gradients, update, ..HostPhases::default() }))
     }
 
     /// Rank 0 writes a checkpoint of `model` and the whole optimizer at

@@ -16,7 +16,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
 use super::batch::loss_value;
-use super::config::Report;
+use super::config::{HostPhases, Report};
 use super::epoch::Epoch;
 
 /// A step whose work is queued and whose loss is not read yet.
@@ -29,6 +29,8 @@ pub(super) struct Queued<B: Backend> {
     /// Images of the step over all ranks.
     pub images: usize,
     pub start: Instant,
+    /// The host's time in the step so far (all but reading its loss).
+    pub phases: HostPhases,
 }
 
 /// Whether `B`'s device runs ahead of the host: its steps are queued, not
@@ -54,6 +56,7 @@ impl Losses {
     /// non-finite loss stops the run. A step's time runs from its start, or
     /// from the end of the step before where it was queued earlier.
     pub fn read<B: Backend>(&mut self, step: Queued<B>, report: &mut Report, tally: &mut Epoch) -> Result<()> {
+        let reading = Instant::now();
         let loss = loss_value(&step.loss);
         if !loss.is_finite() {
             bail!(
@@ -69,6 +72,7 @@ impl Losses {
         report.step_seconds.push((end - from).as_secs_f64());
         report.step_ends.push((end - self.began).as_secs_f64());
         report.step_losses.push((step.at, loss));
+        report.step_phases.push(HostPhases { read: (end - reading).as_secs_f64(), ..step.phases });
         tally.add(loss, step.images);
         Ok(())
     }
@@ -86,7 +90,8 @@ mod tests {
     use crate::trainer::epoch::Epoch;
 
     fn step(loss: f32, number: usize, start: Instant) -> Queued<Flex> {
-        Queued { loss: Tensor::from_floats([loss], &Default::default()), number, at: number, images: 10, start }
+        let loss = Tensor::from_floats([loss], &Default::default());
+        Queued { loss, number, at: number, images: 10, start, phases: Default::default() }
     }
 
     #[test]
@@ -103,6 +108,7 @@ mod tests {
         let (s, e) = (&report.step_seconds, &report.step_ends);
         assert!(s[0] >= 0.005 && (s[1] - (e[1] - e[0])).abs() < 1e-9, "{s:?} {e:?}");
         assert_eq!(report.step_losses, vec![(1, 2.0), (2, 1.0)]);
+        assert_eq!(report.step_phases.len(), 2);
     }
 
     #[test]
