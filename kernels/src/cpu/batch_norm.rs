@@ -64,14 +64,7 @@ pub struct NormForward {
 pub fn forward_train(s: &NormShape, x: &[f32], gamma: &[f32], beta: &[f32], epsilon: f64) -> NormForward {
     assert_eq!(x.len(), s.len(), "input size");
     let m = s.count().max(1) as f64;
-    let (mut mean, mut var, mut invstd) = (Vec::new(), Vec::new(), Vec::new());
-    for (mu, squares) in moments(s, x) {
-        let v = (squares / m).max(0.0);
-        mean.push(mu as f32);
-        var.push(v as f32);
-        invstd.push((1.0 / (v + epsilon).sqrt()) as f32);
-    }
-    normalised(s, x, gamma, beta, mean, var, invstd)
+    normalised(s, x, gamma, beta, epsilon, moments(s, x), m)
 }
 
 /// Each channel's mean and sum of squared deviations from it. The sums are
@@ -95,16 +88,25 @@ fn moments(s: &NormShape, x: &[f32]) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// `x` normalised with a training pass's statistics, and those statistics.
+/// `x` normalised with the statistics of a training pass, given as each
+/// channel's mean and sum of squared deviations over `m` values; and those
+/// statistics.
 fn normalised(
     s: &NormShape,
     x: &[f32],
     gamma: &[f32],
     beta: &[f32],
-    mean: Vec<f32>,
-    var: Vec<f32>,
-    invstd: Vec<f32>,
+    epsilon: f64,
+    moments: impl IntoIterator<Item = (f64, f64)>,
+    m: f64,
 ) -> NormForward {
+    let (mut mean, mut var, mut invstd) = (Vec::new(), Vec::new(), Vec::new());
+    for (mu, squares) in moments {
+        let v = (squares / m).max(0.0);
+        mean.push(mu as f32);
+        var.push(v as f32);
+        invstd.push((1.0 / (v + epsilon).sqrt()) as f32);
+    }
     let scale: Vec<f32> = invstd.iter().zip(gamma).map(|(i, g)| i * g).collect();
     let shift: Vec<f32> = (0..s.channels).map(|c| beta[c] - mean[c] * scale[c]).collect();
     NormForward { y: affine(s, x, &scale, &shift), mean, var, invstd }
@@ -198,17 +200,13 @@ pub fn forward_train_across(
     let count = |slot: &[f32]| slot[2 * s.channels] as f64;
     let n: f64 = slots.iter().map(|slot| count(slot)).sum();
     let m = n.max(1.0);
-    let (mut mean, mut var, mut invstd) = (Vec::new(), Vec::new(), Vec::new());
-    for c in 0..s.channels {
+    let combined = (0..s.channels).map(|c| {
         let mu = slots.iter().map(|slot| count(slot) * slot[c] as f64).sum::<f64>() / m;
-        let squares: f64 =
-            slots.iter().map(|slot| slot[s.channels + c] as f64 + count(slot) * (slot[c] as f64 - mu).powi(2)).sum();
-        let v = (squares / m).max(0.0);
-        mean.push(mu as f32);
-        var.push(v as f32);
-        invstd.push((1.0 / (v + epsilon).sqrt()) as f32);
-    }
-    (normalised(s, x, gamma, beta, mean, var, invstd), n)
+        let squares =
+            slots.iter().map(|slot| slot[s.channels + c] as f64 + count(slot) * (slot[c] as f64 - mu).powi(2));
+        (mu, squares.sum())
+    });
+    (normalised(s, x, gamma, beta, epsilon, combined, m), n)
 }
 
 /// Values in one rank's slot of [`forward_train_across`]'s sum.
